@@ -1,0 +1,45 @@
+# keystay: every set-up step lives here, so a fresh clone needs nothing by hand.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PROTO_SRC := protos/keystay/v1/device.proto
+PROTO_OUT := protos/gen
+
+.PHONY: demo test lint protos venv test-deps apt-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+
+# torch first and exact: a looser torch requirement resolved first pulls a
+# multi-GB CUDA build; 2.13.0 is the CPU build this machine keeps on disk.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+apt-deps:
+	@if ! command -v Xvfb >/dev/null || ! command -v xdotool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq xvfb xdotool x11-utils >/dev/null; \
+	fi
+
+demo: $(VENV)/.installed
+	$(BIN)/keystay demo
+
+test: $(VENV)/.test-installed apt-deps
+	$(BIN)/ruff check client server tests bench
+	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+protos: $(VENV)/.test-installed
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) \
+	  --pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+"""keystay's employee-machine side: capture, tokens, store, policy, ledger, trainer, daemon."""
+
+__version__ = "0.1.0"

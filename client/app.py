@@ -1,0 +1,147 @@
+"""The Flower ClientApp: a thin caller of the device daemon.
+
+Flower ships this code from the server to every SuperNode and runs whatever it
+receives, so nothing here is trusted with data. It never opens the store or
+the data folder: it forwards the global weights and the run's request to
+``Device.Train`` / ``Device.Evaluate`` on the daemon's Unix socket (named by
+the SuperNode's ``--node-config socket="..."``) and returns what the daemon
+answers. A refusal travels back to the ServerApp as a Flower ``Error`` whose
+reason is the daemon's own sentence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from keystay.client.device_client import DeviceClient, DeviceUnavailable
+from keystay.client.serde import weights_from_proto, weights_to_proto
+from keystay.v1 import device_pb2
+
+# Codes for Flower's Error.code, so the ServerApp can tell a policy decision
+# from a broken device.
+ERROR_REFUSED = 4001
+ERROR_UNAVAILABLE = 4002
+ERROR_FAILED = 4003
+
+app = ClientApp()
+
+
+def _socket(context: Context) -> Path:
+    socket = context.node_config.get("socket")
+    if not isinstance(socket, str) or not socket:
+        raise DeviceUnavailable(
+            "this SuperNode has no 'socket' in its --node-config; start it through "
+            "'keystay device run --superlink ...' so it knows its daemon"
+        )
+    return Path(socket)
+
+
+def _spec(config: ConfigRecord) -> device_pb2.TrainSpec:
+    blocks = str(config.get("blocks", "") or "")
+    return device_pb2.TrainSpec(
+        noise_multiplier=float(config["noise-multiplier"]),
+        max_grad_norm=float(config["max-grad-norm"]),
+        local_steps=int(config["local-steps"]),
+        batch_size=int(config["batch-size"]),
+        learning_rate=float(config["learning-rate"]),
+        dp=bool(config["dp"]),
+        blocks=[b.strip() for b in blocks.split(",") if b.strip()],
+    )
+
+
+def _error_reply(msg: Message, error: Exception) -> Message:
+    if isinstance(error, grpc.RpcError):
+        code = error.code()
+        refused = code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
+        unavailable = code == grpc.StatusCode.UNAVAILABLE
+        reason = error.details() or str(code)
+        error_code = (
+            ERROR_REFUSED if refused else ERROR_UNAVAILABLE if unavailable else ERROR_FAILED
+        )
+        return Message(error=Error(code=error_code, reason=reason), reply_to=msg)
+    if isinstance(error, DeviceUnavailable):
+        return Message(error=Error(code=ERROR_UNAVAILABLE, reason=str(error)), reply_to=msg)
+    return Message(error=Error(code=ERROR_FAILED, reason=repr(error)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Forward a training round to the device daemon."""
+    try:
+        config = msg.content["config"]
+        weights: list[np.ndarray] = msg.content["arrays"].to_numpy_ndarrays()
+        request = device_pb2.TrainRequest(
+            run_id=str(config.get("run-name", context.run_id)),
+            server_round=int(config["server-round"]),
+            weights=weights_to_proto(weights),
+            spec=_spec(config),
+        )
+        with DeviceClient(_socket(context)) as device:
+            reply = device.train(request)
+    except (grpc.RpcError, DeviceUnavailable, KeyError, ValueError) as error:
+        return _error_reply(msg, error)
+
+    report = reply.report
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(weights_from_proto(reply.weights)),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": int(reply.num_examples),
+                    "train-loss": float(reply.train_loss),
+                    "epsilon-total": float(report.epsilon_total),
+                    "seconds": float(reply.seconds),
+                }
+            ),
+            "report": ConfigRecord(
+                {
+                    "device-id": report.device_id,
+                    "payload-json": report.payload_json,
+                    "signature": bytes(report.signature),
+                }
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Ask the device daemon to score the global model on held-out windows."""
+    try:
+        config = msg.content["config"]
+        request = device_pb2.EvaluateRequest(
+            run_id=str(config.get("run-name", context.run_id)),
+            server_round=int(config["server-round"]),
+            weights=weights_to_proto(msg.content["arrays"].to_numpy_ndarrays()),
+        )
+        with DeviceClient(_socket(context)) as device:
+            reply = device.stub.Evaluate(request, timeout=600)
+    except (grpc.RpcError, DeviceUnavailable, KeyError, ValueError) as error:
+        return _error_reply(msg, error)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "num-examples": int(reply.num_examples),
+                    "heldout-loss": float(reply.loss),
+                    "heldout-accuracy": float(reply.accuracy),
+                }
+            ),
+            "device": ConfigRecord({"device-id": reply.device_id}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,172 @@
+"""The employee's controls: status, pause, show, forget, export.
+
+These answer the ``keystay device ...`` commands over the daemon's socket.
+They describe what is kept — token counts by kind, apps seen, ε spent — and
+never return raw text, except ``export``, which gives employees their own
+data (raw text appears there only if their policy allowed recording it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from datetime import datetime
+from typing import Any, Protocol
+
+from keystay.client.daemon.core import DeviceCore
+from keystay.client.store import EventStore
+from keystay.client.tokens import token_kind, token_name
+from keystay.v1 import device_pb2
+
+EXPORT_FORMAT = "keystay-export/1"
+
+
+class PausableSource(Protocol):
+    """What the controls need of a recorder."""
+
+    def pause(self, until: float | None) -> None: ...
+    def resume(self) -> None: ...
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def paused_until(self) -> float | None: ...
+
+
+class Controls:
+    """Answers the employee's commands for one daemon.
+
+    Parameters
+    ----------
+    core : DeviceCore
+        Owns the store, ledger and policy.
+    recorder : PausableSource | None
+        The live recorder, if the daemon records (``--source pynput|simulated``).
+    source : str
+        The name of the source, for status.
+    version : str
+        keystay's version, for status.
+    """
+
+    def __init__(
+        self, core: DeviceCore, recorder: PausableSource | None, source: str, version: str
+    ) -> None:
+        self.core = core
+        self.recorder = recorder
+        self.source = source
+        self.version = version
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> EventStore:
+        return self.core.store
+
+    def status(self) -> device_pb2.StatusReply:
+        totals = {t.block: t for t in self.core.ledger.totals()}
+        today = self.core.today_block()
+        blocks = []
+        events_today = 0
+        for info in self.store.blocks():
+            if info.block == today:
+                events_today = info.events
+            total = totals.get(info.block)
+            blocks.append(
+                device_pb2.BlockStatus(
+                    block=info.block,
+                    events=info.events,
+                    epsilon=total.epsilon if total else 0.0,
+                    budget=total.budget if total else self.core.policy.epsilon_per_block,
+                    retired=bool(total.retired) if total else False,
+                )
+            )
+        recording = self.recorder is not None and not self.recorder.paused
+        until = self.recorder.paused_until if self.recorder is not None else None
+        return device_pb2.StatusReply(
+            device_id=self.core.device_id,
+            recording=recording,
+            paused_until=_iso(until) if until else "",
+            source=self.source,
+            events_today=events_today,
+            store_bytes=self.store.size_bytes(),
+            blocks=blocks,
+            delta=self.core.policy.delta,
+            trainer_ready=self.core.trainer.ready,
+            version=self.version,
+        )
+
+    def pause(self, seconds: float) -> str:
+        if self.recorder is None:
+            return ""
+        until = time.time() + seconds if seconds > 0 else None
+        self.recorder.pause(until)
+        return _iso(until) if until else ""
+
+    def resume(self) -> None:
+        if self.recorder is not None:
+            self.recorder.resume()
+
+    def show(self, day: str | None) -> dict[str, Any]:
+        """Per kept block: events, token counts by kind, apps seen, ε. No text."""
+        infos = self.store.blocks()
+        if day is not None and day not in {i.block for i in infos}:
+            raise KeyError(f"no block for day {day}; days kept: "
+                           f"{', '.join(i.block for i in infos) or 'none'}")
+        totals = {t.block: t for t in self.core.ledger.totals()}
+        summary: dict[str, Any] = {"device_id": self.core.device_id, "blocks": []}
+        for info in infos:
+            if day is not None and info.block != day:
+                continue
+            records = self.store.read_block(info.block)
+            kinds = Counter(token_kind(r.token) for r in records)
+            apps = sorted({r.app for r in records if r.app})
+            total = totals.get(info.block)
+            summary["blocks"].append(
+                {
+                    "block": info.block,
+                    "events": info.events,
+                    "tokens_by_kind": dict(sorted(kinds.items())),
+                    "apps_seen": apps,
+                    "epsilon_spent": total.epsilon if total else 0.0,
+                    "budget": total.budget if total else self.core.policy.epsilon_per_block,
+                    "retired": bool(total.retired) if total else False,
+                }
+            )
+        return summary
+
+    def forget(self, days: list[str], everything: bool) -> tuple[list[str], bool]:
+        """Delete blocks; ``everything`` also destroys the store key (crypto-shred).
+
+        The ledger keeps its charges: they hold no event data, and they are the
+        proof that budgets were respected.
+        """
+        with self._lock:
+            if everything:
+                forgotten = [i.block for i in self.store.blocks()]
+                self.core.reset_store()
+                return forgotten, True
+            return self.store.delete_blocks(days), False
+
+    def export(self, day: str) -> dict[str, Any]:
+        """The employee's own data for one day, in the documented export format."""
+        if day not in {i.block for i in self.store.blocks()}:
+            raise KeyError(f"no block for day {day}")
+        records = self.store.read_block(day)
+        return {
+            "format": EXPORT_FORMAT,
+            "device_id": self.core.device_id,
+            "block": day,
+            "events": [
+                {
+                    "t": r.t,
+                    "token": token_name(r.token),
+                    "kind": token_kind(r.token),
+                    **({"app": r.app} if r.app else {}),
+                    **({"text": r.text} if r.text else {}),
+                }
+                for r in records
+            ],
+        }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")

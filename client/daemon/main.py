@@ -1,0 +1,247 @@
+"""The long-lived device daemon: store + recorder + Device service + supervision.
+
+One process per employee machine. It never imports torch: training happens in
+the warm trainer process it keeps (:class:`~keystay.client.trainer.process.
+WarmTrainer`), so the always-on part stays small. Shutdown is clean on
+SIGTERM/SIGINT: the SuperNode group, the gRPC server, the recorder (flushing
+its queue) and the trainer are stopped in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from datetime import date, timedelta
+from enum import IntEnum
+from pathlib import Path
+
+import grpc
+
+from keystay.client.daemon.controls import Controls
+from keystay.client.daemon.core import DeviceCore
+from keystay.client.daemon.service import DeviceServicer
+from keystay.client.daemon.supernode import SuperNodeConfig, SuperNodeSupervisor
+from keystay.client.device_client import socket_path
+from keystay.client.identity import DeviceIdentity
+from keystay.client.ledger.ledger import Ledger
+from keystay.client.policy import DevicePolicy, PolicyError
+from keystay.client.store import EventStore, StoreError
+from keystay.client.trainer.process import WarmTrainer
+from keystay.v1 import device_pb2_grpc
+
+logger = logging.getLogger("keystay.device")
+
+POLICY_FILE = "policy.toml"
+ENROLLMENT_FILE = "enrollment.json"
+PID_FILE = "daemon.pid"
+
+
+class DaemonExit(IntEnum):
+    """Exit codes of ``keystay device run``, one per part that can fail."""
+
+    OK = 0
+    USAGE = 2
+    POLICY = 10
+    STORE = 11
+    NO_DISPLAY = 12
+    TRAINER = 13
+    SOCKET = 14
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """What ``keystay device run`` was asked to do."""
+
+    data_dir: Path
+    source: str = "none"  # "pynput", "simulated" or "none"
+    policy_file: Path | None = None
+    simulate_days: int = 0
+    simulate_events_per_day: int = 4000
+    employee_seed: int = 0
+    superlink: str | None = None
+    supernode_port: int = 9094
+    insecure: bool = False
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+
+
+class DaemonError(Exception):
+    def __init__(self, code: DaemonExit, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def write_enrollment(data_dir: Path, identity: DeviceIdentity) -> Path:
+    """The file a server operator enrolls: the device id and its report-signing key."""
+    path = data_dir / ENROLLMENT_FILE
+    path.write_text(
+        json.dumps(
+            {
+                "format": "keystay-enrollment/1",
+                "device_id": identity.device_id,
+                "signing_public_key_pem": identity.public_key_pem(),
+            },
+            indent=2,
+        )
+    )
+    return path
+
+
+def _open_store(options: DaemonOptions) -> EventStore:
+    try:
+        store = EventStore.open(options.data_dir)
+    except StoreError as error:
+        raise DaemonError(DaemonExit.STORE, str(error)) from error
+    if options.simulate_days and not store.blocks():
+        from keystay.client.capture.simulated import fill_store
+
+        end = date.today() - timedelta(days=1)
+        written = fill_store(
+            store,
+            seed=options.employee_seed,
+            days=options.simulate_days,
+            events_per_day=options.simulate_events_per_day,
+            end_day=end,
+        )
+        logger.info("filled the store with %d simulated events (employee seed %d, %d days)",
+                    written, options.employee_seed, options.simulate_days)
+    return store
+
+
+def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePolicy) -> object:
+    from keystay.client.capture.recorder import Recorder
+    from keystay.client.tokens import Tokenizer
+
+    tokenizer = Tokenizer(raw_text=policy.raw_text, excluded_apps=policy.excluded_apps)
+    recorder = Recorder(core, tokenizer)
+    if options.source == "pynput":
+        from keystay.client.capture.pynput_backend import PynputBackend, display_problem
+
+        problem = display_problem()
+        if problem is not None:
+            raise DaemonError(DaemonExit.NO_DISPLAY, problem)
+        backend: object = PynputBackend(recorder.submit, window_titles=policy.window_titles)
+    else:
+        from keystay.client.capture.simulated import SimulatedSource
+
+        backend = SimulatedSource(recorder.submit, seed=options.employee_seed)
+    recorder.start()
+    backend.start()  # type: ignore[attr-defined]
+    recorder.backend = backend  # type: ignore[attr-defined]
+    return recorder
+
+
+def _serve(servicer: DeviceServicer, sock: Path) -> grpc.Server:
+    if sock.exists():
+        # A live daemon answers on it; a stale one left a file behind.
+        from keystay.client.device_client import DeviceClient
+
+        try:
+            with DeviceClient(sock) as client:
+                client.status()
+            raise DaemonError(
+                DaemonExit.SOCKET, f"another daemon is already serving {sock}; stop it first"
+            )
+        except grpc.RpcError:
+            sock.unlink()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[
+            ("grpc.max_send_message_length", 256 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ],
+    )
+    device_pb2_grpc.add_DeviceServicer_to_server(servicer, server)
+    # The socket is the device boundary: only this OS user may connect.
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix://{sock}")
+        server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock, 0o600)
+    return server
+
+
+def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> DaemonExit:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code."""
+    from keystay.client import __version__
+
+    stop = stop or threading.Event()
+    data_dir = options.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    try:
+        policy = DevicePolicy.load(options.policy_file or data_dir / POLICY_FILE)
+    except PolicyError as error:
+        raise DaemonError(DaemonExit.POLICY, str(error)) from error
+
+    store = _open_store(options)
+    ledger = Ledger.open(data_dir)
+    identity = DeviceIdentity.load_or_create(data_dir)
+    write_enrollment(data_dir, identity)
+    trainer = WarmTrainer()
+    try:
+        trainer.start()
+    except Exception as error:  # the child's own traceback is in the log
+        raise DaemonError(DaemonExit.TRAINER, f"the warm trainer did not start: {error}") from error
+    core = DeviceCore(data_dir, store, policy, ledger, identity, trainer)
+    if policy.retention_days:
+        dropped = store.apply_retention(policy.retention_days, date.today())
+        if dropped:
+            logger.info("retention (%d days) deleted blocks %s", policy.retention_days, dropped)
+
+    recorder = None
+    supervisor = None
+    server = None
+    try:
+        if options.source != "none":
+            recorder = _start_recorder(options, core, policy)
+        controls = Controls(core, recorder, options.source, __version__)  # type: ignore[arg-type]
+        sock = socket_path(data_dir)
+        server = _serve(DeviceServicer(core, controls), sock)
+        (data_dir / PID_FILE).write_text(str(os.getpid()))
+        if options.superlink:
+            supervisor = SuperNodeSupervisor(
+                SuperNodeConfig(
+                    superlink=options.superlink,
+                    socket=sock,
+                    runtime_port=options.supernode_port,
+                    flwr_home=data_dir / "flwr",
+                    log_file=data_dir / "logs" / "supernode.log",
+                    insecure=options.insecure,
+                    root_certificates=options.root_certificates,
+                    auth_private_key=options.auth_private_key,
+                )
+            )
+            supervisor.start()
+        logger.info("device %s serving on %s (source: %s)", identity.device_id, sock,
+                    options.source)
+        _install_signal_handlers(stop)
+        stop.wait()
+        logger.info("device %s stopping", identity.device_id)
+        return DaemonExit.OK
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        if server is not None:
+            server.stop(grace=5).wait(10)
+        if recorder is not None:
+            recorder.backend.stop()  # type: ignore[attr-defined]
+            recorder.stop()  # type: ignore[attr-defined]
+        trainer.close()
+        core.store.close()
+        for leftover in (socket_path(data_dir), data_dir / PID_FILE):
+            leftover.unlink(missing_ok=True)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())

@@ -1,0 +1,158 @@
+"""The ``Device`` gRPC servicer: protobuf in, a decision of :class:`DeviceCore` out.
+
+Thin on purpose. Every decision lives in :mod:`keystay.client.daemon.core`
+(training) or :mod:`keystay.client.daemon.controls` (the employee's controls);
+this module converts messages and ends a refused call with
+``context.abort(code, reason)`` so the reason reaches whoever asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+
+from keystay.client.daemon.controls import Controls
+from keystay.client.daemon.core import DeviceCore
+from keystay.client.policy import Refusal, TrainingRequest
+from keystay.client.serde import weights_from_proto, weights_to_proto
+from keystay.client.store import StoreError
+from keystay.v1 import device_pb2, device_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# Refusal codes the caller could fix by asking differently vs. those about the
+# device's state; both are decisions, not failures.
+_PERMISSION = {"no-dp", "noise-below-floor", "clip-above-max", "too-many-steps"}
+
+
+def request_from_proto(request: device_pb2.TrainRequest) -> TrainingRequest:
+    spec = request.spec
+    return TrainingRequest(
+        run_id=request.run_id,
+        server_round=int(request.server_round),
+        noise_multiplier=spec.noise_multiplier,
+        max_grad_norm=spec.max_grad_norm,
+        local_steps=int(spec.local_steps),
+        batch_size=int(spec.batch_size),
+        learning_rate=spec.learning_rate,
+        dp=spec.dp,
+        blocks=tuple(spec.blocks),
+    )
+
+
+class DeviceServicer(device_pb2_grpc.DeviceServicer):
+    def __init__(self, core: DeviceCore, controls: Controls) -> None:
+        self.core = core
+        self.controls = controls
+
+    def Train(  # noqa: N802 - gRPC method name
+        self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
+    ) -> device_pb2.TrainReply:
+        try:
+            result = self.core.train(request_from_proto(request), weights_from_proto(request.weights))
+        except Refusal as refusal:
+            logger.warning("refused run %s round %s: %s", request.run_id,
+                           request.server_round, refusal.reason)
+            code = (grpc.StatusCode.PERMISSION_DENIED if refusal.code in _PERMISSION
+                    else grpc.StatusCode.FAILED_PRECONDITION)
+            context.abort(code, refusal.reason)
+        except (StoreError, ValueError) as error:
+            logger.exception("training failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"device could not train: {error}")
+        report = result.report
+        blocks = [
+            device_pb2.BlockCharge(
+                block=str(b["block"]),
+                epsilon_rdp=float(b["epsilon_rdp"]),
+                epsilon_prv=float(b["epsilon_prv"]),
+                epsilon=float(b["epsilon"]),
+                budget=float(b["budget"]),
+                retired=bool(b["retired"]),
+            )
+            for b in report["blocks"]  # type: ignore[attr-defined]
+        ]
+        return device_pb2.TrainReply(
+            weights=weights_to_proto(result.weights),
+            num_examples=result.num_examples,
+            train_loss=result.train_loss,
+            seconds=result.seconds,
+            report=device_pb2.PrivacyReport(
+                device_id=self.core.device_id,
+                run_id=str(report["run_id"]),
+                server_round=int(report["server_round"]),  # type: ignore[call-overload]
+                noise_multiplier=float(report["noise_multiplier"]),  # type: ignore[arg-type]
+                sample_rate=float(report["sample_rate"]),  # type: ignore[arg-type]
+                steps=int(report["steps"]),  # type: ignore[call-overload]
+                delta=float(report["delta"]),  # type: ignore[arg-type]
+                accountant=str(report["accountant"]),
+                epsilon_round_rdp=float(report["epsilon_round"]),  # type: ignore[arg-type]
+                epsilon_total=float(report["epsilon_total"]),  # type: ignore[arg-type]
+                blocks=blocks,
+                max_grad_norm=float(report["max_grad_norm"]),  # type: ignore[arg-type]
+                num_examples=result.num_examples,
+                unit=str(report["unit"]),
+                signature=result.signature,
+                payload_json=result.payload.decode("utf-8"),
+            ),
+        )
+
+    def Evaluate(  # noqa: N802
+        self, request: device_pb2.EvaluateRequest, context: grpc.ServicerContext
+    ) -> device_pb2.EvaluateReply:
+        try:
+            result = self.core.evaluate(weights_from_proto(request.weights))
+        except Refusal as refusal:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal.reason)
+        except (StoreError, ValueError) as error:
+            logger.exception("evaluation failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"device could not evaluate: {error}")
+        return device_pb2.EvaluateReply(
+            num_examples=result.num_examples,
+            loss=result.loss,
+            accuracy=result.accuracy,
+            device_id=self.core.device_id,
+        )
+
+    def Status(  # noqa: N802
+        self, request: device_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> device_pb2.StatusReply:
+        return self.controls.status()
+
+    def Pause(  # noqa: N802
+        self, request: device_pb2.PauseRequest, context: grpc.ServicerContext
+    ) -> device_pb2.PauseReply:
+        return device_pb2.PauseReply(paused_until=self.controls.pause(request.seconds))
+
+    def Resume(  # noqa: N802
+        self, request: device_pb2.ResumeRequest, context: grpc.ServicerContext
+    ) -> device_pb2.ResumeReply:
+        self.controls.resume()
+        return device_pb2.ResumeReply()
+
+    def Show(  # noqa: N802
+        self, request: device_pb2.ShowRequest, context: grpc.ServicerContext
+    ) -> device_pb2.ShowReply:
+        try:
+            summary = self.controls.show(request.day or None)
+        except KeyError as missing:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(missing.args[0]))
+        return device_pb2.ShowReply(summary_json=json.dumps(summary, sort_keys=True))
+
+    def Forget(  # noqa: N802
+        self, request: device_pb2.ForgetRequest, context: grpc.ServicerContext
+    ) -> device_pb2.ForgetReply:
+        if not request.all and not request.days:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name days to forget, or all")
+        forgotten, destroyed = self.controls.forget(list(request.days), request.all)
+        return device_pb2.ForgetReply(forgotten=forgotten, key_destroyed=destroyed)
+
+    def Export(  # noqa: N802
+        self, request: device_pb2.ExportRequest, context: grpc.ServicerContext
+    ) -> device_pb2.ExportReply:
+        try:
+            document = self.controls.export(request.day)
+        except KeyError as missing:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(missing.args[0]))
+        return device_pb2.ExportReply(json=json.dumps(document, indent=1, sort_keys=True))

@@ -1,0 +1,170 @@
+"""Supervision of the device's ``flower-supernode``.
+
+The daemon owns the SuperNode: it starts it with the daemon's socket in its
+``--node-config`` (the only way the ClientApp learns where to ask), restarts it
+when it exits, and stops it (and the SuperExec it spawned) on shutdown. The
+SuperNode holds no data and cannot open the store; it is only the device's
+connection to the federation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# A SuperNode that keeps dying (bad address, revoked) must not spin the CPU.
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class SuperNodeConfig:
+    """How to reach the federation.
+
+    Parameters
+    ----------
+    superlink : str
+        The SuperLink Fleet API address, ``HOST:PORT``.
+    socket : Path
+        The daemon's Device socket, passed to the ClientApp via node config.
+    runtime_port : int
+        The SuperNode's local Runtime API port; each SuperNode on one host
+        needs its own.
+    flwr_home : Path
+        Where the SuperNode keeps installed app bundles (per device).
+    log_file : Path
+        Where its output goes.
+    insecure : bool
+        Plain-text transport; only for loopback tests and demos.
+    root_certificates : Path | None
+        CA certificate that verifies the SuperLink (TLS).
+    auth_private_key : Path | None
+        The SuperNode's EC key for node authentication.
+    """
+
+    superlink: str
+    socket: Path
+    runtime_port: int
+    flwr_home: Path
+    log_file: Path
+    insecure: bool = False
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+    extra_node_config: dict[str, str] = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        node_config = " ".join(
+            [f'socket="{self.socket}"']
+            + [f'{k}="{v}"' for k, v in sorted(self.extra_node_config.items())]
+        )
+        cmd = [
+            _executable("flower-supernode"),
+            "--superlink",
+            self.superlink,
+            "--port",
+            str(self.runtime_port),
+            "--node-config",
+            node_config,
+        ]
+        if self.insecure:
+            cmd.append("--insecure")
+        elif self.root_certificates is not None:
+            cmd += ["--root-certificates", str(self.root_certificates)]
+        if self.auth_private_key is not None:
+            cmd += ["--auth-supernode-private-key", str(self.auth_private_key)]
+        return cmd
+
+
+def _executable(name: str) -> str:
+    # Prefer the one beside this interpreter: the venv's bin is not always on PATH.
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found beside {sys.executable} or on PATH")
+    return found
+
+
+class SuperNodeSupervisor:
+    """Keeps one ``flower-supernode`` running until :meth:`stop`."""
+
+    def __init__(self, config: SuperNodeConfig) -> None:
+        self.config = config
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="supernode", daemon=True)
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.config.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config.flwr_home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.config.flwr_home)
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        # flower-supernode starts flower-superexec, which must be on PATH.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        log = self.config.log_file.open("ab")
+        try:
+            return subprocess.Popen(
+                self.config.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    def _supervise(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            self._process = self._spawn()
+            started = time.monotonic()
+            while self._process.poll() is None and not self._stop.wait(0.5):
+                pass
+            if self._stop.is_set():
+                break
+            # Ran for a while: the next failure starts the backoff afresh.
+            attempt = 0 if time.monotonic() - started > 60 else attempt + 1
+            self.restarts += 1
+            delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+            self._stop.wait(delay)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            _terminate_group(process, timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def _terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the process group (SuperNode + its SuperExec + ClientApps), then SIGKILL."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(5)

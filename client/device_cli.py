@@ -1,0 +1,303 @@
+"""``keystay device``: the employee's commands.
+
+``run`` starts the daemon; every other command talks to the running daemon
+over its Unix socket, so they work while it records and never open the store
+themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+import grpc
+
+from keystay.client.device_client import DeviceClient, DeviceUnavailable, socket_path
+from keystay.v1 import device_pb2
+
+DEFAULT_DATA = Path(os.environ.get("KEYSTAY_DATA", "~/.local/share/keystay")).expanduser()
+
+data_option = click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    envvar="KEYSTAY_DATA",
+    help="The device's data folder (store, ledger, keys, policy.toml, socket).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def device() -> None:
+    """Run and control keystay on this computer (for employees).
+
+    \b
+    The daemon records your keyboard and mouse as *tokens* (a key class such as
+    "letter" or "ctrl+letter", a mouse-move direction, a click) into an
+    encrypted store in your data folder. Characters you type are not stored
+    unless your policy.toml says raw_text = true. Apps in your policy's
+    excluded_apps list produce no tokens at all while focused.
+
+    \b
+    What leaves this computer: only model updates computed with differential
+    privacy under YOUR policy, and a signed report of the privacy budget (ε)
+    each one cost. A request from the server that asks for less noise, a larger
+    clip, more steps or more ε than your policy allows is refused.
+
+    \b
+    Everyday commands:
+      keystay device status              what is recorded, ε spent per day
+      keystay device pause --for 30m     stop recording for a while
+      keystay device resume              start again
+      keystay device show [--day D]      a summary of what is kept (no text)
+      keystay device export --day D --out FILE   your data, as JSON
+      keystay device forget --day D | --all      delete days (--all destroys the key)
+      keystay device policy              what your policy allows, explained
+    """
+
+
+@device.command()
+@data_option
+@click.option(
+    "--source",
+    type=click.Choice(["pynput", "simulated", "none"]),
+    default="pynput",
+    show_default=True,
+    help="Where events come from: your real keyboard and mouse (pynput, needs an X11 "
+    "session), a simulated employee (demos), or nothing (train on what is kept).",
+)
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Policy file (default: DATA/policy.toml; built-in defaults if absent).")
+@click.option("--superlink", help="Join a federation: the SuperLink Fleet API, HOST:PORT.")
+@click.option("--supernode-port", type=int, default=9094, show_default=True,
+              help="Local port of the supervised SuperNode's runtime API (one per device).")
+@click.option("--insecure", is_flag=True,
+              help="Talk to the SuperLink without TLS (loopback demos and tests only).")
+@click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CA certificate that verifies the SuperLink.")
+@click.option("--auth-key", "auth_private_key",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The SuperNode's private key for node authentication (from enroll).")
+@click.option("--simulate-days", type=int, default=0, show_default=True,
+              help="If the store is empty, fill it with this many days of a simulated employee.")
+@click.option("--events-per-day", type=int, default=4000, show_default=True,
+              help="Simulated events per day (with --simulate-days).")
+@click.option("--employee-seed", type=int, default=0, show_default=True,
+              help="Which simulated employee (each seed types and clicks differently).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def run(
+    data_dir: Path,
+    source: str,
+    policy_file: Path | None,
+    superlink: str | None,
+    supernode_port: int,
+    insecure: bool,
+    root_certificates: Path | None,
+    auth_private_key: Path | None,
+    simulate_days: int,
+    events_per_day: int,
+    employee_seed: int,
+    verbose: bool,
+) -> None:
+    """Start the device daemon (runs until stopped with Ctrl-C or SIGTERM).
+
+    \b
+    It serves the Device service on DATA/device.sock (only you can connect),
+    keeps a warm trainer process for rounds, and, with --superlink, runs and
+    supervises the Flower SuperNode that connects this device to the server.
+
+    \b
+    Exit codes: 0 stopped cleanly, 2 usage, 10 invalid policy, 11 store
+    unreadable (wrong key or altered bytes), 12 no X display for --source
+    pynput, 13 trainer failed to start, 14 another daemon already runs here.
+    """
+    from keystay.client.daemon.main import DaemonError, DaemonOptions, run_daemon
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "logs").mkdir(exist_ok=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[
+            logging.StreamHandler(sys.stderr),
+            logging.FileHandler(data_dir / "logs" / "daemon.log"),
+        ],
+    )
+    options = DaemonOptions(
+        data_dir=data_dir,
+        source=source,
+        policy_file=policy_file,
+        simulate_days=simulate_days,
+        simulate_events_per_day=events_per_day,
+        employee_seed=employee_seed,
+        superlink=superlink,
+        supernode_port=supernode_port,
+        insecure=insecure,
+        root_certificates=root_certificates,
+        auth_private_key=auth_private_key,
+    )
+    try:
+        code = run_daemon(options)
+    except DaemonError as error:
+        click.echo(f"keystay device: {error}", err=True)
+        sys.exit(int(error.code))
+    sys.exit(int(code))
+
+
+def _client(data_dir: Path) -> DeviceClient:
+    try:
+        return DeviceClient(socket_path(data_dir))
+    except DeviceUnavailable as error:
+        raise click.ClickException(str(error)) from error
+
+
+def _call(data_dir: Path, method: str, request: object) -> object:
+    with _client(data_dir) as client:
+        try:
+            return getattr(client.stub, method)(request, timeout=60)
+        except grpc.RpcError as error:
+            raise click.ClickException(f"the daemon answered: {error.details()}") from error
+
+
+@device.command()
+@data_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(data_dir: Path, as_json: bool) -> None:
+    """Show whether recording is on, what is kept, and ε spent and left per day."""
+    reply = _call(data_dir, "Status", device_pb2.StatusRequest())
+    assert isinstance(reply, device_pb2.StatusReply)
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+
+        click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True),
+                              indent=2))
+        return
+    state = "recording" if reply.recording else "paused" if reply.source != "none" else "idle"
+    if reply.paused_until:
+        state += f" until {reply.paused_until}"
+    click.echo(f"device      {reply.device_id}   (keystay {reply.version})")
+    click.echo(f"state       {state}   source: {reply.source}")
+    click.echo(f"events today {reply.events_today}   store {reply.store_bytes / 1e6:.2f} MB   "
+               f"trainer {'ready' if reply.trainer_ready else 'starting'}")
+    click.echo(f"\n{'day':<12}{'events':>9}{'ε spent':>10}{'ε left':>9}{'budget':>9}  state")
+    for b in reply.blocks:
+        left = max(0.0, b.budget - b.epsilon)
+        click.echo(f"{b.block:<12}{b.events:>9}{b.epsilon:>10.3f}{left:>9.3f}{b.budget:>9.2f}  "
+                   f"{'retired' if b.retired else 'open'}")
+    click.echo(f"\nε is per day (one employee-day block), at δ = {reply.delta:g}.")
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def parse_duration(text: str) -> float:
+    """``30m`` -> 1800.0; units s, m, h, d (default minutes)."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"'{text}' is not a duration; use e.g. 90s, 30m, 2h or 1d")
+    value, unit = float(match.group(1)), match.group(2) or "m"
+    return value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+@device.command()
+@data_option
+@click.option("--for", "duration", help="How long, e.g. 30m, 2h (default: until resume).")
+def pause(data_dir: Path, duration: str | None) -> None:
+    """Stop recording now (until `resume`, or for a while with --for)."""
+    seconds = parse_duration(duration) if duration else 0.0
+    reply = _call(data_dir, "Pause", device_pb2.PauseRequest(seconds=seconds))
+    assert isinstance(reply, device_pb2.PauseReply)
+    click.echo(f"paused until {reply.paused_until}" if reply.paused_until
+               else "paused until you run 'keystay device resume'")
+
+
+@device.command()
+@data_option
+def resume(data_dir: Path) -> None:
+    """Start recording again."""
+    _call(data_dir, "Resume", device_pb2.ResumeRequest())
+    click.echo("recording")
+
+
+@device.command()
+@data_option
+@click.option("--day", help="One day, YYYY-MM-DD (default: every day kept).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(data_dir: Path, day: str | None, as_json: bool) -> None:
+    """Summarise what is kept: token counts by kind and apps seen. Never text."""
+    reply = _call(data_dir, "Show", device_pb2.ShowRequest(day=day or ""))
+    assert isinstance(reply, device_pb2.ShowReply)
+    summary = json.loads(reply.summary_json)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for block in summary["blocks"]:
+        click.echo(f"{block['block']}: {block['events']} tokens, ε {block['epsilon_spent']:.3f}"
+                   f" of {block['budget']:.2f}{' (retired)' if block['retired'] else ''}")
+        kinds = ", ".join(f"{k} {v}" for k, v in block["tokens_by_kind"].items())
+        click.echo(f"  by kind: {kinds}")
+        click.echo(f"  apps: {', '.join(block['apps_seen']) or '-'}")
+    if not summary["blocks"]:
+        click.echo("nothing kept")
+
+
+@device.command()
+@data_option
+@click.option("--day", "days", multiple=True, help="A day to delete, YYYY-MM-DD (repeatable).")
+@click.option("--all", "everything", is_flag=True,
+              help="Delete every day and destroy the store's key (crypto-shred).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def forget(data_dir: Path, days: tuple[str, ...], everything: bool, yes: bool) -> None:
+    """Delete kept days. The privacy ledger keeps only ε figures, never events."""
+    if not days and not everything:
+        raise click.UsageError("name --day D (repeatable) or --all")
+    what = "EVERY day and the store key" if everything else ", ".join(days)
+    if not yes:
+        click.confirm(f"Delete {what}? This cannot be undone", abort=True)
+    reply = _call(data_dir, "Forget", device_pb2.ForgetRequest(days=list(days), all=everything))
+    assert isinstance(reply, device_pb2.ForgetReply)
+    click.echo(f"forgot: {', '.join(reply.forgotten) or 'nothing'}"
+               + ("; key destroyed" if reply.key_destroyed else ""))
+
+
+@device.command()
+@data_option
+@click.option("--day", required=True, help="The day to export, YYYY-MM-DD.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the JSON file.")
+def export(data_dir: Path, day: str, out: Path) -> None:
+    """Write one day of your data as JSON (format keystay-export/1, see README)."""
+    reply = _call(data_dir, "Export", device_pb2.ExportRequest(day=day))
+    assert isinstance(reply, device_pb2.ExportReply)
+    out.write_text(reply.json)
+    os.chmod(out, 0o600)
+    click.echo(f"wrote {out} ({len(json.loads(reply.json)['events'])} events)")
+
+
+@device.command()
+@data_option
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Policy file to explain (default: DATA/policy.toml).")
+def policy(data_dir: Path, policy_file: Path | None) -> None:
+    """Explain the privacy policy this device enforces."""
+    from keystay.client.policy import DevicePolicy, PolicyError
+
+    path = policy_file or data_dir / "policy.toml"
+    try:
+        loaded = DevicePolicy.load(path)
+    except PolicyError as error:
+        raise click.ClickException(str(error)) from error
+    source = str(path) if path.exists() else "built-in defaults (no policy.toml)"
+    click.echo(f"policy from {source}\n")
+    click.echo(loaded.explain())
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")

@@ -1,0 +1,137 @@
+"""Submitting a keystay run to the SuperLink and following it round by round.
+
+``keystay round start`` calls :func:`start_run`: it builds the run config,
+submits the app bundle with ``flwr run`` (the way Flower deployments start
+runs), and while the run goes, prints each round's row as the ServerApp
+appends it to ``rounds.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keystay.server.deploy.superlink import FEDERATION_NAME, ServerConfig, executable, flower_env
+from keystay.server.flwr_app import app_dir
+from keystay.server.settings import RunSettings
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    settings: RunSettings
+    rounds: list[dict[str, Any]]
+    returncode: int
+    log_file: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and len(self.rounds) == self.settings.num_server_rounds
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return self.settings.run_dir / "final.pt"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string is JSON-compatible here
+
+
+def run_config_arg(config: Mapping[str, Any]) -> str:
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
+
+
+def start_run(
+    server_dir: Path,
+    settings: RunSettings,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    poll: float = 0.5,
+) -> RunOutcome:
+    """Submit a run and wait for it; ``on_round`` sees each round's row as it lands."""
+    config = ServerConfig.load(server_dir)
+    flwr_home = config.write_flwr_home(server_dir)
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = settings.run_dir / "flwr-run.log"
+    rounds_path = settings.run_dir / "rounds.jsonl"
+    cmd = [
+        executable("flwr"),
+        "run",
+        str(app_dir()),
+        FEDERATION_NAME,
+        "--run-config",
+        run_config_arg(settings.as_run_config()),
+        "--stream",
+    ]
+    rows: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def follow() -> None:
+        seen = 0
+        while True:
+            finished = done.is_set()
+            if rounds_path.exists():
+                lines = rounds_path.read_text().splitlines()
+                for line in lines[seen:]:
+                    row = json.loads(line)
+                    rows.append(row)
+                    if on_round is not None:
+                        on_round(row)
+                seen = len(lines)
+            if finished:
+                return
+            time.sleep(poll)
+
+    follower = threading.Thread(target=follow, name="rounds", daemon=True)
+    follower.start()
+    with log_file.open("wb") as log:
+        process = subprocess.run(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(flwr_home),
+            stdin=subprocess.DEVNULL, check=False,
+        )
+    # The ServerApp writes its last row just before the run ends; give the
+    # follower one more look.
+    done.set()
+    follower.join()
+    return RunOutcome(settings, rows, process.returncode, log_file)
+
+
+def format_round(row: dict[str, Any]) -> list[str]:
+    """One round as table lines: the round's figures, then one line per device."""
+    loss = row.get("train_loss_mean")
+    head = (f"{row['round']:>5}  {row['devices_reported']:>2}/{row['devices_sampled']:<2}  "
+            f"{'-' if loss is None else f'{loss:.4f}':>10}")
+    lines = []
+    devices = sorted(row.get("devices", {}).items())
+    if not devices:
+        lines.append(head)
+    for i, (device_id, d) in enumerate(devices):
+        acc = d.get("heldout_accuracy")
+        eps = d.get("epsilon_total")
+        flags = ",".join(d.get("flags", []))
+        lines.append(
+            f"{head if i == 0 else ' ' * len(head)}  {device_id:<18}"
+            f"{'-' if acc is None else f'{acc:.3f}':>9}"
+            f"{'-' if eps is None else f'{eps:.3f}':>10}"
+            f"{'  ' + flags if flags else ''}"
+        )
+    for refusal in row.get("refusals", []):
+        lines.append(f"{'':>22}  node {refusal['node']} declined: {refusal['reason']}")
+    if row.get("central_epsilon") is not None:
+        lines.append(f"{'':>22}  central DP ε so far: {row['central_epsilon']:.3f}")
+    return lines
+
+
+TABLE_HEADER = (
+    f"{'round':>5}  {'devices':<5}  {'train loss':>10}  {'device':<18}{'held-out':>9}"
+    f"{'ε total':>10}\n"
+    f"{'':>5}  {'':<5}  {'(mean)':>10}  {'':<18}{'accuracy':>9}{'':>10}"
+)

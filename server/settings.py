@@ -1,0 +1,143 @@
+"""The run configuration of a keystay federation, validated in one place.
+
+A run configuration arrives as Flower's flat ``key = value`` mapping (the
+``[tool.flwr.app.config]`` table of the app, overridden by ``flwr run
+--run-config``). :class:`RunSettings` checks every key once, with a message
+that names the key and the values it accepts, so a typo fails at submission
+instead of in round three.
+
+What a run *asks* of devices (noise, clip, steps, blocks) is only a request:
+each device checks it against its own ``DevicePolicy`` and refuses what would
+weaken it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A run configuration value is missing or outside what keystay accepts."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a keystay round needs to know, with the run config's key names."""
+
+    server_dir: Path
+    run_name: str
+    num_server_rounds: int = 3
+    min_devices: int = 2
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    local_steps: int = 30
+    batch_size: int = 64
+    learning_rate: float = 0.05
+    dp: bool = True
+    blocks: str = ""
+    seed: int = 0
+    round_timeout: float = 1800.0
+    central_dp: bool = False
+    central_noise_multiplier: float = 0.0
+    central_clip: float = 1.0
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Validate a Flower run config.
+
+        Raises
+        ------
+        SettingsError
+            Naming the first bad key, the value given and what is allowed.
+        """
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(config) - set(known))
+        if unknown:
+            raise SettingsError(
+                f"unknown run config key(s) {', '.join(unknown)}; "
+                f"allowed keys: {', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = {}
+        for key, field in known.items():
+            if key not in config:
+                continue
+            values[field.name] = config[key]
+        for required in ("server-dir", "run-name"):
+            if not str(config.get(required, "")):
+                raise SettingsError(
+                    f"run config key '{required}' is empty; 'keystay round start' sets it — "
+                    "start rounds with that command, or pass it with --run-config"
+                )
+        values["server_dir"] = Path(str(values["server_dir"]))
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        _check(self.server_dir.is_absolute(), "server-dir", self.server_dir, "an absolute path")
+        _check(_positive_int(self.num_server_rounds), "num-server-rounds",
+               self.num_server_rounds, "an integer >= 1")
+        _check(_positive_int(self.min_devices), "min-devices", self.min_devices,
+               "an integer >= 1")
+        _check(_number(self.noise_multiplier) and self.noise_multiplier >= 0,
+               "noise-multiplier", self.noise_multiplier, "a number >= 0 (devices enforce a floor)")
+        _check(_number(self.max_grad_norm) and self.max_grad_norm > 0,
+               "max-grad-norm", self.max_grad_norm, "a number > 0")
+        _check(_positive_int(self.local_steps), "local-steps", self.local_steps,
+               "an integer >= 1")
+        _check(_positive_int(self.batch_size), "batch-size", self.batch_size, "an integer >= 1")
+        _check(_number(self.learning_rate) and self.learning_rate > 0,
+               "learning-rate", self.learning_rate, "a number > 0")
+        _check(isinstance(self.dp, bool), "dp", self.dp, "true or false")
+        _check(isinstance(self.central_dp, bool), "central-dp", self.central_dp, "true or false")
+        _check(_number(self.central_noise_multiplier) and self.central_noise_multiplier >= 0,
+               "central-noise-multiplier", self.central_noise_multiplier, "a number >= 0")
+        _check(_number(self.central_clip) and self.central_clip > 0,
+               "central-clip", self.central_clip, "a number > 0")
+        _check(_number(self.round_timeout) and self.round_timeout > 0,
+               "round-timeout", self.round_timeout, "seconds, > 0")
+        _check(bool(self.run_name) and "/" not in self.run_name, "run-name", self.run_name,
+               "a non-empty name without '/'")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.server_dir / "runs" / self.run_name
+
+    def train_config(self) -> dict[str, Any]:
+        """What every device receives with each training round."""
+        return {
+            "run-name": self.run_name,
+            "noise-multiplier": float(self.noise_multiplier),
+            "max-grad-norm": float(self.max_grad_norm),
+            "local-steps": int(self.local_steps),
+            "batch-size": int(self.batch_size),
+            "learning-rate": float(self.learning_rate),
+            "dp": bool(self.dp),
+            "blocks": self.blocks,
+        }
+
+    def as_run_config(self) -> dict[str, Any]:
+        """The Flower run config that reproduces these settings."""
+        return {
+            _key(k): (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
+        }
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise SettingsError(f"run config '{key}' = {value!r} is not allowed; expected {allowed}")
