@@ -26,7 +26,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from keystay.client.device_client import DeviceClient, DeviceUnavailable
+from keystay.client.device_client import DeviceClient, DeviceUnavailableError
 from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.v1 import device_pb2
 
@@ -42,7 +42,7 @@ app = ClientApp()
 def _socket(context: Context) -> Path:
     socket = context.node_config.get("socket")
     if not isinstance(socket, str) or not socket:
-        raise DeviceUnavailable(
+        raise DeviceUnavailableError(
             "this SuperNode has no 'socket' in its --node-config; start it through "
             "'keystay device run --superlink ...' so it knows its daemon"
         )
@@ -72,7 +72,7 @@ def _error_reply(msg: Message, error: Exception) -> Message:
             ERROR_REFUSED if refused else ERROR_UNAVAILABLE if unavailable else ERROR_FAILED
         )
         return Message(error=Error(code=error_code, reason=reason), reply_to=msg)
-    if isinstance(error, DeviceUnavailable):
+    if isinstance(error, DeviceUnavailableError):
         return Message(error=Error(code=ERROR_UNAVAILABLE, reason=str(error)), reply_to=msg)
     return Message(error=Error(code=ERROR_FAILED, reason=repr(error)), reply_to=msg)
 
@@ -91,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         )
         with DeviceClient(_socket(context)) as device:
             reply = device.train(request)
-    except (grpc.RpcError, DeviceUnavailable, KeyError, ValueError) as error:
+    except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
         return _error_reply(msg, error)
 
     report = reply.report
@@ -130,7 +130,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
         with DeviceClient(_socket(context)) as device:
             reply = device.stub.Evaluate(request, timeout=600)
-    except (grpc.RpcError, DeviceUnavailable, KeyError, ValueError) as error:
+    except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
         return _error_reply(msg, error)
     content = RecordDict(
         {

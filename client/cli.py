@@ -21,11 +21,15 @@ from keystay.client import __version__
 
 # name -> (module, attribute, one-line help shown in `keystay --help`)
 _GROUPS: dict[str, tuple[str, str, str]] = {
-    "device": ("keystay.client.device_cli", "device", "Run and control the device daemon (employees)."),
-    "server": ("keystay.server.cli", "server", "Set up and run the federation server (ML team)."),
+    "device": ("keystay.client.device_cli", "device",
+               "Run and control the device daemon (employees)."),
+    "server": ("keystay.server.cli", "server",
+               "Set up and run the federation server (ML team)."),
     "round": ("keystay.server.cli", "round_", "Start federated training rounds (ML team)."),
-    "budget": ("keystay.server.report.cli", "budget", "Privacy budget reports and checks (security)."),
-    "demo": ("keystay.server.demo", "demo", "Run a whole federation here on simulated employees."),
+    "budget": ("keystay.server.report.cli", "budget",
+               "Privacy budget reports and checks (security)."),
+    "demo": ("keystay.server.demo", "demo",
+             "Run a whole federation here on simulated employees."),
 }
 
 

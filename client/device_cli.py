@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import grpc
 
-from keystay.client.device_client import DeviceClient, DeviceUnavailable, socket_path
+from keystay.client.device_client import DeviceClient, DeviceUnavailableError, socket_path
 from keystay.v1 import device_pb2
 
 DEFAULT_DATA = Path(os.environ.get("KEYSTAY_DATA", "~/.local/share/keystay")).expanduser()
@@ -154,7 +154,7 @@ def run(
 def _client(data_dir: Path) -> DeviceClient:
     try:
         return DeviceClient(socket_path(data_dir))
-    except DeviceUnavailable as error:
+    except DeviceUnavailableError as error:
         raise click.ClickException(str(error)) from error
 
 
@@ -297,6 +297,66 @@ def policy(data_dir: Path, policy_file: Path | None) -> None:
     source = str(path) if path.exists() else "built-in defaults (no policy.toml)"
     click.echo(f"policy from {source}\n")
     click.echo(loaded.explain())
+
+
+@device.command()
+@data_option
+@click.option("--server", required=True,
+              help="The SuperLink's Fleet API, HOST:PORT, exactly as this device will dial it "
+              "(the host must be named in the server certificate).")
+@click.option("--ca", "ca_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The server's CA certificate (its tls/ca.pem), from the operator.")
+@click.option("--supernode-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the SuperNode key and pinned CA go (default: DATA). Use the SuperNode "
+              "user's folder when it runs as its own OS user.")
+@click.option("--new-key", is_flag=True,
+              help="Replace the SuperNode key (if it may have leaked). A revoked device is never "
+              "re-admitted: it needs a new identity (remove DATA/signing.key) and a new key.")
+@click.option("--offline", is_flag=True,
+              help="Do not contact the server (it is not reachable from here yet).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the request here.")
+def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | None,
+           new_key: bool, offline: bool, out: Path | None) -> None:
+    """Ask to join a federation: check the server, make keys, write the request.
+
+    \b
+    It verifies the server against the CA you were given (TLS, and the name
+    you dial), creates this computer's SuperNode key, and writes
+    DATA/enrollment-request.json: public keys only, signed. Send that file to
+    your server operator and read them the fingerprint it prints; they run
+    'keystay server enroll' with it. Then start the daemon: it joins with the
+    settings saved in DATA/federation.toml.
+
+    \b
+    Exit codes: 0 request written, 2 usage (bad address or CA file), 30 server
+    unreachable, 31 server not trusted (wrong CA, name not in its
+    certificate, or someone else answering), 32 unusable SuperNode key.
+    """
+    from keystay.client.enroll import EnrollError
+    from keystay.client.enroll import enroll as do_enroll
+
+    try:
+        result = do_enroll(data_dir, server, ca_file, key_dir=supernode_dir, new_key=new_key,
+                           check=not offline, out=out)
+    except EnrollError as error:
+        click.echo(f"keystay device enroll: {error}", err=True)
+        sys.exit(int(error.code))
+    if result.server is not None:
+        click.echo(f"server {server} verified: {result.server.subject}, certificate names "
+                   f"{', '.join(result.server.names)}, valid until "
+                   f"{result.server.not_after:%Y-%m-%d}")
+    else:
+        click.echo(f"server {server} NOT checked (--offline)")
+    click.echo(f"device      {result.device_id}")
+    click.echo(f"SuperNode key {result.settings.auth_private_key}"
+               f"{' (new)' if result.new_key else ' (kept)'}")
+    click.echo(f"request     {result.request_file}" + (f" and {out}" if out else ""))
+    click.echo(f"fingerprint {result.fingerprint}")
+    click.echo("\nSend the request to your server operator and read them the fingerprint;\n"
+               "they run: keystay server enroll --dir SERVER_DIR --fingerprint "
+               f"{result.fingerprint} {result.request_file.name}")
 
 
 def _now() -> str:

@@ -25,7 +25,7 @@ def socket_path(data_dir: Path) -> Path:
     return Path(data_dir) / SOCKET_NAME
 
 
-class DeviceUnavailable(RuntimeError):
+class DeviceUnavailableError(RuntimeError):
     """The daemon's socket is missing or nobody answers on it."""
 
 
@@ -41,7 +41,7 @@ class DeviceClient:
     def __init__(self, socket: Path) -> None:
         self.socket = Path(socket)
         if not self.socket.exists():
-            raise DeviceUnavailable(
+            raise DeviceUnavailableError(
                 f"no device daemon socket at {self.socket}; start one with "
                 f"'keystay device run --data {self.socket.parent}'"
             )

@@ -27,7 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
-from keystay.server.central_dp import CentralDPAccountant, aggregate_with_central_dp
+from keystay.server.central_dp import (
+    SAMPLING_DESCRIPTIONS,
+    CentralDPAccountant,
+    aggregate_with_central_dp,
+)
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.settings import RunSettings
 
@@ -102,7 +106,9 @@ class KeystayFedAvg(FedAvg):
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self._current: RoundLog | None = None
         self._global: list[np.ndarray] | None = None
-        self._rng = np.random.default_rng(settings.seed)
+        # OS entropy, never the run's seed: the seed travels in the run config,
+        # and whoever knows it could regenerate the noise and subtract it.
+        self._rng = np.random.default_rng()
         self.central: CentralDPAccountant | None = None
         if settings.central_dp:
             # Flower's FedAvg with fraction_train=1.0 sends every round to every
@@ -156,9 +162,10 @@ class KeystayFedAvg(FedAvg):
                 "flags": list(verdict.flags),
             }
             round_log.delta = float(payload.get("delta", 0.0))
-            if not verdict.verified:
-                # An update whose report does not verify is not aggregated: we
-                # cannot say what privacy it cost.
+            if not verdict.ok:
+                # Not aggregated: an unverifiable report says nothing we can
+                # trust about the privacy the update cost, and an over-budget
+                # or contradictory one says it cost too much.
                 log(WARNING, "round %s: report from %s does not verify (%s); update dropped",
                     server_round, device_id, ", ".join(verdict.flags))
                 continue
@@ -199,6 +206,7 @@ class KeystayFedAvg(FedAvg):
             clip_norm=self.settings.central_clip,
             noise_multiplier=self.settings.central_noise_multiplier,
             rng=self._rng,
+            num_sampled=self._round(server_round).devices_sampled,
         )
         self.central.step()
         epsilon = self.central.epsilon()
@@ -209,7 +217,7 @@ class KeystayFedAvg(FedAvg):
             noise_multiplier=self.settings.central_noise_multiplier,
             clip=self.settings.central_clip,
             sample_rate=1.0,
-            sampling="all connected devices every round (no amplification claimed)",
+            sampling=SAMPLING_DESCRIPTIONS["all"],
             epsilon=epsilon,
             delta=self.central.delta,
         )

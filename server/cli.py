@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -38,6 +40,7 @@ class ServerExit:
     CONFIG = 20
     SUPERLINK_DOWN = 21
     RUN_FAILED = 22
+    ENROLL_REFUSED = 23
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,13 +49,17 @@ def server() -> None:
 
     \b
     The server is a Flower SuperLink (devices connect to its Fleet API over
-    gRPC) plus keystay's ServerApp, which aggregates device updates with
-    FedAvg and keeps a ledger of every signed privacy report.
+    gRPC with TLS; only enrolled devices are admitted) plus keystay's
+    ServerApp, which aggregates device updates with FedAvg and keeps a ledger
+    of every signed privacy report.
 
     \b
-      keystay server init --dir srv --fleet-address 0.0.0.0:9092
+      keystay server init --dir srv --host fl.example.com --fleet-address 0.0.0.0:9092
       keystay server start --dir srv
-      keystay server enroll --dir srv DEVICE/enrollment.json
+      # on each device: keystay device enroll --server fl.example.com:9092 --ca ca.pem
+      keystay server enroll --dir srv --fingerprint XXXX-... enrollment-request.json
+      keystay server devices --dir srv
+      keystay server revoke --dir srv DEVICE_ID
       keystay round start --server-dir srv --rounds 3
       keystay budget report --server-dir srv
     """
@@ -60,24 +67,86 @@ def server() -> None:
 
 @server.command()
 @server_dir_option
+@click.option("--host", "hosts", multiple=True, metavar="NAME_OR_IP",
+              help="A DNS name or IP address devices dial to reach this server (repeatable). "
+              "It goes into the server certificate; localhost, 127.0.0.1 and ::1 always do, "
+              "and so does the --fleet-address host unless it is 0.0.0.0.")
 @click.option("--fleet-address", default="127.0.0.1:9092", show_default=True,
-              help="Where devices connect (HOST:PORT).")
+              help="Where the Fleet API listens for devices (HOST:PORT; 0.0.0.0:PORT for all "
+              "interfaces).")
 @click.option("--control-port", type=int, default=8000, show_default=True,
-              help="Control API port (HTTP, bound to 127.0.0.1): where runs are submitted.")
+              help="Control API port (HTTPS, bound to 127.0.0.1): where runs are submitted and "
+              "devices registered. Whoever reaches it controls the federation: never expose it.")
 @click.option("--insecure", is_flag=True,
-              help="No TLS. Only for loopback demos and tests; warned about on every start.")
-def init(server_dir: Path, fleet_address: str, control_port: int, insecure: bool) -> None:
-    """Create a server folder: configuration, state paths, run folders."""
+              help="No TLS and no device authentication. Only for loopback demos and tests; "
+              "warned about on every start.")
+def init(server_dir: Path, hosts: tuple[str, ...], fleet_address: str, control_port: int,
+         insecure: bool) -> None:
+    """Create (or update) a server folder: CA, TLS certificate, configuration, state.
+
+    \b
+    TLS is on by default. The first run creates the folder's CA
+    (tls/ca.key, mode 0600, and tls/ca.pem, which every device pins); each
+    run issues a fresh server certificate naming every --host, so running it
+    again is how you add a name or renew the certificate. The CA is never
+    replaced. Devices get tls/ca.pem (public); keep tls/ca.key off the server
+    once the certificate is issued if you can.
+
+    Exit codes: 0 written, 20 a --host or the existing TLS files are unusable.
+    """
+    from keystay.server.deploy.enrollment import Registry
+    from keystay.server.deploy.pki import (
+        TLS_DIR,
+        PKIError,
+        cert_info,
+        collect_hosts,
+        create_ca,
+        host_of,
+        issue_server_cert,
+    )
+
+    server_dir = server_dir.resolve()
     server_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("runs", "logs"):
         (server_dir / sub).mkdir(exist_ok=True)
     config = ServerConfig(fleet_address=fleet_address, control_port=control_port,
-                          insecure=insecure)
-    path = config.save(server_dir.resolve())
+                          insecure=insecure, supernode_auth=not insecure,
+                          tls_hosts=tuple(hosts))
+    host, _, port = fleet_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{fleet_address!r}: expected HOST:PORT",
+                                 param_hint="--fleet-address")
+    if not insecure:
+        tls = server_dir / TLS_DIR
+        try:
+            names = collect_hosts(hosts, host_of(fleet_address), host_of(config.control_address))
+            if not (tls / "ca.pem").exists():
+                create_ca(tls, server_dir.name)
+                click.echo(f"created CA {tls / 'ca.pem'} (key {tls / 'ca.key'}, mode 0600)")
+            else:
+                click.echo(f"kept CA {tls / 'ca.pem'} (devices pin it)")
+            cert, _key = issue_server_cert(tls, names)
+        except PKIError as error:
+            click.echo(f"keystay server init: {error}", err=True)
+            sys.exit(ServerExit.CONFIG)
+        info = cert_info(cert)
+        ca = cert_info(tls / "ca.pem")
+        click.echo(f"issued {cert} for {', '.join(info.dns_names + info.ip_addresses)}; "
+                   f"valid until {info.not_after:%Y-%m-%d}")
+        click.echo(f"CA fingerprint (SHA-256) {ca.fingerprint_sha256}")
+    path = config.save(server_dir)
+    config.write_flwr_home(server_dir)
+    Registry.open(server_dir)
     from keystay.server.ledger.ledger import ServerLedger
 
-    ServerLedger.open(server_dir.resolve())
+    ServerLedger.open(server_dir).close()
     click.echo(f"wrote {path}")
+    if insecure:
+        click.echo("WARNING: --insecure: no TLS and no device authentication. Any process that "
+                   "reaches the Fleet API can join and read the model.", err=True)
+    else:
+        click.echo(f"give devices {server_dir / 'tls' / 'ca.pem'} and the address they dial, "
+                   f"e.g. '{fleet_address if host_of(fleet_address) else 'HOST:' + port}'")
 
 
 @server.command()
@@ -85,9 +154,14 @@ def init(server_dir: Path, fleet_address: str, control_port: int, insecure: bool
 def start(server_dir: Path) -> None:
     """Run the SuperLink for this server folder (until Ctrl-C / SIGTERM).
 
+    \b
+    TLS on the Fleet API (devices) and on the Control API (flwr CLI,
+    loopback), and only enrolled devices admitted, unless the folder was made
+    with --insecure (then a warning is printed on every start).
+
     Prints 'ready' once the Fleet and Control APIs accept connections.
-    Exit codes: 0 stopped, 20 bad server folder, 21 SuperLink did not come up
-    or died (see DIR/logs/superlink.log).
+    Exit codes: 0 stopped, 20 bad server folder or TLS files, 21 SuperLink did
+    not come up or died (see DIR/logs/superlink.log).
     """
     server_dir = server_dir.resolve()
     try:
@@ -95,34 +169,45 @@ def start(server_dir: Path) -> None:
     except ServerConfigError as error:
         click.echo(f"keystay server: {error}", err=True)
         sys.exit(ServerExit.CONFIG)
+    errors, warnings = config.tls_problems(server_dir)
+    for message in errors:
+        click.echo(f"keystay server: {message}", err=True)
+    if errors:
+        sys.exit(ServerExit.CONFIG)
+    for message in warnings:
+        click.echo(f"WARNING: {message}", err=True)
     if config.insecure:
-        click.echo("WARNING: the SuperLink runs WITHOUT TLS (--insecure): model updates and "
-                   "privacy reports cross the network in plain text.", err=True)
+        click.echo("WARNING: the SuperLink runs WITHOUT TLS and WITHOUT device authentication "
+                   "(insecure = true in server.toml): model updates and privacy reports cross "
+                   "the network in plain text, and any process that reaches "
+                   f"{config.fleet_address} can join.", err=True)
+    elif not config.supernode_auth:
+        click.echo("WARNING: supernode_auth = false: any SuperNode that trusts this CA can join "
+                   "without being enrolled.", err=True)
     (server_dir / "logs").mkdir(exist_ok=True)
     log_path = server_dir / "logs" / "superlink.out"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             config.superlink_command(server_dir), stdout=log, stderr=subprocess.STDOUT,
-            env=flower_env(), start_new_session=True,
+            env=flower_env(), start_new_session=True, preexec_fn=_die_with_parent,
         )
     stopping = False
 
     def stop(*_: Any) -> None:
         nonlocal stopping
         stopping = True
-        process.terminate()
+        _terminate_group(process)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     alive = lambda: process.poll() is None  # noqa: E731
     if not (wait_for_port(config.fleet_address, 60, alive)
             and wait_for_port(config.control_address, 60, alive)):
-        process.terminate()
-        process.wait(10)
+        _terminate_group(process)
         click.echo(f"keystay server: the SuperLink did not come up; see {log_path}", err=True)
         sys.exit(ServerExit.SUPERLINK_DOWN)
-    click.echo(f"ready: fleet {config.fleet_address}, control {config.control_address}",
-               err=False)
+    click.echo(f"ready: fleet {config.fleet_address}, control {config.control_address}"
+               f"{' (INSECURE)' if config.insecure else ' (TLS, enrolled devices only)'}")
     sys.stdout.flush()
     code = process.wait()
     if not stopping:
@@ -130,31 +215,158 @@ def start(server_dir: Path) -> None:
         sys.exit(ServerExit.SUPERLINK_DOWN)
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if ``keystay server start`` dies (Linux), never orphaned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _terminate_group(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM the SuperLink's process group (it and its SuperExec), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+
+
 @server.command()
 @server_dir_option
 @click.argument("request", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--name", help="A label for the device (default: its id).")
-def enroll(server_dir: Path, request: Path, name: str | None) -> None:
-    """Enroll a device from its enrollment request file (enrollment.json)."""
-    from keystay.server.ledger.ledger import ServerLedger
+@click.option("--name", help="A label for the device (default: its id). Avoid people's names: "
+              "labels end up in reports.")
+@click.option("--fingerprint", "expect_fingerprint",
+              help="The fingerprint the employee read out from 'keystay device enroll'; "
+              "nothing is enrolled if the file's differs.")
+def enroll(server_dir: Path, request: Path, name: str | None,
+           expect_fingerprint: str | None) -> None:
+    """Admit a device from its enrollment request (enrollment-request.json).
 
-    data = json.loads(request.read_text())
-    if data.get("format") != "keystay-enrollment/1":
-        raise click.ClickException(f"{request} is not a keystay enrollment request")
-    ledger = ServerLedger.open(server_dir.resolve())
-    ledger.enroll_device(data["device_id"], data["signing_public_key_pem"],
-                         name or data["device_id"])
-    click.echo(f"enrolled {data['device_id']}")
+    \b
+    Checks the request (both key proofs, the id), registers the device's
+    SuperNode key with the running SuperLink (flwr supernode register), and
+    records its report-signing key in the server ledger. Compare the
+    fingerprint printed here with the one on the employee's screen, or pass
+    it with --fingerprint.
+
+    Exit codes: 0 enrolled (or already), 20 bad server folder, 21 SuperLink not
+    running, 23 request refused (the message says why).
+    """
+    from keystay.server.deploy.enrollment import (
+        EnrollmentError,
+        EnrollmentRequest,
+        SuperLinkUnavailableError,
+    )
+    from keystay.server.deploy.enrollment import enroll as do_enroll
+
+    server_dir = server_dir.resolve()
+    try:
+        parsed = EnrollmentRequest.load(request)
+        outcome = do_enroll(server_dir, parsed, name=name, expect_fingerprint=expect_fingerprint)
+    except ServerConfigError as error:
+        click.echo(f"keystay server enroll: {error}", err=True)
+        sys.exit(ServerExit.CONFIG)
+    except SuperLinkUnavailableError as error:
+        click.echo(f"keystay server enroll: {error}", err=True)
+        sys.exit(ServerExit.SUPERLINK_DOWN)
+    except EnrollmentError as error:
+        click.echo(f"keystay server enroll: refused: {error}", err=True)
+        sys.exit(ServerExit.ENROLL_REFUSED)
+    entry = outcome.entry
+    node = f", SuperLink node {entry.node_id}" if entry.node_id is not None else ""
+    if outcome.already:
+        click.echo(f"{entry.device_id} ({entry.name}) is already enrolled{node}")
+        return
+    click.echo(f"enrolled {entry.device_id} as {entry.name}{node}")
+    click.echo(f"fingerprint {entry.fingerprint}"
+               + ("  (matches)" if expect_fingerprint else "  <- compare with the employee's"))
 
 
 @server.command()
 @server_dir_option
-def devices(server_dir: Path) -> None:
-    """List enrolled devices."""
-    from keystay.server.ledger.ledger import ServerLedger
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def devices(server_dir: Path, as_json: bool) -> None:
+    """List enrolled devices: SuperLink node, online or not, revoked or not.
 
-    for row in ServerLedger.open(server_dir.resolve()).devices():
-        click.echo(json.dumps(row if isinstance(row, dict) else row.__dict__, default=str))
+    \b
+    status: online / offline (enrolled, not connected now) / registered
+    (enrolled, never connected) / revoked / ? (SuperLink not running).
+    """
+    from keystay.server.deploy.enrollment import device_states
+
+    server_dir = server_dir.resolve()
+    try:
+        rows, problem = device_states(server_dir)
+    except ServerConfigError as error:
+        click.echo(f"keystay server devices: {error}", err=True)
+        sys.exit(ServerExit.CONFIG)
+    if problem:
+        click.echo(f"note: live status unknown: {problem}", err=True)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row.as_dict()))
+        return
+    click.echo(f"{'device':<18}{'name':<16}{'node':<22}{'status':<12}enrolled")
+    for row in rows:
+        node = "-" if row.node_id is None else str(row.node_id)
+        click.echo(f"{row.device_id:<18}{row.name[:15]:<16}{node:<22}{row.status:<12}"
+                   f"{row.enrolled_at}" + (f"  revoked {row.revoked_at}" if row.revoked_at
+                                           else ""))
+    if not rows:
+        click.echo("no devices enrolled yet")
+
+
+@server.command()
+@server_dir_option
+@click.argument("device")
+def revoke(server_dir: Path, device: str) -> None:
+    """Take a device out of the federation (by device id, name or node id).
+
+    \b
+    Its reports stop counting in the ledger at once, and the SuperLink
+    unregisters its SuperNode key: a connected SuperNode is dropped and the
+    key is refused from then on. Running it again is harmless; do so if the
+    SuperLink was down the first time.
+
+    Exit codes: 0 revoked, 20 bad server folder, 21 SuperLink not running (the
+    device is revoked in the ledger but the SuperLink still admits it: start
+    it and run revoke again), 23 no such device.
+    """
+    from keystay.server.deploy.enrollment import (
+        EnrollmentError,
+        SuperLinkUnavailableError,
+    )
+    from keystay.server.deploy.enrollment import revoke as do_revoke
+
+    server_dir = server_dir.resolve()
+    try:
+        outcome = do_revoke(server_dir, device)
+    except ServerConfigError as error:
+        click.echo(f"keystay server revoke: {error}", err=True)
+        sys.exit(ServerExit.CONFIG)
+    except SuperLinkUnavailableError as error:
+        click.echo(f"keystay server revoke: marked revoked in the ledger, but the SuperLink "
+                   f"still admits it: {error}", err=True)
+        sys.exit(ServerExit.SUPERLINK_DOWN)
+    except EnrollmentError as error:
+        click.echo(f"keystay server revoke: {error}", err=True)
+        sys.exit(ServerExit.ENROLL_REFUSED)
+    entry = outcome.entry
+    click.echo(f"revoked {entry.device_id} ({entry.name}) at {entry.revoked_at}"
+               + (f"; SuperLink node {entry.node_id} unregistered" if outcome.unregistered
+                  else ""))
 
 
 @click.group("round", context_settings={"help_option_names": ["-h", "--help"]})
@@ -237,7 +449,8 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
     click.echo(f"\n{len(outcome.rounds)} rounds in {seconds:.1f} s. ε is each device's "
                f"cumulative per-block bound" + (f" at δ = {delta:g}." if delta else "."))
     click.echo(f"final model: {outcome.final_checkpoint}\n"
-               f"load it with: keystay.client.model.load_checkpoint(\"{outcome.final_checkpoint}\")")
+               "load it with: keystay.client.model.load_checkpoint("
+               f"\"{outcome.final_checkpoint}\")")
 
 
 def _parse_value(raw: str) -> Any:

@@ -33,11 +33,11 @@ import numpy as np
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Ledger
-from keystay.client.ledger.report import build_report, sign_report
+from keystay.client.ledger.report import PrivacyReport, build_report, sign_report
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.client.store import EventStore, block_for
-from keystay.client.trainer.process import WarmTrainer
 from keystay.client.trainer.job import TrainJob, sample_rate_for
+from keystay.client.trainer.process import WarmTrainer
 from keystay.client.windows import WINDOW, make_windows, split_heldout
 
 HELDOUT_FRACTION = 0.1
@@ -51,7 +51,7 @@ class TrainResult:
     num_examples: int
     train_loss: float
     seconds: float
-    report: dict[str, object]
+    report: PrivacyReport
     payload: bytes
     signature: bytes
 
@@ -193,7 +193,7 @@ class DeviceCore:
                 policy=self.policy,
                 blocks=blocks,
                 mechanism=mechanism,
-                epsilon_fn=self.trainer.epsilons,
+                epsilon_fn=self.trainer.epsilons,  # (history, delta) -> Epsilons
             )
             started = time.monotonic()
             outcome = self.trainer.train(
@@ -226,8 +226,8 @@ class DeviceCore:
         if not blocks:
             raise Refusal("no-data", "refused: no eligible block to evaluate on")
         heldout = np.concatenate([d.heldout for d in self._load(blocks)])
-        loss, accuracy = self.trainer.evaluate(weights, heldout)
-        return EvalResult(num_examples=len(heldout), loss=loss, accuracy=accuracy)
+        scored = self.trainer.evaluate(weights, heldout)
+        return EvalResult(num_examples=len(heldout), loss=scored.loss, accuracy=scored.accuracy)
 
     def today_block(self) -> str:
         return block_for(time.time())

@@ -126,12 +126,14 @@ def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePoli
         if problem is not None:
             raise DaemonError(DaemonExit.NO_DISPLAY, problem)
         backend: object = PynputBackend(recorder.submit, window_titles=policy.window_titles)
+        recorder.start()
+        backend.start()  # type: ignore[attr-defined]
     else:
         from keystay.client.capture.simulated import SimulatedSource
 
-        backend = SimulatedSource(recorder.submit, seed=options.employee_seed)
-    recorder.start()
-    backend.start()  # type: ignore[attr-defined]
+        backend = SimulatedSource(options.employee_seed)
+        recorder.start()
+        backend.start(recorder.submit)
     recorder.backend = backend  # type: ignore[attr-defined]
     return recorder
 
@@ -183,7 +185,7 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
 
     store = _open_store(options)
     ledger = Ledger.open(data_dir)
-    identity = DeviceIdentity.load_or_create(data_dir)
+    identity = DeviceIdentity.open(data_dir)
     write_enrollment(data_dir, identity)
     trainer = WarmTrainer()
     try:

@@ -15,6 +15,8 @@ import grpc
 
 from keystay.client.daemon.controls import Controls
 from keystay.client.daemon.core import DeviceCore
+from keystay.client.ledger.ledger import LedgerError
+from keystay.client.ledger.report import PrivacyReport
 from keystay.client.policy import Refusal, TrainingRequest
 from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.client.store import StoreError
@@ -22,9 +24,39 @@ from keystay.v1 import device_pb2, device_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-# Refusal codes the caller could fix by asking differently vs. those about the
-# device's state; both are decisions, not failures.
-_PERMISSION = {"no-dp", "noise-below-floor", "clip-above-max", "too-many-steps"}
+
+def report_to_proto(
+    report: PrivacyReport, payload: bytes, signature: bytes
+) -> device_pb2.PrivacyReport:
+    """The signed report as it travels; ``payload_json`` is what was signed."""
+    return device_pb2.PrivacyReport(
+        device_id=report.device_id,
+        run_id=report.run_id,
+        server_round=report.server_round,
+        noise_multiplier=report.noise_multiplier,
+        sample_rate=report.sample_rate,
+        steps=report.steps,
+        delta=report.delta,
+        accountant=report.accountant,
+        epsilon_round_rdp=report.epsilon_round_rdp,
+        epsilon_total=report.epsilon_total,
+        blocks=[
+            device_pb2.BlockCharge(
+                block=b.block,
+                epsilon_rdp=b.epsilon_rdp,
+                epsilon_prv=b.epsilon_prv,
+                epsilon=b.epsilon,
+                budget=b.budget,
+                retired=b.retired,
+            )
+            for b in report.blocks
+        ],
+        max_grad_norm=report.max_grad_norm,
+        num_examples=report.num_examples,
+        unit=report.unit,
+        signature=signature,
+        payload_json=payload.decode("utf-8"),
+    )
 
 
 def request_from_proto(request: device_pb2.TrainRequest) -> TrainingRequest:
@@ -51,51 +83,28 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
         self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
     ) -> device_pb2.TrainReply:
         try:
-            result = self.core.train(request_from_proto(request), weights_from_proto(request.weights))
+            result = self.core.train(
+                request_from_proto(request), weights_from_proto(request.weights)
+            )
         except Refusal as refusal:
             logger.warning("refused run %s round %s: %s", request.run_id,
                            request.server_round, refusal.reason)
-            code = (grpc.StatusCode.PERMISSION_DENIED if refusal.code in _PERMISSION
-                    else grpc.StatusCode.FAILED_PRECONDITION)
-            context.abort(code, refusal.reason)
+            context.abort(getattr(grpc.StatusCode, refusal.grpc_status), refusal.reason)
+        except LedgerError as error:
+            # Never train past a ledger that cannot be written: that would be
+            # spending budget nobody recorded.
+            logger.exception("ledger failure")
+            context.abort(grpc.StatusCode.INTERNAL, f"device ledger unavailable: {error}")
         except (StoreError, ValueError) as error:
             logger.exception("training failed")
             context.abort(grpc.StatusCode.INTERNAL, f"device could not train: {error}")
         report = result.report
-        blocks = [
-            device_pb2.BlockCharge(
-                block=str(b["block"]),
-                epsilon_rdp=float(b["epsilon_rdp"]),
-                epsilon_prv=float(b["epsilon_prv"]),
-                epsilon=float(b["epsilon"]),
-                budget=float(b["budget"]),
-                retired=bool(b["retired"]),
-            )
-            for b in report["blocks"]  # type: ignore[attr-defined]
-        ]
         return device_pb2.TrainReply(
             weights=weights_to_proto(result.weights),
             num_examples=result.num_examples,
             train_loss=result.train_loss,
             seconds=result.seconds,
-            report=device_pb2.PrivacyReport(
-                device_id=self.core.device_id,
-                run_id=str(report["run_id"]),
-                server_round=int(report["server_round"]),  # type: ignore[call-overload]
-                noise_multiplier=float(report["noise_multiplier"]),  # type: ignore[arg-type]
-                sample_rate=float(report["sample_rate"]),  # type: ignore[arg-type]
-                steps=int(report["steps"]),  # type: ignore[call-overload]
-                delta=float(report["delta"]),  # type: ignore[arg-type]
-                accountant=str(report["accountant"]),
-                epsilon_round_rdp=float(report["epsilon_round"]),  # type: ignore[arg-type]
-                epsilon_total=float(report["epsilon_total"]),  # type: ignore[arg-type]
-                blocks=blocks,
-                max_grad_norm=float(report["max_grad_norm"]),  # type: ignore[arg-type]
-                num_examples=result.num_examples,
-                unit=str(report["unit"]),
-                signature=result.signature,
-                payload_json=result.payload.decode("utf-8"),
-            ),
+            report=report_to_proto(report, result.payload, result.signature),
         )
 
     def Evaluate(  # noqa: N802

@@ -5,10 +5,20 @@ The daemon owns the SuperNode: it starts it with the daemon's socket in its
 when it exits, and stops it (and the SuperExec it spawned) on shutdown. The
 SuperNode holds no data and cannot open the store; it is only the device's
 connection to the federation.
+
+Transport (see ``keystay device enroll``): TLS to the SuperLink, verified
+against the server's CA only (``--root-certificates``, the pinned
+``DATA/tls/ca.pem``), and node authentication with the device's EC key
+(``--auth-supernode-private-key``, OpenSSH format, mode 0600). A SuperNode the
+SuperLink refuses (not enrolled, revoked, wrong CA) exits; the supervisor
+restarts it with growing back-off, so an enrollment made later or a SuperLink
+that restarts is picked up without anyone touching the device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +28,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger("keystay.device.supernode")
 
 # A SuperNode that keeps dying (bad address, revoked) must not spin the CPU.
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -41,11 +53,20 @@ class SuperNodeConfig:
     log_file : Path
         Where its output goes.
     insecure : bool
-        Plain-text transport; only for loopback tests and demos.
+        Plain-text transport; only for loopback tests and demos. Excludes
+        ``root_certificates`` and ``auth_private_key`` (Flower refuses both
+        without TLS).
     root_certificates : Path | None
-        CA certificate that verifies the SuperLink (TLS).
+        CA certificate that verifies the SuperLink (TLS). None with TLS means
+        the system trust store, which a keystay server's private CA is not in.
     auth_private_key : Path | None
-        The SuperNode's EC key for node authentication.
+        The SuperNode's EC key for node authentication (mode 0600).
+
+    Raises
+    ------
+    ValueError
+        On construction, for combinations Flower would reject only after
+        starting (insecure with a CA or key), and for a key file others can read.
     """
 
     superlink: str
@@ -57,6 +78,28 @@ class SuperNodeConfig:
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
     extra_node_config: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.insecure and (self.root_certificates or self.auth_private_key):
+            raise ValueError(
+                "insecure transport cannot be combined with --root-certificates or --auth-key "
+                "(the SuperNode would exit at once); drop --insecure to use TLS"
+            )
+        if self.root_certificates is not None and not self.root_certificates.is_file():
+            raise ValueError(f"CA certificate {self.root_certificates} not found; run "
+                             "'keystay device enroll' or point --root-certificates at the "
+                             "server's ca.pem")
+        key = self.auth_private_key
+        if key is not None:
+            if not key.is_file():
+                raise ValueError(f"SuperNode key {key} not found; run 'keystay device enroll'")
+            mode = key.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise ValueError(
+                    f"{key} has mode {mode:04o}; whoever can read it can connect as this "
+                    f"device. Check who could have, then 'chmod 600 {key}' (or re-enroll "
+                    "with a new key)"
+                )
 
     def command(self) -> list[str]:
         node_config = " ".join(
@@ -76,7 +119,7 @@ class SuperNodeConfig:
             cmd.append("--insecure")
         elif self.root_certificates is not None:
             cmd += ["--root-certificates", str(self.root_certificates)]
-        if self.auth_private_key is not None:
+        if self.auth_private_key is not None and not self.insecure:
             cmd += ["--auth-supernode-private-key", str(self.auth_private_key)]
         return cmd
 
@@ -101,6 +144,7 @@ class SuperNodeSupervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="supernode", daemon=True)
         self.restarts = 0
+        self.last_exit: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -139,10 +183,15 @@ class SuperNodeSupervisor:
                 pass
             if self._stop.is_set():
                 break
+            self.last_exit = self._process.returncode
             # Ran for a while: the next failure starts the backoff afresh.
             attempt = 0 if time.monotonic() - started > 60 else attempt + 1
             self.restarts += 1
             delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+            # 305 is Flower's "cannot connect": refused (not enrolled, revoked,
+            # untrusted certificate) or unreachable; the reason is in its log.
+            logger.warning("flower-supernode exited with %s; restarting in %.0f s (see %s)",
+                           self.last_exit, delay, self.config.log_file)
             self._stop.wait(delay)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -163,8 +212,6 @@ def _terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait(5)

@@ -1,11 +1,18 @@
 """A whole federation on one machine: SuperLink + N device daemons on loopback.
 
 Used by ``keystay demo`` and by the end-to-end tests. Every part is a real
-process started through the ``keystay`` command a person would type (server
-init/start, device run, server enroll), on free loopback ports, each with its
-own folder and log. :meth:`LocalFederation.stop` stops every process it
-started, by PID (and process group, which takes the SuperExec and ClientApp
-children with it).
+process started through the ``keystay`` command a person would type, on free
+loopback ports, each with its own folder and log. :meth:`LocalFederation.stop`
+stops every process it started, by PID (and process group, which takes the
+SuperExec and ClientApp children with it).
+
+Secure by default, exactly as a real deployment: ``keystay server init``
+creates the CA and a TLS certificate for 127.0.0.1, the SuperLink admits
+enrolled SuperNodes only, and each device runs ``keystay device enroll``
+(verifying the server against the CA, creating its SuperNode key) before the
+operator's ``keystay server enroll`` admits it, checking the fingerprint the
+device printed. ``insecure=True`` gives the plain-text loopback federation
+(no TLS, no node authentication) for comparison and debugging.
 
 It imports nothing from the device side: devices are other processes here,
 exactly as they are on employees' machines.
@@ -13,6 +20,7 @@ exactly as they are on employees' machines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,11 +28,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from keystay.server.deploy.superlink import executable, flower_env, free_port, wait_for_port
+from keystay.server.deploy.superlink import (
+    ServerConfig,
+    executable,
+    flower_env,
+    free_port,
+    wait_for_port,
+)
+
+REQUEST_FILE = "enrollment-request.json"  # written by `keystay device enroll`
+LEGACY_REQUEST_FILE = "enrollment.json"  # written by the daemon (insecure federations)
 
 
-class PartFailed(RuntimeError):
+class PartFailed(RuntimeError):  # noqa: N818  (public name the demo already catches)
     """A part of the federation did not come up; names the part and its log."""
 
     def __init__(self, part: str, log: Path, detail: str) -> None:
@@ -51,10 +69,19 @@ class LocalDevice:
     supernode_port: int
     seed: int
     part: Part | None = None
+    fingerprint: str | None = None
 
     @property
     def socket(self) -> Path:
         return self.data_dir / "device.sock"
+
+    @property
+    def ca(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def auth_key(self) -> Path:
+        return self.data_dir / "supernode.key"
 
 
 @dataclass
@@ -73,6 +100,9 @@ class LocalFederation:
         Simulated tokens per day.
     policy_toml : str | None
         A policy written to every device's ``policy.toml`` (None: defaults).
+    insecure : bool
+        Plain-text loopback federation without node authentication. Default
+        False: TLS, enrolled devices only, as in production.
     """
 
     root: Path
@@ -81,12 +111,19 @@ class LocalFederation:
     events_per_day: int = 4000
     policy_toml: str | None = None
     startup_timeout: float = 180.0
+    insecure: bool = False
     parts: list[Part] = field(default_factory=list)
     device_list: list[LocalDevice] = field(default_factory=list)
+    fleet: str = ""
+    control_port: int = 0
 
     @property
     def server_dir(self) -> Path:
         return self.root / "server"
+
+    @property
+    def server_ca(self) -> Path:
+        return self.server_dir / "tls" / "ca.pem"
 
     def _keystay(self, *args: str) -> list[str]:
         return [executable("keystay"), *args]
@@ -102,31 +139,98 @@ class LocalFederation:
         self.parts.append(part)
         return part
 
-    def _run(self, part: str, *args: str) -> None:
+    def _run(self, part: str, *args: str) -> str:
         result = subprocess.run(self._keystay(*args), capture_output=True, text=True,
-                                env=flower_env(), check=False)
+                                env=flower_env(), check=False, timeout=300)
         if result.returncode != 0:
             log = self.root / f"{part}.log"
             log.write_text(result.stdout + result.stderr)
             raise PartFailed(part, log, (result.stderr or result.stdout).strip()[-400:])
+        return result.stdout
 
-    def start(self, progress: object = None) -> None:
+    # ------------------------------------------------------------------ server
+
+    def start_server(self, progress: object = None) -> Part:
+        """``keystay server init`` (first time only) and ``keystay server start``."""
         say = progress if callable(progress) else (lambda _msg: None)
         self.root.mkdir(parents=True, exist_ok=True)
-        fleet = f"127.0.0.1:{free_port()}"
-        control_port = free_port()
-        self._run("server init", "server", "init", "--dir", str(self.server_dir),
-                  "--fleet-address", fleet, "--control-port", str(control_port), "--insecure")
-        say(f"starting the SuperLink (fleet {fleet})")
+        if not (self.server_dir / "server.toml").exists():
+            self.fleet = f"127.0.0.1:{free_port()}"
+            self.control_port = free_port()
+            self._run("server init", "server", "init", "--dir", str(self.server_dir),
+                      "--fleet-address", self.fleet, "--control-port", str(self.control_port),
+                      "--host", "127.0.0.1", *(["--insecure"] if self.insecure else []))
+        else:
+            config = ServerConfig.load(self.server_dir)
+            self.fleet, self.control_port = config.fleet_address, config.control_port
+        mode = "INSECURE" if self.insecure else "TLS, enrolled devices only"
+        say(f"starting the SuperLink (fleet {self.fleet}, {mode})")
         link = self._spawn("SuperLink", self._keystay("server", "start", "--dir",
                                                       str(self.server_dir)),
                            self.server_dir / "logs" / "server-start.log")
         alive = lambda: link.alive  # noqa: E731
-        if not (wait_for_port(fleet, self.startup_timeout, alive)
-                and wait_for_port(f"127.0.0.1:{control_port}", self.startup_timeout, alive)):
+        if not (wait_for_port(self.fleet, self.startup_timeout, alive)
+                and wait_for_port(f"127.0.0.1:{self.control_port}", self.startup_timeout,
+                                  alive)):
             raise PartFailed("SuperLink", self.server_dir / "logs" / "superlink.out",
                              "its ports did not open")
+        # `keystay server start` says "ready" once its own checks passed.
+        deadline = time.monotonic() + self.startup_timeout
+        while "ready:" not in link.log.read_text(errors="replace"):
+            if not link.alive or time.monotonic() > deadline:
+                raise PartFailed("SuperLink", link.log, "keystay server start never said ready")
+            time.sleep(0.1)
+        return link
 
+    def stop_server(self) -> None:
+        """Stop the SuperLink only (devices keep running), e.g. to test reconnection."""
+        for part in [p for p in self.parts if p.name == "SuperLink"]:
+            _stop(part.process)
+            self.parts.remove(part)
+
+    # ------------------------------------------------------------------ enrollment
+
+    def enroll_device(self, data_dir: Path, name: str, *, new_key: bool = False) -> str:
+        """The real two-sided enrollment; returns the fingerprint both sides agreed on.
+
+        ``keystay device enroll`` on the device (checks the server's TLS
+        against the CA, makes the SuperNode key, writes the signed request),
+        then ``keystay server enroll --fingerprint`` on the server with the
+        fingerprint the device printed, as the operator would read it.
+        """
+        out = self._run(f"device enroll of {name}", "device", "enroll", "--data", str(data_dir),
+                        "--server", self.fleet, "--ca", str(self.server_ca),
+                        *(["--new-key"] if new_key else []))
+        fingerprint = next(line.split()[1] for line in out.splitlines()
+                           if line.startswith("fingerprint "))
+        self._run(f"server enroll of {name}", "server", "enroll", "--dir", str(self.server_dir),
+                  str(data_dir / REQUEST_FILE), "--name", name, "--fingerprint", fingerprint)
+        return fingerprint
+
+    def supernodes(self) -> dict[int, dict[str, Any]]:
+        """The SuperLink's node list (``flwr supernode list``): node id -> status etc."""
+        from keystay.server.deploy.enrollment import FlwrControl
+
+        return FlwrControl(self.server_dir, ServerConfig.load(self.server_dir)).nodes()
+
+    def wait_online(self, count: int, timeout: float = 120.0) -> dict[int, dict[str, Any]]:
+        """Wait until ``count`` SuperNodes are online; returns the node list."""
+        deadline = time.monotonic() + timeout
+        nodes: dict[int, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            nodes = self.supernodes()
+            if sum(n.get("status") == "online" for n in nodes.values()) >= count:
+                return nodes
+            time.sleep(1.0)
+        raise PartFailed("SuperNodes", self.server_dir / "logs" / "superlink.log",
+                         f"{count} expected online, nodes: "
+                         f"{ {k: v.get('status') for k, v in nodes.items()} }")
+
+    # ------------------------------------------------------------------ devices
+
+    def start(self, progress: object = None) -> None:
+        say = progress if callable(progress) else (lambda _msg: None)
+        self.start_server(progress)
         for i in range(self.devices):
             device = LocalDevice(name=f"employee-{i + 1}",
                                  data_dir=self.root / "devices" / f"employee-{i + 1}",
@@ -134,6 +238,14 @@ class LocalFederation:
             device.data_dir.mkdir(parents=True, exist_ok=True)
             if self.policy_toml is not None:
                 (device.data_dir / "policy.toml").write_text(self.policy_toml)
+            if self.insecure:
+                transport = ["--insecure"]
+            else:
+                # Enrolled before the daemon starts, so its SuperNode is admitted at once.
+                device.fingerprint = self.enroll_device(device.data_dir, device.name)
+                say(f"device {device.name} enrolled (fingerprint {device.fingerprint})")
+                transport = ["--root-certificates", str(device.ca),
+                             "--auth-key", str(device.auth_key)]
             say(f"starting device {device.name} (simulated employee {device.seed}, "
                 f"{self.simulate_days} days of history)")
             device.part = self._spawn(
@@ -143,7 +255,7 @@ class LocalFederation:
                     "--simulate-days", str(self.simulate_days),
                     "--events-per-day", str(self.events_per_day),
                     "--employee-seed", str(device.seed),
-                    "--superlink", fleet, "--insecure",
+                    "--superlink", self.fleet, *transport,
                     "--supernode-port", str(device.supernode_port),
                 ),
                 device.data_dir / "logs" / "daemon.out",
@@ -152,20 +264,23 @@ class LocalFederation:
 
         for device in self.device_list:
             self._wait_device(device)
-            self._run(f"enrollment of {device.name}", "server", "enroll", "--dir",
-                      str(self.server_dir), str(device.data_dir / "enrollment.json"),
-                      "--name", device.name)
-            say(f"device {device.name} is up and enrolled")
+            if self.insecure:
+                self._run(f"enrollment of {device.name}", "server", "enroll", "--dir",
+                          str(self.server_dir), str(device.data_dir / LEGACY_REQUEST_FILE),
+                          "--name", device.name)
+            say(f"device {device.name} is up")
 
     def _wait_device(self, device: LocalDevice) -> None:
         assert device.part is not None
         deadline = time.monotonic() + self.startup_timeout
-        enrollment = device.data_dir / "enrollment.json"
+        ready = [device.socket]
+        if self.insecure:
+            ready.append(device.data_dir / LEGACY_REQUEST_FILE)
         while time.monotonic() < deadline:
             if not device.part.alive:
                 raise PartFailed(f"device {device.name}", device.part.log,
                                  f"the daemon exited with {device.part.process.returncode}")
-            if device.socket.exists() and enrollment.exists():
+            if all(p.exists() for p in ready):
                 return
             time.sleep(0.2)
         raise PartFailed(f"device {device.name}", device.part.log, "no socket after "
@@ -190,14 +305,10 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         return
     # SIGTERM to the process itself: daemons stop their own children cleanly.
     process.send_signal(signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
     # Then the whole group, in case anything was left behind.
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     if process.poll() is None:
         process.wait(5)

@@ -3,13 +3,19 @@
 ``keystay server init`` writes a server folder::
 
     DIR/server.toml        where the SuperLink listens, TLS material, options
-    DIR/superlink.db       the SuperLink's SQLite state
+    DIR/tls/               CA (ca.key 0600, ca.pem) and server certificate (see pki.py)
+    DIR/superlink.db       the SuperLink's SQLite state (registered SuperNode keys)
     DIR/ledger.v1.sqlite   the server ledger (enrolled devices, privacy reports)
+    DIR/enrollments.v1.sqlite  device id -> SuperLink node id (see enrollment.py)
+    DIR/enrolled/          the SuperNode public keys registered with the SuperLink
     DIR/runs/NAME/         per run: settings, rounds.jsonl, checkpoints
     DIR/flwr/config.toml   the flwr CLI's connection (FLWR_HOME), for `flwr run`
     DIR/logs/              superlink.log
 
-``keystay server start`` runs the SuperLink from that folder.
+``keystay server start`` runs the SuperLink from that folder: TLS on the Fleet
+API and on the Control/ServerAppIo HTTP API (same certificate), and
+``--enable-supernode-auth`` so only SuperNode keys registered through the
+Control API (``keystay server enroll``) may connect.
 """
 
 from __future__ import annotations
@@ -46,7 +52,11 @@ class ServerConfig:
     ssl_certfile, ssl_keyfile, ssl_ca_certfile : str
         TLS material (paths relative to the server folder).
     supernode_auth : bool
-        Only enrolled SuperNodes may connect.
+        Only enrolled SuperNodes may connect (``--enable-supernode-auth``).
+        On by default with TLS; Flower cannot authenticate nodes without TLS.
+    tls_hosts : tuple[str, ...]
+        The DNS names and IP addresses in the server certificate (``--host``),
+        kept so ``keystay server init`` can re-issue the certificate with them.
     """
 
     fleet_address: str = "127.0.0.1:9092"
@@ -56,7 +66,8 @@ class ServerConfig:
     ssl_certfile: str = "tls/server.pem"
     ssl_keyfile: str = "tls/server.key"
     ssl_ca_certfile: str = "tls/ca.pem"
-    supernode_auth: bool = False
+    supernode_auth: bool = True
+    tls_hosts: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, server_dir: Path) -> ServerConfig:
@@ -71,9 +82,18 @@ class ServerConfig:
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ServerConfigError(
-                f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+                f"{path}: unknown key(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(allowed))}"
             )
+        if "tls_hosts" in data:
+            data["tls_hosts"] = tuple(str(h) for h in data["tls_hosts"])
         config = cls(**data)
+        if config.insecure and config.supernode_auth:
+            raise ServerConfigError(
+                f"{path}: insecure = true with supernode_auth = true; Flower authenticates "
+                "SuperNodes only over TLS. Set insecure = false (recommended) or "
+                "supernode_auth = false"
+            )
         host, _, port = config.fleet_address.rpartition(":")
         if not host or not port.isdigit():
             raise ServerConfigError(
@@ -87,17 +107,27 @@ class ServerConfig:
         for key, value in asdict(self).items():
             if isinstance(value, bool):
                 lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, tuple):
+                lines.append(f"{key} = [{', '.join(_toml_str(v) for v in value)}]")
             elif isinstance(value, int):
                 lines.append(f"{key} = {value}")
             else:
-                lines.append(f'{key} = "{value}"')
+                lines.append(f"{key} = {_toml_str(value)}")
         path = server_dir / CONFIG_FILE
         path.write_text("\n".join(lines) + "\n")
         return path
 
     @property
     def control_address(self) -> str:
-        return f"{self.control_host}:{self.control_port}"
+        """Where a local client dials the Control API (loopback when bound to all addresses).
+
+        The flwr CLI checks the server certificate against this host, and
+        ``127.0.0.1`` is always among its names.
+        """
+        host = self.control_host.strip("[]")
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.control_port}" if ":" in host else f"{host}:{self.control_port}"
 
     def superlink_command(self, server_dir: Path) -> list[str]:
         cmd = [
@@ -124,9 +154,66 @@ class ServerConfig:
                 "--ssl-keyfile", str(server_dir / self.ssl_keyfile),
                 "--ssl-ca-certfile", str(server_dir / self.ssl_ca_certfile),
             ]
-        if self.supernode_auth:
+        if self.supernode_auth and not self.insecure:
             cmd.append("--enable-supernode-auth")
         return cmd
+
+    def tls_paths(self, server_dir: Path) -> tuple[Path, Path, Path]:
+        """``(certfile, keyfile, ca_certfile)`` as absolute paths."""
+        return (server_dir / self.ssl_certfile, server_dir / self.ssl_keyfile,
+                server_dir / self.ssl_ca_certfile)
+
+    def tls_problems(self, server_dir: Path) -> tuple[list[str], list[str]]:
+        """Check the TLS material before starting: ``(errors, warnings)``.
+
+        Errors stop ``keystay server start`` (a SuperLink that devices would
+        refuse, or a key others can read); warnings are printed (expiry soon,
+        a listen address missing from the certificate's names).
+        """
+        from keystay.server.deploy.pki import (
+            RENEW_WARNING_DAYS,
+            PKIError,
+            cert_info,
+            host_of,
+            parse_host,
+            verify_chain,
+        )
+
+        errors: list[str] = []
+        warnings: list[str] = []
+        if self.insecure:
+            return errors, warnings
+        cert, key, ca = self.tls_paths(server_dir)
+        missing = [p for p in (cert, key, ca) if not p.exists()]
+        if missing:
+            errors.append(f"missing TLS file(s) {', '.join(map(str, missing))}; run "
+                          f"'keystay server init --dir {server_dir}' to create them")
+            return errors, warnings
+        mode = key.stat().st_mode & 0o777
+        if mode & 0o077:
+            errors.append(f"{key} has mode {mode:04o}; the TLS key must be readable by its "
+                          f"owner only: chmod 600 {key}")
+        try:
+            verify_chain(cert, ca)
+        except PKIError as error:
+            errors.append(str(error))
+            return errors, warnings
+        info = cert_info(cert)
+        left = info.days_left()
+        if left < RENEW_WARNING_DAYS:
+            warnings.append(f"{cert} expires in {left:.0f} days ({info.not_after:%Y-%m-%d}); "
+                            f"renew it with 'keystay server init --dir {server_dir}'")
+        names = set(info.dns_names) | set(info.ip_addresses)
+        for listen in (self.fleet_address, f"{self.control_host}:{self.control_port}"):
+            host = host_of(listen)
+            if host is None:
+                continue
+            san = parse_host(host)
+            if str(san.value) not in names:
+                warnings.append(f"{cert} does not name {host} (listening on {listen}); clients "
+                                f"dialling it will refuse the certificate. Add it with "
+                                f"'keystay server init --dir {server_dir} --host {host}'")
+        return errors, warnings
 
     def write_flwr_home(self, server_dir: Path) -> Path:
         """Write the flwr CLI connection (``FLWR_HOME/config.toml``) for this server."""
@@ -136,14 +223,19 @@ class ServerConfig:
             "[superlink]",
             f'default = "{FEDERATION_NAME}"',
             f"[superlink.{FEDERATION_NAME}]",
-            f'address = "{self.control_address}"',
+            f"address = {_toml_str(self.control_address)}",
         ]
         if self.insecure:
             lines.append("insecure = true")
         else:
-            lines.append(f'root-certificates = "{server_dir / self.ssl_ca_certfile}"')
+            lines.append(f"root-certificates = {_toml_str(server_dir / self.ssl_ca_certfile)}")
         (home / "config.toml").write_text("\n".join(lines) + "\n")
         return home
+
+
+def _toml_str(value: object) -> str:
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
 
 
 def executable(name: str) -> str:

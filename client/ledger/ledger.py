@@ -1,0 +1,800 @@
+"""The per-block privacy ledger: what every block has spent, written before anything leaves.
+
+Privacy model
+-------------
+The device's data is split into disjoint *blocks*, one per employee-day
+(``YYYY-MM-DD``). DP-SGD is record-level within a block: a record is one
+token window. A training round on blocks ``B₁ … Bₖ`` runs one mechanism
+``M = (σ, q, T)`` (noise multiplier, Poisson sample rate over the union of
+the blocks' windows, steps); every record of every ``Bᵢ`` sees exactly that
+mechanism, so the round appends ``M`` to each ``Bᵢ``'s history and to no
+other block's. A block's ε is the composition of its whole history,
+``ε_b = ε(M_b1 ∘ M_b2 ∘ … , δ)``, across every round, every run and every
+daemon restart; it is never reset.
+
+Because each record lives in exactly one block, the guarantee for any one
+record of the device is that of its block (parallel composition over
+disjoint data), so the device's ε is ``max_b ε_b``: no record, in particular
+no record of any one employee-day, is exposed more than that.
+
+Rules the ledger enforces (:meth:`Ledger.admit`)
+-----------------------------------------------
+1. The request passes :meth:`DevicePolicy.check_request`.
+2. No requested block is retired (``block-retired``).
+3. At least ``min_participation_gap_seconds`` (wall clock) since the last
+   charge (``too-soon``).
+4. For every block, ``ε(history_b + [M], δ) <= epsilon_per_block`` under the
+   enforced accountant (``budget-exceeded``); otherwise nothing is charged.
+5. The charge rows are committed (``synchronous=FULL``: fsync'd) *before*
+   training starts and long before the update is answered: write-ahead. A
+   crash anywhere after the commit keeps the charge (never a refund); a
+   crash before it means nothing was trained.
+6. Retirement: after the charge a block retires when the same mechanism
+   could not be afforded once more, ``ε(history_b + [M, M], δ) > budget``.
+   Retired blocks are never trained on again, even by a cheaper mechanism,
+   and never un-retire (not even if the budget is raised later): a block is
+   spent in one direction only. Rule 4 alone already keeps every block
+   within budget; retirement makes the end explicit, so spent days drop out
+   of block selection and show as spent to the employee.
+
+Storage
+-------
+``DATA_DIR/ledger.v1.sqlite`` (the format version is in the file name and in
+``PRAGMA user_version``), WAL journal, ``synchronous=FULL``, mode 0600. It
+holds mechanisms and ε figures only: never an event, token or window. That is
+all that is needed to prove, later, that budgets were respected.
+
+Errors: an unreadable or unknown-version ledger raises :class:`LedgerError`
+and training must stop (never start a fresh ledger next to a broken one:
+that would be a silent refund). An accountant returning NaN or a negative ε
+raises :class:`LedgerError` (never admit on an unknown ε).
+
+This module never imports torch: ``epsilon_fn`` is passed in (in the daemon,
+the warm trainer process computes it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+
+from keystay.client.ledger import accounting
+from keystay.client.ledger.accounting import Epsilons, Mechanism
+from keystay.client.policy import POLICY_FILE, DevicePolicy, Refusal, TrainingRequest
+
+LEDGER_FILE = "ledger.v1.sqlite"
+SCHEMA_VERSION = 1
+
+EpsilonFn = Callable[[Sequence[Mechanism], float], Epsilons]
+"""``epsilon_fn(history, delta) -> Epsilons`` for a composed history."""
+
+_SCHEMA = """
+CREATE TABLE charges (
+    id INTEGER NOT NULL,              -- one id per admitted round, shared by its blocks
+    block TEXT NOT NULL,
+    created REAL NOT NULL,            -- unix seconds
+    run_id TEXT NOT NULL,
+    server_round INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    delta REAL NOT NULL,
+    eps_rdp REAL NOT NULL,            -- the block's epsilon AFTER this charge (cumulative)
+    eps_prv REAL NOT NULL,
+    eps_prv_upper REAL NOT NULL,
+    eps_enforced REAL NOT NULL,
+    accountant TEXT NOT NULL,         -- whose bound eps_enforced is
+    answered INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (id, block)
+);
+CREATE INDEX charges_block ON charges (block, id);
+CREATE TABLE blocks (
+    block TEXT PRIMARY KEY,
+    budget REAL NOT NULL,             -- epsilon_per_block in force at the last charge
+    retired INTEGER NOT NULL DEFAULT 0,
+    retired_at REAL,
+    forgotten_at REAL                 -- the store's data for the block was deleted
+);
+CREATE TABLE participation (
+    charge_id INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    run_id TEXT NOT NULL,
+    server_round INTEGER NOT NULL,
+    blocks INTEGER NOT NULL
+);
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be trusted or written; training must stop."""
+
+
+def enforced_epsilon(eps: Epsilons, accountant: str) -> float:
+    """The bound a block's budget is checked against, for the policy's ``accountant``.
+
+    ``"prv"``: :func:`keystay.client.ledger.accounting.enforced`,
+    ``min(rdp, prv_upper)``: the PRV accountant's certified upper bound
+    (Gopi et al. 2021), or the RDP bound where that is lower or where PRV
+    failed (then ``prv_upper`` is inf). Both are valid upper bounds on the ε
+    of the same history, so their minimum is one too. The PRV *estimate* is
+    never enforced. ``"rdp"``: the RDP bound alone (Mironov 2017; Balle et
+    al. 2020 conversion), looser, so budgets are spent sooner.
+    """
+    if accountant == "prv":
+        return float(accounting.enforced(eps))
+    if accountant == "rdp":
+        return float(eps.rdp)
+    raise ValueError(f"unknown accountant {accountant!r}; allowed: 'prv', 'rdp'")
+
+
+def accountant_name(accountant: str) -> str:
+    """How the enforced bound is named in the ledger and in privacy reports."""
+    if accountant == "prv":
+        return accounting.ACCOUNTANT
+    if accountant == "rdp":
+        return "rdp"
+    raise ValueError(f"unknown accountant {accountant!r}; allowed: 'prv', 'rdp'")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCharge:
+    """One block's ε after a charge (cumulative over its whole history).
+
+    Attributes
+    ----------
+    block : str
+    epsilon_rdp, epsilon_prv, epsilon_prv_upper : float
+        The block's ε under each accountant after this charge.
+    epsilon : float
+        The enforced bound after this charge (``<= budget``).
+    epsilon_before : float
+        The enforced bound before it.
+    budget : float
+    retired : bool
+        Whether the block retired with this charge.
+    """
+
+    block: str
+    epsilon_rdp: float
+    epsilon_prv: float
+    epsilon_prv_upper: float
+    epsilon: float
+    epsilon_before: float
+    budget: float
+    retired: bool
+
+    @property
+    def cost(self) -> float:
+        """What this round added to the block's enforced ε."""
+        return self.epsilon - self.epsilon_before
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.budget - self.epsilon)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """An admitted, durably recorded round.
+
+    Attributes
+    ----------
+    id : int
+        Charge id (pass the charge to :meth:`Ledger.mark_answered`).
+    created : float
+        Unix seconds.
+    run_id : str
+    server_round : int
+    mechanism : Mechanism
+        ``(σ, q, T)`` charged to every block.
+    delta : float
+    accountant : str
+        Whose bound is enforced (``"prv"`` or ``"rdp"``).
+    blocks : tuple of BlockCharge
+        Each block's ε after the charge, in the order given.
+    epsilon_round : Epsilons
+        ε of this round's mechanism alone.
+    epsilon_round_enforced : float
+        The enforced bound of this round's mechanism alone.
+    epsilon_total : float
+        The device's ε after the charge: the enforced ε of its most spent
+        block, over every block in the ledger (see :meth:`Ledger.device_epsilon`).
+    """
+
+    id: int
+    created: float
+    run_id: str
+    server_round: int
+    mechanism: Mechanism
+    delta: float
+    accountant: str
+    blocks: tuple[BlockCharge, ...]
+    epsilon_round: Epsilons
+    epsilon_round_enforced: float
+    epsilon_total: float
+
+
+@dataclass(frozen=True, slots=True)
+class BlockTotal:
+    """What one block has spent, for status, reports and audits.
+
+    Attributes
+    ----------
+    block : str
+    epsilon : float
+        Enforced ε (under ``accountant``) after the block's last charge.
+    epsilon_rdp, epsilon_prv : float
+    budget : float
+    remaining : float
+        ``max(0, budget - epsilon)``.
+    retired : bool
+    charges : int
+        Rounds that charged this block.
+    runs : int
+        Distinct runs among them.
+    accountant : str
+    delta : float
+    retired_at, forgotten_at : float or None
+        Unix seconds.
+    """
+
+    block: str
+    epsilon: float
+    epsilon_rdp: float
+    epsilon_prv: float
+    budget: float
+    remaining: float
+    retired: bool
+    charges: int
+    runs: int
+    accountant: str
+    delta: float
+    retired_at: float | None = None
+    forgotten_at: float | None = None
+
+
+def _key(history: Sequence[Mechanism]) -> tuple[tuple[float, float, int], ...]:
+    return tuple((float(m.noise_multiplier), float(m.sample_rate), int(m.steps)) for m in history)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _open_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if missing (SQLite would use the umask).
+
+    The ledger holds no event data, but when and how much this device trained
+    is still nobody else's business; SQLite gives its -wal and -shm files the
+    database file's mode.
+    """
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+
+class Ledger:
+    """The device's privacy ledger (one SQLite file). Thread-safe.
+
+    Use :meth:`open`. All methods serialise on one lock and one connection;
+    :meth:`admit` holds a write transaction (``BEGIN IMMEDIATE``) from its
+    first read to its commit, so two rounds can never both pass the budget
+    check on the same remaining ε, even from two processes.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = threading.RLock()
+
+    # --- opening ----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Ledger:
+        """Open (or create) ``data_dir/ledger.v1.sqlite``.
+
+        Raises
+        ------
+        LedgerError
+            If the file is unreadable or of another format version.
+        """
+        data_dir = Path(data_dir)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = data_dir / LEDGER_FILE
+        _open_private(path)
+        conn: sqlite3.Connection | None = None
+        try:
+            # isolation_level=None: no implicit transactions; admit() issues
+            # BEGIN IMMEDIATE itself so the check and the write are one unit.
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=60.0
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: the WAL is fsync'd at every commit, so a committed charge
+            # survives power loss, not only a process crash.
+            conn.execute("PRAGMA synchronous=FULL")
+            # The check and the creation are one write transaction, so two
+            # processes opening a new ledger at once cannot both create it.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                    if tables:
+                        raise LedgerError(
+                            f"{path} has tables but no format version; it is not a keystay "
+                            "ledger. Training stays stopped until it is moved aside"
+                        )
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                elif version != SCHEMA_VERSION:
+                    raise LedgerError(
+                        f"{path} is ledger format {version}; this keystay reads format "
+                        f"{SCHEMA_VERSION}. Upgrade keystay; never delete the ledger (that "
+                        "would reset spent budgets)"
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except BaseException as error:
+            if conn is not None:
+                conn.close()
+            if not isinstance(error, sqlite3.DatabaseError):
+                raise
+            raise LedgerError(
+                f"{path} cannot be read ({error}). Training stays stopped: restore the "
+                "ledger from a backup; never delete it (that would reset spent budgets)"
+            ) from error
+        return cls(conn, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- reading -----------------------------------------------------------------
+
+    def history(self, block: str) -> list[Mechanism]:
+        """Every mechanism ever charged to ``block``, oldest first.
+
+        Answered or not: a charge counts from the moment it is written.
+        """
+        with self._lock:
+            return self._history(block)
+
+    def _history(self, block: str) -> list[Mechanism]:
+        rows = self._conn.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM charges WHERE block = ? ORDER BY id",
+            (block,),
+        ).fetchall()
+        return [
+            Mechanism(noise_multiplier=float(s), sample_rate=float(q), steps=int(t))
+            for s, q, t in rows
+        ]
+
+    def retired_blocks(self) -> set[str]:
+        """Blocks whose budget is spent; never to be trained on again."""
+        with self._lock:
+            rows = self._conn.execute("SELECT block FROM blocks WHERE retired = 1").fetchall()
+        return {r[0] for r in rows}
+
+    def totals(self) -> list[BlockTotal]:
+        """What every charged block has spent, sorted by block.
+
+        Figures come from each block's last charge row, which holds the ε of
+        the block's whole history at that time; no accountant is run here.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                """
+                SELECT b.block, c.eps_enforced, c.eps_rdp, c.eps_prv, b.budget, b.retired,
+                       c.accountant, c.delta, b.retired_at, b.forgotten_at,
+                       (SELECT count(*) FROM charges x WHERE x.block = b.block),
+                       (SELECT count(DISTINCT run_id) FROM charges x WHERE x.block = b.block)
+                FROM blocks b
+                JOIN charges c ON c.block = b.block
+                 AND c.id = (SELECT max(id) FROM charges y WHERE y.block = b.block)
+                ORDER BY b.block
+                """
+            ).fetchall()
+        return [
+            BlockTotal(
+                block=block,
+                epsilon=eps,
+                epsilon_rdp=rdp,
+                epsilon_prv=prv,
+                budget=budget,
+                remaining=max(0.0, budget - eps),
+                retired=bool(retired),
+                charges=int(charges),
+                runs=int(runs),
+                accountant=accountant,
+                delta=delta,
+                retired_at=retired_at,
+                forgotten_at=forgotten_at,
+            )
+            for (
+                block,
+                eps,
+                rdp,
+                prv,
+                budget,
+                retired,
+                accountant,
+                delta,
+                retired_at,
+                forgotten_at,
+                charges,
+                runs,
+            ) in rows
+        ]
+
+    def device_epsilon(self) -> float:
+        """The device's ε: the largest enforced ε over its blocks (0 if none charged).
+
+        Blocks are disjoint and each record (token window) lives in exactly
+        one of them, so by parallel composition no record is exposed more
+        than its block's ε; the device-wide record-level guarantee is the
+        maximum over blocks, and for each employee-day it is that day's
+        block ε. It is *not* a bound on everything the device ever held
+        together (that would need group privacy over many records).
+        """
+        with self._lock:
+            return self._device_epsilon()
+
+    def _device_epsilon(self) -> float:
+        row = self._conn.execute(
+            """
+            SELECT max(c.eps_enforced) FROM charges c
+            WHERE c.id = (SELECT max(id) FROM charges y WHERE y.block = c.block)
+            """
+        ).fetchone()
+        return float(row[0]) if row[0] is not None else 0.0
+
+    def unanswered(self) -> list[int]:
+        """Ids of charges whose round was never answered (crash, refusal after charge).
+
+        Their ε stays counted; this list is for status and audits.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT id FROM charges WHERE answered = 0 ORDER BY id"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # --- writing -----------------------------------------------------------------
+
+    def admit(
+        self,
+        *,
+        request: TrainingRequest,
+        policy: DevicePolicy,
+        blocks: Sequence[str],
+        mechanism: Mechanism,
+        epsilon_fn: EpsilonFn,
+        now: float | None = None,
+    ) -> Charge:
+        """Check a round against the policy and the budgets; charge it durably or refuse.
+
+        Call this *before* training (write-ahead): once it returns, the ε is
+        spent whatever happens next.
+
+        Parameters
+        ----------
+        request : TrainingRequest
+            The round as asked (checked with ``policy.check_request``).
+        policy : DevicePolicy
+            The device policy in force (budget, δ, accountant, gap).
+        blocks : sequence of str
+            The blocks the round will read (already selected, e.g. by
+            :meth:`DevicePolicy.select_blocks`); duplicates are ignored.
+        mechanism : Mechanism
+            ``(σ, q, T)`` the trainer will run: σ and T must equal the
+            request's, ``q`` is the Poisson rate over the union of the blocks'
+            training windows.
+        epsilon_fn : callable
+            ``epsilon_fn(history, delta) -> Epsilons`` for a composed history.
+            Called for ``history_b + [M]`` and ``history_b + [M, M]`` per
+            distinct block history, and for ``[M]`` (memoised within a call).
+        now : float, optional
+            Unix seconds (tests); default ``time.time()``.
+
+        Returns
+        -------
+        Charge
+
+        Raises
+        ------
+        Refusal
+            ``no-dp``, ``noise-below-floor``, ``clip-above-max``,
+            ``too-many-steps``, ``bad-request`` (from the policy),
+            ``no-data`` (no blocks), ``block-retired``, ``too-soon``,
+            ``budget-exceeded``. The ledger is unchanged.
+        LedgerError
+            If ``epsilon_fn`` gives NaN or a negative ε, or the write fails.
+            The ledger is unchanged.
+        ValueError
+            If ``mechanism`` does not match the request (a daemon bug).
+        """
+        policy.check_request(request)
+        wanted = tuple(dict.fromkeys(blocks))
+        if not wanted:
+            raise Refusal("no-data", "refused: the round has no blocks to train on")
+        self._check_mechanism(mechanism, request)
+        now = time.time() if now is None else float(now)
+        delta = policy.delta
+        cache: dict[tuple[tuple[float, float, int], ...], Epsilons] = {}
+
+        def eps(history: Sequence[Mechanism]) -> Epsilons:
+            key = _key(history)
+            if key not in cache:
+                value = epsilon_fn(list(history), delta)
+                for name in ("rdp", "prv", "prv_upper"):
+                    x = float(getattr(value, name))
+                    if math.isnan(x) or x < 0:
+                        raise LedgerError(
+                            f"accountant returned {name} = {x!r} for a history of "
+                            f"{len(history)} mechanism(s); nothing was charged"
+                        )
+                cache[key] = value
+            return cache[key]
+
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    charge = self._admit_locked(request, policy, wanted, mechanism, eps, now)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT may already have ended the transaction.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as error:
+                # Nothing was committed, so nothing was charged: the round must
+                # not train (the daemon answers with an error, not an update).
+                raise LedgerError(
+                    f"cannot write the charge to {self.path} ({error}); nothing was charged "
+                    "and the round must not train"
+                ) from error
+        return charge
+
+    @staticmethod
+    def _check_mechanism(mechanism: Mechanism, request: TrainingRequest) -> None:
+        if float(mechanism.noise_multiplier) != float(request.noise_multiplier):
+            raise ValueError(
+                f"mechanism noise_multiplier {mechanism.noise_multiplier} differs from the "
+                f"request's {request.noise_multiplier}"
+            )
+        if int(mechanism.steps) != int(request.local_steps):
+            raise ValueError(
+                f"mechanism steps {mechanism.steps} differ from the request's local_steps "
+                f"{request.local_steps}"
+            )
+        q = float(mechanism.sample_rate)
+        if not (0.0 < q <= 1.0):
+            raise ValueError(f"mechanism sample_rate must be in (0, 1], got {q!r}")
+
+    def _admit_locked(
+        self,
+        request: TrainingRequest,
+        policy: DevicePolicy,
+        wanted: tuple[str, ...],
+        mechanism: Mechanism,
+        eps: Callable[[Sequence[Mechanism]], Epsilons],
+        now: float,
+    ) -> Charge:
+        conn = self._conn
+        marks = ",".join("?" * len(wanted))
+        retired = conn.execute(
+            f"SELECT block, retired_at FROM blocks WHERE retired = 1 AND block IN ({marks}) "
+            "ORDER BY block",
+            wanted,
+        ).fetchall()
+        if retired:
+            names = tuple(r[0] for r in retired)
+            detail = ", ".join(
+                f"{b} (retired {_when(at)})" if at is not None else b for b, at in retired
+            )
+            raise Refusal(
+                "block-retired",
+                f"refused: block(s) {detail} spent their privacy budget and are never trained "
+                "on again",
+                names,
+            )
+
+        gap = policy.min_participation_gap_seconds
+        if gap > 0:
+            last = conn.execute("SELECT max(created) FROM participation").fetchone()[0]
+            # A clock set back makes now - last negative: refused until the
+            # clock passes last + gap (conservative: the gap is never shortened).
+            if last is not None and now - last < gap:
+                raise Refusal(
+                    "too-soon",
+                    f"refused: this device last took part in a round at {_when(last)}, "
+                    f"{max(0.0, now - last):.0f} s ago; its policy asks for at least {gap:g} s "
+                    f"between rounds ({POLICY_FILE} min_participation_gap_seconds); try again "
+                    f"after {_when(last + gap)}",
+                )
+
+        accountant = policy.accountant
+        budget = policy.epsilon_per_block
+        planned: list[tuple[str, list[Mechanism], float, Epsilons]] = []
+        over: list[str] = []
+        for block in wanted:
+            history = self._history(block)
+            before = self._spent(block, history, policy, eps)
+            after = eps([*history, mechanism])
+            planned.append((block, history, before, after))
+            if enforced_epsilon(after, accountant) > budget:
+                over.append(block)
+        if over:
+            raise Refusal(
+                "budget-exceeded", self._over_reason(planned, over, mechanism, policy), tuple(over)
+            )
+
+        charge_id = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM charges").fetchone()[0])
+        results: list[BlockCharge] = []
+        for block, history, before, after in planned:
+            # Retire when the same round could not be afforded once more (rule 6).
+            again = eps([*history, mechanism, mechanism])
+            retire = enforced_epsilon(again, accountant) > budget
+            eps_after = enforced_epsilon(after, accountant)
+            conn.execute(
+                "INSERT INTO charges (id, block, created, run_id, server_round, "
+                "noise_multiplier, sample_rate, steps, delta, eps_rdp, eps_prv, eps_prv_upper, "
+                "eps_enforced, accountant, answered) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+                (
+                    charge_id,
+                    block,
+                    now,
+                    request.run_id,
+                    int(request.server_round),
+                    float(mechanism.noise_multiplier),
+                    float(mechanism.sample_rate),
+                    int(mechanism.steps),
+                    policy.delta,
+                    float(after.rdp),
+                    float(after.prv),
+                    float(after.prv_upper),
+                    eps_after,
+                    accountant_name(accountant),
+                ),
+            )
+            conn.execute(
+                "INSERT INTO blocks (block, budget, retired, retired_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(block) DO UPDATE SET budget = excluded.budget, "
+                "retired = max(retired, excluded.retired), "
+                "retired_at = coalesce(retired_at, excluded.retired_at)",
+                (block, budget, int(retire), now if retire else None),
+            )
+            results.append(
+                BlockCharge(
+                    block=block,
+                    epsilon_rdp=float(after.rdp),
+                    epsilon_prv=float(after.prv),
+                    epsilon_prv_upper=float(after.prv_upper),
+                    epsilon=eps_after,
+                    epsilon_before=before,
+                    budget=budget,
+                    retired=retire,
+                )
+            )
+        conn.execute(
+            "INSERT INTO participation (charge_id, created, run_id, server_round, blocks) "
+            "VALUES (?,?,?,?,?)",
+            (charge_id, now, request.run_id, int(request.server_round), len(wanted)),
+        )
+        return Charge(
+            id=charge_id,
+            created=now,
+            run_id=request.run_id,
+            server_round=int(request.server_round),
+            mechanism=mechanism,
+            delta=policy.delta,
+            accountant=accountant_name(accountant),
+            blocks=tuple(results),
+            epsilon_round=eps([mechanism]),
+            epsilon_round_enforced=enforced_epsilon(eps([mechanism]), accountant),
+            epsilon_total=self._device_epsilon(),
+        )
+
+    def _spent(
+        self,
+        block: str,
+        history: Sequence[Mechanism],
+        policy: DevicePolicy,
+        eps: Callable[[Sequence[Mechanism]], Epsilons],
+    ) -> float:
+        """The block's enforced ε now: from its last row if δ is unchanged, else recomputed."""
+        if not history:
+            return 0.0
+        row = self._conn.execute(
+            "SELECT delta, eps_rdp, eps_prv, eps_prv_upper FROM charges WHERE block = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (block,),
+        ).fetchone()
+        if row is not None and row[0] == policy.delta:
+            # The last row holds the ε of the whole history at this δ.
+            stored = Epsilons(rdp=row[1], prv=row[2], prv_upper=row[3])
+            return enforced_epsilon(stored, policy.accountant)
+        return enforced_epsilon(eps(history), policy.accountant)
+
+    @staticmethod
+    def _over_reason(
+        planned: Sequence[tuple[str, list[Mechanism], float, Epsilons]],
+        over: Sequence[str],
+        mechanism: Mechanism,
+        policy: DevicePolicy,
+    ) -> str:
+        parts = []
+        for block, _history, before, after in planned:
+            if block not in over:
+                continue
+            total = enforced_epsilon(after, policy.accountant)
+            parts.append(
+                f"block {block} has spent ε = {before:.4g} of its budget "
+                f"{policy.epsilon_per_block:g}; this round would cost {total - before:.4g} more, "
+                f"bringing it to {total:.4g}"
+            )
+        return (
+            "refused: " + "; ".join(parts) + f" (σ = {mechanism.noise_multiplier:g}, sample "
+            f"rate {mechanism.sample_rate:.4g}, {mechanism.steps} steps, δ = {policy.delta:g}, "
+            f"ε bound {accountant_name(policy.accountant)}; budget: {POLICY_FILE} "
+            "epsilon_per_block). Nothing "
+            "was trained or charged; ask for more noise or fewer steps, or leave these blocks out"
+        )
+
+    def mark_answered(self, charge: Charge | int) -> None:
+        """Record that the round of ``charge`` was answered. Its ε stays counted."""
+        charge_id = charge.id if isinstance(charge, Charge) else int(charge)
+        with self._lock:
+            cursor = self._conn.execute(
+                "UPDATE charges SET answered = 1 WHERE id = ?", (charge_id,)
+            )
+            if cursor.rowcount == 0:
+                raise LedgerError(f"no charge with id {charge_id} in {self.path}")
+
+    def forget_block_data(self, block: str, *, now: float | None = None) -> bool:
+        """Note that the store's data for ``block`` was deleted; keep every ledger row.
+
+        The ledger holds mechanisms and ε figures only (no event, token or
+        window), which is exactly what is needed to prove budgets were
+        respected, so forgetting a day deletes nothing here. If the same day
+        is recorded again later, its block id keeps its history: the new data
+        inherits the old charges (conservative, never a refund).
+
+        Returns
+        -------
+        bool
+            Whether the ledger had charged ``block``.
+        """
+        stamp = time.time() if now is None else float(now)
+        with self._lock:
+            cursor = self._conn.execute(
+                "UPDATE blocks SET forgotten_at = coalesce(forgotten_at, ?) WHERE block = ?",
+                (stamp, block),
+            )
+            return cursor.rowcount > 0

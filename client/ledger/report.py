@@ -1,0 +1,291 @@
+"""The privacy report a device sends with every update, and its signature.
+
+The report states what one round spent and under which mechanism, and what
+each block it read has spent in total. The device signs the report's
+canonical bytes with its Ed25519 key (:mod:`keystay.client.identity`); the
+server stores payload and signature and checks them with
+:func:`keystay.server.ledger.verify.verify_report`, which restates the
+canonical form without importing this module.
+
+Canonical bytes: UTF-8 JSON of :meth:`PrivacyReport.to_dict`, keys sorted,
+separators ``","`` and ``":"``, ASCII escapes, floats written as Python's
+``repr`` (the shortest string that reads back the same double), NaN and
+infinities refused. The payload carries ``"format":
+"keystay.privacy-report.v1"`` so a later format cannot be mistaken for it.
+
+No event data is ever in a report: mechanisms, ε figures, counts and ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from keystay.client.identity import DeviceIdentity
+from keystay.client.ledger.accounting import Mechanism
+from keystay.client.ledger.ledger import Charge, Ledger
+from keystay.client.policy import TrainingRequest
+
+REPORT_FORMAT = "keystay.privacy-report.v1"
+UNIT = "record = one token window within an employee-day block"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportBlock:
+    """A block's ε after the round's charge (proto ``BlockCharge``).
+
+    ``epsilon`` is the enforced bound; ``epsilon_prv`` is the PRV estimate,
+    shown for comparison only. ``epsilon_rdp`` / ``epsilon_prv`` are inf
+    (``null`` in the payload) when that accountant failed for the history.
+    """
+
+    block: str
+    epsilon_rdp: float
+    epsilon_prv: float
+    epsilon: float
+    budget: float
+    retired: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyReport:
+    """What one round cost, as the device reports and signs it.
+
+    Attributes
+    ----------
+    device_id : str
+        Pseudonymous id of the signing key.
+    run_id : str
+    server_round : int
+    blocks : tuple of ReportBlock
+        Every block the round read, with its ε after this round.
+    noise_multiplier, sample_rate : float
+    steps : int
+        The mechanism ``(σ, q, T)`` of this round.
+    delta : float
+    accountant : str
+        Name of the enforced bound (e.g. ``"min(rdp, prv_upper)"``).
+    epsilon_round : float
+        Enforced ε of this round's mechanism alone.
+    epsilon_round_rdp : float
+        RDP ε of this round alone (proto ``epsilon_round_rdp``).
+    epsilon_total : float
+        The device's ε after the round: the largest enforced ε over all its
+        blocks (ledger totals).
+    max_grad_norm : float
+    num_examples : int
+        Training windows sampled from.
+    unit : str
+        The unit of privacy, stated honestly.
+    created : float
+        Unix seconds when the charge was written.
+    """
+
+    device_id: str
+    run_id: str
+    server_round: int
+    blocks: tuple[ReportBlock, ...]
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    epsilon_round: float
+    epsilon_round_rdp: float
+    epsilon_total: float
+    max_grad_norm: float
+    num_examples: int
+    unit: str = UNIT
+    created: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values (the signed content), with the format tag."""
+        return {
+            "format": REPORT_FORMAT,
+            "device_id": self.device_id,
+            "run_id": self.run_id,
+            "server_round": int(self.server_round),
+            "blocks": [
+                {
+                    "block": b.block,
+                    "epsilon_rdp": _figure(b.epsilon_rdp),
+                    "epsilon_prv": _figure(b.epsilon_prv),
+                    "epsilon": float(b.epsilon),
+                    "budget": float(b.budget),
+                    "retired": bool(b.retired),
+                }
+                for b in self.blocks
+            ],
+            "noise_multiplier": float(self.noise_multiplier),
+            "sample_rate": float(self.sample_rate),
+            "steps": int(self.steps),
+            "delta": float(self.delta),
+            "accountant": self.accountant,
+            "epsilon_round": float(self.epsilon_round),
+            "epsilon_round_rdp": float(self.epsilon_round_rdp),
+            "epsilon_total": float(self.epsilon_total),
+            "max_grad_norm": float(self.max_grad_norm),
+            "num_examples": int(self.num_examples),
+            "unit": self.unit,
+            "created": float(self.created),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyReport:
+        """Read back :meth:`to_dict` (e.g. a parsed payload)."""
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(f"report format {data.get('format')!r} is not {REPORT_FORMAT!r}")
+        values = {k: v for k, v in data.items() if k not in ("format", "blocks")}
+        blocks = tuple(
+            ReportBlock(
+                **{
+                    **b,
+                    "epsilon_rdp": math.inf if b["epsilon_rdp"] is None else b["epsilon_rdp"],
+                    "epsilon_prv": math.inf if b["epsilon_prv"] is None else b["epsilon_prv"],
+                }
+            )
+            for b in data["blocks"]
+        )
+        return cls(blocks=blocks, **values)
+
+
+def report_from_charge(
+    charge: Charge,
+    *,
+    device_id: str,
+    max_grad_norm: float,
+    num_examples: int,
+) -> PrivacyReport:
+    """The report for an admitted charge (what the daemon returns with the update)."""
+    return PrivacyReport(
+        device_id=device_id,
+        run_id=charge.run_id,
+        server_round=charge.server_round,
+        blocks=tuple(
+            ReportBlock(
+                block=b.block,
+                epsilon_rdp=b.epsilon_rdp,
+                epsilon_prv=b.epsilon_prv,
+                epsilon=b.epsilon,
+                budget=b.budget,
+                retired=b.retired,
+            )
+            for b in charge.blocks
+        ),
+        noise_multiplier=float(charge.mechanism.noise_multiplier),
+        sample_rate=float(charge.mechanism.sample_rate),
+        steps=int(charge.mechanism.steps),
+        delta=charge.delta,
+        accountant=charge.accountant,
+        epsilon_round=charge.epsilon_round_enforced,
+        epsilon_round_rdp=float(charge.epsilon_round.rdp),
+        epsilon_total=charge.epsilon_total,
+        max_grad_norm=float(max_grad_norm),
+        num_examples=int(num_examples),
+        created=charge.created,
+    )
+
+
+def build_report(
+    *,
+    device_id: str,
+    request: TrainingRequest,
+    mechanism: Mechanism,
+    delta: float,
+    charge: Charge,
+    num_examples: int,
+    ledger: Ledger | None = None,
+) -> PrivacyReport:
+    """The report for ``charge``, cross-checked against what the round ran.
+
+    The daemon's call: the report must state exactly what was charged, so a
+    mechanism, δ or run that differs from the charge is a bug and raises
+    rather than signing a report that disagrees with the ledger.
+
+    Parameters
+    ----------
+    device_id : str
+    request : TrainingRequest
+        The round as asked (gives ``max_grad_norm``).
+    mechanism : Mechanism
+        The mechanism the trainer ran; must equal ``charge.mechanism``.
+    delta : float
+        The policy δ; must equal ``charge.delta``.
+    charge : Charge
+        From :meth:`Ledger.admit`.
+    num_examples : int
+        Training windows sampled from.
+    ledger : Ledger, optional
+        If given, ``epsilon_total`` is read from it now
+        (:meth:`Ledger.device_epsilon`); otherwise the total at charge time.
+
+    Raises
+    ------
+    ValueError
+        If the mechanism, δ, run or round differ from the charge's.
+    """
+    ran = (float(mechanism.noise_multiplier), float(mechanism.sample_rate), int(mechanism.steps))
+    charged = charge.mechanism
+    if ran != (float(charged.noise_multiplier), float(charged.sample_rate), int(charged.steps)):
+        raise ValueError(f"mechanism {mechanism} is not the one charged ({charge.mechanism})")
+    if delta != charge.delta:
+        raise ValueError(f"delta {delta} is not the one charged ({charge.delta})")
+    if (request.run_id, int(request.server_round)) != (charge.run_id, charge.server_round):
+        raise ValueError(
+            f"request is run {request.run_id!r} round {request.server_round}, the charge is "
+            f"run {charge.run_id!r} round {charge.server_round}"
+        )
+    report = report_from_charge(
+        charge,
+        device_id=device_id,
+        max_grad_norm=request.max_grad_norm,
+        num_examples=num_examples,
+    )
+    if ledger is not None:
+        report = dataclasses.replace(report, epsilon_total=ledger.device_epsilon())
+    return report
+
+
+def _figure(x: float) -> float | None:
+    # A per-block RDP/PRV figure is inf when that accountant failed for the
+    # history (the enforced bound then comes from the other); JSON has no
+    # inf, so the report says null: "no bound from this accountant".
+    return float(x) if math.isfinite(x) else None
+
+
+def canonical_bytes(report: PrivacyReport) -> bytes:
+    """The bytes a device signs: sorted-key compact ASCII JSON, floats by ``repr``.
+
+    Raises
+    ------
+    ValueError
+        If an enforced figure is NaN or infinite (never: the ledger refuses
+        a round whose enforced ε is not below the budget).
+    """
+    return json.dumps(
+        report.to_dict(),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+    ).encode("utf-8")
+
+
+def sign_report(report: PrivacyReport, identity: DeviceIdentity) -> tuple[bytes, bytes]:
+    """Sign ``report`` with the device key: returns ``(payload, signature)``.
+
+    Raises
+    ------
+    ValueError
+        If the report names another device than the signing identity.
+    """
+    if report.device_id != identity.device_id:
+        raise ValueError(
+            f"report names device {report.device_id!r} but the signing key is "
+            f"{identity.device_id!r}"
+        )
+    payload = canonical_bytes(report)
+    return payload, identity.sign(payload)

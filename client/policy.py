@@ -1,0 +1,691 @@
+"""The device policy: the privacy rules this machine enforces, whoever asks.
+
+The policy is local configuration (``policy.toml`` in the device's data
+folder). The server cannot change it: a training request that would weaken it
+is *refused*, never adjusted, and the refusal carries a sentence meant for a
+person (the employee reading ``keystay device status``, the ML engineer whose
+round failed, the security reviewer reading a log).
+
+Defaults are embedded in code, so a device with no ``policy.toml`` is
+protected by the safe values below, and every key an employee or an
+administrator may set is validated with a message that names the key, the
+value given and the values allowed.
+
+This module never imports torch (the always-on daemon stays light).
+
+The file format::
+
+    [policy]
+    delta = 1e-05
+    epsilon_per_block = 8.0
+    noise_multiplier_min = 0.8
+    max_grad_norm_max = 1.0
+    max_local_steps = 200
+    min_participation_gap_seconds = 0.0
+    excluded_apps = ["keepassxc", "1password", "bitwarden"]
+    raw_text = false
+    window_titles = false
+    retention_days = 30
+    min_block_windows = 64
+    accountant = "prv"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+POLICY_FILE = "policy.toml"
+"""The policy's file name inside the device data folder."""
+
+Accountant = Literal["prv", "rdp"]
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+
+RefusalCode = Literal[
+    "no-dp",
+    "noise-below-floor",
+    "clip-above-max",
+    "too-many-steps",
+    "bad-request",
+    "too-soon",
+    "block-retired",
+    "block-unknown",
+    "block-excluded",
+    "budget-exceeded",
+    "no-data",
+]
+REFUSAL_CODES: tuple[str, ...] = get_args(RefusalCode)
+
+# Codes for requests that ask the device to weaken its policy: the caller may
+# not do that (PERMISSION_DENIED). The others depend on the device's state
+# (budget spent, too soon, no data yet) and may succeed later
+# (FAILED_PRECONDITION).
+_POLICY_CODES = frozenset(
+    {"no-dp", "noise-below-floor", "clip-above-max", "too-many-steps", "block-excluded"}
+)
+
+# Password managers and keyrings: nothing typed or clicked in them is ever
+# tokenized. Names are matched by the tokenizer against the focused
+# application's name (lower-cased).
+DEFAULT_EXCLUDED_APPS: tuple[str, ...] = (
+    "keepassxc",
+    "keepass",
+    "1password",
+    "bitwarden",
+    "lastpass",
+    "dashlane",
+    "enpass",
+    "seahorse",
+    "kwalletmanager",
+    "pinentry",
+)
+
+
+class PolicyError(ValueError):
+    """The policy file (or a value given in code) is not a valid policy.
+
+    The message names the file and key, the value given and what is allowed,
+    e.g. ``policy.toml: noise_multiplier_min = -1 is out of range; allowed:
+    a number > 0 (typical 0.5–2.0)``.
+    """
+
+
+# The name is the interface's (a refusal is a decision, not an error).
+class Refusal(Exception):  # noqa: N818
+    """The device refuses a training request; nothing was trained or charged.
+
+    Parameters
+    ----------
+    code : RefusalCode
+        A short machine-readable kind (see :data:`REFUSAL_CODES`).
+    reason : str
+        A sentence for a person: what was asked, what this device allows,
+        and which policy key says so.
+    blocks : tuple of str, optional
+        The blocks the refusal is about (e.g. the block whose budget would be
+        exceeded), so the daemon can leave them out and try again.
+    """
+
+    def __init__(self, code: RefusalCode, reason: str, blocks: tuple[str, ...] = ()) -> None:
+        if code not in REFUSAL_CODES:
+            raise ValueError(f"unknown refusal code {code!r}; allowed: {', '.join(REFUSAL_CODES)}")
+        super().__init__(reason)
+        self.code: RefusalCode = code
+        self.reason = reason
+        self.blocks = tuple(blocks)
+
+    @property
+    def grpc_status(self) -> str:
+        """``"PERMISSION_DENIED"`` when the request would weaken the policy,
+        ``"FAILED_PRECONDITION"`` when the device's state refuses it (it may
+        succeed later). The name of a ``grpc.StatusCode`` member; this module
+        does not import grpc."""
+        return "PERMISSION_DENIED" if self.code in _POLICY_CODES else "FAILED_PRECONDITION"
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingRequest:
+    """What a run asks this device to do in one round (from ``TrainSpec``).
+
+    The daemon converts the protobuf ``TrainRequest`` into this, so the policy
+    and the ledger never see protobuf types.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        σ of DP-SGD: Gaussian noise std divided by the clip norm.
+    max_grad_norm : float
+        Per-sample clip norm C.
+    local_steps : int
+        Optimizer steps this round (T).
+    batch_size : int
+        Expected Poisson batch size B; the sample rate is B / N for N windows.
+    learning_rate : float
+        Optimizer learning rate (not a privacy parameter).
+    dp : bool
+        False asks to train without DP; always refused.
+    blocks : tuple of str
+        Blocks (employee-days, ``YYYY-MM-DD``) to train on; empty lets the
+        daemon choose every eligible block.
+    run_id : str
+        The run asking.
+    server_round : int
+        The run's round number.
+
+    Notes
+    -----
+    ``TrainSpec.seed`` has no place here on purpose: the device draws its
+    sampling and noise from fresh OS entropy, and a seed chosen by the server
+    would let it predict (and subtract) the noise.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    dp: bool
+    blocks: tuple[str, ...]
+    run_id: str
+    server_round: int
+
+
+# --- validation ---------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    """Show a value as it would be written in TOML (what the person typed)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass; `raw_text = true` must not pass as a number.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """How one policy key is checked: a test and the sentence saying what is allowed."""
+
+    allowed: str
+    check: Callable[[Any], bool]
+    convert: Callable[[Any], Any]
+    typ: str  # "number", "integer", "boolean", "string", "list of strings"
+
+
+def _number(test: Callable[[float], bool], allowed: str) -> _Rule:
+    return _Rule(
+        allowed=allowed,
+        check=lambda v: math.isfinite(v) and test(float(v)),
+        convert=float,
+        typ="number",
+    )
+
+
+def _integer(test: Callable[[int], bool], allowed: str) -> _Rule:
+    return _Rule(allowed=allowed, check=test, convert=int, typ="integer")
+
+
+def _boolean(allowed: str) -> _Rule:
+    return _Rule(allowed=allowed, check=lambda v: True, convert=bool, typ="boolean")
+
+
+def _string_list(v: Any) -> bool:
+    return all(isinstance(x, str) and x.strip() for x in v)
+
+
+_RULES: dict[str, _Rule] = {
+    "delta": _number(
+        lambda v: 0.0 < v <= 1e-3,
+        "a number > 0 and <= 0.001 (typical 1e-5 to 1e-7; keep it below 1 / windows per block)",
+    ),
+    "epsilon_per_block": _number(
+        lambda v: 0.0 < v <= 32.0, "a number > 0 and <= 32 (typical 1–10)"
+    ),
+    "noise_multiplier_min": _number(lambda v: v > 0.0, "a number > 0 (typical 0.5–2.0)"),
+    "max_grad_norm_max": _number(lambda v: v > 0.0, "a number > 0 (typical 0.1–10)"),
+    "max_local_steps": _integer(
+        lambda v: 1 <= v <= 100_000, "a whole number from 1 to 100000 (typical 50–1000)"
+    ),
+    "min_participation_gap_seconds": _number(
+        lambda v: v >= 0.0, "a number of seconds >= 0 (0: no minimum gap)"
+    ),
+    "excluded_apps": _Rule(
+        allowed='a list of application names, e.g. ["keepassxc", "1password"]',
+        check=_string_list,
+        convert=lambda v: tuple(x.strip() for x in v),
+        typ="list of strings",
+    ),
+    "raw_text": _boolean("true or false"),
+    "window_titles": _boolean("true or false"),
+    "retention_days": _integer(
+        lambda v: 1 <= v <= 3650, "a whole number of days from 1 to 3650 (typical 7–90)"
+    ),
+    "min_block_windows": _integer(
+        lambda v: 1 <= v <= 10_000_000, "a whole number >= 1 (typical 32–1000)"
+    ),
+    "accountant": _Rule(
+        allowed=" or ".join(json.dumps(a) for a in ACCOUNTANTS),
+        check=lambda v: v in ACCOUNTANTS,
+        convert=str,
+        typ="string",
+    ),
+}
+
+
+def _type_ok(rule: _Rule, value: object) -> bool:
+    if rule.typ == "number":
+        return _is_number(value)
+    if rule.typ == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if rule.typ == "boolean":
+        return isinstance(value, bool)
+    if rule.typ == "string":
+        return isinstance(value, str)
+    return isinstance(value, list | tuple)
+
+
+def _validated(key: str, value: object, source: str) -> Any:
+    """Check one key's value and return it in its stored type.
+
+    Raises
+    ------
+    PolicyError
+        Naming ``source``, the key, the value given and what is allowed.
+    """
+    rule = _RULES[key]
+    shown = _toml_value(value)
+    if not _type_ok(rule, value):
+        raise PolicyError(f"{source}: {key} = {shown} is not a {rule.typ}; allowed: {rule.allowed}")
+    if not rule.check(value):
+        raise PolicyError(f"{source}: {key} = {shown} is out of range; allowed: {rule.allowed}")
+    return rule.convert(value)
+
+
+# --- the policy -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePolicy:
+    """The privacy rules this device enforces.
+
+    Every request is checked against these values; a request that would
+    weaken them is refused with a :class:`Refusal`, never adjusted.
+
+    Attributes
+    ----------
+    delta : float
+        δ of every (ε, δ) statement the device makes. Default 1e-5: well
+        below 1/N for the number N of token windows in an employee-day block
+        (hundreds to a few thousand), the usual requirement for δ.
+    epsilon_per_block : float
+        Privacy budget ε of one block (an employee-day), composed over every
+        round and every run that ever trains on it. Default 8.0: the common
+        operating point of DP-SGD on deep models (Abadi et al. 2016 report
+        ε = 2 and 8; De et al. 2022 report at ε = 8), where accuracy comes
+        close to non-private training. Each day has its own budget and a
+        spent day retires, so this bounds the loss for any record (token
+        window) of that day for good. Lower it for stronger protection at
+        the cost of accuracy.
+    noise_multiplier_min : float
+        Floor on σ (noise std / clip norm). Default 0.8: below it each step
+        costs so much ε that a block's budget buys only a handful of steps.
+    max_grad_norm_max : float
+        Ceiling on the per-sample clip norm C. ε does not depend on C (the
+        noise scales with it); the ceiling bounds how far one record can move
+        the model in a step and keeps updates comparable across devices (the
+        server's central DP clips them again). Default 1.0.
+    max_local_steps : int
+        Most optimizer steps in one round. Default 200.
+    min_participation_gap_seconds : float
+        Least time between two charged rounds on this device (wall clock,
+        survives restarts). Default 0: no gap; the ε budget already bounds
+        the total.
+    excluded_apps : tuple of str
+        Applications whose input is never tokenized (password managers by
+        default).
+    raw_text : bool
+        Store typed characters (default False: only key kinds are stored).
+    window_titles : bool
+        Store window titles (default False: only application names).
+    retention_days : int
+        Blocks older than this many days are deleted. Default 30.
+    min_block_windows : int
+        A block needs at least this many token windows to be trained on.
+        Default 64: with fewer, Poisson sampling at a useful batch size draws
+        most of the block every step (sample rate near 1, no amplification)
+        and there is too little to learn from.
+    accountant : {"prv", "rdp"}
+        Which ε bound is enforced against the budget. Default ``"prv"``: the
+        PRV accountant's certified upper bound (Gopi et al. 2021), or the RDP
+        bound wherever that is lower or PRV fails, i.e. ``min(rdp,
+        prv_upper)``; both are valid upper bounds, so their minimum is one
+        too, and it is the tightest the device can certify. ``"rdp"``: the
+        RDP bound alone (Mironov 2017), looser, so budgets are spent sooner.
+        Both are always computed and recorded.
+    """
+
+    delta: float = 1e-5
+    epsilon_per_block: float = 8.0
+    noise_multiplier_min: float = 0.8
+    max_grad_norm_max: float = 1.0
+    max_local_steps: int = 200
+    min_participation_gap_seconds: float = 0.0
+    excluded_apps: tuple[str, ...] = DEFAULT_EXCLUDED_APPS
+    raw_text: bool = False
+    window_titles: bool = False
+    retention_days: int = 30
+    min_block_windows: int = 64
+    accountant: Accountant = "prv"
+
+    def __post_init__(self) -> None:
+        # A policy built in code is held to the same rules as one read from a
+        # file; values are normalised (int -> float, list -> tuple).
+        for key in _RULES:
+            object.__setattr__(self, key, _validated(key, getattr(self, key), "DevicePolicy"))
+
+    # --- file I/O --------------------------------------------------------------
+
+    @classmethod
+    def key_names(cls) -> tuple[str, ...]:
+        """The keys a ``[policy]`` table may set, in file order."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(
+        cls, table: Mapping[str, object], *, source: str = POLICY_FILE
+    ) -> DevicePolicy:
+        """Build a policy from a ``[policy]`` table; missing keys keep their defaults.
+
+        Raises
+        ------
+        PolicyError
+            For an unknown key (naming the allowed keys) or a bad value.
+        """
+        allowed = cls.key_names()
+        unknown = sorted(k for k in table if k not in allowed)
+        if unknown:
+            raise PolicyError(
+                f"{source}: unknown key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)} in [policy]; allowed keys: {', '.join(allowed)}"
+            )
+        values = {key: _validated(key, value, source) for key, value in table.items()}
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> DevicePolicy:
+        """Read a policy from a TOML file's ``[policy]`` table.
+
+        A missing file gives the defaults (a device is protected before anyone
+        writes a policy). The file may contain only the ``[policy]`` table, so
+        a misspelt table name is an error rather than a silently ignored
+        policy.
+
+        Parameters
+        ----------
+        path : Path
+            Usually ``DATA_DIR/policy.toml``.
+
+        Raises
+        ------
+        PolicyError
+            If the file is not valid TOML, has other tables, or any key or
+            value is not allowed; the message names the file and the key.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls()
+        except (OSError, UnicodeDecodeError) as error:
+            raise PolicyError(f"{path}: cannot read the policy file ({error})") from error
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise PolicyError(f"{path.name}: not valid TOML ({error})") from error
+        extra = sorted(k for k in document if k != "policy")
+        if extra:
+            raise PolicyError(
+                f"{path.name}: unknown top-level {'entries' if len(extra) > 1 else 'entry'} "
+                f"{', '.join(extra)}; the file holds only a [policy] table with keys: "
+                f"{', '.join(cls.key_names())}"
+            )
+        table = document.get("policy", {})
+        if not isinstance(table, dict):
+            raise PolicyError(f"{path.name}: policy must be a table ([policy]), not a value")
+        return cls.from_mapping(table, source=path.name)
+
+    def to_toml(self) -> str:
+        """The policy as a ``policy.toml`` document that :meth:`load` reads back equal."""
+        lines = ["[policy]"]
+        for key in self.key_names():
+            value = getattr(self, key)
+            if isinstance(value, tuple):
+                # One item a line: the list an employee is most likely to edit.
+                items = "".join(f"    {json.dumps(v)},\n" for v in value)
+                rendered = f"[\n{items}]" if value else "[]"
+            elif isinstance(value, bool):
+                rendered = "true" if value else "false"
+            elif isinstance(value, str):
+                rendered = json.dumps(value)
+            else:
+                # repr round-trips floats exactly and is valid TOML (1e-05, 8.0).
+                rendered = repr(value)
+            lines.append(f"{key} = {rendered}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`to_toml` to ``path`` (replacing it atomically)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_toml(), encoding="utf-8")
+        tmp.replace(path)
+
+    # --- explanation -----------------------------------------------------------------
+
+    def explain(self) -> str:
+        """What each setting means, in words for the employee whose device this is."""
+        apps = ", ".join(self.excluded_apps) if self.excluded_apps else "(none)"
+        gap = (
+            "no minimum; the privacy budget alone limits training."
+            if self.min_participation_gap_seconds == 0
+            else f"at least {self.min_participation_gap_seconds:g} seconds between two rounds."
+        )
+        accountant = {
+            "prv": "the PRV accountant's certified upper bound (or RDP's, where lower)",
+            "rdp": "the RDP accountant's bound (looser: a day's budget is spent sooner)",
+        }[self.accountant]
+        items = [
+            (
+                "Privacy budget",
+                f"ε = {self.epsilon_per_block:g} per employee-day, δ = {self.delta:g}. Your "
+                "activity is grouped by day. Every training round that reads a day spends part "
+                "of that day's budget; once it is spent the day is retired and never trained on "
+                "again. The unit protected is one token window (a short run of input events) "
+                "within a day: whether or not any one window was used, the chance of any "
+                "training outcome changes by at most a factor e^ε, except with probability δ.",
+            ),
+            (
+                "How ε is counted",
+                f"{accountant}, composed over every round and every run, never reset.",
+            ),
+            (
+                "Noise floor",
+                f"noise multiplier σ >= {self.noise_multiplier_min:g}: the noise added to every "
+                "training step, relative to the clip norm.",
+            ),
+            (
+                "Clip ceiling",
+                f"each window's gradient is clipped to norm <= {self.max_grad_norm_max:g} "
+                "before noise is added.",
+            ),
+            ("Steps per round", f"at most {self.max_local_steps}."),
+            ("Time between rounds", gap),
+            (
+                "Smallest day used",
+                f"{self.min_block_windows} token windows; thinner days are left out.",
+            ),
+            ("Never recorded", f"input while one of these applications has focus: {apps}."),
+            (
+                "Typed characters",
+                "stored." if self.raw_text else "not stored; only the kind of key is kept.",
+            ),
+            (
+                "Window titles",
+                "stored." if self.window_titles else "not stored; only application names.",
+            ),
+            ("Kept for", f"{self.retention_days} days, then deleted."),
+        ]
+        lines = [f"What this device allows ({POLICY_FILE}; the server cannot change it):", ""]
+        for title, text in items:
+            lines.extend(
+                textwrap.wrap(
+                    text,
+                    width=88,
+                    initial_indent=f"  {title:<22}",
+                    subsequent_indent=" " * 24,
+                )
+            )
+        lines += [
+            "",
+            "Requests that ask for less noise, a larger clip, more steps or no DP are",
+            "refused, never adjusted. Raw events never leave this machine: only a",
+            "clipped, noised model update and a signed report of the ε it cost.",
+        ]
+        return "\n".join(lines)
+
+    # --- request checks --------------------------------------------------------------
+
+    def check_request(self, req: TrainingRequest) -> None:
+        """Refuse a request that would weaken this policy.
+
+        Rules, in order (the first broken one is reported):
+
+        1. ``dp`` must be true (``no-dp``).
+        2. σ >= ``noise_multiplier_min`` and finite (``noise-below-floor``).
+        3. 0 < C <= ``max_grad_norm_max`` (``clip-above-max``).
+        4. 1 <= T <= ``max_local_steps`` (``too-many-steps``; T < 1 is
+           ``bad-request``).
+        5. ``batch_size`` >= 1 and a finite learning rate (``bad-request``).
+
+        Raises
+        ------
+        Refusal
+            Never adjusts the request; the reason names what was asked, what
+            this device allows and the policy key.
+        """
+        where = POLICY_FILE
+        if not req.dp:
+            raise Refusal(
+                "no-dp",
+                f"refused: run {req.run_id!r} asks to train without differential privacy; "
+                "this device only trains with DP-SGD (no policy setting turns it off)",
+            )
+        sigma = req.noise_multiplier
+        if not (math.isfinite(sigma) and sigma >= self.noise_multiplier_min):
+            raise Refusal(
+                "noise-below-floor",
+                f"refused: run asks noise_multiplier {sigma:g} but this device's floor is "
+                f"{self.noise_multiplier_min:g} ({where} noise_multiplier_min)",
+            )
+        clip = req.max_grad_norm
+        if not (math.isfinite(clip) and 0.0 < clip <= self.max_grad_norm_max):
+            raise Refusal(
+                "clip-above-max",
+                f"refused: run asks max_grad_norm {clip:g} but this device allows a clip norm "
+                f"> 0 and <= {self.max_grad_norm_max:g} ({where} max_grad_norm_max)",
+            )
+        if req.local_steps > self.max_local_steps:
+            raise Refusal(
+                "too-many-steps",
+                f"refused: run asks {req.local_steps} local steps but this device allows at most "
+                f"{self.max_local_steps} per round ({where} max_local_steps)",
+            )
+        if req.local_steps < 1:
+            raise Refusal(
+                "bad-request",
+                f"refused: run asks {req.local_steps} local steps; a round needs at least 1",
+            )
+        if req.batch_size < 1:
+            raise Refusal(
+                "bad-request",
+                f"refused: run asks batch_size {req.batch_size}; the expected batch size must "
+                "be at least 1",
+            )
+        if not math.isfinite(req.learning_rate):
+            raise Refusal(
+                "bad-request",
+                f"refused: run asks learning_rate {req.learning_rate!r}; it must be a finite "
+                "number",
+            )
+
+    def select_blocks(
+        self,
+        requested: Collection[str],
+        windows: Mapping[str, int],
+        retired: Collection[str],
+    ) -> tuple[str, ...]:
+        """Which blocks a round may read, or a refusal saying why none/some may not.
+
+        Parameters
+        ----------
+        requested : collection of str
+            The blocks the run asks for; empty lets the device choose every
+            eligible block.
+        windows : mapping of str to int
+            Token windows per block the device holds (from the store).
+        retired : collection of str
+            Blocks whose budget is spent (:meth:`Ledger.retired_blocks`).
+
+        Returns
+        -------
+        tuple of str
+            Sorted blocks to train on: held, not retired, with at least
+            ``min_block_windows`` windows.
+
+        Raises
+        ------
+        Refusal
+            ``block-unknown`` if a requested block is not held on this device;
+            ``block-retired`` if a requested block's budget is spent;
+            ``block-excluded`` if a requested block has too few windows;
+            ``no-data`` if nothing is eligible.
+        """
+        retired_set = set(retired)
+        if requested:
+            wanted = sorted(set(requested))
+            unknown = tuple(b for b in wanted if b not in windows)
+            if unknown:
+                raise Refusal(
+                    "block-unknown",
+                    f"refused: run asks for block(s) {', '.join(unknown)} which this device "
+                    "does not hold (never recorded, forgotten, or past retention)",
+                    unknown,
+                )
+            spent = tuple(b for b in wanted if b in retired_set)
+            if spent:
+                raise Refusal(
+                    "block-retired",
+                    f"refused: block(s) {', '.join(spent)} have spent their privacy budget "
+                    f"(ε {self.epsilon_per_block:g} per block, {POLICY_FILE} epsilon_per_block) "
+                    "and are never trained on again",
+                    spent,
+                )
+            thin = tuple(b for b in wanted if windows[b] < self.min_block_windows)
+            if thin:
+                detail = ", ".join(f"{b} ({windows[b]})" for b in thin)
+                raise Refusal(
+                    "block-excluded",
+                    f"refused: block(s) {detail} hold fewer token windows than this device's "
+                    f"minimum of {self.min_block_windows} ({POLICY_FILE} min_block_windows)",
+                    thin,
+                )
+            return tuple(wanted)
+        eligible = tuple(
+            b
+            for b in sorted(windows)
+            if b not in retired_set and windows[b] >= self.min_block_windows
+        )
+        if not eligible:
+            raise Refusal(
+                "no-data",
+                f"refused: no block is eligible for training: {len(windows)} held, "
+                f"{sum(1 for b in windows if b in retired_set)} retired, the rest have fewer "
+                f"than {self.min_block_windows} token windows ({POLICY_FILE} min_block_windows)",
+            )
+        return eligible

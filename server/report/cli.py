@@ -1,0 +1,173 @@
+"""``keystay budget``: the privacy-budget commands a security reviewer runs.
+
+The lead wires :data:`budget` into the root ``keystay`` command group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from keystay.server.ledger.ledger import LedgerError, LedgerNotFoundError, ServerLedger
+from keystay.server.report.budget import (
+    build_report,
+    check,
+    render_json,
+    render_plot,
+    render_table,
+)
+
+EXIT_OK = 0
+EXIT_LEDGER_UNREADABLE = 1
+EXIT_USAGE = 2  # click's own code for bad options, kept for a missing ledger too
+EXIT_VIOLATIONS = 3
+
+_EXIT_CODES_HELP = (
+    "\b\nExit codes:\n"
+    f"  {EXIT_OK}  clean: no violations\n"
+    f"  {EXIT_LEDGER_UNREADABLE}  the ledger exists but cannot be read (corrupt or newer format)\n"
+    f"  {EXIT_USAGE}  usage error: bad option, or no ledger in --server-dir\n"
+    f"  {EXIT_VIOLATIONS}  violations found (listed on stdout)"
+)
+
+_SERVER_DIR = click.option(
+    "--server-dir",
+    required=True,
+    type=click.Path(file_okay=False, dir_okay=True, path_type=Path),
+    help="The server folder of the federation (the one given to 'keystay round start'); "
+    "it holds ledger.v1.sqlite. Nothing in it is changed.",
+)
+_MAX_CENTRAL = click.option(
+    "--max-central-epsilon",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Treat a run whose central-DP epsilon exceeds this as a violation. "
+    "Without it, central epsilon is reported but only an unbounded one is a violation.",
+)
+
+
+def _open(server_dir: Path) -> ServerLedger:
+    try:
+        return ServerLedger.open(server_dir, create=False)
+    except LedgerNotFoundError as error:
+        raise click.UsageError(str(error)) from error
+    except LedgerError as error:
+        click.echo(f"error: {error}", err=True)
+        raise SystemExit(EXIT_LEDGER_UNREADABLE) from error
+
+
+@click.group(
+    help=(
+        "Privacy budgets, as the devices signed them.\n\n"
+        "Every device enforces its own budget (epsilon per employee-day block) and "
+        "sends, with each model update, a privacy report signed with its enrolled "
+        "Ed25519 key. The server ledger stores each report with its exact bytes and "
+        "signature and a verdict. These commands read that ledger: they never change "
+        "it and never contact a device.\n\n"
+        "Figures are only counted from reports that verify under the device's "
+        "enrolled key; everything else is listed as a violation, first."
+    )
+)
+def budget() -> None:
+    """The ``keystay budget`` group."""
+
+
+@budget.command(
+    "report",
+    epilog=(
+        "\b\nExit codes:\n"
+        f"  {EXIT_OK}  report printed (even with violations: use 'check' to gate)\n"
+        f"  {EXIT_LEDGER_UNREADABLE}  the ledger exists but cannot be read\n"
+        f"  {EXIT_USAGE}  usage error: bad option, no ledger in --server-dir, or --plot "
+        "not writable"
+    ),
+)
+@_SERVER_DIR
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON (schema keystay.budget-report/v1, documented in "
+    "keystay.server.report.budget) instead of the table.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also write a PNG: each device's most-spent block epsilon in report order, "
+    "against the budget line; red crosses mark flagged reports.",
+)
+@_MAX_CENTRAL
+def report_command(
+    server_dir: Path, as_json: bool, plot: Path | None, max_central_epsilon: float | None
+) -> None:
+    """Show what every device has spent, per block, and everything that needs a look.
+
+    \b
+    Sections, in order:
+      VIOLATIONS            over-budget blocks, tampered ledger rows, contradictions
+                            (a device's epsilon went down, a retired block was charged
+                            again, two reports for one round), unverifiable reports,
+                            central-DP problems
+      UNVERIFIABLE REPORTS  unknown or revoked device, bad signature, replayed or
+                            malformed report: their figures are not counted
+      DEVICES AND BLOCKS    per pseudonymous device id and block (employee-day):
+                            epsilon spent, budget, remaining, retired, runs
+      CENTRAL DP PER RUN    server-side user-level DP: noise, clip, sampling, epsilon
+      REFUSALS              rounds a device declined, in the device's words
+
+    Every signature is re-checked against the enrolled keys each time this runs, so
+    an edit to the ledger file after the fact shows up as 'tampered'.
+    """
+    with _open(server_dir) as ledger:
+        report = build_report(ledger, max_central_epsilon=max_central_epsilon)
+    click.echo(render_json(report) if as_json else render_table(report), nl=False)
+    if plot is not None:
+        try:
+            render_plot(report, plot)
+        except OSError as error:
+            raise click.BadParameter(
+                f"cannot write {plot}: {error}", param_hint="--plot"
+            ) from error
+        click.echo(f"plot written to {plot}", err=True)
+
+
+@budget.command("check", epilog=_EXIT_CODES_HELP)
+@_SERVER_DIR
+@_MAX_CENTRAL
+def check_command(server_dir: Path, max_central_epsilon: float | None) -> None:
+    """Exit non-zero if any device or run is over policy, or any report is suspect.
+
+    \b
+    A violation is any of:
+      - a device reported a block over its budget (over-budget)
+      - a verified report no longer checks out as stored (tampered)
+      - a device's figures contradict its earlier signed reports (contradiction)
+      - a report that does not verify under the enrolled key (unverifiable)
+      - a run whose central-DP epsilon is unbounded, decreasing, or above
+        --max-central-epsilon
+
+    Prints one line per violation. Use it in a cron job or CI gate; run
+    'keystay budget report' for the full picture.
+    """
+    with _open(server_dir) as ledger:
+        violations = check(ledger, max_central_epsilon=max_central_epsilon)
+    if not violations:
+        click.echo("budget check: clean (no violations)")
+        raise SystemExit(EXIT_OK)
+    click.echo(f"budget check: {len(violations)} violation(s)")
+    for v in violations:
+        where = " ".join(
+            part
+            for part in (
+                f"device={v.device_id}" if v.device_id else "",
+                f"run={v.run_id}" if v.run_id else "",
+                f"round={v.server_round}" if v.server_round is not None else "",
+                f"block={v.block}" if v.block else "",
+                f"report=#{v.report_id}" if v.report_id is not None else "",
+            )
+            if part
+        )
+        click.echo(f"  {v.kind}: {where}: {v.detail}")
+    raise SystemExit(EXIT_VIOLATIONS)

@@ -1,0 +1,282 @@
+"""DevicePolicy: defaults, file validation messages, request refusals, block selection."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from keystay.client.policy import (
+    DEFAULT_EXCLUDED_APPS,
+    REFUSAL_CODES,
+    DevicePolicy,
+    PolicyError,
+    Refusal,
+    TrainingRequest,
+)
+
+
+def request(**changes: object) -> TrainingRequest:
+    base = TrainingRequest(
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        local_steps=100,
+        batch_size=32,
+        learning_rate=0.01,
+        dp=True,
+        blocks=(),
+        run_id="run-a",
+        server_round=1,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- defaults and files ---------------------------------------------------------------
+
+
+def test_defaults_are_safe_and_valid() -> None:
+    policy = DevicePolicy()
+    assert policy.delta == 1e-5
+    assert policy.epsilon_per_block == 8.0
+    assert policy.noise_multiplier_min == 0.8
+    assert policy.raw_text is False
+    assert policy.window_titles is False
+    assert policy.accountant == "prv"
+    assert {"keepassxc", "1password", "bitwarden"} <= set(policy.excluded_apps)
+    assert policy.excluded_apps == DEFAULT_EXCLUDED_APPS
+
+
+def test_missing_file_gives_defaults(tmp_path: Path) -> None:
+    assert DevicePolicy.load(tmp_path / "policy.toml") == DevicePolicy()
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert DevicePolicy.load(write(tmp_path, "")) == DevicePolicy()
+
+
+def test_file_overrides_only_the_keys_it_sets(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[policy]\nepsilon_per_block = 4\nexcluded_apps = ["keepassxc", "signal"]\n'
+        'accountant = "rdp"\n',
+    )
+    policy = DevicePolicy.load(path)
+    assert policy.epsilon_per_block == 4.0 and isinstance(policy.epsilon_per_block, float)
+    assert policy.excluded_apps == ("keepassxc", "signal")
+    assert policy.accountant == "rdp"
+    assert policy.noise_multiplier_min == DevicePolicy().noise_multiplier_min
+
+
+def test_to_toml_round_trips(tmp_path: Path) -> None:
+    policy = DevicePolicy(
+        delta=1e-7,
+        epsilon_per_block=2.5,
+        max_local_steps=50,
+        min_participation_gap_seconds=3600,
+        excluded_apps=('we"ird', "app"),
+        raw_text=True,
+        accountant="rdp",
+    )
+    path = write(tmp_path, policy.to_toml())
+    assert DevicePolicy.load(path) == policy
+    policy.save(tmp_path / "saved.toml")
+    assert DevicePolicy.load(tmp_path / "saved.toml") == policy
+
+
+def test_example_message_names_key_value_and_range(tmp_path: Path) -> None:
+    path = write(tmp_path, "[policy]\nnoise_multiplier_min = -1\n")
+    with pytest.raises(PolicyError) as info:
+        DevicePolicy.load(path)
+    assert str(info.value) == (
+        "policy.toml: noise_multiplier_min = -1 is out of range; "
+        "allowed: a number > 0 (typical 0.5–2.0)"
+    )
+
+
+BAD_VALUES = [
+    ("delta", "0", "> 0 and <= 0.001"),
+    ("delta", "0.5", "> 0 and <= 0.001"),
+    ("epsilon_per_block", "0", "> 0 and <= 32"),
+    ("epsilon_per_block", "100", "> 0 and <= 32"),
+    ("epsilon_per_block", "nan", "> 0 and <= 32"),
+    ("epsilon_per_block", '"8"', "a number"),
+    ("noise_multiplier_min", "0", "a number > 0"),
+    ("noise_multiplier_min", "inf", "a number > 0"),
+    ("max_grad_norm_max", "-0.5", "a number > 0"),
+    ("max_grad_norm_max", "true", "a number > 0"),
+    ("max_local_steps", "0", "from 1 to 100000"),
+    ("max_local_steps", "12.5", "from 1 to 100000"),
+    ("min_participation_gap_seconds", "-1", ">= 0"),
+    ("excluded_apps", '"keepassxc"', "a list of application names"),
+    ("excluded_apps", '["ok", ""]', "a list of application names"),
+    ("excluded_apps", "[1, 2]", "a list of application names"),
+    ("raw_text", '"yes"', "true or false"),
+    ("window_titles", "1", "true or false"),
+    ("retention_days", "0", "from 1 to 3650"),
+    ("retention_days", "99999", "from 1 to 3650"),
+    ("min_block_windows", "0", ">= 1"),
+    ("accountant", '"gdp"', '"prv" or "rdp"'),
+    ("accountant", "1", '"prv" or "rdp"'),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), BAD_VALUES)
+def test_each_bad_value_names_key_value_and_allowed(
+    tmp_path: Path, key: str, value: str, allowed: str
+) -> None:
+    path = write(tmp_path, f"[policy]\n{key} = {value}\n")
+    with pytest.raises(PolicyError) as info:
+        DevicePolicy.load(path)
+    message = str(info.value)
+    # The value is shown as it was written in the file.
+    assert message.startswith(f"policy.toml: {key} = {value} is ")
+    assert "allowed: " in message and allowed in message
+
+
+def test_every_key_has_a_bad_value_case() -> None:
+    assert {k for k, _, _ in BAD_VALUES} == set(DevicePolicy.key_names())
+
+
+def test_unknown_key_is_named_with_the_allowed_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "[policy]\nnoise_multipler_min = 1.0\n")
+    with pytest.raises(PolicyError) as info:
+        DevicePolicy.load(path)
+    message = str(info.value)
+    assert "unknown key noise_multipler_min" in message
+    assert all(key in message for key in DevicePolicy.key_names())
+
+
+def test_misspelt_table_is_an_error_not_ignored(tmp_path: Path) -> None:
+    path = write(tmp_path, "[polcy]\nepsilon_per_block = 100\n")
+    with pytest.raises(PolicyError, match="unknown top-level entry polcy"):
+        DevicePolicy.load(path)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[policy]\nepsilon_per_block = \n")
+    with pytest.raises(PolicyError, match=r"policy.toml: not valid TOML"):
+        DevicePolicy.load(path)
+
+
+def test_policy_built_in_code_is_validated_too() -> None:
+    with pytest.raises(PolicyError, match="DevicePolicy: max_local_steps = 0 is out of range"):
+        DevicePolicy(max_local_steps=0)
+    with pytest.raises(PolicyError, match="raw_text = 1 is not a boolean"):
+        DevicePolicy(raw_text=1)  # type: ignore[arg-type]
+
+
+def test_explain_states_the_values_in_words() -> None:
+    text = DevicePolicy(epsilon_per_block=3.0, noise_multiplier_min=1.1, retention_days=9).explain()
+    assert "ε = 3 per employee-day" in text
+    assert "σ >= 1.1" in text
+    assert "9 days" in text
+    assert "keepassxc" in text
+    assert "not stored" in text
+    assert "refused, never adjusted" in text
+
+
+def test_policy_module_does_not_import_torch() -> None:
+    import subprocess
+
+    code = "import sys, keystay.client.policy; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- request checks --------------------------------------------------------------------
+
+
+def test_valid_request_passes_including_the_boundaries() -> None:
+    policy = DevicePolicy()
+    policy.check_request(request())
+    policy.check_request(
+        request(noise_multiplier=0.8, max_grad_norm=1.0, local_steps=200, batch_size=1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "words"),
+    [
+        ({"dp": False}, "no-dp", "without differential privacy"),
+        (
+            {"noise_multiplier": 0.3},
+            "noise-below-floor",
+            "refused: run asks noise_multiplier 0.3 but this device's floor is 0.8 "
+            "(policy.toml noise_multiplier_min)",
+        ),
+        ({"noise_multiplier": math.nan}, "noise-below-floor", "floor is 0.8"),
+        ({"max_grad_norm": 5.0}, "clip-above-max", "max_grad_norm 5 but"),
+        ({"max_grad_norm": 0.0}, "clip-above-max", "> 0 and <= 1"),
+        ({"max_grad_norm": math.inf}, "clip-above-max", "policy.toml max_grad_norm_max"),
+        ({"local_steps": 201}, "too-many-steps", "201 local steps but this device allows at most"),
+        ({"local_steps": 0}, "bad-request", "at least 1"),
+        ({"batch_size": 0}, "bad-request", "batch_size 0"),
+        ({"learning_rate": math.nan}, "bad-request", "learning_rate"),
+    ],
+)
+def test_each_request_rule_refuses_with_its_code(
+    changes: dict[str, object], code: str, words: str
+) -> None:
+    with pytest.raises(Refusal) as info:
+        DevicePolicy().check_request(request(**changes))
+    assert info.value.code == code
+    assert words in info.value.reason
+    assert str(info.value) == info.value.reason
+
+
+def test_no_dp_is_refused_first_even_with_other_faults() -> None:
+    with pytest.raises(Refusal) as info:
+        DevicePolicy().check_request(request(dp=False, noise_multiplier=0.1, local_steps=10_000))
+    assert info.value.code == "no-dp"
+
+
+def test_refusal_codes_are_closed_and_map_to_grpc_status() -> None:
+    with pytest.raises(ValueError, match="unknown refusal code"):
+        Refusal("nope", "x")  # type: ignore[arg-type]
+    assert Refusal("noise-below-floor", "x").grpc_status == "PERMISSION_DENIED"
+    assert Refusal("budget-exceeded", "x").grpc_status == "FAILED_PRECONDITION"
+    assert {"no-dp", "too-soon", "block-excluded", "no-data"} <= set(REFUSAL_CODES)
+
+
+# --- block selection ---------------------------------------------------------------------
+
+
+WINDOWS = {"2025-01-01": 500, "2025-01-02": 10, "2025-01-03": 300, "2025-01-04": 64}
+
+
+def test_select_blocks_default_takes_every_eligible_block() -> None:
+    chosen = DevicePolicy().select_blocks((), WINDOWS, retired={"2025-01-03"})
+    assert chosen == ("2025-01-01", "2025-01-04")
+
+
+@pytest.mark.parametrize(
+    ("requested", "retired", "code", "blocks"),
+    [
+        (("2025-02-01",), set(), "block-unknown", ("2025-02-01",)),
+        (("2025-01-01", "2025-01-03"), {"2025-01-03"}, "block-retired", ("2025-01-03",)),
+        (("2025-01-02",), set(), "block-excluded", ("2025-01-02",)),
+        ((), set(WINDOWS) - {"2025-01-02"}, "no-data", ()),
+    ],
+)
+def test_select_blocks_refusals(
+    requested: tuple[str, ...], retired: set[str], code: str, blocks: tuple[str, ...]
+) -> None:
+    with pytest.raises(Refusal) as info:
+        DevicePolicy().select_blocks(requested, WINDOWS, retired)
+    assert info.value.code == code
+    assert info.value.blocks == blocks
+    for block in blocks:
+        assert block in info.value.reason
+
+
+def test_select_blocks_requested_and_eligible() -> None:
+    chosen = DevicePolicy().select_blocks(["2025-01-03", "2025-01-01", "2025-01-03"], WINDOWS, ())
+    assert chosen == ("2025-01-01", "2025-01-03")
