@@ -8,8 +8,13 @@ mouse) at several event rates for a fixed time each, and prints per rate:
 - CPU % of one core used by the recorder process (``/proc/PID/stat`` utime +
   stime over the interval, until everything sent was recorded),
 - RSS MiB (``VmRSS`` now, ``VmHWM`` peak),
-- X events sent, events the recorder saw, key events recorded (read back from
-  the store: key presses and their release/dwell tokens), events lost.
+- X events sent; "X merged": pointer motions the X server merged before
+  delivering them (under load it collapses consecutive motions it has not
+  processed yet, as it would for a real mouse; never keys), so no recorder
+  could have seen them; "seen": events the recorder saw; "lost": events
+  delivered to the recorder but not seen (a loss inside keystay); key events
+  sent and recorded (read back from the store: key presses and their
+  release/dwell tokens), key events lost.
 
 Rates mix keys and pointer motion: 125 ev/s is keys only (press and release
 each count as an event: 62.5 keys/s); higher rates add pointer motion on top
@@ -30,11 +35,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,11 @@ GOAL_RSS_MIB = 40.0
 KEY_RATE = 125  # key events per second mixed into every rate
 SLOT_S = 0.005
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+THREAD_ROLES = {
+    "keystay-input": "input listener",
+    "keystay-recorder": "writer",
+    "keystay-focus": "focus watcher",
+}
 
 
 # -- the measured process ------------------------------------------------------------
@@ -74,6 +86,7 @@ def child(data_dir: str) -> None:
     def stats() -> dict[str, Any]:
         s = recorder.stats
         return {
+            "events_received": backend.events_received,
             "events_seen": s.events_seen,
             "queue_depth": s.queue_depth,
             "tokens_written": s.tokens_written,
@@ -81,13 +94,18 @@ def child(data_dir: str) -> None:
             "last_error": s.last_error,
         }
 
-    print(json.dumps({"ready": os.getpid(), "numpy_mib": numpy_mib, **stats()}), flush=True)
+    names = {str(t.native_id): t.name for t in threading.enumerate()}
+    names = {tid: THREAD_ROLES.get(n, n) for tid, n in names.items()}
+    names[str(os.getpid())] = "main"
+    print(json.dumps({"ready": os.getpid(), "numpy_mib": numpy_mib, "threads": names,
+                      **stats()}), flush=True)
     for line in sys.stdin:
         command = line.strip()
         if command == "stats":
             print(json.dumps(stats()), flush=True)
         elif command == "stop":
             break
+    received = backend.events_received
     backend.stop()
     recorder.stop()
     counts: dict[str, int] = {}
@@ -97,16 +115,26 @@ def child(data_dir: str) -> None:
             kind = name.rsplit(":", 1)[0] if name.startswith("timing:") else name
             counts[kind] = counts.get(kind, 0) + 1
     store.close()
-    print(json.dumps({"final": stats(), "tokens": counts}), flush=True)
+    print(json.dumps({"final": {**stats(), "events_received": received}, "tokens": counts}),
+          flush=True)
 
 
 # -- the driver --------------------------------------------------------------------------
 
 
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
+def proc_cpu_s(pid: int, tid: int | None = None) -> float:
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def threads_cpu_s(pid: int) -> dict[str, float]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # the thread ended meanwhile
+            out[tid] = proc_cpu_s(pid, int(tid))
+    return out
 
 
 def proc_mem_mib(pid: int) -> tuple[float, float]:
@@ -132,6 +160,7 @@ class Child:
         self.pid = int(first["ready"])
         self.seen_at_start = int(first["events_seen"])
         self.numpy_mib = float(first["numpy_mib"])
+        self.threads: dict[str, str] = first["threads"]
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -214,19 +243,31 @@ def run_rate(server: Any, rate: int, duration: float, idle_s: float) -> dict[str
             c0, w0 = proc_cpu_s(pid), time.monotonic()
             time.sleep(idle_s)
             idle_cpu = (proc_cpu_s(pid) - c0) / (time.monotonic() - w0) * 100
-            c0, w0 = proc_cpu_s(pid), time.monotonic()
+            c0, w0, t0 = proc_cpu_s(pid), time.monotonic(), threads_cpu_s(pid)
             took = drive(server, slots)
             # Wait until everything sent was seen and queued work is written.
             expected = child_proc.seen_at_start + sent_keys + sent_moves
             deadline = time.monotonic() + 10
+            settled = 0
+            last_received = -1
             while True:
                 s = child_proc.ask("stats")
-                done = s["events_seen"] >= expected and s["queue_depth"] == 0
+                # Done when all was seen, or when the X server stopped delivering
+                # (it may have merged pointer motions) and the queue is empty.
+                settled = settled + 1 if s["events_received"] == last_received else 0
+                last_received = s["events_received"]
+                done = s["queue_depth"] == 0 and (s["events_seen"] >= expected or settled >= 4)
                 if done or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            c1, w1 = proc_cpu_s(pid), time.monotonic()
+            c1, w1, t1 = proc_cpu_s(pid), time.monotonic(), threads_cpu_s(pid)
             rss, hwm = proc_mem_mib(pid)
+            per_thread: dict[str, float] = {}
+            for tid, cpu in t1.items():
+                role = child_proc.threads.get(tid, "other")
+                per_thread[role] = per_thread.get(role, 0.0) + (
+                    (cpu - t0.get(tid, 0.0)) / (w1 - w0) * 100
+                )
             final = child_proc.ask("stop")
             child_proc.proc.wait(timeout=30)
         finally:
@@ -235,6 +276,7 @@ def run_rate(server: Any, rate: int, duration: float, idle_s: float) -> dict[str
     key_presses = tokens.get("key:letter", 0)
     key_releases = tokens.get("timing:dwell", 0)
     seen = final["final"]["events_seen"] - child_proc.seen_at_start
+    received = final["final"]["events_received"]
     return {
         "rate": rate,
         "achieved": (sent_keys + sent_moves) / took,
@@ -246,12 +288,15 @@ def run_rate(server: Any, rate: int, duration: float, idle_s: float) -> dict[str
         "sent_keys": sent_keys,
         "seen": seen,
         "keys_recorded": key_presses + key_releases,
-        "lost": sent_keys + sent_moves - seen,
+        "received": received,
+        "merged": sent_keys + sent_moves - received,
+        "lost": received - seen,
         "keys_lost": sent_keys - (key_presses + key_releases),
         "tokens": final["final"]["tokens_written"],
         "batches": final["final"]["batches_written"],
         "error": final["final"]["last_error"],
         "numpy_mib": child_proc.numpy_mib,
+        "threads": per_thread,
     }
 
 
@@ -344,14 +389,16 @@ def main() -> None:
     print(f"recorder alone (PynputBackend + Recorder + EventStore), {args.duration:.0f} s per "
           f"rate, {os.cpu_count()} cores, Xvfb + xdotool (XTEST)")
     header = (f"{'rate ev/s':>9} {'achieved':>8} {'CPU %':>6} {'idle %':>6} {'RSS MiB':>7} "
-              f"{'HWM MiB':>7} {'sent':>7} {'seen':>7} {'lost':>5} {'keys sent':>9} "
-              f"{'keys rec':>8} {'keys lost':>9} {'tokens':>6} {'batches':>7}")
+              f"{'HWM MiB':>7} {'sent':>7} {'X merged':>8} {'seen':>7} {'lost':>5} "
+              f"{'keys sent':>9} {'keys rec':>8} {'keys lost':>9} {'tokens':>6} {'batches':>7}")
     print(header)
     for r in results:
         print(f"{r['rate']:>9} {r['achieved']:>8.0f} {r['cpu']:>6.2f} {r['idle_cpu']:>6.2f} "
-              f"{r['rss']:>7.1f} {r['hwm']:>7.1f} {r['sent']:>7} {r['seen']:>7} {r['lost']:>5} "
-              f"{r['sent_keys']:>9} {r['keys_recorded']:>8} {r['keys_lost']:>9} "
-              f"{r['tokens']:>6} {r['batches']:>7}")
+              f"{r['rss']:>7.1f} {r['hwm']:>7.1f} {r['sent']:>7} {r['merged']:>8} "
+              f"{r['seen']:>7} {r['lost']:>5} {r['sent_keys']:>9} {r['keys_recorded']:>8} "
+              f"{r['keys_lost']:>9} {r['tokens']:>6} {r['batches']:>7}")
+        print("          by thread: " + ", ".join(
+            f"{role} {cpu:.2f} %" for role, cpu in sorted(r["threads"].items())))
         if r["error"]:
             print(f"          last error: {r['error']}")
     print()

@@ -326,8 +326,8 @@ def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | Non
     you dial), creates this computer's SuperNode key, and writes
     DATA/enrollment-request.json: public keys only, signed. Send that file to
     your server operator and read them the fingerprint it prints; they run
-    'keystay server enroll' with it. Then start the daemon: it joins with the
-    settings saved in DATA/federation.toml.
+    'keystay server enroll' with it. Then start the daemon with the command
+    it prints (the settings are also saved in DATA/federation.toml).
 
     \b
     Exit codes: 0 request written, 2 usage (bad address or CA file), 30 server
@@ -357,6 +357,10 @@ def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | Non
     click.echo("\nSend the request to your server operator and read them the fingerprint;\n"
                "they run: keystay server enroll --dir SERVER_DIR --fingerprint "
                f"{result.fingerprint} {result.request_file.name}")
+    settings = result.settings
+    click.echo(f"\nOnce enrolled, join with: keystay device run --data {data_dir} "
+               f"--superlink {settings.superlink} --root-certificates "
+               f"{settings.root_certificates} --auth-key {settings.auth_private_key}")
 
 
 def _now() -> str:

@@ -24,7 +24,7 @@ Two architectures share one config:
 The one call a user of a trained model makes::
 
     from keystay.client.model import load_checkpoint, predict_next
-    model = load_checkpoint("runs/demo/global.pt")
+    model = load_checkpoint("runs/demo/final.pt")  # written by the ServerApp
     probs = predict_next(model, last_tokens)   # shape (vocab_size,)
 """
 
@@ -212,16 +212,10 @@ def set_weights(model: nn.Module, weights: Sequence[np.ndarray]) -> None:
                 f"weight {name!r} has shape {tuple(array.shape)} but the model expects "
                 f"{tuple(current.shape)}; the weights come from a different model configuration"
             )
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"weight {name!r} holds NaN or infinite values; refusing to load it")
         new_state[name] = torch.as_tensor(np.asarray(array), dtype=current.dtype)
     model.load_state_dict(new_state)
-
-
-def config_for_weights(weights: Sequence[np.ndarray], **overrides: Any) -> ModelConfig:
-    """The default config, with ``vocab_size`` taken from the weights' embedding."""
-    if not weights or np.asarray(weights[0]).ndim != 2:
-        raise ValueError("the first weight array should be the (vocab, embed) embedding table")
-    vocab, embed = np.asarray(weights[0]).shape
-    return ModelConfig(**{"vocab_size": int(vocab), "embed_dim": int(embed), **overrides})
 
 
 @dataclass(frozen=True)

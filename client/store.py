@@ -60,6 +60,8 @@ delete, so a forgotten day does not linger in free pages or WAL frames.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import json
 import os
@@ -76,12 +78,15 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keystay.client.tokens import VOCAB_SIZE, TokenRecord
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DB_NAME",
@@ -382,6 +387,9 @@ class EventStore:
         Raises the same errors as :meth:`read_block`.
         """
         payloads = self._verified_payloads(block)
+        # numpy only here: the always-on recorder never pays for it (~14 MiB RSS).
+        import numpy as np
+
         parts = [np.frombuffer(_split(p, n, f"block {block} batch {seq}")[1], dtype="<u2")
                  for seq, n, p in payloads]
         return np.concatenate(parts).astype(np.int64)

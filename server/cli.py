@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -194,9 +195,16 @@ def start(server_dir: Path) -> None:
     stopping = False
 
     def stop(*_: Any) -> None:
+        # Signal only: the main thread is inside process.wait(), and a second wait here
+        # would block on Popen's lock until its timeout. A timer escalates to SIGKILL.
         nonlocal stopping
+        if stopping:
+            return
         stopping = True
-        _terminate_group(process)
+        _signal_group(process, signal.SIGTERM)
+        killer = threading.Timer(15.0, _signal_group, (process, signal.SIGKILL))
+        killer.daemon = True
+        killer.start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -224,6 +232,12 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
 
 
 def _terminate_group(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

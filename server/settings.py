@@ -43,6 +43,9 @@ class RunSettings:
     central_dp: bool = False
     central_noise_multiplier: float = 0.0
     central_clip: float = 1.0
+    secagg: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -97,6 +100,13 @@ class RunSettings:
                "central-noise-multiplier", self.central_noise_multiplier, "a number >= 0")
         _check(_number(self.central_clip) and self.central_clip > 0,
                "central-clip", self.central_clip, "a number > 0")
+        _check(isinstance(self.secagg, bool), "secagg", self.secagg, "true or false")
+        _check(_positive_int(self.secagg_num_shares) and self.secagg_num_shares >= 2,
+               "secagg-num-shares", self.secagg_num_shares, "an integer >= 2")
+        _check(_positive_int(self.secagg_reconstruction_threshold)
+               and self.secagg_reconstruction_threshold <= self.secagg_num_shares,
+               "secagg-reconstruction-threshold", self.secagg_reconstruction_threshold,
+               "an integer between 1 and secagg-num-shares")
         _check(_number(self.round_timeout) and self.round_timeout > 0,
                "round-timeout", self.round_timeout, "seconds, > 0")
         _check(bool(self.run_name) and "/" not in self.run_name, "run-name", self.run_name,

@@ -12,7 +12,8 @@ event object and call ``submit``:
   listener that records key, button and motion events together, because two
   connections deliver independently and a click followed quickly by a key
   could reach ``submit`` in the wrong order. One stream keeps the server's
-  order, and halves the RECORD traffic.
+  order, and halves the RECORD traffic. The listener reads that stream itself
+  (see ``_InputListener``): about 10x less CPU than pynput's generic parsing.
 - **The active application** comes from a small python-xlib watcher, because
   pynput has no focus events. With an EWMH window manager it wakes on
   ``PropertyNotify`` for the root's ``_NET_ACTIVE_WINDOW``; without one it
@@ -22,8 +23,11 @@ event object and call ``submit``:
 
 Timestamps: input events carry the X server's millisecond time of the event,
 mapped onto :func:`time.monotonic` (see :class:`_ServerClock`), so dwell and
-flight times stay true even when events are delivered in a burst; focus events
-are stamped with :func:`time.monotonic` when they are seen.
+flight times stay true although the listener reads in bursts (every
+``_READ_PAUSE_S`` at most, to wake up less); focus events are stamped with
+:func:`time.monotonic` when they are seen. The two sources reach ``submit`` out
+of order by up to that pause; :class:`~keystay.client.capture.recorder.Recorder`
+puts them back in time order before tokenizing.
 
 pynput reads ``DISPLAY`` when it is imported, so it is imported only in
 :meth:`PynputBackend.start`; :func:`display_problem` uses python-xlib alone and
@@ -60,6 +64,9 @@ _SCROLL_BUTTONS = {4: (0, 1), 5: (0, -1), 6: (-1, 0), 7: (1, 0)}
 _CORE_EVENT = struct.Struct("=BBxxIxxxxxxxxxxxxhhxxxxHxx")
 _UINT32 = struct.Struct("=I")
 _ENABLE_CONTEXT = struct.Struct("=BBHI")  # major opcode, minor opcode, length (words), context
+# Seconds the listener waits after a read so events gather (one wake-up per
+# burst). Must stay well below keystay.client.capture.recorder.REORDER_S.
+_READ_PAUSE_S = 0.04
 _BUTTON_NAMES = {1: "left", 2: "middle", 3: "right"}
 
 
@@ -127,40 +134,47 @@ def display_problem(display: str | None = None) -> str | None:
 class _ServerClock:
     """Map X server timestamps (ms, wrapping at 2**32) onto :func:`time.monotonic`.
 
-    An event's delivery can only be late, never early, so ``now - server_time``
-    is smallest for the promptest event: the running minimum estimates the
-    clock offset. Two 30 s buckets let the estimate follow slow drift between
-    the clocks; a wrap of the 32-bit server clock (every 49.7 days) resets it.
-    The result is clamped to ``[now - 5 s, now]`` so a bad estimate can never
-    move an event into the future or far into the past.
+    The offset comes from a calibration round trip (:meth:`calibrate`: the
+    server stamps a property change made between two monotonic readings),
+    repeated every ``RECALIBRATE_S`` to follow drift between the clocks. An
+    event's delivery can only be late, never early, so a mapped time later
+    than ``now`` shows the offset is too large: it is lowered on the spot.
+    Before the first calibration (or after the 32-bit server clock wraps,
+    every 49.7 days) the first event's arrival sets the offset.
     """
 
-    __slots__ = ("_cur", "_last_ms", "_prev", "_rotate_at")
+    __slots__ = ("_calibrated_at", "_last_ms", "_offset")
 
-    _BUCKET_S = 30.0
+    RECALIBRATE_S = 30.0
     _MAX_LAG_S = 5.0
 
     def __init__(self) -> None:
-        self._cur = float("inf")
-        self._prev = float("inf")
-        self._rotate_at = 0.0
+        self._offset: float | None = None
+        self._calibrated_at = float("-inf")
         self._last_ms = 0
+
+    def stale(self, now: float) -> bool:
+        return now - self._calibrated_at >= self.RECALIBRATE_S
+
+    def calibrate(self, server_ms: int, before: float, after: float) -> None:
+        """The server stamped ``server_ms`` between monotonic ``before`` and ``after``."""
+        self._offset = (before + after) / 2 - server_ms / 1000.0
+        self._calibrated_at = after
+        self._last_ms = server_ms
 
     def to_monotonic(self, server_ms: int, now: float) -> float:
         if server_ms < self._last_ms - 0x8000_0000:  # the 32-bit ms clock wrapped
-            self._cur = self._prev = float("inf")
+            self._offset = None
+            self._calibrated_at = float("-inf")
         self._last_ms = server_ms
-        if now >= self._rotate_at:
-            self._prev, self._cur = self._cur, float("inf")
-            self._rotate_at = now + self._BUCKET_S
         stamp = server_ms / 1000.0
-        offset = now - stamp
-        if offset < self._cur:
-            self._cur = offset
-        t = stamp + min(self._cur, self._prev)
+        if self._offset is None:
+            self._offset = now - stamp
+        t = stamp + self._offset
         if t > now:
+            self._offset -= t - now
             return now
-        if t < now - self._MAX_LAG_S:
+        if t < now - self._MAX_LAG_S:  # never trust an estimate that far off
             return now - self._MAX_LAG_S
         return t
 
@@ -180,7 +194,7 @@ def _listener_class() -> type:
     from pynput._util.xorg import display_manager
     from pynput.keyboard import Key, KeyCode
     from pynput.keyboard._xorg import Listener as XorgKeyListener
-    from Xlib import X
+    from Xlib import X, Xatom
     from Xlib.display import Display
     from Xlib.ext import record
 
@@ -196,9 +210,10 @@ def _listener_class() -> type:
 
         Why read the stream ourselves: pynput hands each recorded event through
         python-xlib's generic reply and event parsers (~190 Python calls per
-        event), which made this thread cost ~1 % of a core at 125 events/s and
-        ~12 % at 5,000 (bench/bench_recorder.py). A RECORD reply is a 32-byte
-        header plus raw 32-byte core events, so ``recv`` + ``struct`` does.
+        event); with them the recorder process used 12.5 % of a core at 5,000
+        events/s, and about 3 % without them (bench/bench_recorder.py). A
+        RECORD reply is a 32-byte header plus raw 32-byte core events, so
+        ``recv`` + ``struct`` does.
 
         ``vk`` is the X keycode: pynput's ``vk`` is the keysym, which differs
         between the press and the release of one key when Shift changes in
@@ -207,16 +222,20 @@ def _listener_class() -> type:
 
         def __init__(self, submit: Submit) -> None:
             super().__init__()
+            self.name = "keystay-input"
             self._keystay_submit = submit
             self._keystay_clock = _ServerClock()
             self._keystay_keys: dict[tuple[int, int], tuple[str | None, str | None]] = {}
+            self._keystay_clock_window: Any = None
+            self._keystay_clock_atom = 0
             self.recording = threading.Event()
             self.failure: str | None = None
+            self.events_received = 0  # input events the X server delivered to us
 
         def _run(self) -> None:
-            self._display_stop = Display()
-            self._display_record = Display()
             try:
+                self._display_stop = Display()
+                self._display_record = Display()
                 with display_manager(self._display_record) as dm:
                     # The same context pynput creates: device events from every
                     # client, here the range KeyPress..MotionNotify (keys,
@@ -239,6 +258,7 @@ def _listener_class() -> type:
                         ],
                     )
                 self._initialize(self._display_stop)  # pynput: read the keyboard mapping
+                self._calibrate()
                 major = self._display_record.display.get_extension_major(record.extname)
                 sock = self._display_record.display.socket
                 # EnableContext (minor opcode 5) by hand: python-xlib's version
@@ -268,6 +288,7 @@ def _listener_class() -> type:
                 chunk = sock.recv(65536)
                 if not chunk:
                     raise ConnectionError("the X server closed the connection")
+                self._poll_display_stop()
                 buf += chunk
                 used = 0
                 while len(buf) - used >= 32:
@@ -282,6 +303,7 @@ def _listener_class() -> type:
                         break
                     category = buf[used + 1]
                     if category == record.FromServer:
+                        self.events_received += (total - 32) // 32
                         try:
                             self._decode(bytes(buf[used + 32 : used + total]))
                         except Exception:  # one bad record must not end capture
@@ -293,6 +315,51 @@ def _listener_class() -> type:
                         return
                     used += total
                 del buf[:used]
+                # Let a few events gather before the next read: one wake-up per
+                # burst instead of per event. Events carry the server's time, so
+                # reading later changes no timestamp; the recorder puts input and
+                # focus events back in time order (Recorder.REORDER_S > this).
+                time.sleep(_READ_PAUSE_S)
+
+        def _poll_display_stop(self) -> None:
+            """Per read: apply keyboard-mapping changes; recalibrate the clock when due."""
+            display = self._display_stop
+            if display.pending_events():
+                self._take_events(None)
+            if self._keystay_clock.stale(time.monotonic()):
+                self._calibrate()
+
+        def _take_events(self, until_property: int | None) -> int:
+            """Read events on the control connection: apply MappingNotify; if
+            ``until_property`` is an atom, block until our PropertyNotify for it
+            and return its server time."""
+            display = self._display_stop
+            while until_property is not None or display.pending_events():
+                event = display.next_event()
+                if event.type == X.MappingNotify:
+                    # Only MappingNotify reaches this connection unasked: apply
+                    # it, so a changed layout translates correctly.
+                    display.refresh_keyboard_mapping(event)
+                    self._keystay_keys.clear()
+                elif event.type == X.PropertyNotify and event.atom == until_property:
+                    return int(event.time)
+            return 0
+
+        def _calibrate(self) -> None:
+            """Read the X server's clock: it stamps a property change on our window."""
+            display = self._display_stop
+            if self._keystay_clock_window is None:
+                self._keystay_clock_atom = display.intern_atom("_KEYSTAY_CLOCK")
+                self._keystay_clock_window = display.screen().root.create_window(
+                    -1, -1, 1, 1, 0, 0, X.InputOnly, X.CopyFromParent,
+                    event_mask=X.PropertyChangeMask,
+                )
+            before = time.monotonic()
+            self._keystay_clock_window.change_property(
+                self._keystay_clock_atom, Xatom.INTEGER, 32, [0]
+            )
+            server_ms = self._take_events(self._keystay_clock_atom)
+            self._keystay_clock.calibrate(server_ms, before, time.monotonic())
 
         def _stop_platform(self) -> None:
             # pynput queues DisableContext on the recording connection without
@@ -316,7 +383,7 @@ def _listener_class() -> type:
                 if kind == _MOTION_NOTIFY:
                     submit(MouseMove(t, root_x, root_y))
                 elif kind in (_KEY_PRESS, _KEY_RELEASE):
-                    char, name = self._translate(detail, state, kind == _KEY_PRESS)
+                    char, name = self._translate(detail, state)
                     submit(KeyEvent(t, kind == _KEY_PRESS, detail, char, name))
                 elif kind in (_BUTTON_PRESS, _BUTTON_RELEASE):
                     scroll = _SCROLL_BUTTONS.get(detail)
@@ -328,19 +395,9 @@ def _listener_class() -> type:
                     button = _BUTTON_NAMES.get(detail) or f"button{detail}"
                     submit(Click(t, root_x, root_y, button, kind == _BUTTON_PRESS))
 
-        def _translate(self, keycode: int, state: int, pressed: bool) -> tuple[
-            str | None, str | None
-        ]:
+        def _translate(self, keycode: int, state: int) -> tuple[str | None, str | None]:
             display = self._display_stop
             cache = self._keystay_keys
-            if pressed and display.pending_events():
-                # Only MappingNotify reaches this connection (it selects no
-                # events): apply it, so a changed layout translates correctly.
-                while display.pending_events():
-                    note = display.next_event()
-                    if note.type == X.MappingNotify:
-                        display.refresh_keyboard_mapping(note)
-                        cache.clear()
             hit = cache.get((keycode, state))
             if hit is not None:
                 return hit
@@ -616,7 +673,7 @@ class PynputBackend:
         submit: Submit,
         *,
         window_titles: bool = False,
-        focus_poll_interval: float = 0.2,
+        focus_poll_interval: float = 1.0,
     ) -> None:
         if focus_poll_interval <= 0:
             raise ValueError(f"focus_poll_interval must be > 0, got {focus_poll_interval}")
@@ -635,6 +692,17 @@ class PynputBackend:
             and self._watcher is not None
             and self._watcher.is_alive()
         )
+
+    @property
+    def events_received(self) -> int:
+        """Input events the X server delivered (RECORD records), before any decoding.
+
+        Compared with the recorder's ``events_seen`` this tells a loss inside
+        keystay apart from what the X server never produced (under load it
+        merges consecutive pointer motions not yet processed, as for a real
+        mouse; key events are never merged).
+        """
+        return int(self._listener.events_received) if self._listener is not None else 0
 
     @property
     def problem(self) -> str | None:

@@ -2,11 +2,15 @@
 
 A backend's OS callbacks call :meth:`Recorder.submit`, which only puts the
 event on a queue (or drops it at the door while recording is paused). One
-writer thread drains the queue, turns events into tokens with the
+writer thread wakes every ``flush_interval`` seconds, takes what is queued,
+puts it in time order (input and focus events come from different threads and
+connections; events younger than ``REORDER_S`` wait for the next tick in case
+an earlier one is still on its way), turns the events into tokens with the
 :class:`~keystay.client.tokens.Tokenizer` (which applies the excluded-app list),
 groups the tokens by block (the employee-day of their wall-clock time) and
 appends them to the :class:`~keystay.client.store.EventStore` in batches of up
-to ``batch_size`` records, at least every ``flush_interval`` seconds.
+to ``batch_size`` records. Tokens reach the store about ``flush_interval +
+REORDER_S`` seconds after the event; :meth:`Recorder.stop` writes everything.
 
 Why a queue and a thread: an OS input callback that blocks (on a disk write,
 on the store's lock, on AES) delays the user's own input on some platforms and
@@ -29,8 +33,9 @@ What happens on each kind of error (the writer never dies of one):
 - **The tokenizer raises on an event**: that event is dropped and counted
   (``events_dropped_error``); one malformed event must not stop capture.
 - **The queue is full** (the writer is stuck, e.g. behind a locked store):
-  new events are dropped at the door and counted (``events_dropped_overflow``),
-  so memory stays bounded and the callback still never blocks.
+  new events are dropped at the door and counted (``events_dropped_overflow``,
+  which also counts events submitted before :meth:`start` or after
+  :meth:`stop`), so memory stays bounded and the callback never blocks.
 
 Every error sets ``stats.last_error`` (a sentence for a person) and is logged
 once per kind of failure, not once per event.
@@ -38,26 +43,37 @@ once per kind of failure, not once per event.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from keystay.client.capture.events import AppFocus, RawEvent
-from keystay.client.store import EventStore, StoreError, block_for
+from keystay.client.store import StoreError, block_for
 from keystay.client.tokens import MOVE_GAP_S, Tokenizer, TokenRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recorder", "RecorderStats"]
+__all__ = ["REORDER_S", "Recorder", "RecorderStats", "TokenSink"]
 
+REORDER_S = 0.25
+"""Events are tokenized in time order once they are this old (see ``_drain``)."""
 _RETRY_FIRST_S = 1.0
 _RETRY_MAX_S = 60.0
+
+
+class TokenSink(Protocol):
+    """Where token batches go: an :class:`~keystay.client.store.EventStore`, or
+    anything with its ``append`` (the daemon passes its core, which forwards to
+    whichever store is current)."""
+
+    def append(self, block: str, records: Sequence[TokenRecord]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +87,8 @@ class RecorderStats:
     events_dropped_paused : int
         Events dropped at the door because recording was paused.
     events_dropped_overflow : int
-        Events dropped because the queue held ``max_queue`` events.
+        Events dropped because the queue held ``max_queue`` events (or the
+        recorder was not running).
     events_dropped_error : int
         Events the tokenizer could not handle.
     tokens_written : int
@@ -83,7 +100,7 @@ class RecorderStats:
     records_dropped : int
         Token records given up on (store full beyond the cap, or refused).
     queue_depth : int
-        Events waiting for the writer thread.
+        Events waiting for the writer thread (queued, or held for ordering).
     last_error : str or None
         The most recent problem, for a person to read.
     """
@@ -98,6 +115,11 @@ class RecorderStats:
     records_dropped: int
     queue_depth: int
     last_error: str | None
+
+
+def _event_time(item: Any) -> float:
+    t: float = item.t
+    return t
 
 
 class _Control:
@@ -117,13 +139,16 @@ class Recorder:
     Parameters
     ----------
     store
-        The open event store to append to (the recorder never closes it).
+        The open event store (or other :class:`TokenSink`) to append to; the
+        recorder never closes it.
     tokenizer
         Owned by the recorder from now on: only the writer thread feeds it.
     batch_size
-        Write a batch as soon as this many token records are buffered.
+        Most token records per store batch (a tick's tokens are split into
+        batches this size; fewer make one batch).
     flush_interval
-        ... or when the oldest buffered record is this many seconds old.
+        Seconds between the writer's ticks: each tick tokenizes what is queued
+        and writes it. Longer ticks mean fewer wake-ups and larger batches.
     block_for
         Maps wall-clock seconds to a block id (an ISO date: the employee-day).
     max_queue
@@ -140,7 +165,7 @@ class Recorder:
 
     def __init__(
         self,
-        store: EventStore,
+        store: TokenSink,
         tokenizer: Tokenizer,
         *,
         batch_size: int = 512,
@@ -186,6 +211,7 @@ class Recorder:
         # Writer-thread state: tokens not yet handed to the store, and batches
         # the store could not take yet (block, records), oldest first.
         self._buffer: list[TokenRecord] = []
+        self._pending: list[Any] = []  # events (and controls) held back for ordering
         self._wake = threading.Event()
         self._retry: deque[tuple[str, list[TokenRecord]]] = deque()
         self._retry_count = 0
@@ -308,7 +334,7 @@ class Recorder:
             batches_written=self._batches_written,
             records_pending=len(self._buffer) + self._retry_count,
             records_dropped=self._records_dropped,
-            queue_depth=self._queue.qsize(),
+            queue_depth=self._queue.qsize() + len(self._pending),
             last_error=self._last_error,
         )
 
@@ -349,19 +375,42 @@ class Recorder:
             elif self._retry and time.monotonic() >= self._retry_at:
                 self._write_retries()
 
-    def _drain(self) -> bool:
-        """Tokenize what is queued now; write full batches as they fill. True at "stop"."""
+    def _drain(self, *, final: bool = False) -> bool:
+        """Tokenize queued events in time order; write full batches as they fill.
+
+        Returns True when the "stop" command was reached (everything before it
+        is then processed, whatever its time).
+        """
         get = self._queue.get_nowait
+        pending = self._pending
+        stop = final
+        # qsize() is exact here: this thread is the only consumer.
+        for _ in range(self._queue.qsize()):
+            item = get()
+            if type(item) is _Control and item.kind == "stop":
+                stop = True
+                break
+            pending.append(item)
+        if not pending:
+            return stop
+        # Input and focus come from different threads and connections, and
+        # the input listener reads in bursts (its events carry the X server's
+        # time): the queue's order is not quite the order things happened. A
+        # key typed in an excluded app just before switching away must meet
+        # the tokenizer before the focus change, so sort by time and hold back
+        # the last REORDER_S seconds, in which a late event could still arrive.
+        pending.sort(key=_event_time)
+        if stop:
+            ready, self._pending = pending, []
+        else:
+            cut = bisect.bisect_right(pending, time.monotonic() - REORDER_S, key=_event_time)
+            ready, self._pending = pending[:cut], pending[cut:]
         feed = self._tokenizer.feed
         buffer = self._buffer
         batch_size = self._batch_size
         last = None
-        # qsize() is exact here: this thread is the only consumer.
-        for _ in range(self._queue.qsize()):
-            item = get()
+        for item in ready:
             if type(item) is _Control:
-                if item.kind == "stop":
-                    return True
                 self._control(item)
                 continue
             last = item
@@ -377,7 +426,7 @@ class Recorder:
                     self._write_buffer()
         if last is not None:
             self._last_event_t = last.t
-        return False
+        return stop
 
     def _control(self, item: _Control) -> None:
         tok = self._tokenizer
@@ -406,20 +455,15 @@ class Recorder:
         if (
             last is not None
             and time.monotonic() - last > MOVE_GAP_S
+            and not self._pending
             and self._queue.qsize() == 0
         ):
             self._last_event_t = None
             self._buffer.extend(self._tokenizer.flush())
 
     def _finish(self) -> None:
-        """Stop: apply controls queued after "stop" (no event can follow it), write all."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if type(item) is _Control and item.kind != "stop":
-                self._control(item)
+        """Stop: tokenize everything still held or queued (in time order), write all."""
+        self._drain(final=True)
         self._buffer.extend(self._tokenizer.flush())
         if self._buffer:
             self._write_buffer()

@@ -120,20 +120,30 @@ def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePoli
     tokenizer = Tokenizer(raw_text=policy.raw_text, excluded_apps=policy.excluded_apps)
     recorder = Recorder(core, tokenizer)
     if options.source == "pynput":
-        from keystay.client.capture.pynput_backend import PynputBackend, display_problem
+        from keystay.client.capture.pynput_backend import (
+            CaptureUnavailableError,
+            PynputBackend,
+            display_problem,
+        )
 
         problem = display_problem()
         if problem is not None:
             raise DaemonError(DaemonExit.NO_DISPLAY, problem)
-        backend: object = PynputBackend(recorder.submit, window_titles=policy.window_titles)
+        pynput_backend = PynputBackend(recorder.submit, window_titles=policy.window_titles)
         recorder.start()
-        backend.start()  # type: ignore[attr-defined]
+        try:
+            pynput_backend.start()
+        except CaptureUnavailableError as error:
+            recorder.stop()
+            raise DaemonError(DaemonExit.NO_DISPLAY, str(error)) from error
+        backend: object = pynput_backend
     else:
         from keystay.client.capture.simulated import SimulatedSource
 
-        backend = SimulatedSource(options.employee_seed)
+        simulated = SimulatedSource(options.employee_seed)
         recorder.start()
-        backend.start(recorder.submit)
+        simulated.start(recorder.submit)
+        backend = simulated
     recorder.backend = backend  # type: ignore[attr-defined]
     return recorder
 
@@ -235,7 +245,8 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
             server.stop(grace=5).wait(10)
         if recorder is not None:
             recorder.backend.stop()  # type: ignore[attr-defined]
-            recorder.stop()  # type: ignore[attr-defined]
+            if not recorder.stop():  # type: ignore[attr-defined]
+                logger.error("the recorder could not write everything it had queued")
         trainer.close()
         core.store.close()
         for leftover in (socket_path(data_dir), data_dir / PID_FILE):

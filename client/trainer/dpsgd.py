@@ -68,7 +68,7 @@ def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
     )
 
 
-def _model(job: TrainJob) -> tuple[NextEventModel, ModelConfig]:
+def _model(job: TrainJob, module: nn.Module | None) -> nn.Module:
     config = job.config if job.config is not None else ModelConfig()
     if job.train.shape[1] != config.window + 1:
         raise ValueError(
@@ -76,16 +76,16 @@ def _model(job: TrainJob) -> tuple[NextEventModel, ModelConfig]:
             f"{config.window} and predicts 1; make them with make_windows(tokens, "
             f"{config.window})"
         )
-    top = int(job.train.max())
-    if job.train.min() < 0 or top >= config.vocab_size:
-        raise ValueError(
-            f"train windows hold token ids outside [0, {config.vocab_size}); the data and "
-            "the model use different vocabularies"
-        )
-    model = NextEventModel(config)
+    for name, windows in (("train", job.train), ("heldout", job.heldout)):
+        if windows.size and (windows.min() < 0 or windows.max() >= config.vocab_size):
+            raise ValueError(
+                f"{name} windows hold token ids outside [0, {config.vocab_size}); the data "
+                "and the model use different vocabularies"
+            )
+    model = module if module is not None else NextEventModel(config)
     set_weights(model, job.weights)
     model.train()
-    return model, config
+    return model
 
 
 def _dataset(windows: np.ndarray) -> TensorDataset:
@@ -113,32 +113,44 @@ def _run(
     recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=_LOSS_WINDOW)
     empty = 0
     batches = _batches(loader)
-    # The model's input is token ids (no gradient), so torch notes that Opacus's full
-    # backward hooks fire on module outputs only; that is what Opacus needs.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    for _ in range(job.steps):
-        x, y = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
-        if len(y) == 0:
-            # An empty Poisson batch is still a step of the mechanism (the accountant
-            # counts it): Opacus's optimizer adds noise to a zero sum of clipped gradients.
-            # It needs the backward pass to have run (for empty per-sample gradients), and
-            # the mean loss of zero examples is NaN, so backpropagate an exact zero instead.
-            empty += 1
-            logits.sum().backward()
-        else:
-            loss = criterion(logits, y)
-            loss.backward()
-            recent.append((float(loss.detach()) * len(y), len(y)))
-        optimizer.step()
+    with warnings.catch_warnings():
+        # The model's input is token ids (no gradient), so torch notes that Opacus's full
+        # backward hooks fire on module outputs only; that is what Opacus needs.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(job.steps):
+            empty += _step(model, optimizer, criterion, next(batches), recent)
     total = sum(n for _, n in recent)
     return (sum(s for s, _ in recent) / total if total else float("nan")), empty
 
 
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    recent: collections.deque[tuple[float, int]],
+) -> int:
+    """One optimizer step; returns 1 if the batch was empty."""
+    x, y = batch
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    if len(y) == 0:
+        # An empty Poisson batch is still a step of the mechanism (the accountant
+        # counts it): Opacus's optimizer adds noise to a zero sum of clipped gradients.
+        # It needs the backward pass to have run (for empty per-sample gradients), and
+        # the mean loss of zero examples is NaN, so backpropagate an exact zero instead.
+        logits.sum().backward()
+        optimizer.step()
+        return 1
+    loss = criterion(logits, y)
+    loss.backward()
+    recent.append((float(loss.detach()) * len(y), len(y)))
+    optimizer.step()
+    return 0
+
+
 def _outcome(
     job: TrainJob,
-    config: ModelConfig,
     trained: nn.Module,
     *,
     train_loss: float,
@@ -147,13 +159,11 @@ def _outcome(
     started: float,
     dp: bool,
 ) -> TrainOutcome:
-    weights = get_weights(trained)
-    # Evaluate on a fresh copy: the trained module still carries Opacus's hooks.
-    clean = NextEventModel(config)
-    set_weights(clean, weights)
-    heldout_loss, accuracy = evaluate(clean, job.heldout)
+    # Opacus's hooks stay on the trained module but record nothing in eval mode
+    # without gradients, which is how evaluate() runs it.
+    heldout_loss, accuracy = evaluate(trained, job.heldout)
     return TrainOutcome(
-        weights=weights,
+        weights=get_weights(trained),
         train_loss=train_loss,
         heldout_accuracy=accuracy,
         heldout_loss=heldout_loss,
@@ -167,7 +177,7 @@ def _outcome(
     )
 
 
-def train_dp(job: TrainJob) -> TrainOutcome:
+def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     """Train with DP-SGD: Poisson sampling, per-example clipping, Gaussian noise.
 
     Uses ``opacus.PrivacyEngine.make_private`` on an Opacus ``DPDataLoader``
@@ -179,6 +189,11 @@ def train_dp(job: TrainJob) -> TrainOutcome:
     Parameters
     ----------
     job : TrainJob
+    module : torch.nn.Module or None
+        Train this module instead of ``NextEventModel(job.config)`` (for the
+        architecture benchmark; it must take ``(batch, window)`` token ids and
+        return logits, and ``job.weights`` must be its state). The device
+        never passes one.
 
     Returns
     -------
@@ -190,7 +205,7 @@ def train_dp(job: TrainJob) -> TrainOutcome:
 
     started = time.perf_counter()
     torch.set_num_threads(TRAIN_THREADS)
-    model, config = _model(job)
+    model = _model(job, module)
     sample_gen, noise_gen = _generators(job.seed)
     n = int(job.train.shape[0])
     sample_rate = sample_rate_for(n, job.batch_size)
@@ -238,7 +253,6 @@ def train_dp(job: TrainJob) -> TrainOutcome:
         )
     return _outcome(
         job,
-        config,
         model,
         train_loss=train_loss,
         empty=empty,
@@ -248,7 +262,7 @@ def train_dp(job: TrainJob) -> TrainOutcome:
     )
 
 
-def train_nondp(job: TrainJob) -> TrainOutcome:
+def train_nondp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     """The same training without privacy: shuffled batches, no clipping, no noise.
 
     For the architecture benchmark only (``bench/bench_models.py``): the
@@ -257,7 +271,7 @@ def train_nondp(job: TrainJob) -> TrainOutcome:
     """
     started = time.perf_counter()
     torch.set_num_threads(TRAIN_THREADS)
-    model, config = _model(job)
+    model = _model(job, module)
     sample_gen, _ = _generators(job.seed)
     loader = DataLoader(
         _dataset(job.train), batch_size=job.batch_size, shuffle=True, generator=sample_gen
@@ -265,7 +279,6 @@ def train_nondp(job: TrainJob) -> TrainOutcome:
     train_loss, _ = _run(job, model, _optimizer(job, model), loader)
     return _outcome(
         job,
-        config,
         model,
         train_loss=train_loss,
         empty=0,

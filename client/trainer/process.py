@@ -106,6 +106,11 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _handlers() -> dict[str, Callable[..., Any]]:
+    # Import everything a job needs now, once: that is what makes this process warm.
+    import opacus
+    import opacus.accountants.analysis.prv
+    import opacus.accountants.analysis.rdp
+    import opacus.data_loader
     import torch
 
     from keystay.client.ledger import accounting
@@ -127,8 +132,6 @@ def _handlers() -> dict[str, Callable[..., Any]]:
         return accounting.epsilons(history, delta=delta)
 
     def ping() -> dict[str, Any]:
-        import opacus
-
         # str(): torch.__version__ is a TorchVersion, which would import torch when unpickled.
         versions = {"torch": str(torch.__version__), "opacus": str(opacus.__version__)}
         return {"pid": os.getpid(), **versions}
@@ -162,10 +165,14 @@ def _warm_up() -> None:
 
 def _error_reply(error: BaseException) -> tuple[str, Any, str, str, str]:
     text = "".join(traceback.format_exception(error))
-    try:
-        exc: BaseException | None = pickle.loads(pickle.dumps(error))
-    except Exception:  # not every exception pickles; the text still says what happened
-        exc = None
+    exc: BaseException | None = None
+    # Only built-in exception types travel as objects: unpickling one defined in torch or
+    # Opacus would import torch into the daemon. Others arrive as a TrainerError.
+    if type(error).__module__ == "builtins":
+        try:
+            exc = pickle.loads(pickle.dumps(error))
+        except Exception:  # not every exception pickles; the text still says what happened
+            exc = None
     return ("error", exc, type(error).__name__, str(error), text)
 
 
@@ -323,6 +330,11 @@ class WarmTrainer:
             finally:
                 self._lock.release()
         return self._hello is not None
+
+    @property
+    def busy(self) -> bool:
+        """True while a call (or a start) is in progress."""
+        return self._lock.locked()
 
     @property
     def pid(self) -> int | None:

@@ -18,6 +18,7 @@ Each test stops what it started, by PID / process group, in a ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,9 +42,11 @@ REFUSAL_TIMEOUT_S = 60.0
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[LocalFederation]:
-    federation = LocalFederation(tmp_path / "fed", devices=0, startup_timeout=90)
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """One secure SuperLink for the module (each test uses its own devices)."""
+    federation = LocalFederation(tmp_path_factory.mktemp("transport") / "fed", devices=0,
+                                 startup_timeout=90)
     try:
         federation.start_server()
         yield federation
@@ -71,8 +74,12 @@ def _secure(device: Path, superlink: str) -> SuperNodeConfig:
                    auth_private_key=device / "supernode.key")
 
 
-def run_supernode_once(config: SuperNodeConfig) -> tuple[int, str]:
-    """Run one ``flower-supernode`` until it exits (refused); kill its group if it does not."""
+def run_supernode_once(config: SuperNodeConfig,
+                       timeout: float = REFUSAL_TIMEOUT_S) -> tuple[int | None, str]:
+    """Run one ``flower-supernode`` until it exits or ``timeout``; its group is killed after.
+
+    Returns ``(exit code or None if it was still trying, its log)``.
+    """
     config.log_file.parent.mkdir(parents=True, exist_ok=True)
     config.flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(config.flwr_home)
@@ -80,18 +87,23 @@ def run_supernode_once(config: SuperNodeConfig) -> tuple[int, str]:
         process = subprocess.Popen(config.command(), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
-        code = process.wait(REFUSAL_TIMEOUT_S)
+        code: int | None = process.wait(timeout)
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # its SuperExec child too
-        except ProcessLookupError:
-            pass
         process.wait(10)
-    assert code is not None, (f"the SuperNode was not refused within {REFUSAL_TIMEOUT_S:.0f} s:\n"
-                              + config.log_file.read_text()[-2000:])
     return code, config.log_file.read_text()
+
+
+def _refused(config: SuperNodeConfig) -> str:
+    """Run a SuperNode that must be refused: it exits non-zero and never gets a node id."""
+    code, log = run_supernode_once(config)
+    assert code is not None, f"not refused within {REFUSAL_TIMEOUT_S:.0f} s:\n{log[-2000:]}"
+    assert code != 0
+    assert "SuperNode ID:" not in log
+    return log
 
 
 def _statuses(fed: LocalFederation) -> dict[int, str]:
@@ -166,18 +178,16 @@ def test_an_unenrolled_key_is_refused(fed: LocalFederation, tmp_path: Path) -> N
     device = tmp_path / "stranger"
     _keystay("device", "enroll", "--data", str(device), "--server", fed.fleet, "--ca",
              str(fed.server_ca), check=True)
-    code, log = run_supernode_once(_secure(device, fed.fleet))
-    assert code != 0
+    online_before = {n for n, s in _statuses(fed).items() if s == "online"}
+    log = _refused(_secure(device, fed.fleet))
     assert "Failed to activate SuperNode" in log
     # Without any key the SuperNode tries to register itself: refused too.
     anonymous = tmp_path / "anonymous"
     (anonymous / "tls").mkdir(parents=True)
     (anonymous / "tls" / "ca.pem").write_bytes(fed.server_ca.read_bytes())
-    code, log = run_supernode_once(_config(anonymous, fed.fleet,
-                                           root_certificates=anonymous / "tls" / "ca.pem"))
-    assert code != 0
+    log = _refused(_config(anonymous, fed.fleet, root_certificates=anonymous / "tls" / "ca.pem"))
     assert "Failed to initialize the connection" in log
-    assert not any(s == "online" for s in _statuses(fed).values())
+    assert {n for n, s in _statuses(fed).items() if s == "online"} == online_before
 
 
 @pytest.mark.parametrize("trust", ["system-store", "attacker-ca", "plaintext"])
@@ -195,10 +205,12 @@ def test_a_device_without_the_ca_cannot_connect(fed: LocalFederation, tmp_path: 
                          auth_private_key=device / "supernode.key")
     else:
         config = _config(device, fed.fleet, insecure=True)
-    code, log = run_supernode_once(config)
-    assert code != 0
-    if trust != "plaintext":
-        assert "CERTIFICATE_VERIFY_FAILED" in log
+    if trust == "plaintext":
+        # No TLS handshake ever completes; Flower keeps retrying "unavailable".
+        code, log = run_supernode_once(config, timeout=15.0)
+        assert code != 0 and "SuperNode ID:" not in log
+    else:
+        assert "CERTIFICATE_VERIFY_FAILED" in _refused(config)
     assert _statuses(fed)[node_id] == "registered"  # never came online
 
 
@@ -214,9 +226,7 @@ def test_a_rogue_superlink_is_refused(fed: LocalFederation, tmp_path: Path) -> N
                        rogue.fleet, "--ca", str(fed.server_ca))
         assert out.returncode == 31, out.stdout + out.stderr
         # The enrolled device's SuperNode, pointed at it, refuses its certificate.
-        code, log = run_supernode_once(_secure(device, rogue.fleet))
-        assert code != 0
-        assert "CERTIFICATE_VERIFY_FAILED" in log
+        assert "CERTIFICATE_VERIFY_FAILED" in _refused(_secure(device, rogue.fleet))
         assert not rogue.supernodes()
     finally:
         rogue.stop()
@@ -274,3 +284,23 @@ def test_the_supernode_reconnects_after_the_superlink_restarts(fed: LocalFederat
         assert supervisor.pid is not None
     finally:
         supervisor.stop()
+
+
+def test_the_insecure_option_still_works_and_says_so(tmp_path: Path) -> None:
+    """``LocalFederation(insecure=True)``: plain text, no node auth, a warning on every start."""
+    plain = LocalFederation(tmp_path / "plain", devices=0, insecure=True, startup_timeout=90)
+    device = tmp_path / "plain-device"
+    supervisor = SuperNodeSupervisor(_config(device, "", insecure=True))
+    try:
+        plain.start_server()
+        supervisor.config.superlink = plain.fleet
+        log = plain.server_dir / "logs" / "server-start.log"
+        assert "WITHOUT TLS" in log.read_text()
+        supervisor.start()
+        plain.wait_online(1, timeout=90)  # anyone may join: that is what insecure means
+        plain.stop_server()
+        plain.start_server()
+        assert log.read_text().count("WITHOUT TLS") == 2  # warned again on the next start
+    finally:
+        supervisor.stop()
+        plain.stop()

@@ -38,7 +38,7 @@ def test_defaults_come_from_the_shared_vocabulary_and_window() -> None:
     config = ModelConfig()
     assert config.vocab_size == tokens.VOCAB_SIZE
     assert config.window == WINDOW == 32
-    assert PAD_ID == tokens.token_id("<pad>")
+    assert tokens.token_id("<pad>") == PAD_ID
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -121,8 +121,12 @@ def test_set_weights_names_the_mismatch() -> None:
         set_weights(model, weights[:-1])
     wrong = list(weights)
     wrong[0] = np.zeros((3, 3), dtype=np.float32)
-    with pytest.raises(ValueError, match="embed.weight"):
+    with pytest.raises(ValueError, match=r"embed\.weight"):
         set_weights(model, wrong)
+    poisoned = list(weights)
+    poisoned[-1] = np.full_like(weights[-1], np.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        set_weights(model, poisoned)
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

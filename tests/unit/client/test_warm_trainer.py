@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,25 +58,33 @@ def _job(steps: int = 3, **overrides: object) -> TrainJob:
 
 
 def _gone(pid: int) -> bool:
-    """True if ``pid`` no longer runs (absent, or a zombie waiting to be reaped)."""
+    """True if nothing of ``pid`` runs any more: absent, or a zombie all of whose threads ended.
+
+    (SIGKILL makes the main thread a zombie at once; other threads may take a moment.)
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return True
-    return state == "Z"
+    return all(state in ("Z", "X") for state in states)
+
+
+def _wait_until(condition: Callable[[], bool], limit: float = 30.0) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
 
 
 def _wait_gone(pid: int, limit: float = 30.0) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if _gone(pid):
-            return True
-        time.sleep(0.1)
-    return _gone(pid)
+    return _wait_until(lambda: _gone(pid), limit)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +211,7 @@ def test_a_child_killed_while_idle_is_replaced_transparently(trainer: WarmTraine
     assert pid is not None
     restarts = trainer.restarts
     os.kill(pid, signal.SIGKILL)
-    assert _wait_gone(pid)
+    assert _wait_until(lambda: trainer.pid is None)
     assert not trainer.ready
     new_pid = trainer.ping()["pid"]
     assert new_pid != pid
@@ -214,16 +222,21 @@ def test_a_child_killed_mid_job_raises_a_clear_error_then_recovers(trainer: Warm
     pid = trainer.pid
     assert pid is not None
     caught: list[BaseException] = []
+    endless = _job(steps=10_000_000)
 
     def run() -> None:
         try:
-            trainer.train(_job(steps=10_000_000))
+            trainer.train(endless)
         except BaseException as error:  # checked below
             caught.append(error)
 
     worker = threading.Thread(target=run)
     worker.start()
-    time.sleep(0.5)  # let the job reach the child; the job cannot finish meanwhile
+    deadline = time.monotonic() + 30
+    while not trainer.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert trainer.busy
+    time.sleep(0.3)  # the job is sent right after the call starts; it cannot finish
     os.kill(pid, signal.SIGKILL)
     worker.join(60)
     assert not worker.is_alive()
@@ -274,7 +287,7 @@ def test_a_start_failure_names_the_cause(
     monkeypatch.syspath_prepend(str(tmp_path))
     t = WarmTrainer(warm_up=False)
     try:
-        with pytest.raises(TrainerError, match="could not start.*opacus is broken here"):
+        with pytest.raises(TrainerError, match=r"could not start.*opacus is broken here"):
             t.start()
         assert t.pid is None
     finally:
