@@ -60,8 +60,6 @@ delete, so a forgotten day does not linger in free pages or WAL frames.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import json
 import os

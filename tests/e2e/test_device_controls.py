@@ -20,7 +20,8 @@ pytestmark = pytest.mark.e2e
 YESTERDAY = (date.today() - timedelta(days=1)).isoformat()
 
 
-def keystay(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+def keystay(*args: str, check: bool = True,
+            stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([executable("keystay"), *args], capture_output=True, text=True,
                           env=flower_env(), check=check, input=stdin, timeout=120)
 
