@@ -27,6 +27,7 @@ The file format::
     window_titles = false
     retention_days = 30
     min_block_windows = 64
+    min_block_age_days = 1
     accountant = "prv"
 """
 
@@ -259,6 +260,9 @@ _RULES: dict[str, _Rule] = {
     "min_block_windows": _integer(
         lambda v: 1 <= v <= 10_000_000, "a whole number >= 1 (typical 32–1000)"
     ),
+    "min_block_age_days": _integer(
+        lambda v: 0 <= v <= 3650, "a whole number of days from 0 to 3650 (typical 1)"
+    ),
     "accountant": _Rule(
         allowed=" or ".join(json.dumps(a) for a in ACCOUNTANTS),
         check=lambda v: v in ACCOUNTANTS,
@@ -350,6 +354,11 @@ class DevicePolicy:
         Default 64: with fewer, Poisson sampling at a useful batch size draws
         most of the block every step (sample rate near 1, no amplification)
         and there is too little to learn from.
+    min_block_age_days : int
+        A day is trained on only once it is this many days old. Default 1:
+        today's block is still being written, and charging a block whose
+        contents are not final would spend its budget on a moving target.
+        0 allows training on today (tests and demos).
     accountant : {"prv", "rdp"}
         Which ε bound is enforced against the budget. Default ``"prv"``: the
         PRV accountant's certified upper bound (Gopi et al. 2021), or the RDP
@@ -371,6 +380,7 @@ class DevicePolicy:
     window_titles: bool = False
     retention_days: int = 30
     min_block_windows: int = 64
+    min_block_age_days: int = 1
     accountant: Accountant = "prv"
 
     def __post_init__(self) -> None:
@@ -519,6 +529,11 @@ class DevicePolicy:
             (
                 "Smallest day used",
                 f"{self.min_block_windows} token windows; thinner days are left out.",
+            ),
+            (
+                "Youngest day used",
+                "today's is used too." if self.min_block_age_days == 0 else
+                f"{self.min_block_age_days} day(s) old; newer days are still being recorded.",
             ),
             ("Never recorded", f"input while one of these applications has focus: {apps}."),
             (

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -115,16 +115,16 @@ class DeviceCore:
     # -- data --------------------------------------------------------------
 
     def eligible_blocks(self, today: date | None = None) -> list[str]:
-        """Complete, unretired days with enough windows to train on.
+        """Unretired days old enough (``min_block_age_days``) with enough windows.
 
-        Today's block is still being written; training on it would charge a
-        block whose contents are not final, so it waits until tomorrow.
+        Today's block is still being written; by default it waits until
+        tomorrow, so its budget is not charged while its contents change.
         """
-        today_block = (today or date.today()).isoformat()
+        newest = (today or date.today()) - timedelta(days=self.policy.min_block_age_days)
         retired = {t.block for t in self.ledger.totals() if t.retired}
         chosen = []
         for info in self.store.blocks():
-            if info.block >= today_block or info.block in retired:
+            if info.block > newest.isoformat() or info.block in retired:
                 continue
             if _window_count(info.events) < self.policy.min_block_windows:
                 continue
@@ -154,8 +154,9 @@ class DeviceCore:
             if block not in eligible:
                 raise Refusal(
                     "block-excluded",
-                    f"refused: block {block} is not eligible for training (today's block, "
-                    f"or fewer than {self.policy.min_block_windows} windows)",
+                    f"refused: block {block} is not eligible for training (younger than "
+                    f"min_block_age_days = {self.policy.min_block_age_days}, or fewer than "
+                    f"{self.policy.min_block_windows} windows)",
                 )
         return list(dict.fromkeys(requested))
 

@@ -124,6 +124,7 @@ BAD_VALUES = [
     ("retention_days", "0", "from 1 to 3650"),
     ("retention_days", "99999", "from 1 to 3650"),
     ("min_block_windows", "0", ">= 1"),
+    ("min_block_age_days", "-1", "from 0 to 3650"),
     ("accountant", '"gdp"', '"prv" or "rdp"'),
     ("accountant", "1", '"prv" or "rdp"'),
 ]
