@@ -91,6 +91,12 @@ def device() -> None:
               help="Simulated events per day (with --simulate-days).")
 @click.option("--employee-seed", type=int, default=0, show_default=True,
               help="Which simulated employee (each seed types and clicks differently).")
+@click.option("--socket", "socket", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="KEYSTAY_SOCKET",
+              help="Serve the Device service here (default: DATA/device.sock).")
+@click.option("--socket-group",
+              help="Let this group connect to the socket (mode 0660): the SuperNode's "
+              "group when it runs as another OS user (see the systemd units).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def run(
     data_dir: Path,
@@ -104,6 +110,8 @@ def run(
     simulate_days: int,
     events_per_day: int,
     employee_seed: int,
+    socket: Path | None,
+    socket_group: str | None,
     verbose: bool,
 ) -> None:
     """Start the device daemon (runs until stopped with Ctrl-C or SIGTERM).
@@ -130,6 +138,17 @@ def run(
             logging.FileHandler(data_dir / "logs" / "daemon.log"),
         ],
     )
+    if superlink is None:
+        from keystay.client.enroll import EnrollError, FederationSettings
+
+        try:
+            joined = FederationSettings.load(data_dir)
+        except EnrollError as error:
+            raise click.ClickException(str(error)) from error
+        if joined is not None:  # written by `keystay device enroll`
+            superlink = joined.superlink
+            root_certificates = root_certificates or joined.root_certificates
+            auth_private_key = auth_private_key or joined.auth_private_key
     options = DaemonOptions(
         data_dir=data_dir,
         source=source,
@@ -142,6 +161,8 @@ def run(
         insecure=insecure,
         root_certificates=root_certificates,
         auth_private_key=auth_private_key,
+        socket=socket,
+        socket_group=socket_group,
     )
     try:
         code = run_daemon(options)

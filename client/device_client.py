@@ -6,6 +6,7 @@ no data of its own: whatever it gets back is what the daemon chose to answer.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -21,8 +22,13 @@ CALL_TIMEOUT_S = 30.0
 
 
 def socket_path(data_dir: Path) -> Path:
-    """Where the daemon for ``data_dir`` serves the Device service."""
-    return Path(data_dir) / SOCKET_NAME
+    """Where the daemon for ``data_dir`` serves the Device service.
+
+    ``KEYSTAY_SOCKET`` overrides it (the systemd units put the socket where
+    the SuperNode's user can reach it).
+    """
+    override = os.environ.get("KEYSTAY_SOCKET")
+    return Path(override) if override else Path(data_dir) / SOCKET_NAME
 
 
 class DeviceUnavailableError(RuntimeError):

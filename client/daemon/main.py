@@ -25,6 +25,11 @@ import grpc
 from keystay.client.daemon.controls import Controls
 from keystay.client.daemon.core import DeviceCore
 from keystay.client.daemon.service import DeviceServicer
+from keystay.client.daemon.socket_access import (
+    SocketAccessError,
+    apply_socket_access,
+    socket_umask,
+)
 from keystay.client.daemon.supernode import SuperNodeConfig, SuperNodeSupervisor
 from keystay.client.device_client import socket_path
 from keystay.client.identity import DeviceIdentity
@@ -68,6 +73,8 @@ class DaemonOptions:
     insecure: bool = False
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
+    socket: Path | None = None
+    socket_group: str | None = None
 
 
 class DaemonError(Exception):
@@ -148,7 +155,7 @@ def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePoli
     return recorder
 
 
-def _serve(servicer: DeviceServicer, sock: Path) -> grpc.Server:
+def _serve(servicer: DeviceServicer, sock: Path, group: str | None) -> grpc.Server:
     if sock.exists():
         # A live daemon answers on it; a stale one left a file behind.
         from keystay.client.device_client import DeviceClient
@@ -169,14 +176,19 @@ def _serve(servicer: DeviceServicer, sock: Path) -> grpc.Server:
         ],
     )
     device_pb2_grpc.add_DeviceServicer_to_server(servicer, server)
-    # The socket is the device boundary: only this OS user may connect.
-    old_umask = os.umask(0o177)
+    # The socket is the device boundary: only this OS user (and, with
+    # --socket-group, the SuperNode's group) may connect.
+    old_umask = os.umask(socket_umask(group))
     try:
         server.add_insecure_port(f"unix://{sock}")
         server.start()
     finally:
         os.umask(old_umask)
-    os.chmod(sock, 0o600)
+    try:
+        apply_socket_access(sock, group)
+    except SocketAccessError as error:
+        server.stop(0)
+        raise DaemonError(DaemonExit.SOCKET, str(error)) from error
     return server
 
 
@@ -211,16 +223,16 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
     recorder = None
     supervisor = None
     server = None
+    sock = options.socket or socket_path(data_dir)
     try:
         if options.source != "none":
             recorder = _start_recorder(options, core, policy)
         controls = Controls(core, recorder, options.source, __version__)  # type: ignore[arg-type]
-        sock = socket_path(data_dir)
-        server = _serve(DeviceServicer(core, controls), sock)
+        server = _serve(DeviceServicer(core, controls), sock, options.socket_group)
         (data_dir / PID_FILE).write_text(str(os.getpid()))
         if options.superlink:
-            supervisor = SuperNodeSupervisor(
-                SuperNodeConfig(
+            try:
+                supernode_config = SuperNodeConfig(
                     superlink=options.superlink,
                     socket=sock,
                     runtime_port=options.supernode_port,
@@ -230,7 +242,9 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
                     root_certificates=options.root_certificates,
                     auth_private_key=options.auth_private_key,
                 )
-            )
+            except ValueError as error:
+                raise DaemonError(DaemonExit.USAGE, str(error)) from error
+            supervisor = SuperNodeSupervisor(supernode_config)
             supervisor.start()
         logger.info("device %s serving on %s (source: %s)", identity.device_id, sock,
                     options.source)
@@ -249,7 +263,7 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
                 logger.error("the recorder could not write everything it had queued")
         trainer.close()
         core.store.close()
-        for leftover in (socket_path(data_dir), data_dir / PID_FILE):
+        for leftover in (sock, data_dir / PID_FILE):
             leftover.unlink(missing_ok=True)
 
 
