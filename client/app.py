@@ -27,6 +27,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from keystay.client.device_client import DeviceClient, DeviceUnavailableError
+from keystay.client.secagg import is_secagg_message, secagg_train
 from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.v1 import device_pb2
 
@@ -80,6 +81,8 @@ def _error_reply(msg: Message, error: Exception) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Forward a training round to the device daemon."""
+    if is_secagg_message(msg):
+        return secagg_train(msg, context)
     try:
         config = msg.content["config"]
         weights: list[np.ndarray] = msg.content["arrays"].to_numpy_ndarrays()

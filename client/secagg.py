@@ -194,7 +194,7 @@ def _fit_handler(original: Message) -> Any:
         try:
             request = device_pb2.TrainRequest(
                 run_id=str(config.get("run-name", context.run_id)),
-                server_round=int(config["server-round"]),  # type: ignore[call-overload]
+                server_round=int(cast(int, config["server-round"])),
                 weights=weights_to_proto(weights),
                 spec=_spec(config),
             )
@@ -205,7 +205,7 @@ def _fit_handler(original: Message) -> Any:
                 weights,
                 weights_from_proto(reply.weights),
                 reply.train_loss,
-                None if clip is None else float(clip),  # type: ignore[arg-type]
+                None if clip is None else float(cast(float, clip)),
             )
         except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
             # Answer the server's message, not the mod's: the mod has not

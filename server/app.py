@@ -258,6 +258,12 @@ def main(grid: Grid, context: Context) -> None:
     (settings.run_dir / "settings.json").write_text(
         json.dumps(settings.as_run_config(), indent=2, sort_keys=True)
     )
+    if settings.secagg:
+        # Imported here: keystay.server.secagg builds on this module's RoundLog.
+        from keystay.server.secagg import run_secagg
+
+        run_secagg(grid, context, settings)
+        return
     model_config = ModelConfig()
     ledger = ServerLedger.open(settings.server_dir)
     strategy = KeystayFedAvg(settings, ledger, model_config)

@@ -398,11 +398,12 @@ def round_() -> None:
               help="DP-SGD σ asked of devices (each enforces its own floor).")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
               help="Per-sample clip asked of devices (each enforces its own maximum).")
-@click.option("--local-steps", type=int, default=30, show_default=True,
+@click.option("--local-steps", type=int, default=60, show_default=True,
               help="DP-SGD steps per device per round.")
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Expected (Poisson) batch size.")
-@click.option("--learning-rate", type=float, default=0.05, show_default=True)
+@click.option("--learning-rate", type=float, default=0.01, show_default=True,
+              help="Adam step size on each device (not a privacy parameter).")
 @click.option("--central-dp", is_flag=True,
               help="Also clip each device update and noise the sum on the server.")
 @click.option("--central-noise-multiplier", type=float, default=0.5, show_default=True)

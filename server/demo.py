@@ -28,7 +28,8 @@ from keystay.server.deploy.superlink import executable, flower_env
 @click.option("--days", type=int, default=3, show_default=True,
               help="Days of simulated history per employee (one privacy block per day).")
 @click.option("--events-per-day", type=int, default=4000, show_default=True)
-@click.option("--local-steps", type=int, default=30, show_default=True)
+@click.option("--local-steps", type=int, default=60, show_default=True,
+              help="DP-SGD steps per device per round.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for this demo's server, devices and logs (default: runs/demo-TIME).")
 def demo(devices: int, rounds: int, days: int, events_per_day: int, local_steps: int,

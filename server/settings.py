@@ -33,9 +33,9 @@ class RunSettings:
     min_devices: int = 2
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
-    local_steps: int = 30
+    local_steps: int = 60
     batch_size: int = 64
-    learning_rate: float = 0.05
+    learning_rate: float = 0.01
     dp: bool = True
     blocks: str = ""
     seed: int = 0

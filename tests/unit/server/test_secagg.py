@@ -1,0 +1,450 @@
+"""SecAgg+ runs, in one process: the real protocol, the real ClientApp, stub daemons.
+
+:class:`InProcessGrid` stands in for the SuperLink and SuperNodes: it hands
+each message (a deep copy, as the wire would) to ``keystay.client.app.app``
+with that node's own Context, and returns the replies to the ServerApp side
+(``run_secagg``). Each node's ClientApp reaches a stub ``Device`` daemon over a
+real Unix-socket gRPC channel; the stub returns a known update and a report
+signed with an enrolled key. A node can be made to drop out (no reply, as
+after a timeout) at any stage of the protocol.
+
+These tests check what the e2e test cannot see from outside: the sum the
+server computes equals the survivors' updates, what the server received from
+each device is masked, and the strategy only ever holds the aggregate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.server.client_proxy import ClientProxy
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from keystay.client import secagg as client_secagg
+from keystay.client.app import app as client_app
+from keystay.client.model import ModelConfig, initial_weights, read_checkpoint
+from keystay.client.serde import weights_from_proto, weights_to_proto
+from keystay.server import secagg as server_secagg
+from keystay.server.central_dp import aggregate_with_central_dp, clip_update
+from keystay.server.ledger.ledger import ServerLedger
+from keystay.server.secagg import SecAggFedAvg, check_secagg_settings, run_secagg
+from keystay.server.settings import RunSettings, SettingsError
+from keystay.v1 import device_pb2, device_pb2_grpc
+
+from .conftest import FakeDevice
+
+RUN = "secagg-unit"
+QUANTUM = 2 * server_secagg.CLIPPING_RANGE / 2**22  # one step of Flower's quantiser
+
+
+# --------------------------------------------------------------------------- stubs
+
+
+class StubDaemon(device_pb2_grpc.DeviceServicer):
+    """A device daemon that 'trains' by adding a fixed random update, and signs a report."""
+
+    def __init__(self, device: FakeDevice, index: int, scale: float, refuse: bool) -> None:
+        self.device = device
+        self.index = index
+        self.scale = scale
+        self.refuse = refuse
+        self.sent: dict[int, list[np.ndarray]] = {}  # round -> weights returned
+
+    def Train(  # noqa: N802
+        self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
+    ) -> device_pb2.TrainReply:
+        if self.refuse:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused: stub policy says no")
+        server_round = int(request.server_round)
+        weights = weights_from_proto(request.weights)
+        rng = np.random.default_rng(1000 * self.index + server_round)
+        new = [(w + rng.normal(0.0, self.scale, w.shape)).astype(w.dtype) for w in weights]
+        self.sent[server_round] = new
+        payload, signature = self.device.report(
+            request.run_id, server_round, [("2024-01-02", 0.5 * server_round, 8.0, False)],
+            num_examples=100 + self.index,
+        )
+        return device_pb2.TrainReply(
+            weights=weights_to_proto(new),
+            num_examples=100 + self.index,
+            train_loss=2.0 + self.index,
+            seconds=0.1,
+            report=device_pb2.PrivacyReport(
+                device_id=self.device.device_id,
+                epsilon_total=0.5 * server_round,
+                payload_json=payload,
+                signature=signature,
+            ),
+        )
+
+    def Evaluate(  # noqa: N802
+        self, request: device_pb2.EvaluateRequest, context: grpc.ServicerContext
+    ) -> device_pb2.EvaluateReply:
+        return device_pb2.EvaluateReply(
+            num_examples=10, loss=1.5, accuracy=0.2 + 0.1 * self.index,
+            device_id=self.device.device_id,
+        )
+
+
+@dataclass
+class Node:
+    node_id: int
+    device: FakeDevice
+    daemon: StubDaemon
+    context: Context
+
+
+def _stage(msg: Message) -> str:
+    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+    return msg.metadata.message_type
+
+
+@dataclass
+class InProcessGrid(Grid):
+    """SuperLink + SuperNodes in one process (see module docstring)."""
+
+    nodes: dict[int, Node]
+    drop_at: dict[int, str] = field(default_factory=dict)
+    received: list[tuple[str, Message]] = field(default_factory=list)  # what the server got
+    gone: set[int] = field(default_factory=set)
+
+    def set_run(self, run: Run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Run:
+        return Run.create_empty(7)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node_id, stage = msg.metadata.dst_node_id, _stage(msg)
+            if self.drop_at.get(node_id) == stage:
+                self.gone.add(node_id)
+            if node_id in self.gone:
+                continue  # no reply before the timeout: dropped out
+            delivered = copy.deepcopy(msg)
+            delivered.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            TaskIdentity.node_id = node_id
+            try:
+                reply = client_app(delivered, self.nodes[node_id].context)
+            except Exception as error:  # as the SuperNode does: an error reply
+                reply = Message(Error(code=1, reason=repr(error)), reply_to=delivered)
+            finally:
+                TaskIdentity.node_id = SUPERLINK_NODE_ID
+            reply = copy.deepcopy(reply)
+            self.received.append((stage, reply))
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def make_nodes(
+    tmp_path: Path, make_device: Any, ledger: ServerLedger
+) -> Iterator[Any]:
+    servers: list[grpc.Server] = []
+
+    def make(count: int, *, scale: float = 0.01, refuse: Iterable[int] = ()) -> dict[int, Node]:
+        nodes = {}
+        for index in range(count):
+            device = make_device()
+            ledger.enroll_device(device.device_id, device.pem, f"stub-{index}")
+            daemon = StubDaemon(device, index, scale, refuse=index in set(refuse))
+            socket = tmp_path / f"d{index}.sock"
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            device_pb2_grpc.add_DeviceServicer_to_server(daemon, server)
+            server.add_insecure_port(f"unix://{socket}")
+            server.start()
+            servers.append(server)
+            node_id = 101 + index
+            context = Context(run_id=7, node_id=node_id, node_config={"socket": str(socket)},
+                              state=RecordDict(), run_config={})
+            nodes[node_id] = Node(node_id, device, daemon, context)
+        return nodes
+
+    yield make
+    for server in servers:
+        server.stop(None)
+
+
+def _settings(ledger: ServerLedger, **overrides: Any) -> RunSettings:
+    values: dict[str, Any] = dict(
+        server_dir=Path(ledger.path).parent,
+        run_name=RUN, num_server_rounds=1, min_devices=2, secagg=True,
+        secagg_num_shares=3, secagg_reconstruction_threshold=2, round_timeout=5.0,
+    )
+    values.update(overrides)
+    return RunSettings(**values)
+
+
+def _run(ledger: ServerLedger, grid: InProcessGrid, **overrides: Any) -> RunSettings:
+    settings = _settings(ledger, **overrides)
+    context = Context(run_id=7, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                      run_config={})
+    run_secagg(grid, context, settings)
+    return settings
+
+
+def _rows(settings: RunSettings) -> list[dict[str, Any]]:
+    lines = (settings.run_dir / "rounds.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _expected_mean_update(nodes: list[Node], start: list[np.ndarray]) -> list[np.ndarray]:
+    updates = [
+        [np.asarray(n, np.float64) - np.asarray(s, np.float64)
+         for n, s in zip(node.daemon.sent[1], start, strict=True)]
+        for node in nodes
+    ]
+    return [np.mean(arrays, axis=0) for arrays in zip(*updates, strict=True)]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("drop", [None, Stage.SETUP, Stage.SHARE_KEYS,
+                                  Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK])
+def test_server_gets_the_survivors_mean_and_nothing_individual(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger, drop: str | None
+) -> None:
+    nodes = make_nodes(3)
+    victim = 102
+    grid = InProcessGrid(nodes, drop_at={victim: drop} if drop else {})
+    settings = _run(ledger, grid)
+
+    # Who is in the sum: everyone, except a device that left before its masked
+    # vector arrived. One that leaves at unmask is in the sum (its neighbours
+    # reveal its mask seed).
+    summed_ids = sorted(nodes) if drop in (None, Stage.UNMASK) else sorted(set(nodes) - {victim})
+    row = _rows(settings)[0]
+    assert row["secagg"]["summed_nodes"] == summed_ids
+    assert row["secagg"]["aggregate_only"] is True
+    assert row["devices_reported"] == len(summed_ids)
+    assert row["devices_sampled"] == 3
+
+    start = initial_weights(ModelConfig(), settings.seed)
+    final = read_checkpoint(settings.run_dir / "final.pt").weights
+    expected = _expected_mean_update([nodes[i] for i in summed_ids], start)
+    for s, f, e in zip(start, final, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(f, np.float64) - s, e, atol=2 * QUANTUM)
+    # The mean training loss came through the same secure sum.
+    losses = [2.0 + nodes[i].daemon.index for i in summed_ids]
+    assert row["train_loss_mean"] == pytest.approx(np.mean(losses), abs=1e-4)
+
+    # What the server received from each device in the masking stage: no
+    # arrays, and a vector that looks nothing like a quantised update (those
+    # sit near 2**21, the quantiser's zero; masked entries are uniform mod 2**32).
+    masked = [reply for stage, reply in grid.received
+              if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content()]
+    assert len(masked) == (3 if drop in (None, Stage.UNMASK) else 2)
+    for reply in masked:
+        assert all(len(record) == 0 for record in reply.content.array_records.values())
+        configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        vector = [bytes_to_ndarray(b) for b in cast(list[bytes], configs[Key.MASKED_PARAMETERS])]
+        flat = np.concatenate([np.asarray(v, dtype=np.int64).ravel() for v in vector[1:]])
+        near_zero_update = np.abs(flat - 2**21) < 2**16
+        assert near_zero_update.mean() < 0.01, "masked vector looks unmasked"
+        # ... while the report it carries is the device's, in clear, and verifies.
+        metrics = reply.content.config_records["fitres.metrics"]
+        assert json.loads(str(metrics["payload-json"]))["run_id"] == RUN
+    for device in row["devices"].values():
+        if device["node"] in summed_ids:
+            assert device["verified"] and device["epsilon_total"] == pytest.approx(0.5)
+            assert device["train_loss"] is None  # never known per device
+        if device["node"] not in grid.gone:
+            assert 0.0 < device["heldout_accuracy"] < 1.0
+
+
+def test_central_dp_equals_the_plain_central_dp_aggregate(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    # Large updates, so clipping to 0.05 matters; z = 0 makes the result exact.
+    nodes = make_nodes(3, scale=0.05)
+    grid = InProcessGrid(nodes, drop_at={103: Stage.COLLECT_MASKED_VECTORS})
+    settings = _run(ledger, grid, central_dp=True, central_clip=0.05,
+                    central_noise_multiplier=0.0)
+    start = initial_weights(ModelConfig(), settings.seed)
+    final = read_checkpoint(settings.run_dir / "final.pt").weights
+    # The plain path: server clips each reply, sums, divides by the 3 sampled.
+    plain = aggregate_with_central_dp(
+        start, [nodes[101].daemon.sent[1], nodes[102].daemon.sent[1]], None,
+        np.random.default_rng(0), clip_norm=0.05, noise_multiplier=0.0, num_sampled=3,
+    )
+    for f, p in zip(final, plain, strict=True):
+        np.testing.assert_allclose(f, p, atol=2 * QUANTUM)
+    records = ledger.central_dp(RUN)
+    assert [r.server_round for r in records] == [1] and records[0].clip == 0.05
+
+
+def test_central_dp_noise_is_recorded_with_its_epsilon(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3)
+    settings = _run(ledger, InProcessGrid(nodes), num_server_rounds=2, central_dp=True,
+                    central_clip=0.1, central_noise_multiplier=1.0)
+    rows = _rows(settings)
+    epsilons = [row["central_epsilon"] for row in rows]
+    assert 0 < epsilons[0] < epsilons[1] < float("inf")
+    assert [r.epsilon for r in ledger.central_dp(RUN)] == pytest.approx(epsilons)
+
+
+def test_unverifiable_report_keeps_its_update_out_of_the_sum(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3)
+    ledger.revoke_device(nodes[103].device.device_id)
+    settings = _run(ledger, InProcessGrid(nodes))
+    row = _rows(settings)[0]
+    assert row["secagg"]["summed_nodes"] == [101, 102]
+    bad = row["devices"][nodes[103].device.device_id]
+    assert not bad["verified"]
+    start = initial_weights(ModelConfig(), settings.seed)
+    final = read_checkpoint(settings.run_dir / "final.pt").weights
+    expected = _expected_mean_update([nodes[101], nodes[102]], start)
+    for s, f, e in zip(start, final, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(f, np.float64) - s, e, atol=2 * QUANTUM)
+
+
+def test_refusal_is_recorded_and_the_others_are_summed(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3, refuse=[0])
+    settings = _run(ledger, InProcessGrid(nodes))
+    row = _rows(settings)[0]
+    assert row["secagg"]["summed_nodes"] == [102, 103]
+    assert [r["reason"] for r in row["refusals"]] == ["refused: stub policy says no"]
+    assert [r.reason for r in ledger.refusals(RUN)] == ["refused: stub policy says no"]
+
+
+def test_strategy_refuses_individual_updates(tmp_path: Path, ledger: ServerLedger) -> None:
+    settings = _settings(ledger)
+    settings.run_dir.mkdir(parents=True)
+    model = ModelConfig()
+    start = initial_weights(model, 0)
+    strategy = SecAggFedAvg(settings, ledger, model, start)
+    vector = [*(np.zeros_like(w) for w in start), np.zeros(1)]
+
+    def fitres() -> FitRes:  # a fresh Parameters object each: individual updates
+        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
+
+    proxies = [_Proxy(str(i)) for i in range(2)]
+    with pytest.raises(RuntimeError, match="individual updates"):
+        strategy.aggregate_fit(1, [(proxies[0], fitres()), (proxies[1], fitres())], [])
+    shared = fitres()
+    new, _ = strategy.aggregate_fit(1, [(proxies[0], shared), (proxies[1], shared)], [])
+    assert new is not None
+
+
+class _Proxy(ClientProxy):
+    def __init__(self, cid: str) -> None:
+        super().__init__(cid)
+        self.node_id = int(cid)
+
+    def get_properties(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def get_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def reconnect(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize(("shares", "threshold", "ok"),
+                         [(3, 2, True), (5, 3, True), (2, 1, False), (4, 2, False),
+                          (5, 2, False), (3, 3, False)])
+def test_settings_and_device_agree_on_safe_thresholds(
+    ledger: ServerLedger, shares: int, threshold: int, ok: bool
+) -> None:
+    settings = _settings(ledger, secagg_num_shares=shares,
+                         secagg_reconstruction_threshold=threshold)
+    setup = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SHARE_NUMBER: shares,
+                          Key.THRESHOLD: threshold})
+    refusal = client_secagg.check_protocol(setup, 5)
+    if ok:
+        check_secagg_settings(settings)
+        assert refusal is None
+    else:
+        with pytest.raises(SettingsError, match="secagg-"):
+            check_secagg_settings(settings)
+        # A threshold the server allows only when equal to the shares (3, 3) is
+        # Flower's to reject; every weaker one the device refuses itself.
+        if 2 * threshold <= shares or shares < 3:
+            assert refusal is not None and refusal.startswith("refused:")
+
+
+def test_device_refuses_inconsistent_unmask() -> None:
+    def unmask(active: list[int], dead: list[int]) -> ConfigRecord:
+        return ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,
+                             Key.DEAD_NODE_ID_LIST: dead})
+
+    assert client_secagg.check_protocol(unmask([5, 6], [7]), 5) is None
+    assert "both alive and dropped" in str(client_secagg.check_protocol(unmask([5, 6], [6]), 5))
+    assert "as dropped" in str(client_secagg.check_protocol(unmask([6, 7], [5]), 5))
+
+
+def test_device_clip_is_the_server_clip() -> None:
+    rng = np.random.default_rng(3)
+    update = [rng.normal(size=(4, 5)), rng.normal(size=7)]
+    for norm in (0.1, 1.0, 100.0):
+        for a, b in zip(client_secagg.clip_update(update, norm), clip_update(update, norm)[0],
+                        strict=True):
+            np.testing.assert_allclose(a, b)
+    zero = [np.zeros(3)]
+    np.testing.assert_array_equal(client_secagg.clip_update(zero, 1.0)[0], zero[0])
+
+
+def test_wire_constants_agree() -> None:
+    assert client_secagg.CONFIG_UPDATE_CLIP == server_secagg.CONFIG_UPDATE_CLIP
+    assert client_secagg.LOSS_SCALE == server_secagg.LOSS_SCALE
+    assert client_secagg.SECAGG_WEIGHT == server_secagg.MAX_WEIGHT
+    from keystay.client.app import ERROR_REFUSED
+
+    assert server_secagg.ERROR_REFUSED == ERROR_REFUSED
