@@ -26,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from keystay.client.digest import weights_sha256
 from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
 from keystay.server.central_dp import (
     SAMPLING_DESCRIPTIONS,
@@ -168,6 +169,14 @@ class KeystayFedAvg(FedAvg):
                 # or contradictory one says it cost too much.
                 log(WARNING, "round %s: report from %s does not verify (%s); update dropped",
                     server_round, device_id, ", ".join(verdict.flags))
+                continue
+            received = weights_sha256(msg.content["arrays"].to_numpy_ndarrays())
+            if payload.get("update_sha256") != received:
+                # The signed report accounts for a different update than the
+                # one that arrived: aggregate neither.
+                round_log.devices[device_id]["flags"].append("update-mismatch")
+                log(WARNING, "round %s: update from %s does not match its signed report; "
+                    "dropped", server_round, device_id)
                 continue
             accepted.append(msg)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keystay.client.digest import weights_sha256
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Ledger
@@ -208,6 +209,7 @@ class DeviceCore:
                 charge=charge,
                 ledger=self.ledger,
                 num_examples=len(train),
+                update_sha256=weights_sha256(outcome.weights),
             )
             payload, signature = sign_report(report, self.identity)
             self.ledger.mark_answered(charge)

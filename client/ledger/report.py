@@ -82,6 +82,10 @@ class PrivacyReport:
         The unit of privacy, stated honestly.
     created : float
         Unix seconds when the charge was written.
+    update_sha256 : str
+        :func:`keystay.client.digest.weights_sha256` of the update this report
+        accounts for, binding the two (empty if the report was built without
+        an update).
     """
 
     device_id: str
@@ -100,6 +104,7 @@ class PrivacyReport:
     num_examples: int
     unit: str = UNIT
     created: float = 0.0
+    update_sha256: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready values (the signed content), with the format tag."""
@@ -131,6 +136,7 @@ class PrivacyReport:
             "num_examples": int(self.num_examples),
             "unit": self.unit,
             "created": float(self.created),
+            "update_sha256": self.update_sha256,
         }
 
     @classmethod
@@ -198,6 +204,7 @@ def build_report(
     charge: Charge,
     num_examples: int,
     ledger: Ledger | None = None,
+    update_sha256: str = "",
 ) -> PrivacyReport:
     """The report for ``charge``, cross-checked against what the round ran.
 
@@ -246,7 +253,7 @@ def build_report(
     )
     if ledger is not None:
         report = dataclasses.replace(report, epsilon_total=ledger.device_epsilon())
-    return report
+    return dataclasses.replace(report, update_sha256=update_sha256)
 
 
 def _figure(x: float) -> float | None:

@@ -315,6 +315,17 @@ class RecordingProxy:
         with self._lock:
             return [(c.number, bytes(c.up), bytes(c.down)) for c in self.connections]
 
+    def save(self, folder: Path) -> list[Path]:
+        """Write the capture, one file per connection and direction, for a person to inspect."""
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for number, up, down in self.snapshot():
+            for direction, stream in (("up", up), ("down", down)):
+                path = folder / f"connection-{number}-{direction}.bin"
+                path.write_bytes(stream)
+                written.append(path)
+        return written
+
     def stop(self) -> None:
         self._stop.set()
         self._listener.close()
