@@ -190,7 +190,11 @@ def start(server_dir: Path) -> None:
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             config.superlink_command(server_dir), stdout=log, stderr=subprocess.STDOUT,
-            env=flower_env(), start_new_session=True, preexec_fn=_die_with_parent,
+            # FLWR_HOME inside the server folder: otherwise the SuperLink and
+            # its SuperExec keep app bundles in ~/.flwr, outside what the
+            # operator backs up, audits and deletes.
+            env=flower_env(server_dir / "flwr"), start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     stopping = False
 

@@ -20,8 +20,9 @@ device). Three parts:
   :func:`decode_h2` undoes HTTP/2 framing (a string cut by a frame boundary
   would escape a search of the raw stream) and gRPC message framing, and
   decompresses gRPC-compressed messages. HPACK header blocks are searched as
-  captured but not decoded (no HPACK decoder is installed): a string sent as
-  a Huffman-coded header would not be found there.
+  captured and, when the ``hpack`` package is importable, decoded
+  (:func:`decode_headers`): a string sent in a Huffman-coded header is found
+  only then.
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ class RecordingProxy:
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
-_PADDED, _PRIORITY = 0x8, 0x20
+_END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
 
 
 @dataclass
@@ -352,7 +353,7 @@ class H2Decoded:
     consumed: int = 0  # bytes parsed as whole frames (plus the preface)
     total: int = 0
     data: dict[int, bytes] = field(default_factory=dict)  # stream id -> DATA payload
-    header_blocks: bytes = b""  # HPACK, as sent (not decoded)
+    header_blocks: list[bytes] = field(default_factory=list)  # whole HPACK blocks, in order
     grpc_messages: list[bytes] = field(default_factory=list)
     grpc_compressed: int = 0
     grpc_undecodable: int = 0
@@ -368,7 +369,7 @@ def decode_h2(stream: bytes) -> H2Decoded:
     out = H2Decoded(total=len(stream))
     pos = len(H2_PREFACE) if stream.startswith(H2_PREFACE) else 0
     data: dict[int, bytearray] = {}
-    headers = bytearray()
+    block = bytearray()
     while pos + 9 <= len(stream):
         length = int.from_bytes(stream[pos : pos + 3], "big")
         ftype, flags = stream[pos + 3], stream[pos + 4]
@@ -381,15 +382,17 @@ def decode_h2(stream: bytes) -> H2Decoded:
             payload = payload[1 : len(payload) - pad]
         if ftype == _DATA:
             data.setdefault(sid, bytearray()).extend(payload)
-        elif ftype == _HEADERS:
-            headers += payload[5:] if flags & _PRIORITY else payload
-        elif ftype == _CONTINUATION:
-            headers += payload
+        elif ftype in (_HEADERS, _CONTINUATION):
+            if ftype == _HEADERS:
+                block = bytearray(payload[5:] if flags & _PRIORITY else payload)
+            else:
+                block += payload
+            if flags & _END_HEADERS:
+                out.header_blocks.append(bytes(block))
         out.frames += 1
         pos += 9 + length
     out.consumed = pos
     out.data = {sid: bytes(buf) for sid, buf in data.items()}
-    out.header_blocks = bytes(headers)
     for body in out.data.values():
         at = 0
         while at + 5 <= len(body):
@@ -409,3 +412,22 @@ def decode_h2(stream: bytes) -> H2Decoded:
                     out.grpc_undecodable += 1
             out.grpc_messages.append(message)
     return out
+
+
+def decode_headers(blocks: Sequence[bytes]) -> bytes | None:
+    """One direction's HPACK blocks (in order) as ``name: value`` lines; None without hpack.
+
+    ``hpack`` is not a keystay dependency; without it header blocks are only
+    searched as sent, and a Huffman-coded value would go unseen.
+    """
+    try:
+        import hpack  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    decoder = hpack.Decoder()
+    decoder.max_header_list_size = 1 << 30
+    lines = []
+    for block in blocks:
+        for name, value in decoder.decode(block, raw=True):
+            lines.append(bytes(name) + b": " + bytes(value))
+    return b"\n".join(lines)

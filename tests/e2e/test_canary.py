@@ -57,6 +57,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,6 +66,7 @@ import xserver
 from leakcheck import Hit, Pattern, PlaceCoverage
 
 from keystay.client.tokens import token_id
+from keystay.client.windows import WINDOW, make_windows
 from keystay.server.deploy.local import LEGACY_REQUEST_FILE, LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env, free_port
 from keystay.server.rounds import start_run
@@ -228,7 +230,7 @@ class Search:
 
     def capture(self, key: str, proxy: leakcheck.RecordingProxy) -> dict[str, Any]:
         """The proxy's bytes: raw per direction, then unframed (HTTP/2 DATA, gRPC)."""
-        figures: dict[str, Any] = {"connections": 0}
+        figures: dict[str, Any] = {"connections": 0, "headers_decoded": True}
         for direction in ("up", "down"):
             figures[direction] = {"raw_bytes": 0, "h2_frames": 0, "h2_parsed_bytes": 0,
                                   "data_bytes": 0, "header_block_bytes": 0,
@@ -246,11 +248,16 @@ class Search:
                 f["raw_bytes"] += len(stream)
                 f["h2_frames"] += decoded.frames
                 f["h2_parsed_bytes"] += decoded.consumed
-                f["header_block_bytes"] += len(decoded.header_blocks)
+                f["header_block_bytes"] += sum(map(len, decoded.header_blocks))
                 f["grpc_compressed"] += decoded.grpc_compressed
                 f["grpc_undecodable"] += decoded.grpc_undecodable
-                self.hits += leakcheck.search_bytes(decoded.header_blocks, self.patterns,
-                                                    place=place, where=f"{name} header blocks")
+                headers = leakcheck.decode_headers(decoded.header_blocks)
+                if headers is None:
+                    figures["headers_decoded"] = False  # hpack missing: searched as sent only
+                else:
+                    f["decoded_header_bytes"] = f.get("decoded_header_bytes", 0) + len(headers)
+                    self.hits += leakcheck.search_bytes(headers, self.patterns, place=place,
+                                                        where=f"{name} decoded headers")
                 for sid, body in decoded.data.items():
                     f["data_bytes"] += len(body)
                     self.hits += leakcheck.search_bytes(body, self.patterns, place=place,
@@ -286,6 +293,23 @@ def self_check(folder: Path, patterns: list[Pattern]) -> None:
     assert not missing, f"the search missed planted patterns: {missing}"
     assert coverage.files == 1 and coverage.bytes == planted.stat().st_size
     planted.unlink()
+
+
+def windows_self_check(ids: list[int], patterns: list[Pattern]) -> None:
+    """A leaked training window (33 tokens, int64, any position) would be found.
+
+    The span is cut into windows exactly as the device cuts its blocks, with
+    filler tokens around it; every window lying inside the span must hit.
+    """
+    filler = [token_id("timing:flight:2000ms+"), token_id("key:space")] * 40
+    tokens = np.array(filler + ids + filler, dtype=np.int64)
+    windows = make_windows(tokens, WINDOW)
+    inside = windows[len(filler) : len(filler) + len(ids) - WINDOW]
+    assert len(inside) > 0, f"the canary span ({len(ids)} tokens) is shorter than a window"
+    for i, window in enumerate(inside):
+        for packed in (window.tobytes(), window.astype(np.uint16).tobytes()):
+            hits = leakcheck.search_bytes(packed, patterns, place="self-check", where="window")
+            assert hits, f"window {i} inside the canary span would not be found"
 
 
 def h2_self_check(canary: str) -> None:
@@ -402,6 +426,7 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
         ids = [token_id(e["token"]) for e in span]
         patterns = text + leakcheck.token_patterns(ids)
         self_check(tmp_path / "self-check", patterns)
+        windows_self_check(ids, patterns)
         coverage["canary_tokens"] = {"count": len(ids), "ids": ids,
                                      "tokens_today": len(final),
                                      "patterns": len(patterns)}
@@ -509,7 +534,9 @@ def print_summary(coverage: dict[str, Any], report: Path) -> None:
                     lines.append(f"  {phase:<11} {place} {direction:<4} {f['raw_bytes']:>11,} "
                                  f"bytes raw, {f['data_bytes']:,} DATA, {f['grpc_messages']} "
                                  f"gRPC messages ({f['grpc_bytes']:,} bytes), "
-                                 f"{cov['connections']} connections")
+                                 f"{cov['connections']} connections, HPACK headers "
+                                 + ("decoded" if cov["headers_decoded"] else
+                                    "searched as sent (hpack not installed)"))
     lines.append(f"  checkpoints: {', '.join(coverage['checkpoints'])}")
     lines.append(f"  server-side hits: {len(coverage['server_hits'])}; device-side plaintext "
                  f"hits: {len(coverage['device_hits'])}")

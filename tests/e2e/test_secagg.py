@@ -1,12 +1,14 @@
 """SecAgg+ runs with real processes: a SuperLink, three device daemons and their SuperNodes.
 
 One federation serves both tests (starting one costs more than a round). The
-first kills a device's SuperNode (its whole process group: SuperNode,
-SuperExec, the ClientApp waiting on the daemon) while that device trains in
-round 1, and checks the round still completes with the other two devices'
-sum. The second runs SecAgg+ with central DP: the central ε lands in the
-server ledger, and the global model moves by no more than the device-side
-clip plus the server's noise allows.
+first runs SecAgg+ with central DP: the central ε lands in the server ledger,
+and the global model moves by no more than the device-side clip plus the
+server's noise allows. The second kills a device's SuperNode (its whole
+process group: SuperNode, SuperExec, the ClientApp waiting on the daemon)
+while that device trains, and checks the round still completes with the
+other two devices' sum. It runs last: a SuperNode killed without saying
+goodbye cannot re-activate until the SuperLink's heartbeat patience (about a
+minute) has passed.
 
 What the tests can see from outside is what the ServerApp wrote; that the
 ServerApp never held an individual update is checked in-process, with the
@@ -93,70 +95,10 @@ def _norm(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return math.sqrt(sum(float(np.sum((x - y) ** 2)) for x, y in zip(a, b, strict=True)))
 
 
-def test_round_completes_with_the_survivors_when_a_device_drops(
-    federation: LocalFederation,
-) -> None:
-    from keystay.client.model import initial_weights
-
-    victim = federation.device_list[-1]
-    assert victim.part is not None
-    victim_id, before = _spent(victim)
-    killed: dict[str, object] = {}
-
-    def kill_when_training() -> None:
-        # The daemon charges its ledger before it trains (write-ahead): the
-        # first charge of this run means the masking stage has reached it and
-        # its update is not computed yet.
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if _spent(victim)[1] > before:
-                pid = _supernode_pid(victim.part.process.pid)  # type: ignore[union-attr]
-                if pid is not None:
-                    os.killpg(pid, signal.SIGKILL)
-                    killed["pid"] = pid
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_when_training, daemon=True)
-    killer.start()
-    settings = _settings(federation, "secagg-drop")
-    outcome = start_run(federation.server_dir, settings)
-    killer.join(5)
-    log_tail = outcome.log_file.read_text(errors="replace")[-4000:]
-    assert killed, "the victim never started training; nothing was killed"
-    assert outcome.returncode == 0, log_tail
-    assert [row["round"] for row in outcome.rounds] == [1, 2], log_tail
-
-    first, second = outcome.rounds
-    # Round 1: three devices sampled, the victim's masked vector never came,
-    # and the other two were summed.
-    assert first["devices_sampled"] == DEVICES
-    assert len(first["secagg"]["summed_nodes"]) == DEVICES - 1, first
-    assert len(first["secagg"]["dropped_nodes"]) == 1, first
-    assert first["secagg"]["aggregate_only"] is True
-    assert first["devices_reported"] == DEVICES - 1
-    reported = {d for d, entry in first["devices"].items() if entry.get("verified")}
-    others = {_spent(device)[0] for device in federation.device_list[:-1]}
-    assert reported == others and victim_id not in reported, first
-    for device_id in others:
-        assert first["devices"][device_id]["epsilon_total"] > 0
-    assert first["train_loss_mean"] is not None and first["train_loss_mean"] > 0
-
-    # The survivors' sum moved the model.
-    start = [np.asarray(w, np.float64) for w in initial_weights(seed=settings.seed)]
-    assert _norm(_weights(Path(first["checkpoint"])), start) > 0
-    assert _norm(_weights(outcome.final_checkpoint), start) > 0
-
-    # The victim's daemon restarted its SuperNode; it is back for round 2.
-    assert second["devices_reported"] == DEVICES, second
-    assert victim_id in second["devices"] and second["devices"][victim_id]["verified"]
-    for row in outcome.rounds:
-        assert format_round(row)  # `keystay round start` prints these rows
-
-
 def test_secagg_with_central_dp(federation: LocalFederation) -> None:
     from keystay.client.model import initial_weights
 
+    federation.wait_online(DEVICES)
     clip, z = 0.002, 0.05
     settings = _settings(federation, "secagg-cdp", central_dp=True, central_clip=clip,
                          central_noise_multiplier=z)
@@ -190,3 +132,62 @@ def test_secagg_with_central_dp(federation: LocalFederation) -> None:
         assert 0 < moved <= bound, (row["round"], moved, bound)
         previous = current
     assert bound < 0.05  # the bound is far below what an unclipped update would move
+
+
+def test_round_completes_with_the_survivors_when_a_device_drops(
+    federation: LocalFederation,
+) -> None:
+    from keystay.client.model import initial_weights
+
+    federation.wait_online(DEVICES)
+    victim = federation.device_list[-1]
+    assert victim.part is not None
+    victim_id, before = _spent(victim)
+    killed: dict[str, object] = {}
+
+    def kill_when_training() -> None:
+        # The daemon charges its ledger before it trains (write-ahead): the
+        # first charge of this run means the masking stage has reached it and
+        # its update is not computed yet.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if _spent(victim)[1] > before:
+                pid = _supernode_pid(victim.part.process.pid)  # type: ignore[union-attr]
+                if pid is not None:
+                    os.killpg(pid, signal.SIGKILL)
+                    killed["pid"] = pid
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_training, daemon=True)
+    killer.start()
+    # One round: the point is that it completes without the victim. More local
+    # steps than needed, to leave time to kill the victim while it trains.
+    settings = _settings(federation, "secagg-drop", num_server_rounds=1, local_steps=20)
+    outcome = start_run(federation.server_dir, settings)
+    killer.join(5)
+    log_tail = outcome.log_file.read_text(errors="replace")[-4000:]
+    assert killed, "the victim never started training; nothing was killed"
+    assert outcome.returncode == 0, log_tail
+    assert [row["round"] for row in outcome.rounds] == [1], log_tail
+
+    first = outcome.rounds[0]
+    # Round 1: three devices sampled, the victim's masked vector never came,
+    # and the other two were summed.
+    assert first["devices_sampled"] == DEVICES
+    assert len(first["secagg"]["summed_nodes"]) == DEVICES - 1, first
+    assert len(first["secagg"]["dropped_nodes"]) == 1, first
+    assert first["secagg"]["aggregate_only"] is True
+    assert first["devices_reported"] == DEVICES - 1
+    reported = {d for d, entry in first["devices"].items() if entry.get("verified")}
+    others = {_spent(device)[0] for device in federation.device_list[:-1]}
+    assert reported == others and victim_id not in reported, first
+    for device_id in others:
+        assert first["devices"][device_id]["epsilon_total"] > 0
+    assert first["train_loss_mean"] is not None and first["train_loss_mean"] > 0
+
+    # The survivors' sum moved the model.
+    start = [np.asarray(w, np.float64) for w in initial_weights(seed=settings.seed)]
+    assert _norm(_weights(Path(first["checkpoint"])), start) > 0
+    assert _norm(_weights(outcome.final_checkpoint), start) > 0
+    assert format_round(first)  # `keystay round start` prints this row

@@ -296,6 +296,25 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
             assert 0.0 < device["heldout_accuracy"] < 1.0
 
 
+def test_too_few_survivors_halt_the_round_and_keep_the_model(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3)
+    grid = InProcessGrid(nodes, drop_at={102: Stage.COLLECT_MASKED_VECTORS,
+                                         103: Stage.COLLECT_MASKED_VECTORS})
+    settings = _run(ledger, grid)
+    row = _rows(settings)[0]
+    # One survivor cannot be unmasked alone (threshold 2): nothing is released.
+    assert row["secagg"]["aggregate_only"] is False
+    assert row["devices_reported"] == 0 and row["checkpoint"] == ""
+    start = initial_weights(ModelConfig(), settings.seed)
+    final = read_checkpoint(settings.run_dir / "final.pt").weights
+    for s, f in zip(start, final, strict=True):
+        np.testing.assert_array_equal(s, f)
+    # The survivor's report was still recorded: its device spent the budget.
+    assert [r.device_id for r in ledger.reports(run_id=RUN)] == [nodes[101].device.device_id]
+
+
 def test_central_dp_equals_the_plain_central_dp_aggregate(
     task_identity: None, make_nodes: Any, ledger: ServerLedger
 ) -> None:
