@@ -26,7 +26,8 @@ What the handler gives the mod to mask, and why:
   either overflow or drown the update in quantisation noise.
 
 What stays in clear beside the masked vector (the mod clears only the arrays
-of the reply): the signed privacy report and the example count it names.
+of the reply): the device id, the signed privacy report and the example
+count it names (nothing else: not the loss, not the training time).
 The server needs those per device to keep the privacy books, exactly as in a
 plain round, and verifies each report before the masked vector it came with
 enters the sum.
@@ -40,12 +41,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 import grpc
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (
     Code,
     FitRes,
@@ -164,7 +166,8 @@ def masked_vector(
     Raises
     ------
     ValueError
-        The daemon answered with weights of another shape than it was sent.
+        The daemon answered with weights of another shape than it was sent,
+        or with a non-finite update or loss.
     """
     if len(global_weights) != len(new_weights):
         raise ValueError(
@@ -175,13 +178,16 @@ def masked_vector(
         if np.shape(g) != np.shape(n):
             raise ValueError(f"the daemon returned shape {np.shape(n)} for {np.shape(g)}")
         update.append(np.asarray(n, dtype=np.float64) - np.asarray(g, dtype=np.float64))
+    # One NaN or inf would not stay in this device's share: the quantiser turns
+    # it into an arbitrary integer that corrupts everyone's sum, unseen.
+    if not math.isfinite(train_loss) or not all(np.all(np.isfinite(u)) for u in update):
+        raise ValueError("the daemon's update or loss is not finite; not sending it")
     if clip_norm is not None:
         update = clip_update(update, clip_norm)
-    loss = float(train_loss) if math.isfinite(train_loss) else 0.0
-    return [*update, np.array([loss / LOSS_SCALE], dtype=np.float64)]
+    return [*update, np.array([float(train_loss) / LOSS_SCALE], dtype=np.float64)]
 
 
-def _fit_handler(original: Message) -> Any:
+def _fit_handler(original: Message) -> ClientAppCallable:
     """The legacy fit handler ``secaggplus_mod`` calls in its masking stage."""
 
     def fit(msg: Message, context: Context) -> Message:
@@ -218,7 +224,6 @@ def _fit_handler(original: Message) -> Any:
             num_examples=SECAGG_WEIGHT,
             metrics={
                 "num-examples": int(reply.num_examples),
-                "seconds": float(reply.seconds),
                 "device-id": report.device_id,
                 "payload-json": report.payload_json,
                 "signature": bytes(report.signature),

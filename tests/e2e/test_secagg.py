@@ -45,7 +45,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
                           simulate_days=2, events_per_day=2000)
     try:
         fed.start()
-        fed.wait_online(DEVICES)
         yield fed
     finally:
         started = [part.process for part in fed.parts]
@@ -54,9 +53,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
 
 
 def _settings(federation: LocalFederation, run_name: str, **overrides: object) -> RunSettings:
+    # min-devices = all of them: a round waits until every SuperNode is
+    # connected, so every round samples all three.
     values: dict[str, object] = dict(
         server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
-        min_devices=2, local_steps=5, batch_size=32, round_timeout=45.0,
+        min_devices=DEVICES, local_steps=5, batch_size=32, round_timeout=45.0,
         secagg=True, secagg_num_shares=3, secagg_reconstruction_threshold=2,
     )
     values.update(overrides)
@@ -98,7 +99,6 @@ def _norm(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def test_secagg_with_central_dp(federation: LocalFederation) -> None:
     from keystay.client.model import initial_weights
 
-    federation.wait_online(DEVICES)
     clip, z = 0.002, 0.05
     settings = _settings(federation, "secagg-cdp", central_dp=True, central_clip=clip,
                          central_noise_multiplier=z)
@@ -119,8 +119,9 @@ def test_secagg_with_central_dp(federation: LocalFederation) -> None:
     # Clipped on the devices: a round moves the model by at most the mean of
     # clipped updates (norm <= clip) plus the server's noise N(0, (z*clip/n)^2)
     # per weight (4 standard deviations of its norm is far out in the tail).
-    # Unclipped, each device's DP-SGD noise alone moves it by ~0.5 here
-    # (lr 0.05 * sigma 1 / batch 32 * sqrt(5 steps * 35k weights)).
+    # Unclipped, the devices' DP-SGD noise alone would move it by about 0.5 a
+    # round here (lr 0.05 * sigma 1 / batch 32 * sqrt(5 steps * 35k weights) per
+    # device, averaged over 3), and gradients add more.
     previous = [np.asarray(w, np.float64) for w in initial_weights(seed=settings.seed)]
     for row in outcome.rounds:
         assert row["devices_reported"] == DEVICES, row
@@ -139,7 +140,6 @@ def test_round_completes_with_the_survivors_when_a_device_drops(
 ) -> None:
     from keystay.client.model import initial_weights
 
-    federation.wait_online(DEVICES)
     victim = federation.device_list[-1]
     assert victim.part is not None
     victim_id, before = _spent(victim)
@@ -152,6 +152,7 @@ def test_round_completes_with_the_survivors_when_a_device_drops(
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if _spent(victim)[1] > before:
+                killed["charged"] = True
                 pid = _supernode_pid(victim.part.process.pid)  # type: ignore[union-attr]
                 if pid is not None:
                     os.killpg(pid, signal.SIGKILL)
@@ -167,7 +168,8 @@ def test_round_completes_with_the_survivors_when_a_device_drops(
     outcome = start_run(federation.server_dir, settings)
     killer.join(5)
     log_tail = outcome.log_file.read_text(errors="replace")[-4000:]
-    assert killed, "the victim never started training; nothing was killed"
+    assert killed.get("charged"), "the victim never started training; nothing was killed"
+    assert killed.get("pid"), "the victim's daemon had no flower-supernode child to kill"
     assert outcome.returncode == 0, log_tail
     assert [row["round"] for row in outcome.rounds] == [1], log_tail
 

@@ -460,6 +460,17 @@ def test_device_clip_is_the_server_clip() -> None:
     np.testing.assert_array_equal(client_secagg.clip_update(zero, 1.0)[0], zero[0])
 
 
+def test_device_never_masks_a_non_finite_update() -> None:
+    start = [np.zeros(3, np.float32)]
+    with pytest.raises(ValueError, match="not finite"):
+        client_secagg.masked_vector(start, [np.array([0.0, np.nan, 0.0], np.float32)], 1.0, None)
+    with pytest.raises(ValueError, match="not finite"):
+        client_secagg.masked_vector(start, [np.ones(3, np.float32)], float("inf"), None)
+    vector = client_secagg.masked_vector(start, [np.ones(3, np.float32)], 2.0, 1.0)
+    assert np.linalg.norm(vector[0]) == pytest.approx(1.0)
+    assert vector[1][0] == pytest.approx(2.0 / client_secagg.LOSS_SCALE)
+
+
 def test_wire_constants_agree() -> None:
     assert client_secagg.CONFIG_UPDATE_CLIP == server_secagg.CONFIG_UPDATE_CLIP
     assert client_secagg.LOSS_SCALE == server_secagg.LOSS_SCALE
