@@ -35,6 +35,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.test-installed apt-deps
 	$(BIN)/ruff check client server tests bench
+	$(BIN)/mypy client server
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 protos: $(VENV)/.test-installed

@@ -50,16 +50,35 @@ def _socket(context: Context) -> Path:
     return Path(socket)
 
 
+def _number(config: ConfigRecord, key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"run config '{key}' = {value!r} is not a number")
+    return float(value)
+
+
 def _spec(config: ConfigRecord) -> device_pb2.TrainSpec:
     blocks = str(config.get("blocks", "") or "")
     return device_pb2.TrainSpec(
-        noise_multiplier=float(config["noise-multiplier"]),
-        max_grad_norm=float(config["max-grad-norm"]),
-        local_steps=int(config["local-steps"]),
-        batch_size=int(config["batch-size"]),
-        learning_rate=float(config["learning-rate"]),
+        noise_multiplier=_number(config, "noise-multiplier"),
+        max_grad_norm=_number(config, "max-grad-norm"),
+        local_steps=int(_number(config, "local-steps")),
+        batch_size=int(_number(config, "batch-size")),
+        learning_rate=_number(config, "learning-rate"),
         dp=bool(config["dp"]),
         blocks=[b.strip() for b in blocks.split(",") if b.strip()],
+    )
+
+
+def train_request(
+    config: ConfigRecord, weights: list[np.ndarray], context: Context
+) -> device_pb2.TrainRequest:
+    """The Device.Train request for one round (shared with the SecAgg+ path)."""
+    return device_pb2.TrainRequest(
+        run_id=str(config.get("run-name", context.run_id)),
+        server_round=int(_number(config, "server-round")),
+        weights=weights_to_proto(weights),
+        spec=_spec(config),
     )
 
 
@@ -84,14 +103,9 @@ def train(msg: Message, context: Context) -> Message:
     if is_secagg_message(msg):
         return secagg_train(msg, context)
     try:
-        config = msg.content["config"]
-        weights: list[np.ndarray] = msg.content["arrays"].to_numpy_ndarrays()
-        request = device_pb2.TrainRequest(
-            run_id=str(config.get("run-name", context.run_id)),
-            server_round=int(config["server-round"]),
-            weights=weights_to_proto(weights),
-            spec=_spec(config),
-        )
+        config = msg.content.config_records["config"]
+        weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
+        request = train_request(config, weights, context)
         with DeviceClient(_socket(context)) as device:
             reply = device.train(request)
     except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
@@ -125,11 +139,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Ask the device daemon to score the global model on held-out windows."""
     try:
-        config = msg.content["config"]
+        config = msg.content.config_records["config"]
         request = device_pb2.EvaluateRequest(
             run_id=str(config.get("run-name", context.run_id)),
-            server_round=int(config["server-round"]),
-            weights=weights_to_proto(msg.content["arrays"].to_numpy_ndarrays()),
+            server_round=int(_number(config, "server-round")),
+            weights=weights_to_proto(msg.content.array_records["arrays"].to_numpy_ndarrays()),
         )
         with DeviceClient(_socket(context)) as device:
             reply = device.stub.Evaluate(request, timeout=600)

@@ -63,8 +63,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 
 from keystay.client.device_client import DeviceClient, DeviceUnavailableError
-from keystay.client.serde import weights_from_proto, weights_to_proto
-from keystay.v1 import device_pb2
+from keystay.client.serde import weights_from_proto
 
 #: Fit-config key carrying the central-DP clip norm S the device applies to its
 #: update before masking (absent: no central DP, no clip).
@@ -192,18 +191,13 @@ def _fit_handler(original: Message) -> ClientAppCallable:
 
     def fit(msg: Message, context: Context) -> Message:
         # Imported here: keystay.client.app imports this module for its hook.
-        from keystay.client.app import _error_reply, _socket, _spec
+        from keystay.client.app import _error_reply, _socket, train_request
 
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         config = ConfigRecord(dict(fitins.config))  # type: ignore[arg-type]
         weights = parameters_to_ndarrays(fitins.parameters)
         try:
-            request = device_pb2.TrainRequest(
-                run_id=str(config.get("run-name", context.run_id)),
-                server_round=int(cast(int, config["server-round"])),
-                weights=weights_to_proto(weights),
-                spec=_spec(config),
-            )
+            request = train_request(config, weights, context)
             with DeviceClient(_socket(context)) as device:
                 reply = device.train(request)
             clip = config.get(CONFIG_UPDATE_CLIP)

@@ -143,20 +143,21 @@ class KeystayFedAvg(FedAvg):
                 self.ledger.record_refusal(self.settings.run_name, server_round, str(node), reason)
                 log(WARNING, "round %s: device on node %s declined: %s", server_round, node, reason)
                 continue
-            report = msg.content["report"]
+            report = msg.content.config_records["report"]
+            signature = report["signature"]
             verdict = self.ledger.record_report(
                 self.settings.run_name,
                 server_round,
                 str(report["payload-json"]),
-                bytes(report["signature"]),  # type: ignore[arg-type]
+                signature if isinstance(signature, bytes) else b"",
             )
             payload = json.loads(str(report["payload-json"]))
             device_id = str(report["device-id"])
-            metrics = msg.content["metrics"]
+            metrics = msg.content.metric_records["metrics"]
             round_log.devices[device_id] = {
                 "node": node,
-                "train_loss": float(metrics["train-loss"]),  # type: ignore[arg-type]
-                "num_examples": int(metrics["num-examples"]),  # type: ignore[call-overload]
+                "train_loss": _scalar(metrics, "train-loss"),
+                "num_examples": int(_scalar(metrics, "num-examples")),
                 "epsilon_total": float(payload.get("epsilon_total", float("nan"))),
                 "accountant": payload.get("accountant"),
                 "verified": bool(verdict.verified),
@@ -170,7 +171,7 @@ class KeystayFedAvg(FedAvg):
                 log(WARNING, "round %s: report from %s does not verify (%s); update dropped",
                     server_round, device_id, ", ".join(verdict.flags))
                 continue
-            received = weights_sha256(msg.content["arrays"].to_numpy_ndarrays())
+            received = weights_sha256(msg.content.array_records["arrays"].to_numpy_ndarrays())
             if payload.get("update_sha256") != received:
                 # The signed report accounts for a different update than the
                 # one that arrived: aggregate neither.
@@ -186,13 +187,15 @@ class KeystayFedAvg(FedAvg):
 
         if not accepted:
             return None, None
+        arrays: ArrayRecord | None
+        aggregated_metrics: MetricRecord | None
         if self.central is not None:
             arrays = self._aggregate_central(server_round, accepted)
-            metrics = self.train_metrics_aggr_fn(
+            aggregated_metrics = self.train_metrics_aggr_fn(
                 [m.content for m in accepted], self.weighted_by_key
             )
         else:
-            arrays, metrics = super().aggregate_train(server_round, accepted)
+            arrays, aggregated_metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             path = self.checkpoints / f"round-{server_round:03d}.pt"
             save_checkpoint(
@@ -202,12 +205,13 @@ class KeystayFedAvg(FedAvg):
                 {"run": self.settings.run_name, "round": server_round},
             )
             round_log.checkpoint = str(path)
-        return arrays, metrics
+        return arrays, aggregated_metrics
 
     def _aggregate_central(self, server_round: int, accepted: list[Message]) -> ArrayRecord:
         assert self.central is not None and self._global is not None
-        updates = [m.content["arrays"].to_numpy_ndarrays() for m in accepted]
-        examples = [int(m.content["metrics"]["num-examples"]) for m in accepted]  # type: ignore[call-overload]
+        updates = [m.content.array_records["arrays"].to_numpy_ndarrays() for m in accepted]
+        examples = [int(_scalar(m.content.metric_records["metrics"], "num-examples"))
+                    for m in accepted]
         new = aggregate_with_central_dp(
             self._global,
             updates,
@@ -240,12 +244,12 @@ class KeystayFedAvg(FedAvg):
         for msg in replies:
             if msg.has_error():
                 continue
-            device_id = str(msg.content["device"]["device-id"])
-            metrics = msg.content["metrics"]
+            device_id = str(msg.content.config_records["device"]["device-id"])
+            metrics = msg.content.metric_records["metrics"]
             entry = round_log.devices.setdefault(device_id, {"node": msg.metadata.src_node_id})
-            entry["heldout_accuracy"] = float(metrics["heldout-accuracy"])  # type: ignore[arg-type]
-            entry["heldout_loss"] = float(metrics["heldout-loss"])  # type: ignore[arg-type]
-            entry["heldout_examples"] = int(metrics["num-examples"])  # type: ignore[call-overload]
+            entry["heldout_accuracy"] = _scalar(metrics, "heldout-accuracy")
+            entry["heldout_loss"] = _scalar(metrics, "heldout-loss")
+            entry["heldout_examples"] = int(_scalar(metrics, "num-examples"))
         aggregated = super().aggregate_evaluate(server_round, replies)
         with (self.run_dir / ROUNDS_FILE).open("a", encoding="utf-8") as out:
             out.write(round_log.as_json() + "\n")
@@ -276,22 +280,33 @@ def main(grid: Grid, context: Context) -> None:
     model_config = ModelConfig()
     ledger = ServerLedger.open(settings.server_dir)
     strategy = KeystayFedAvg(settings, ledger, model_config)
+    initial = initial_weights(model_config, settings.seed)
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(initial_weights(model_config, settings.seed)),
+        initial_arrays=ArrayRecord(initial),
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout,
         train_config=ConfigRecord(settings.train_config()),
         evaluate_config=ConfigRecord({"run-name": settings.run_name}),
     )
     final = settings.run_dir / FINAL_CHECKPOINT
+    # Every device may have declined every round: the global model is then
+    # still the initial one, and the checkpoint says so by being it.
+    weights = result.arrays.to_numpy_ndarrays() if len(result.arrays) else initial
     save_checkpoint(
         final,
-        result.arrays.to_numpy_ndarrays(),
+        weights,
         model_config,
         {"run": settings.run_name, "rounds": settings.num_server_rounds},
     )
     log(INFO, "keystay run %s finished; final model: %s", settings.run_name, final)
+
+
+def _scalar(metrics: MetricRecord, key: str) -> float:
+    value = metrics[key]
+    if not isinstance(value, int | float):
+        raise ValueError(f"metric '{key}' = {value!r} is not a number")
+    return float(value)
 
 
 def rounds_file(run_dir: Path) -> Path:

@@ -412,12 +412,19 @@ def round_() -> None:
               help="Also clip each device update and noise the sum on the server.")
 @click.option("--central-noise-multiplier", type=float, default=0.5, show_default=True)
 @click.option("--central-clip", type=float, default=1.0, show_default=True)
+@click.option("--secagg", is_flag=True,
+              help="Secure aggregation (SecAgg+): the server learns only the sum of updates.")
+@click.option("--secagg-num-shares", type=int, default=3, show_default=True,
+              help="Devices each device's secrets are shared with (>= 3).")
+@click.option("--secagg-threshold", type=int, default=2, show_default=True,
+              help="Shares needed to reconstruct (more than half, fewer than all).")
 @click.option("--run-config", "extra", multiple=True,
               help="Any other run config key=value (repeatable), e.g. blocks=\"2026-11-20\".")
 def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: int,
                 noise_multiplier: float, max_grad_norm: float, local_steps: int,
                 batch_size: int, learning_rate: float, central_dp: bool,
-                central_noise_multiplier: float, central_clip: float,
+                central_noise_multiplier: float, central_clip: float, secagg: bool,
+                secagg_num_shares: int, secagg_threshold: int,
                 extra: tuple[str, ...]) -> None:
     """Submit a run to the SuperLink and print one table row per round.
 
@@ -441,6 +448,9 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
         "central-dp": central_dp,
         "central-noise-multiplier": central_noise_multiplier,
         "central-clip": central_clip,
+        "secagg": secagg,
+        "secagg-num-shares": secagg_num_shares,
+        "secagg-reconstruction-threshold": secagg_threshold,
     }
     for item in extra:
         key, sep, raw = item.partition("=")

@@ -78,7 +78,7 @@ from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
 from keystay.server.app import FINAL_CHECKPOINT, ROUNDS_FILE, RoundLog
 from keystay.server.central_dp import SAMPLING_DESCRIPTIONS, CentralDP, CentralDPAccountant
 from keystay.server.ledger.ledger import ServerLedger
-from keystay.server.settings import RunSettings, SettingsError
+from keystay.server.settings import RunSettings
 
 # The wire contract with keystay.client.secagg (a unit test holds the two
 # sides together; the server does not import device code).
@@ -100,29 +100,10 @@ Gate = Callable[[list[Message], list[Message]], list[Message]]
 def check_secagg_settings(settings: RunSettings) -> None:
     """Refuse SecAgg+ parameters Flower rejects or that weaken the masking.
 
-    Raises
-    ------
-    SettingsError
-        Naming the key, the value and what is allowed.
+    See :meth:`RunSettings.check_secagg`, where ``keystay round start``
+    already applies the same rules before submitting.
     """
-    shares, threshold = settings.secagg_num_shares, settings.secagg_reconstruction_threshold
-    if shares < 3:
-        raise SettingsError(
-            f"run config 'secagg-num-shares' = {shares} is not allowed; expected an integer "
-            ">= 3 (Flower's SecAgg+ needs more than 2 shares)"
-        )
-    if not (2 * threshold > shares and threshold < shares):
-        raise SettingsError(
-            f"run config 'secagg-reconstruction-threshold' = {threshold} is not allowed with "
-            f"secagg-num-shares = {shares}; expected more than half of the shares and fewer "
-            f"than all of them (e.g. {shares // 2 + 1}): at half or below, a server could "
-            "collect both of a device's secrets, and devices refuse such a round"
-        )
-    if settings.min_devices < 2:
-        raise SettingsError(
-            f"run config 'min-devices' = {settings.min_devices} is not allowed with secagg; "
-            "expected >= 2 (the secure sum of one device is that device's update)"
-        )
+    settings.check_secagg()
 
 
 def secure_central_dp_step(

@@ -111,6 +111,35 @@ class RunSettings:
                "round-timeout", self.round_timeout, "seconds, > 0")
         _check(bool(self.run_name) and "/" not in self.run_name, "run-name", self.run_name,
                "a non-empty name without '/'")
+        if self.secagg:
+            self.check_secagg()
+
+    def check_secagg(self) -> None:
+        """Refuse SecAgg+ parameters Flower rejects or that weaken the masking.
+
+        Raises
+        ------
+        SettingsError
+            Naming the key, the value and what is allowed.
+        """
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares < 3:
+            raise SettingsError(
+                f"run config 'secagg-num-shares' = {shares} is not allowed; expected an "
+                "integer >= 3 (Flower's SecAgg+ needs more than 2 shares)"
+            )
+        if not (2 * threshold > shares and threshold < shares):
+            raise SettingsError(
+                f"run config 'secagg-reconstruction-threshold' = {threshold} is not allowed "
+                f"with secagg-num-shares = {shares}; expected more than half of the shares and "
+                f"fewer than all of them (e.g. {shares // 2 + 1}): at half or below, a server "
+                "could collect both of a device's secrets, and devices refuse such a round"
+            )
+        if self.min_devices < 2:
+            raise SettingsError(
+                f"run config 'min-devices' = {self.min_devices} is not allowed with secagg; "
+                "expected >= 2 (the secure sum of one device is that device's update)"
+            )
 
     @property
     def run_dir(self) -> Path:
