@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,7 +55,10 @@ def daemon(tmp_path: Path) -> Iterator[Path]:
 
 
 def status(data: Path) -> dict:
-    return json.loads(keystay("device", "status", "--data", str(data), "--json").stdout)
+    reply = json.loads(keystay("device", "status", "--data", str(data), "--json").stdout)
+    # protobuf's JSON mapping writes 64-bit integers as strings
+    reply["eventsToday"] = int(reply.get("eventsToday", 0))
+    return reply
 
 
 def test_pause_resume_show_export_forget(daemon: Path, tmp_path: Path) -> None:
@@ -120,3 +124,37 @@ def test_no_display_is_explained(tmp_path: Path) -> None:
     )
     assert result.returncode == 12, result.stderr
     assert "DISPLAY" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kill_9_mid_write_leaves_a_store_that_opens(tmp_path: Path) -> None:
+    """SIGKILL the daemon while its recorder writes; the store opens and reads whole."""
+    from keystay.client.store import EventStore
+
+    data = tmp_path / "device"
+    log = (tmp_path / "daemon.log").open("wb")
+    process = subprocess.Popen(
+        [executable("keystay"), "device", "run", "--data", str(data), "--source", "simulated",
+         "--employee-seed", "3"],
+        stdout=log, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (data / "device.sock").exists() or status(data)["eventsToday"] < 200:
+            assert process.poll() is None, (tmp_path / "daemon.log").read_text()
+            assert time.monotonic() < deadline, "the live source wrote nothing"
+            time.sleep(0.3)
+        written = status(data)["eventsToday"]
+        process.kill()  # SIGKILL to the daemon alone, mid-recording
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        # The trainer child notices its parent is gone; clean up the group regardless.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+    with EventStore.open(data) as store:
+        today = date.today().isoformat()
+        records = store.read_block(today)  # authenticates every batch; raises if torn
+        assert len(records) >= written
