@@ -221,18 +221,8 @@ class KeystayFedAvg(FedAvg):
             rng=self._rng,
             num_sampled=self._round(server_round).devices_sampled,
         )
-        self.central.step()
-        epsilon = self.central.epsilon()
-        self._round(server_round).central_epsilon = epsilon
-        self.ledger.record_central_dp(
-            run_id=self.settings.run_name,
-            server_round=server_round,
-            noise_multiplier=self.settings.central_noise_multiplier,
-            clip=self.settings.central_clip,
-            sample_rate=1.0,
-            sampling=SAMPLING_DESCRIPTIONS["all"],
-            epsilon=epsilon,
-            delta=self.central.delta,
+        self._round(server_round).central_epsilon = account_central_round(
+            self.ledger, self.settings, self.central, server_round
         )
         return ArrayRecord(new)
 
@@ -300,6 +290,32 @@ def main(grid: Grid, context: Context) -> None:
         {"run": settings.run_name, "rounds": settings.num_server_rounds},
     )
     log(INFO, "keystay run %s finished; final model: %s", settings.run_name, final)
+
+
+def account_central_round(
+    ledger: ServerLedger,
+    settings: RunSettings,
+    accountant: CentralDPAccountant,
+    server_round: int,
+) -> float:
+    """Compose one more central-DP round and record it; returns the run's ε so far.
+
+    Every round goes to every connected device (no subsampling), so the
+    accountant runs at q = 1 and the ledger says so.
+    """
+    accountant.step()
+    epsilon = accountant.epsilon()
+    ledger.record_central_dp(
+        run_id=settings.run_name,
+        server_round=server_round,
+        noise_multiplier=settings.central_noise_multiplier,
+        clip=settings.central_clip,
+        sample_rate=1.0,
+        sampling=SAMPLING_DESCRIPTIONS["all"],
+        epsilon=epsilon,
+        delta=accountant.delta,
+    )
+    return epsilon
 
 
 def _scalar(metrics: MetricRecord, key: str) -> float:

@@ -75,8 +75,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
-from keystay.server.app import FINAL_CHECKPOINT, ROUNDS_FILE, RoundLog
-from keystay.server.central_dp import SAMPLING_DESCRIPTIONS, CentralDP, CentralDPAccountant
+from keystay.server.app import (
+    FINAL_CHECKPOINT,
+    ROUNDS_FILE,
+    RoundLog,
+    account_central_round,
+)
+from keystay.server.central_dp import CentralDP, CentralDPAccountant
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.settings import RunSettings
 
@@ -378,18 +383,8 @@ class SecAggFedAvg(FedAvg):
             num_sampled=round_log.devices_sampled,
         )
         new = secure_central_dp_step(self.weights, mean_update, num_summed, mechanism, self._rng)
-        self.central.step()
-        epsilon = self.central.epsilon()
-        round_log.central_epsilon = epsilon
-        self.ledger.record_central_dp(
-            run_id=self.settings.run_name,
-            server_round=server_round,
-            noise_multiplier=self.settings.central_noise_multiplier,
-            clip=self.settings.central_clip,
-            sample_rate=1.0,
-            sampling=SAMPLING_DESCRIPTIONS["all"],
-            epsilon=epsilon,
-            delta=self.central.delta,
+        round_log.central_epsilon = account_central_round(
+            self.ledger, self.settings, self.central, server_round
         )
         return new
 

@@ -70,6 +70,23 @@ def test_two_rounds_two_devices(tmp_path: Path) -> None:
             ledger_total = max(b.get("epsilon", 0.0) for b in status["blocks"])
             assert status["deviceId"] in by_device
             assert by_device[status["deviceId"]][-1] == pytest.approx(ledger_total, rel=1e-9)
+
+        # The same federation, one more run with central DP on top.
+        central = RunSettings(
+            server_dir=federation.server_dir, run_name="e2e-central", num_server_rounds=1,
+            min_devices=2, local_steps=10, batch_size=32, round_timeout=600.0,
+            central_dp=True, central_noise_multiplier=0.5, central_clip=0.5,
+        )
+        central_outcome = start_run(federation.server_dir, central)
+        assert central_outcome.returncode == 0, central_outcome.log_file.read_text()[-3000:]
+        row = central_outcome.rounds[0]
+        assert row["devices_reported"] == 2 and row["central_epsilon"] > 0, row
+        report = subprocess.run(
+            [executable("keystay"), "budget", "report", "--server-dir",
+             str(federation.server_dir), "--json"],
+            capture_output=True, text=True, env=flower_env(), check=True,
+        )
+        assert "e2e-central" in report.stdout
     finally:
         started = [part.process for part in federation.parts]
         federation.stop()
