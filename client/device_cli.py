@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import click
@@ -383,6 +382,3 @@ def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | Non
                f"--superlink {settings.superlink} --root-certificates "
                f"{settings.root_certificates} --auth-key {settings.auth_private_key}")
 
-
-def _now() -> str:
-    return datetime.now().isoformat(timespec="seconds")

@@ -39,6 +39,7 @@ import textwrap
 import tomllib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -634,6 +635,8 @@ class DevicePolicy:
         requested: Collection[str],
         windows: Mapping[str, int],
         retired: Collection[str],
+        *,
+        today: date | None = None,
     ) -> tuple[str, ...]:
         """Which blocks a round may read, or a refusal saying why none/some may not.
 
@@ -646,22 +649,27 @@ class DevicePolicy:
             Token windows per block the device holds (from the store).
         retired : collection of str
             Blocks whose budget is spent (:meth:`Ledger.retired_blocks`).
+        today : date, optional
+            The device's date (default: today); blocks younger than
+            ``min_block_age_days`` are still being recorded.
 
         Returns
         -------
         tuple of str
-            Sorted blocks to train on: held, not retired, with at least
-            ``min_block_windows`` windows.
+            Sorted blocks to train on: held, not retired, old enough, with at
+            least ``min_block_windows`` windows.
 
         Raises
         ------
         Refusal
             ``block-unknown`` if a requested block is not held on this device;
             ``block-retired`` if a requested block's budget is spent;
-            ``block-excluded`` if a requested block has too few windows;
+            ``block-excluded`` if a requested block has too few windows or is
+            too young;
             ``no-data`` if nothing is eligible.
         """
         retired_set = set(retired)
+        newest = ((today or date.today()) - timedelta(days=self.min_block_age_days)).isoformat()
         if requested:
             wanted = sorted(set(requested))
             unknown = tuple(b for b in wanted if b not in windows)
@@ -678,7 +686,7 @@ class DevicePolicy:
                     "block-retired",
                     f"refused: block(s) {', '.join(spent)} have spent their privacy budget "
                     f"(ε {self.epsilon_per_block:g} per block, {POLICY_FILE} epsilon_per_block) "
-                    "and are never trained on again",
+                    "and are retired: never trained on again",
                     spent,
                 )
             thin = tuple(b for b in wanted if windows[b] < self.min_block_windows)
@@ -690,17 +698,28 @@ class DevicePolicy:
                     f"minimum of {self.min_block_windows} ({POLICY_FILE} min_block_windows)",
                     thin,
                 )
+            young = tuple(b for b in wanted if b > newest)
+            if young:
+                raise Refusal(
+                    "block-excluded",
+                    f"refused: block(s) {', '.join(young)} are younger than "
+                    f"{self.min_block_age_days} day(s) and still being recorded "
+                    f"({POLICY_FILE} min_block_age_days)",
+                    young,
+                )
             return tuple(wanted)
         eligible = tuple(
             b
             for b in sorted(windows)
-            if b not in retired_set and windows[b] >= self.min_block_windows
+            if b not in retired_set and windows[b] >= self.min_block_windows and b <= newest
         )
         if not eligible:
             raise Refusal(
                 "no-data",
                 f"refused: no block is eligible for training: {len(windows)} held, "
                 f"{sum(1 for b in windows if b in retired_set)} retired, the rest have fewer "
-                f"than {self.min_block_windows} token windows ({POLICY_FILE} min_block_windows)",
+                f"than {self.min_block_windows} token windows ({POLICY_FILE} "
+                f"min_block_windows) or are younger than {self.min_block_age_days} day(s) "
+                f"({POLICY_FILE} min_block_age_days)",
             )
         return eligible

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -324,6 +323,3 @@ def _scalar(metrics: MetricRecord, key: str) -> float:
         raise ValueError(f"metric '{key}' = {value!r} is not a number")
     return float(value)
 
-
-def rounds_file(run_dir: Path) -> Path:
-    return run_dir / ROUNDS_FILE

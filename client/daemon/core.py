@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -115,51 +114,19 @@ class DeviceCore:
 
     # -- data --------------------------------------------------------------
 
-    def eligible_blocks(self, today: date | None = None) -> list[str]:
-        """Unretired days old enough (``min_block_age_days``) with enough windows.
+    def eligible_blocks(self, requested: Sequence[str] = ()) -> list[str]:
+        """The blocks a round may read (the policy decides; see ``select_blocks``).
 
-        Today's block is still being written; by default it waits until
-        tomorrow, so its budget is not charged while its contents change.
+        Raises
+        ------
+        Refusal
+            Naming any requested block that is unknown, retired, too thin or
+            still being recorded, or ``no-data`` when nothing is eligible.
         """
-        newest = (today or date.today()) - timedelta(days=self.policy.min_block_age_days)
-        retired = {t.block for t in self.ledger.totals() if t.retired}
-        chosen = []
-        for info in self.store.blocks():
-            if info.block > newest.isoformat() or info.block in retired:
-                continue
-            if _window_count(info.events) < self.policy.min_block_windows:
-                continue
-            chosen.append(info.block)
-        return chosen
-
-    def _resolve_blocks(self, requested: Sequence[str]) -> list[str]:
-        eligible = self.eligible_blocks()
-        if not requested:
-            if not eligible:
-                raise Refusal(
-                    "no-data",
-                    "refused: this device has no complete, unretired day with at least "
-                    f"{self.policy.min_block_windows} token windows to train on",
-                )
-            return eligible
-        known = {info.block for info in self.store.blocks()}
-        retired = {t.block for t in self.ledger.totals() if t.retired}
-        for block in requested:
-            if block in retired:
-                raise Refusal(
-                    "block-retired",
-                    f"refused: block {block} has spent its privacy budget and is retired",
-                )
-            if block not in known:
-                raise Refusal("block-unknown", f"refused: this device holds no block {block}")
-            if block not in eligible:
-                raise Refusal(
-                    "block-excluded",
-                    f"refused: block {block} is not eligible for training (younger than "
-                    f"min_block_age_days = {self.policy.min_block_age_days}, or fewer than "
-                    f"{self.policy.min_block_windows} windows)",
-                )
-        return list(dict.fromkeys(requested))
+        windows = {info.block: _window_count(info.events) for info in self.store.blocks()}
+        return list(
+            self.policy.select_blocks(requested, windows, self.ledger.retired_blocks())
+        )
 
     def _load(self, blocks: Sequence[str]) -> list[BlockData]:
         data = []
@@ -175,7 +142,7 @@ class DeviceCore:
         """Decide, charge, train and sign one round (see the module docstring)."""
         self.policy.check_request(request)
         with self._train_lock:
-            blocks = self._resolve_blocks(request.blocks)
+            blocks = self.eligible_blocks(request.blocks)
             data = self._load(blocks)
             train = np.concatenate([d.train for d in data])
             heldout = np.concatenate([d.heldout for d in data])
@@ -226,8 +193,6 @@ class DeviceCore:
     def evaluate(self, weights: list[np.ndarray]) -> EvalResult:
         """Score weights on the held-out windows of the eligible blocks."""
         blocks = self.eligible_blocks()
-        if not blocks:
-            raise Refusal("no-data", "refused: no eligible block to evaluate on")
         heldout = np.concatenate([d.heldout for d in self._load(blocks)])
         scored = self.trainer.evaluate(weights, heldout)
         return EvalResult(num_examples=len(heldout), loss=scored.loss, accuracy=scored.accuracy)

@@ -281,3 +281,16 @@ def test_select_blocks_refusals(
 def test_select_blocks_requested_and_eligible() -> None:
     chosen = DevicePolicy().select_blocks(["2025-01-03", "2025-01-01", "2025-01-03"], WINDOWS, ())
     assert chosen == ("2025-01-01", "2025-01-03")
+
+
+def test_select_blocks_leaves_out_days_still_being_recorded() -> None:
+    from datetime import date
+
+    today = date(2025, 1, 3)
+    chosen = DevicePolicy().select_blocks((), WINDOWS, (), today=today)
+    assert "2025-01-03" not in chosen and chosen
+    with pytest.raises(Refusal) as refused:
+        DevicePolicy().select_blocks(["2025-01-03"], WINDOWS, (), today=today)
+    assert refused.value.code == "block-excluded" and "min_block_age_days" in refused.value.reason
+    same_day = DevicePolicy(min_block_age_days=0).select_blocks((), WINDOWS, (), today=today)
+    assert "2025-01-03" in same_day
