@@ -11,6 +11,7 @@ import doctest
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -255,3 +256,47 @@ def test_module_does_not_import_opacus_or_torch() -> None:
         "assert 'torch' not in sys.modules and 'opacus' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_multi_round_multi_block_device_history_matches_dp_accounting(tmp_path: Path) -> None:
+    """What the device's ledger holds per block, checked against Google's accountants.
+
+    Three rounds over three employee-days, each round reading two of them:
+    every block's ε must be that of exactly the rounds that read it.
+    """
+    from keystay.client.ledger.ledger import Ledger
+    from keystay.client.policy import DevicePolicy, TrainingRequest
+
+    policy = DevicePolicy(epsilon_per_block=20.0)
+    rounds = [
+        (("2025-03-03", "2025-03-04"), Mechanism(1.0, 0.02, 150)),
+        (("2025-03-04", "2025-03-05"), Mechanism(1.3, 0.01, 200)),
+        (("2025-03-03", "2025-03-05"), Mechanism(0.9, 0.04, 80)),
+    ]
+    with Ledger.open(tmp_path) as ledger:
+        for n, (blocks, m) in enumerate(rounds, start=1):
+            ledger.admit(
+                request=TrainingRequest(
+                    noise_multiplier=m.noise_multiplier, max_grad_norm=1.0,
+                    local_steps=m.steps, batch_size=32, learning_rate=0.01, dp=True,
+                    blocks=blocks, run_id="run", server_round=n,
+                ),
+                policy=policy,
+                blocks=list(blocks),
+                mechanism=m,
+                epsilon_fn=lambda h, d: accounting.epsilons(h, delta=d),
+                now=1_000.0 + n,
+            )
+        totals = {t.block: t for t in ledger.totals()}
+    for block, total in totals.items():
+        history = [m for blocks, m in rounds if block in blocks]
+        assert len(history) == 2
+        google_rdp = rdp.RdpAccountant(orders=list(RDP_ORDERS))
+        google_rdp.compose(_event(history))
+        assert total.epsilon_rdp == pytest.approx(google_rdp.get_epsilon(DELTA), rel=0.01)
+        google_pld = pld.PLDAccountant(value_discretization_interval=1e-4)
+        google_pld.compose(_event(history))
+        pld_eps = google_pld.get_epsilon(DELTA)
+        assert abs(total.epsilon_prv - pld_eps) <= 2 * accounting.PRV_EPS_ERROR + 1e-3
+        # What the device enforces is a valid upper bound on the true ε.
+        assert total.epsilon >= pld_eps - 1e-3
