@@ -8,11 +8,19 @@
 
 Groups are imported only when used, so ``keystay device run`` never loads the
 server side (or torch).
+
+:func:`run` is the console entry point. Each command maps the errors it
+expects to its own documented exit code; ``run`` is the last net under all of
+them, so that no command ends in a Python traceback: anything unexpected is
+one sentence on stderr and exit code 1 (``KEYSTAY_DEBUG=1`` shows the
+traceback, for a bug report).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 import click
@@ -63,4 +71,27 @@ def main(**_: Any) -> None:
 
     Start with `keystay demo` to see a whole federation on this machine, or
     `keystay device --help` if you are an employee.
+
+    Each command's --help lists its exit codes; 1 means an unexpected error
+    (a bug: rerun with KEYSTAY_DEBUG=1 and report the traceback).
     """
+
+
+#: Exit code for an error no command expected (a bug): see :func:`run`.
+EXIT_UNEXPECTED = 1
+
+
+def run() -> None:
+    """The ``keystay`` console script: :func:`main`, with no traceback reaching a user."""
+    try:
+        main.main(prog_name="keystay")
+    except Exception as error:  # the last net: every expected error has its own code
+        if os.environ.get("KEYSTAY_DEBUG"):
+            raise
+        click.echo(
+            f"keystay: unexpected error, nothing more was done: {type(error).__name__}: "
+            f"{error}\nThis is a bug in keystay. Rerun with KEYSTAY_DEBUG=1 to see where it "
+            "happened, and report that.",
+            err=True,
+        )
+        sys.exit(EXIT_UNEXPECTED)

@@ -52,7 +52,9 @@ class DeviceClient:
                 f"'keystay device run --data {self.socket.parent}'"
             )
         self._channel = grpc.insecure_channel(
-            f"unix://{self.socket}",
+            # Absolute: "unix://" + a relative path reads as an authority,
+            # which gRPC refuses (a relative --data used to break every command).
+            f"unix://{self.socket.absolute()}",
             options=[
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 256 * 1024 * 1024),

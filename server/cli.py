@@ -22,6 +22,8 @@ from keystay.server.deploy.superlink import (
     flower_env,
     wait_for_port,
 )
+from keystay.server.ledger.ledger import EnrollmentError as LedgerEnrollmentError
+from keystay.server.ledger.ledger import LedgerError
 
 server_dir_option = click.option(
     "--dir",
@@ -42,6 +44,9 @@ class ServerExit:
     SUPERLINK_DOWN = 21
     RUN_FAILED = 22
     ENROLL_REFUSED = 23
+    #: The server ledger cannot be opened or read (unreadable, corrupt, another
+    #: format): nothing was changed.
+    LEDGER = 24
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -280,7 +285,8 @@ def enroll(server_dir: Path, request: Path, name: str | None,
     it with --fingerprint.
 
     Exit codes: 0 enrolled (or already), 20 bad server folder, 21 SuperLink not
-    running, 23 request refused (the message says why).
+    running, 23 request refused (the message says why), 24 the ledger cannot
+    be read (nothing enrolled).
     """
     from keystay.server.deploy.enrollment import (
         EnrollmentError,
@@ -299,9 +305,12 @@ def enroll(server_dir: Path, request: Path, name: str | None,
     except SuperLinkUnavailableError as error:
         click.echo(f"keystay server enroll: {error}", err=True)
         sys.exit(ServerExit.SUPERLINK_DOWN)
-    except EnrollmentError as error:
+    except (EnrollmentError, LedgerEnrollmentError) as error:
         click.echo(f"keystay server enroll: refused: {error}", err=True)
         sys.exit(ServerExit.ENROLL_REFUSED)
+    except LedgerError as error:
+        click.echo(f"keystay server enroll: nothing enrolled: {error}", err=True)
+        sys.exit(ServerExit.LEDGER)
     entry = outcome.entry
     node = f", SuperLink node {entry.node_id}" if entry.node_id is not None else ""
     if outcome.already:
@@ -330,6 +339,9 @@ def devices(server_dir: Path, as_json: bool) -> None:
     except ServerConfigError as error:
         click.echo(f"keystay server devices: {error}", err=True)
         sys.exit(ServerExit.CONFIG)
+    except LedgerError as error:
+        click.echo(f"keystay server devices: {error}", err=True)
+        sys.exit(ServerExit.LEDGER)
     if problem:
         click.echo(f"note: live status unknown: {problem}", err=True)
     if as_json:
@@ -360,7 +372,8 @@ def revoke(server_dir: Path, device: str) -> None:
 
     Exit codes: 0 revoked, 20 bad server folder, 21 SuperLink not running (the
     device is revoked in the ledger but the SuperLink still admits it: start
-    it and run revoke again), 23 no such device.
+    it and run revoke again), 23 no such device, 24 the ledger cannot be read
+    (nothing revoked).
     """
     from keystay.server.deploy.enrollment import (
         EnrollmentError,
@@ -378,9 +391,12 @@ def revoke(server_dir: Path, device: str) -> None:
         click.echo(f"keystay server revoke: marked revoked in the ledger, but the SuperLink "
                    f"still admits it: {error}", err=True)
         sys.exit(ServerExit.SUPERLINK_DOWN)
-    except EnrollmentError as error:
+    except (EnrollmentError, LedgerEnrollmentError) as error:
         click.echo(f"keystay server revoke: {error}", err=True)
         sys.exit(ServerExit.ENROLL_REFUSED)
+    except LedgerError as error:
+        click.echo(f"keystay server revoke: nothing revoked: {error}", err=True)
+        sys.exit(ServerExit.LEDGER)
     entry = outcome.entry
     click.echo(f"revoked {entry.device_id} ({entry.name}) at {entry.revoked_at}"
                + (f"; SuperLink node {entry.node_id} unregistered" if outcome.unregistered

@@ -180,7 +180,7 @@ def _serve(servicer: DeviceServicer, sock: Path, group: str | None) -> grpc.Serv
     # --socket-group, the SuperNode's group) may connect.
     old_umask = os.umask(socket_umask(group))
     try:
-        server.add_insecure_port(f"unix://{sock}")
+        server.add_insecure_port(f"unix://{Path(sock).absolute()}")
         server.start()
     finally:
         os.umask(old_umask)

@@ -13,6 +13,12 @@ against the server's CA only (``--root-certificates``, the pinned
 SuperLink refuses (not enrolled, revoked, wrong CA) exits; the supervisor
 restarts it with growing back-off, so an enrollment made later or a SuperLink
 that restarts is picked up without anyone touching the device.
+
+Supervision ties the SuperNode to the daemon: it runs under
+:mod:`keystay.client.daemon.reaper`, which leads the SuperNode's process group
+and takes the whole group down when the daemon dies, however it dies. A
+restarted daemon never meets an orphaned SuperNode holding its port and
+serving rounds through its socket.
 """
 
 from __future__ import annotations
@@ -163,8 +169,10 @@ class SuperNodeSupervisor:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         log = self.config.log_file.open("ab")
         try:
+            # Through the reaper (keystay.client.daemon.reaper): the group it
+            # leads dies with this daemon even when the daemon is SIGKILLed.
             return subprocess.Popen(
-                self.config.command(),
+                [sys.executable, "-m", "keystay.client.daemon.reaper", *self.config.command()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

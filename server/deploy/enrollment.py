@@ -525,9 +525,12 @@ def revoke(server_dir: Path, who: str) -> RevokeOutcome:
     config = ServerConfig.load(server_dir)
     registry = Registry.open(server_dir)
     entry = find(registry, who)
+    # The ledger first: it is what makes the device's reports stop counting,
+    # and a ledger that cannot be opened must leave the registry unchanged
+    # (the command then says nothing was revoked, and that is true).
+    _ledger_revoke(server_dir, entry.device_id)
     if not entry.revoked:
         registry.mark_revoked(entry.device_id, _now())
-    _ledger_revoke(server_dir, entry.device_id)
     unregistered = False
     if entry.node_id is not None:
         control = FlwrControl(server_dir, config)
