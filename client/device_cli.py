@@ -96,6 +96,10 @@ def device() -> None:
 @click.option("--socket-group",
               help="Let this group connect to the socket (mode 0660): the SuperNode's "
               "group when it runs as another OS user (see the systemd units).")
+@click.option("--trainer-idle-timeout", type=click.FloatRange(min=0), default=600.0,
+              show_default=True,
+              help="Stop the trainer process (torch, ~300 MB) after this many seconds without "
+              "a round; the next round starts it again in a few seconds. 0 keeps it warm.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def run(
     data_dir: Path,
@@ -111,6 +115,7 @@ def run(
     employee_seed: int,
     socket: Path | None,
     socket_group: str | None,
+    trainer_idle_timeout: float,
     verbose: bool,
 ) -> None:
     """Start the device daemon (runs until stopped with Ctrl-C or SIGTERM).
@@ -162,6 +167,7 @@ def run(
         auth_private_key=auth_private_key,
         socket=socket,
         socket_group=socket_group,
+        trainer_idle_timeout=trainer_idle_timeout or None,
     )
     try:
         code = run_daemon(options)
@@ -205,7 +211,7 @@ def status(data_dir: Path, as_json: bool) -> None:
     click.echo(f"device      {reply.device_id}   (keystay {reply.version})")
     click.echo(f"state       {state}   source: {reply.source}")
     click.echo(f"events today {reply.events_today}   store {reply.store_bytes / 1e6:.2f} MB   "
-               f"trainer {'ready' if reply.trainer_ready else 'starting'}")
+               f"trainer {'warm' if reply.trainer_ready else 'not running (starts for a round)'}")
     click.echo(f"\n{'day':<12}{'events':>9}{'ε spent':>10}{'ε left':>9}{'budget':>9}  state")
     for b in reply.blocks:
         left = max(0.0, b.budget - b.epsilon)

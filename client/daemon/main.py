@@ -75,6 +75,8 @@ class DaemonOptions:
     auth_private_key: Path | None = None
     socket: Path | None = None
     socket_group: str | None = None
+    #: Seconds without a round before the trainer process is stopped; None: never.
+    trainer_idle_timeout: float | None = 600.0
 
 
 class DaemonError(Exception):
@@ -209,7 +211,9 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
     ledger = Ledger.open(data_dir)
     identity = DeviceIdentity.open(data_dir)
     write_enrollment(data_dir, identity)
-    trainer = WarmTrainer()
+    # Started now so a broken torch install fails here, with exit 13, not in a
+    # round; then stopped after trainer_idle_timeout without rounds (memory).
+    trainer = WarmTrainer(idle_timeout=options.trainer_idle_timeout)
     try:
         trainer.start()
     except Exception as error:  # the child's own traceback is in the log

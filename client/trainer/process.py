@@ -32,6 +32,14 @@ Failure handling, per kind:
   lives on.
 - The daemon dies: the child notices within a second (its parent id changes
   or the pipe closes) and exits.
+
+Warm, but not forever (``idle_timeout``). A resident torch process costs
+about 300 MB on an employee's laptop between rounds, which come minutes or
+hours apart. With ``idle_timeout`` set, the child is stopped once it has
+served no call for that long, and the next call starts a new one, paying the
+start-up (torch import and warm-up, a few seconds) once per burst of calls
+rather than holding the memory all day. A stop for idleness is not a crash:
+it does not count in :attr:`WarmTrainer.restarts`.
 """
 
 from __future__ import annotations
@@ -238,11 +246,27 @@ class WarmTrainer:
         by torch's first-call initialisation.
     start_timeout : float
         Seconds to wait for the child to import torch and Opacus.
+    idle_timeout : float or None
+        Stop the child after this many seconds without a call (the next call
+        starts a new one); ``None`` keeps it for the trainer's lifetime.
     """
 
-    def __init__(self, *, warm_up: bool = True, start_timeout: float = START_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        *,
+        warm_up: bool = True,
+        start_timeout: float = START_TIMEOUT_S,
+        idle_timeout: float | None = None,
+    ) -> None:
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be > 0 seconds or None, got {idle_timeout}")
         self._warm_up = warm_up
         self._start_timeout = start_timeout
+        self._idle_timeout = idle_timeout
+        self._last_used = time.monotonic()
+        self._idle_watch: threading.Thread | None = None
+        self.idle_stops = 0
+        self.last_start_seconds: float | None = None
         self._lock = threading.Lock()
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -291,7 +315,43 @@ class WarmTrainer:
         proc.start()
         child_conn.close()  # the child's end lives in the child only: EOF means it died
         self._proc, self._conn, self._hello = proc, parent_conn, None
+        self._last_used = time.monotonic()
         logger.info("trainer process %s starting", proc.pid)
+        if self._idle_timeout is not None and (
+            self._idle_watch is None or not self._idle_watch.is_alive()
+        ):
+            self._idle_watch = threading.Thread(
+                target=self._stop_when_idle, name="trainer-idle", daemon=True
+            )
+            self._idle_watch.start()
+
+    def _stop_when_idle(self) -> None:
+        """Stop the child once it has been idle for ``idle_timeout`` (see the module docs)."""
+        assert self._idle_timeout is not None
+        period = min(5.0, self._idle_timeout / 4)
+        while not self._closed:
+            time.sleep(period)
+            if self._proc is None or time.monotonic() - self._last_used < self._idle_timeout:
+                continue
+            if not self._lock.acquire(blocking=False):
+                continue  # a call is running: not idle
+            try:
+                idle = time.monotonic() - self._last_used
+                proc, conn = self._proc, self._conn
+                if proc is None or conn is None or idle < self._idle_timeout:
+                    continue
+                pid = proc.pid
+                with contextlib.suppress(EOFError, OSError):
+                    conn.send(("close", ()))
+                    if conn.poll(10.0):
+                        conn.recv()
+                proc.join(10.0)
+                self._kill()
+                self.idle_stops += 1
+                logger.info("trainer process %s stopped after %.0f s idle; the next round "
+                            "starts a new one", pid, idle)
+            finally:
+                self._lock.release()
 
     def _await_hello(self) -> None:
         assert self._proc is not None and self._conn is not None
@@ -300,6 +360,7 @@ class WarmTrainer:
         reply = self._receive(self._start_timeout, "start")
         if reply[0] == "ready":
             self._hello = reply[1]
+            self.last_start_seconds = float(self._hello["start_seconds"])
             logger.info(
                 "trainer process %s ready after %.1f s",
                 self._hello["pid"],
@@ -447,6 +508,7 @@ class WarmTrainer:
                 raise TrainerError(
                     f"the trainer was closed; call start() before asking it to {op}"
                 )
+            self._last_used = time.monotonic()
             if self._proc is None or not self._proc.is_alive():
                 if self._proc is not None:
                     # Died while idle: nothing was lost, start a new one.
@@ -461,7 +523,10 @@ class WarmTrainer:
             assert self._conn is not None
             with contextlib.suppress(BrokenPipeError, OSError):
                 self._conn.send((op, args))  # if the child is gone, _receive says how
-            reply = self._receive(timeout, op)
+            try:
+                reply = self._receive(timeout, op)
+            finally:
+                self._last_used = time.monotonic()
         if reply[0] == "ok":
             return reply[1]
         raise self._as_exception(reply, op)

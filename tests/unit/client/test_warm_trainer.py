@@ -320,3 +320,37 @@ def test_the_child_exits_when_its_parent_dies() -> None:
         parent.kill()  # SIGKILL: no atexit, no close()
         parent.wait(30)
     assert _wait_gone(child)
+
+
+def test_an_idle_child_is_stopped_and_the_next_call_starts_one() -> None:
+    t = WarmTrainer(warm_up=False, idle_timeout=2.0)
+    t.start()
+    try:
+        pid = t.pid
+        assert pid is not None
+        t.ping()  # a call keeps it: not idle yet
+        assert t.pid == pid
+        assert _wait_gone(pid, 30.0), "the idle trainer was not stopped"
+        assert t.pid is None and t.idle_stops == 1
+        assert t.restarts == 0, "an idle stop is not a crash"
+        assert t.ping()["pid"] not in (None, pid)
+        assert t.last_start_seconds is not None and t.last_start_seconds > 0
+    finally:
+        t.close()
+
+
+def test_a_busy_child_is_not_stopped_for_idleness() -> None:
+    t = WarmTrainer(warm_up=False, idle_timeout=1.0)
+    t.start()
+    try:
+        started = time.monotonic()
+        outcome = t.train(_job(steps=1500))  # a child stopped mid-call would raise here
+        assert time.monotonic() - started > 2.0, "the job was too short to test anything"
+        assert outcome.steps == 1500
+    finally:
+        t.close()
+
+
+def test_idle_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        WarmTrainer(idle_timeout=0)
