@@ -288,7 +288,7 @@ class LocalFederation:
     def _wait_device(self, device: LocalDevice) -> None:
         assert device.part is not None
         deadline = time.monotonic() + self.startup_timeout
-        ready = [device.socket]
+        ready = [device.socket]  # federation.sock: bound last, so the daemon is up
         if self.insecure:
             ready.append(device.data_dir / LEGACY_REQUEST_FILE)
         while time.monotonic() < deadline:
