@@ -102,3 +102,16 @@ def test_other_uid_is_cut_off_before_any_rpc(
         assert gate.refused >= 1
     finally:
         gate.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a socket to another uid needs root")
+def test_client_names_the_user_to_be(tmp_path: Path) -> None:
+    from keystay.client.control_client import ControlClient
+    from keystay.client.device_client import DeviceUnavailableError
+
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        os.chown(path, 65534, 65534)
+        with pytest.raises(DeviceUnavailableError, match="serves only its own user, nobody"):
+            ControlClient(path)
