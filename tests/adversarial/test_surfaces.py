@@ -288,3 +288,15 @@ def test_employee_uid_is_served_on_control_socket(daemon: Path, tmp_path: Path) 
     assert len(json.loads(out.read_text())["events"]) == 1500
     policy = keystay("device", "policy", "--data", str(daemon)).stdout
     assert "running daemon" in policy
+
+
+def test_employee_can_evaluate_a_model_locally(daemon: Path, tmp_path: Path) -> None:
+    from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
+
+    model = save_checkpoint(tmp_path / "model.pt", initial_weights(), ModelConfig())
+    out = keystay("device", "evaluate", "--data", str(daemon), "--model", str(model)).stdout
+    assert "next-event accuracy" in out and "held-out windows" in out
+    # ... while the federation socket has no Evaluate at all.
+    body = device_pb2.EvaluateRequest().SerializeToString()
+    assert raw_call(daemon / "federation.sock", "/keystay.v1.Federation/Evaluate", body) == \
+        grpc.StatusCode.UNIMPLEMENTED
