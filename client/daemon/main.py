@@ -277,8 +277,9 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
         policy = DevicePolicy.load(policy_path)
     except PolicyError as error:
         raise DaemonError(DaemonExit.POLICY, str(error)) from error
-    policy_source = str(policy_path) if policy_path.exists() else \
-        "built-in defaults (no policy.toml)"
+    policy_source = (
+        str(policy_path) if policy_path.exists() else "built-in defaults (no policy.toml)"
+    )
 
     store = _open_store(options)
     ledger = Ledger.open(data_dir)

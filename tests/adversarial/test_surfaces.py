@@ -300,3 +300,16 @@ def test_employee_can_evaluate_a_model_locally(daemon: Path, tmp_path: Path) -> 
     body = device_pb2.EvaluateRequest().SerializeToString()
     assert raw_call(daemon / "federation.sock", "/keystay.v1.Federation/Evaluate", body) == \
         grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_second_daemon_is_refused_and_leaves_the_first_serving(daemon: Path) -> None:
+    second = subprocess.run(
+        [executable("keystay"), "device", "run", "--data", str(daemon), "--source", "none"],
+        capture_output=True, text=True, env=flower_env(), timeout=180, check=False,
+    )
+    assert second.returncode == 14, second.stderr[-2000:]
+    assert "already serving" in second.stderr and "Traceback" not in second.stderr
+    # Its clean-up removed nothing of the first daemon's.
+    for name in ("control.sock", "federation.sock", "control.d"):
+        assert (daemon / name).exists(), name
+    assert snapshot(daemon)["recording"] is True
