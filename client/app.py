@@ -3,10 +3,12 @@
 Flower ships this code from the server to every SuperNode and runs whatever it
 receives, so nothing here is trusted with data. It never opens the store or
 the data folder: it forwards the global weights and the run's request to
-``Device.Train`` / ``Device.Evaluate`` on the daemon's Unix socket (named by
-the SuperNode's ``--node-config socket="..."``) and returns what the daemon
+``Federation.Train`` on the daemon's federation socket (named by the
+SuperNode's ``--node-config socket="..."``) and returns what the daemon
 answers. A refusal travels back to the ServerApp as a Flower ``Error`` whose
-reason is the daemon's own sentence.
+reason is the daemon's own sentence. Held-out scoring is the employee's
+control (``keystay device evaluate``), not the federation's: ``evaluate``
+answers with a refusal and asks the daemon nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from keystay.client.device_client import DeviceClient, DeviceUnavailableError
+from keystay.client.federation_client import DeviceUnavailableError, FederationClient
 from keystay.client.secagg import is_secagg_message, secagg_train
 from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.v1 import device_pb2
@@ -106,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         config = msg.content.config_records["config"]
         weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
         request = train_request(config, weights, context)
-        with DeviceClient(_socket(context)) as device:
+        with FederationClient(_socket(context)) as device:
             reply = device.train(request)
     except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
         return _error_reply(msg, error)
@@ -137,28 +139,17 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Ask the device daemon to score the global model on held-out windows."""
-    try:
-        config = msg.content.config_records["config"]
-        request = device_pb2.EvaluateRequest(
-            run_id=str(config.get("run-name", context.run_id)),
-            server_round=int(_number(config, "server-round")),
-            weights=weights_to_proto(msg.content.array_records["arrays"].to_numpy_ndarrays()),
-        )
-        with DeviceClient(_socket(context)) as device:
-            reply = device.stub.Evaluate(request, timeout=600)
-    except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
-        return _error_reply(msg, error)
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(
-                {
-                    "num-examples": int(reply.num_examples),
-                    "heldout-loss": float(reply.loss),
-                    "heldout-accuracy": float(reply.accuracy),
-                }
-            ),
-            "device": ConfigRecord({"device-id": reply.device_id}),
-        }
+    """Decline: a held-out score is not charged to the device's ledger.
+
+    The federation surface serves ``Train`` only; scoring a model on the
+    employee's data is theirs to do (``keystay device evaluate``).
+    """
+    return Message(
+        error=Error(
+            code=ERROR_REFUSED,
+            reason="refused: this device does not score models for the federation (a "
+            "held-out score is not paid for from its privacy budget); the employee can "
+            "run 'keystay device evaluate'",
+        ),
+        reply_to=msg,
     )
-    return Message(content=content, reply_to=msg)

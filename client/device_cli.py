@@ -1,8 +1,10 @@
 """``keystay device``: the employee's commands.
 
 ``run`` starts the daemon; every other command talks to the running daemon
-over its Unix socket, so they work while it records and never open the store
-themselves.
+over its control socket (``DATA/control.sock``, served to the daemon's own OS
+user only), so they work while it records and never open the store
+themselves. The federation reaches the daemon on another socket
+(``federation.sock``) where none of these commands exist.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import click
 import grpc
 
-from keystay.client.device_client import DeviceClient, DeviceUnavailableError, socket_path
+from keystay.client.control_client import CALL_TIMEOUT_S, EVALUATE_TIMEOUT_S, ControlClient
+from keystay.client.device_client import DeviceUnavailableError, control_socket_path
 from keystay.v1 import device_pb2
 
 DEFAULT_DATA = Path(os.environ.get("KEYSTAY_DATA", "~/.local/share/keystay")).expanduser()
@@ -29,7 +32,7 @@ data_option = click.option(
     default=DEFAULT_DATA,
     show_default=True,
     envvar="KEYSTAY_DATA",
-    help="The device's data folder (store, ledger, keys, policy.toml, socket).",
+    help="The device's data folder (store, ledger, keys, policy.toml, control socket).",
 )
 
 
@@ -59,6 +62,7 @@ def device() -> None:
       keystay device export --day D --out FILE   your data, as JSON
       keystay device forget --day D | --all      delete days (--all destroys the key)
       keystay device policy              what your policy allows, explained
+      keystay device evaluate --model F  score a model on your own held-out data
     """
 
 
@@ -90,9 +94,11 @@ def device() -> None:
               help="Simulated events per day (with --simulate-days).")
 @click.option("--employee-seed", type=int, default=0, show_default=True,
               help="Which simulated employee (each seed types and clicks differently).")
-@click.option("--socket", "socket", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="KEYSTAY_SOCKET",
-              help="Serve the Device service here (default: DATA/device.sock).")
+@click.option("--federation-socket", "federation_socket",
+              type=click.Path(dir_okay=False, path_type=Path),
+              envvar="KEYSTAY_FEDERATION_SOCKET",
+              help="Serve the Federation service (Train, nothing else) here "
+              "(default: DATA/federation.sock).")
 @click.option("--socket-group",
               help="Let this group connect to the socket (mode 0660): the SuperNode's "
               "group when it runs as another OS user (see the systemd units).")
@@ -100,6 +106,13 @@ def device() -> None:
               show_default=True,
               help="Stop the trainer process (torch, ~300 MB) after this many seconds without "
               "a round; the next round starts it again in a few seconds. 0 keeps it warm.")
+              help="Let this group connect to the federation socket (mode 0660): the "
+              "SuperNode's group when it runs as another OS user (see the systemd units). "
+              "The control socket stays yours alone.")
+@click.option("--accept-server-code-access", is_flag=True,
+              help="With --superlink: accept that the SuperNode, and the code the server "
+              "ships to it, run as YOUR user and can read and write your data folder. "
+              "Without it, single-user federation is refused (exit 15).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def run(
     data_dir: Path,
@@ -113,25 +126,60 @@ def run(
     simulate_days: int,
     events_per_day: int,
     employee_seed: int,
-    socket: Path | None,
+    federation_socket: Path | None,
     socket_group: str | None,
     trainer_idle_timeout: float,
+    accept_server_code_access: bool,
     verbose: bool,
 ) -> None:
     """Start the device daemon (runs until stopped with Ctrl-C or SIGTERM).
 
     \b
-    It serves the Device service on DATA/device.sock (only you can connect),
-    keeps a warm trainer process for rounds, and, with --superlink, runs and
-    supervises the Flower SuperNode that connects this device to the server.
+    It serves two sockets in DATA: control.sock, your controls (status,
+    pause, show, export, forget, policy, evaluate), answered for your OS user
+    only; and federation.sock, where the federation may ask it to train under
+    your policy and nothing else. It keeps a warm trainer process for rounds.
+
+    \b
+    With --superlink it also runs and supervises the Flower SuperNode that
+    connects this device to the server. That SuperNode, and the code the
+    server ships to it, then run as YOUR user: they could read your data
+    folder. This is refused unless you add --accept-server-code-access; on
+    real machines use the two-user systemd units instead (README).
 
     \b
     Exit codes: 0 stopped cleanly, 2 usage, 10 invalid policy, 11 store
     unreadable (wrong key or altered bytes), 12 no X display for --source
-    pynput, 13 trainer failed to start, 14 another daemon already runs here.
+    pynput, 13 trainer failed to start, 14 another daemon already runs here,
+    15 single-user federation without --accept-server-code-access (nothing
+    was started or changed).
     """
-    from keystay.client.daemon.main import DaemonError, DaemonOptions, run_daemon
+    from keystay.client.daemon.main import (
+        SINGLE_USER_REFUSAL,
+        DaemonError,
+        DaemonExit,
+        DaemonOptions,
+        run_daemon,
+    )
 
+    if superlink is None:
+        from keystay.client.enroll import EnrollError, FederationSettings
+
+        try:
+            joined = FederationSettings.load(data_dir)
+        except EnrollError as error:
+            raise click.ClickException(str(error)) from error
+        # Written by `keystay device enroll`. A SuperNode key kept outside DATA
+        # (--supernode-dir) means the two-user set-up: the SuperNode is its own
+        # service, so this daemon must not start one.
+        if joined is not None and _inside(joined.auth_private_key, data_dir):
+            superlink = joined.superlink
+            root_certificates = root_certificates or joined.root_certificates
+            auth_private_key = auth_private_key or joined.auth_private_key
+    if superlink and not accept_server_code_access:
+        # Before the data folder or its log is touched: a refusal changes nothing.
+        click.echo(f"keystay device: {SINGLE_USER_REFUSAL}", err=True)
+        sys.exit(int(DaemonExit.SERVER_CODE_ACCESS))
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "logs").mkdir(exist_ok=True)
     logging.basicConfig(
@@ -142,17 +190,10 @@ def run(
             logging.FileHandler(data_dir / "logs" / "daemon.log"),
         ],
     )
-    if superlink is None:
-        from keystay.client.enroll import EnrollError, FederationSettings
-
-        try:
-            joined = FederationSettings.load(data_dir)
-        except EnrollError as error:
-            raise click.ClickException(str(error)) from error
-        if joined is not None:  # written by `keystay device enroll`
-            superlink = joined.superlink
-            root_certificates = root_certificates or joined.root_certificates
-            auth_private_key = auth_private_key or joined.auth_private_key
+    if superlink:
+        logging.getLogger("keystay.device").warning(
+            "single-user federation (--accept-server-code-access): the SuperNode and the "
+            "code the server ships to it run as this user and can read %s", data_dir)
     options = DaemonOptions(
         data_dir=data_dir,
         source=source,
@@ -165,9 +206,10 @@ def run(
         insecure=insecure,
         root_certificates=root_certificates,
         auth_private_key=auth_private_key,
-        socket=socket,
+        federation_socket=federation_socket,
         socket_group=socket_group,
         trainer_idle_timeout=trainer_idle_timeout or None,
+        accept_server_code_access=accept_server_code_access,
     )
     try:
         code = run_daemon(options)
@@ -177,18 +219,28 @@ def run(
     sys.exit(int(code))
 
 
-def _client(data_dir: Path) -> DeviceClient:
+def _inside(path: Path | None, folder: Path) -> bool:
+    return path is not None and path.resolve().is_relative_to(folder.resolve())
+
+
+def _client(data_dir: Path) -> ControlClient:
     try:
-        return DeviceClient(socket_path(data_dir))
+        return ControlClient(control_socket_path(data_dir))
     except DeviceUnavailableError as error:
         raise click.ClickException(str(error)) from error
 
 
-def _call(data_dir: Path, method: str, request: object) -> object:
+def _call(data_dir: Path, method: str, request: object,
+          timeout: float = CALL_TIMEOUT_S) -> object:
     with _client(data_dir) as client:
         try:
-            return getattr(client.stub, method)(request, timeout=60)
+            return getattr(client.stub, method)(request, timeout=timeout)
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise click.ClickException(
+                    f"no answer on {client.socket}: the daemon is not running, or it "
+                    "refused this user (it serves only its own OS user)"
+                ) from error
             raise click.ClickException(f"the daemon answered: {error.details()}") from error
 
 
@@ -310,9 +362,20 @@ def export(data_dir: Path, day: str, out: Path) -> None:
 @device.command()
 @data_option
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Policy file to explain (default: DATA/policy.toml).")
+              help="Explain this policy file instead of asking the running daemon.")
 def policy(data_dir: Path, policy_file: Path | None) -> None:
-    """Explain the privacy policy this device enforces."""
+    """Explain the privacy policy this device enforces.
+
+    \b
+    Asks the running daemon (what it enforces now). With --policy FILE, or
+    when no daemon runs, explains the file instead.
+    """
+    if policy_file is None and control_socket_path(data_dir).exists():
+        reply = _call(data_dir, "Policy", device_pb2.PolicyRequest())
+        assert isinstance(reply, device_pb2.PolicyReply)
+        click.echo(f"policy enforced by the running daemon, from {reply.source}\n")
+        click.echo(reply.text)
+        return
     from keystay.client.policy import DevicePolicy, PolicyError
 
     path = policy_file or data_dir / "policy.toml"
@@ -321,8 +384,36 @@ def policy(data_dir: Path, policy_file: Path | None) -> None:
     except PolicyError as error:
         raise click.ClickException(str(error)) from error
     source = str(path) if path.exists() else "built-in defaults (no policy.toml)"
-    click.echo(f"policy from {source}\n")
+    running = "" if policy_file else " (no daemon running: what it would load)"
+    click.echo(f"policy from {source}{running}\n")
     click.echo(loaded.explain())
+
+
+@device.command()
+@data_option
+@click.option("--model", "model_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A keystay model checkpoint (e.g. the run's final.pt).")
+def evaluate(data_dir: Path, model_file: Path) -> None:
+    """Score a model on your own held-out data, here. Nothing is sent anywhere.
+
+    \b
+    The daemon runs the model over the held-out windows of your eligible days
+    and tells you its next-event accuracy and loss. The federation cannot ask
+    for this: the figure is not paid for from your privacy budget.
+    """
+    from keystay.client.model import read_checkpoint
+    from keystay.client.serde import weights_to_proto
+
+    try:
+        checkpoint = read_checkpoint(model_file)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    request = device_pb2.EvaluateRequest(weights=weights_to_proto(checkpoint.weights))
+    reply = _call(data_dir, "Evaluate", request, timeout=EVALUATE_TIMEOUT_S)
+    assert isinstance(reply, device_pb2.EvaluateReply)
+    click.echo(f"{model_file}: next-event accuracy {reply.accuracy:.3f}, loss {reply.loss:.3f} "
+               f"on {reply.num_examples} held-out windows of device {reply.device_id}")
 
 
 @device.command()
@@ -384,7 +475,9 @@ def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | Non
                "they run: keystay server enroll --dir SERVER_DIR --fingerprint "
                f"{result.fingerprint} {result.request_file.name}")
     settings = result.settings
-    click.echo(f"\nOnce enrolled, join with: keystay device run --data {data_dir} "
-               f"--superlink {settings.superlink} --root-certificates "
-               f"{settings.root_certificates} --auth-key {settings.auth_private_key}")
+    click.echo("\nOnce enrolled, start the two-user systemd units (README, 'Device install'), "
+               "or, accepting that the server's code runs as you and can read your data, "
+               f"join with: keystay device run --data {data_dir} --superlink "
+               f"{settings.superlink} --root-certificates {settings.root_certificates} "
+               f"--auth-key {settings.auth_private_key} --accept-server-code-access")
 

@@ -1,83 +1,73 @@
-"""A caller of the device daemon's ``Device`` service over its Unix socket.
+"""How anything reaches the device daemon: its two sockets and a gRPC channel.
 
-Used by the Flower ClientApp and by the ``keystay device`` commands. It holds
-no data of its own: whatever it gets back is what the daemon chose to answer.
+The daemon serves two surfaces on two Unix sockets (see
+``protos/keystay/v1/device.proto``):
+
+* ``federation.sock``: :class:`~keystay.client.federation_client.
+  FederationClient`, used by the Flower ClientApp (code shipped by the
+  server). Only ``Train``.
+* ``control.sock``: :class:`~keystay.client.control_client.ControlClient`,
+  used by the ``keystay device`` commands. The employee's controls; the
+  daemon serves only its own uid there.
+
+This module holds what both clients share and no data of its own.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
 
 import grpc
 
-from keystay.v1 import device_pb2, device_pb2_grpc
+FEDERATION_SOCKET = "federation.sock"
+CONTROL_SOCKET = "control.sock"
 
-SOCKET_NAME = "device.sock"
-
-# Training a round can take minutes on a slow laptop; status calls are quick.
-TRAIN_TIMEOUT_S = 1800.0
-CALL_TIMEOUT_S = 30.0
-
-
-def socket_path(data_dir: Path) -> Path:
-    """Where the daemon for ``data_dir`` serves the Device service.
-
-    ``KEYSTAY_SOCKET`` overrides it (the systemd units put the socket where
-    the SuperNode's user can reach it).
-    """
-    override = os.environ.get("KEYSTAY_SOCKET")
-    return Path(override) if override else Path(data_dir) / SOCKET_NAME
+# Weights of the shared model travel both ways in one message.
+_MAX_MESSAGE = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+]
 
 
 class DeviceUnavailableError(RuntimeError):
-    """The daemon's socket is missing or nobody answers on it."""
+    """The daemon's socket is missing, refuses this caller, or nobody answers on it."""
 
 
-class DeviceClient:
-    """A connection to one device daemon.
+def federation_socket_path(data_dir: Path) -> Path:
+    """Where the daemon for ``data_dir`` serves the Federation service.
 
-    Parameters
-    ----------
-    socket : Path
-        The daemon's Unix socket (``DATA_DIR/device.sock``).
+    ``KEYSTAY_FEDERATION_SOCKET`` overrides it (the systemd units put it where
+    the SuperNode's user can reach it).
     """
+    override = os.environ.get("KEYSTAY_FEDERATION_SOCKET")
+    return Path(override) if override else Path(data_dir) / FEDERATION_SOCKET
 
-    def __init__(self, socket: Path) -> None:
-        self.socket = Path(socket)
-        if not self.socket.exists():
-            raise DeviceUnavailableError(
-                f"no device daemon socket at {self.socket}; start one with "
-                f"'keystay device run --data {self.socket.parent}'"
-            )
-        self._channel = grpc.insecure_channel(
-            # Absolute: "unix://" + a relative path reads as an authority,
-            # which gRPC refuses (a relative --data used to break every command).
-            f"unix://{self.socket.absolute()}",
-            options=[
-                ("grpc.max_send_message_length", 256 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-            ],
+
+def control_socket_path(data_dir: Path) -> Path:
+    """Where the daemon for ``data_dir`` serves the employee's Control service.
+
+    Always inside the data folder (0700): nothing moves it somewhere others
+    could reach.
+    """
+    return Path(data_dir) / CONTROL_SOCKET
+
+
+def open_channel(socket: Path) -> grpc.Channel:
+    """An insecure (Unix-socket) channel to ``socket``, which must exist.
+
+    Raises
+    ------
+    DeviceUnavailableError
+        If no daemon socket is there, saying how to start one.
+    """
+    socket = Path(socket)
+    if not socket.exists():
+        raise DeviceUnavailableError(
+            f"no device daemon socket at {socket}; start one with "
+            f"'keystay device run --data {socket.parent}'"
         )
-        self.stub = device_pb2_grpc.DeviceStub(self._channel)
-
-    def train(self, request: device_pb2.TrainRequest) -> device_pb2.TrainReply:
-        return self.stub.Train(request, timeout=TRAIN_TIMEOUT_S)
-
-    def status(self) -> device_pb2.StatusReply:
-        return self.stub.Status(device_pb2.StatusRequest(), timeout=CALL_TIMEOUT_S)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> DeviceClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    # Absolute: "unix://" + a relative path reads as an authority, which gRPC
+    # refuses (a relative --data used to break every command).
+    return grpc.insecure_channel(f"unix://{socket.absolute()}", options=CHANNEL_OPTIONS)

@@ -6,7 +6,7 @@ here). Every SecAgg+ message is a ``train`` message; the ClientApp's
 ``train()`` hands it to :func:`secagg_train`, which runs ``secaggplus_mod``
 around a legacy fit handler. Only one of the four stages trains: the third
 ("collect masked vectors"), whose handler asks the device daemon exactly as a
-plain round does (``Device.Train``, same ``TrainRequest``; the daemon checks
+plain round does (``Federation.Train``, same ``TrainRequest``; the daemon checks
 its policy, charges its ledger, trains with DP-SGD and signs the report).
 
 What the handler gives the mod to mask, and why:
@@ -62,7 +62,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from keystay.client.device_client import DeviceClient, DeviceUnavailableError
+from keystay.client.federation_client import DeviceUnavailableError, FederationClient
 from keystay.client.serde import weights_from_proto
 
 #: Fit-config key carrying the central-DP clip norm S the device applies to its
@@ -198,7 +198,7 @@ def _fit_handler(original: Message) -> ClientAppCallable:
         weights = parameters_to_ndarrays(fitins.parameters)
         try:
             request = train_request(config, weights, context)
-            with DeviceClient(_socket(context)) as device:
+            with FederationClient(_socket(context)) as device:
                 reply = device.train(request)
             clip = config.get(CONFIG_UPDATE_CLIP)
             vector = masked_vector(

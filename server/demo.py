@@ -1,7 +1,8 @@
 """``keystay demo``: a whole federation on this machine, on simulated employees.
 
 Starts a real SuperLink and N real device daemons (each supervising its real
-SuperNode) on loopback, runs rounds the way the ML team does (``keystay round
+SuperNode as the same OS user: single-user mode, accepted by name for these
+simulated employees) on loopback, runs rounds the way the ML team does (``keystay round
 start``), prints the per-round table and the security team's budget report,
 and stops everything it started. Exit 0 only if every part came up and every
 round completed.
@@ -38,9 +39,15 @@ def demo(devices: int, rounds: int, days: int, events_per_day: int, local_steps:
 
     \b
     What you see: each part coming up, one table row per round (devices that
-    reported, mean train loss, each device's held-out next-event accuracy and
-    cumulative ε), where the final model is and how to load it, and the
-    privacy budget report a security reviewer reads.
+    reported, mean train loss, each device's cumulative ε), where the final
+    model is and how to load it, and the privacy budget report a security
+    reviewer reads.
+
+    \b
+    The simulated devices run single-user (--accept-server-code-access): each
+    SuperNode, and the code the server ships to it, runs as your OS user and
+    could read that device's data folder. That is no guarantee against the
+    server; it is fine here only because the employees are simulated.
     """
     root = (out or Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S")).resolve()
     started = time.monotonic()

@@ -1,6 +1,8 @@
-"""The employee's controls: status, pause, show, forget, export.
+"""The employee's controls: status, pause, show, forget, export, policy.
 
-These answer the ``keystay device ...`` commands over the daemon's socket.
+These answer the ``keystay device ...`` commands over the daemon's control
+socket, which serves only the daemon's own uid (see
+:mod:`keystay.client.daemon.control_socket`); the federation cannot reach them.
 They describe what is kept — token counts by kind, apps seen, ε spent — and
 never return raw text, except ``export``, which gives employees their own
 data (raw text appears there only if their policy allowed recording it).
@@ -46,15 +48,24 @@ class Controls:
         The name of the source, for status.
     version : str
         keystay's version, for status.
+    policy_source : str
+        Where the policy was loaded from (a path, or "built-in defaults"), for
+        ``policy``.
     """
 
     def __init__(
-        self, core: DeviceCore, recorder: PausableSource | None, source: str, version: str
+        self,
+        core: DeviceCore,
+        recorder: PausableSource | None,
+        source: str,
+        version: str,
+        policy_source: str = "built-in defaults (no policy.toml)",
     ) -> None:
         self.core = core
         self.recorder = recorder
         self.source = source
         self.version = version
+        self.policy_source = policy_source
         self._lock = threading.Lock()
 
     @property
@@ -93,6 +104,10 @@ class Controls:
             trainer_ready=self.core.trainer.ready,
             version=self.version,
         )
+
+    def policy(self) -> tuple[str, str]:
+        """The enforced policy explained, and where it came from."""
+        return self.core.policy.explain(), self.policy_source
 
     def pause(self, seconds: float) -> str:
         if self.recorder is None:

@@ -1,10 +1,26 @@
-"""The long-lived device daemon: store + recorder + Device service + supervision.
+"""The long-lived device daemon: store + recorder + two gRPC surfaces + supervision.
 
 One process per employee machine. It never imports torch: training happens in
 the warm trainer process it keeps (:class:`~keystay.client.trainer.process.
 WarmTrainer`), so the always-on part stays small. Shutdown is clean on
-SIGTERM/SIGINT: the SuperNode group, the gRPC server, the recorder (flushing
+SIGTERM/SIGINT: the SuperNode group, the gRPC servers, the recorder (flushing
 its queue) and the trainer are stopped in that order.
+
+Two surfaces on two sockets, because the federation runs code the server
+ships:
+
+* ``federation.sock`` serves ``Federation`` (``Train``) to whoever the socket
+  mode lets in: this user (0600), or the SuperNode's group with
+  ``--socket-group`` (0660; :mod:`~keystay.client.daemon.socket_access`).
+* ``control.sock`` serves ``Control`` (status, pause, resume, show, forget,
+  export, policy, evaluate) to this uid only, checked per connection with
+  ``SO_PEERCRED`` (:mod:`~keystay.client.daemon.control_socket`).
+
+Single-user mode (``--superlink``: the daemon supervises the SuperNode, which
+then runs as this same user, and so does the ClientApp code the server ships)
+hands server code the data folder and the control socket. The daemon refuses
+it (exit :attr:`DaemonExit.SERVER_CODE_ACCESS`, before touching anything)
+unless ``accept_server_code_access`` says the employee accepts that.
 """
 
 from __future__ import annotations
@@ -12,7 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -22,16 +40,22 @@ from pathlib import Path
 
 import grpc
 
+from keystay.client.daemon.control_service import ControlServicer
+from keystay.client.daemon.control_socket import ControlGate
 from keystay.client.daemon.controls import Controls
 from keystay.client.daemon.core import DeviceCore
-from keystay.client.daemon.service import DeviceServicer
+from keystay.client.daemon.service import FederationServicer
 from keystay.client.daemon.socket_access import (
     SocketAccessError,
     apply_socket_access,
     socket_umask,
 )
 from keystay.client.daemon.supernode import SuperNodeConfig, SuperNodeSupervisor
-from keystay.client.device_client import socket_path
+from keystay.client.device_client import (
+    CHANNEL_OPTIONS,
+    control_socket_path,
+    federation_socket_path,
+)
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.ledger import Ledger
 from keystay.client.policy import DevicePolicy, PolicyError
@@ -44,6 +68,19 @@ logger = logging.getLogger("keystay.device")
 POLICY_FILE = "policy.toml"
 ENROLLMENT_FILE = "enrollment.json"
 PID_FILE = "daemon.pid"
+#: The control gRPC server's private folder (0700) inside the data folder;
+#: only :class:`ControlGate` connects to the socket in it.
+CONTROL_PRIVATE_DIR = "control.d"
+CONTROL_PRIVATE_SOCKET = "grpc.sock"
+
+SINGLE_USER_REFUSAL = (
+    "refusing to join a federation in single-user mode: with --superlink the daemon runs "
+    "the Flower SuperNode as your own OS user, and the code the server ships to it (the "
+    "ClientApp) could then read and write your data folder and use your controls. Use "
+    "the two-user systemd units (README, 'Device install'), or, if you accept that the "
+    "server's code can access your data (a demo, a machine with no real data), add "
+    "--accept-server-code-access"
+)
 
 
 class DaemonExit(IntEnum):
@@ -56,6 +93,7 @@ class DaemonExit(IntEnum):
     NO_DISPLAY = 12
     TRAINER = 13
     SOCKET = 14
+    SERVER_CODE_ACCESS = 15
 
 
 @dataclass(frozen=True)
@@ -73,10 +111,11 @@ class DaemonOptions:
     insecure: bool = False
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
-    socket: Path | None = None
+    federation_socket: Path | None = None
     socket_group: str | None = None
     #: Seconds without a round before the trainer process is stopped; None: never.
     trainer_idle_timeout: float | None = 600.0
+    accept_server_code_access: bool = False
 
 
 class DaemonError(Exception):
@@ -157,29 +196,33 @@ def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePoli
     return recorder
 
 
-def _serve(servicer: DeviceServicer, sock: Path, group: str | None) -> grpc.Server:
-    if sock.exists():
-        # A live daemon answers on it; a stale one left a file behind.
-        from keystay.client.device_client import DeviceClient
+def _claim(sock: Path) -> None:
+    """Remove a stale socket file; refuse if a live daemon answers on it."""
+    if not sock.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(sock))
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.unlink(missing_ok=True)  # a daemon that died left its file behind
+        return
+    except OSError as error:
+        raise DaemonError(DaemonExit.SOCKET, f"cannot use {sock}: {error}") from error
+    finally:
+        probe.close()
+    raise DaemonError(DaemonExit.SOCKET, f"another daemon is already serving {sock}; stop it first")
 
-        try:
-            with DeviceClient(sock) as client:
-                client.status()
-            raise DaemonError(
-                DaemonExit.SOCKET, f"another daemon is already serving {sock}; stop it first"
-            )
-        except grpc.RpcError:
-            sock.unlink()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        options=[
-            ("grpc.max_send_message_length", 256 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-        ],
-    )
-    device_pb2_grpc.add_DeviceServicer_to_server(servicer, server)
-    # The socket is the device boundary: only this OS user (and, with
-    # --socket-group, the SuperNode's group) may connect.
+
+def _grpc_server(workers: int) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+
+
+def _serve_federation(servicer: FederationServicer, sock: Path, group: str | None) -> grpc.Server:
+    _claim(sock)
+    server = _grpc_server(4)
+    device_pb2_grpc.add_FederationServicer_to_server(servicer, server)
+    # Only this OS user (and, with --socket-group, the SuperNode's group) may
+    # connect; the umask makes the socket no more open than that from birth.
     old_umask = os.umask(socket_umask(group))
     try:
         server.add_insecure_port(f"unix://{Path(sock).absolute()}")
@@ -194,18 +237,51 @@ def _serve(servicer: DeviceServicer, sock: Path, group: str | None) -> grpc.Serv
     return server
 
 
+def _serve_control(
+    servicer: ControlServicer, sock: Path, private_dir: Path
+) -> tuple[grpc.Server, ControlGate]:
+    """The Control service behind the peer-uid gate (see ``control_socket``)."""
+    _claim(sock)
+    private_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(private_dir, 0o700)  # an older folder may have been looser
+    backend = private_dir / CONTROL_PRIVATE_SOCKET
+    backend.unlink(missing_ok=True)
+    server = _grpc_server(2)
+    device_pb2_grpc.add_ControlServicer_to_server(servicer, server)
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix://{Path(backend).absolute()}")
+        server.start()
+    finally:
+        os.umask(old_umask)
+    gate = ControlGate(sock, backend)
+    try:
+        gate.start()
+    except OSError as error:
+        server.stop(0)
+        raise DaemonError(DaemonExit.SOCKET, f"cannot serve {sock}: {error}") from error
+    return server, gate
+
+
 def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> DaemonExit:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code."""
     from keystay.client import __version__
 
+    if options.superlink and not options.accept_server_code_access:
+        # Before anything is created or opened: a refused start changes nothing.
+        raise DaemonError(DaemonExit.SERVER_CODE_ACCESS, SINGLE_USER_REFUSAL)
     stop = stop or threading.Event()
     data_dir = options.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
+    policy_path = options.policy_file or data_dir / POLICY_FILE
     try:
-        policy = DevicePolicy.load(options.policy_file or data_dir / POLICY_FILE)
+        policy = DevicePolicy.load(policy_path)
     except PolicyError as error:
         raise DaemonError(DaemonExit.POLICY, str(error)) from error
+    policy_source = (
+        str(policy_path) if policy_path.exists() else "built-in defaults (no policy.toml)"
+    )
 
     store = _open_store(options)
     ledger = Ledger.open(data_dir)
@@ -226,14 +302,28 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
 
     recorder = None
     supervisor = None
-    server = None
-    sock = options.socket or socket_path(data_dir)
+    servers: list[grpc.Server] = []
+    gate: ControlGate | None = None
+    sock = options.federation_socket or federation_socket_path(data_dir)
+    control_sock = control_socket_path(data_dir)
+    private_dir = data_dir / CONTROL_PRIVATE_DIR
+    # Only what this daemon created is removed on the way out: a start refused
+    # because another daemon serves here must not delete that daemon's sockets.
+    owned: list[Path] = []
     try:
         if options.source != "none":
             recorder = _start_recorder(options, core, policy)
-        controls = Controls(core, recorder, options.source, __version__)  # type: ignore[arg-type]
-        server = _serve(DeviceServicer(core, controls), sock, options.socket_group)
+        controls = Controls(core, recorder, options.source, __version__,  # type: ignore[arg-type]
+                            policy_source=policy_source)
+        # Controls first: once federation.sock exists, the daemon is fully up.
+        control_server, gate = _serve_control(ControlServicer(controls), control_sock,
+                                              private_dir)
+        servers.append(control_server)
+        owned += [control_sock, private_dir]
+        servers.append(_serve_federation(FederationServicer(core), sock, options.socket_group))
+        owned.append(sock)
         (data_dir / PID_FILE).write_text(str(os.getpid()))
+        owned.append(data_dir / PID_FILE)
         if options.superlink:
             try:
                 supernode_config = SuperNodeConfig(
@@ -250,8 +340,8 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
                 raise DaemonError(DaemonExit.USAGE, str(error)) from error
             supervisor = SuperNodeSupervisor(supernode_config)
             supervisor.start()
-        logger.info("device %s serving on %s (source: %s)", identity.device_id, sock,
-                    options.source)
+        logger.info("device %s: federation on %s, controls on %s (uid %d only); source: %s",
+                    identity.device_id, sock, control_sock, os.geteuid(), options.source)
         _install_signal_handlers(stop)
         stop.wait()
         logger.info("device %s stopping", identity.device_id)
@@ -259,7 +349,9 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
     finally:
         if supervisor is not None:
             supervisor.stop()
-        if server is not None:
+        if gate is not None:
+            gate.stop()
+        for server in servers:
             server.stop(grace=5).wait(10)
         if recorder is not None:
             recorder.backend.stop()  # type: ignore[attr-defined]
@@ -267,8 +359,11 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
                 logger.error("the recorder could not write everything it had queued")
         trainer.close()
         core.store.close()
-        for leftover in (sock, data_dir / PID_FILE):
-            leftover.unlink(missing_ok=True)
+        for leftover in owned:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

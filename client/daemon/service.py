@@ -1,19 +1,22 @@
-"""The ``Device`` gRPC servicer: protobuf in, a decision of :class:`DeviceCore` out.
+"""The ``Federation`` gRPC servicer: protobuf in, a decision of :class:`DeviceCore` out.
 
-Thin on purpose. Every decision lives in :mod:`keystay.client.daemon.core`
-(training) or :mod:`keystay.client.daemon.controls` (the employee's controls);
+This is everything the federation (the SuperNode, and the ClientApp code the
+server ships to it) can ask of the device: ``Train``. The employee's controls
+are another service on another socket
+(:mod:`keystay.client.daemon.control_service`), so nothing here can pause,
+show, export or forget anything.
+
+Thin on purpose. Every decision lives in :mod:`keystay.client.daemon.core`;
 this module converts messages and ends a refused call with
 ``context.abort(code, reason)`` so the reason reaches whoever asked.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 import grpc
 
-from keystay.client.daemon.controls import Controls
 from keystay.client.daemon.core import DeviceCore
 from keystay.client.ledger.ledger import LedgerError
 from keystay.client.ledger.report import PrivacyReport
@@ -74,10 +77,9 @@ def request_from_proto(request: device_pb2.TrainRequest) -> TrainingRequest:
     )
 
 
-class DeviceServicer(device_pb2_grpc.DeviceServicer):
-    def __init__(self, core: DeviceCore, controls: Controls) -> None:
+class FederationServicer(device_pb2_grpc.FederationServicer):
+    def __init__(self, core: DeviceCore) -> None:
         self.core = core
-        self.controls = controls
 
     def Train(  # noqa: N802 - gRPC method name
         self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
@@ -106,62 +108,3 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
             seconds=result.seconds,
             report=report_to_proto(report, result.payload, result.signature),
         )
-
-    def Evaluate(  # noqa: N802
-        self, request: device_pb2.EvaluateRequest, context: grpc.ServicerContext
-    ) -> device_pb2.EvaluateReply:
-        try:
-            result = self.core.evaluate(weights_from_proto(request.weights))
-        except Refusal as refusal:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal.reason)
-        except (StoreError, ValueError) as error:
-            logger.exception("evaluation failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"device could not evaluate: {error}")
-        return device_pb2.EvaluateReply(
-            num_examples=result.num_examples,
-            loss=result.loss,
-            accuracy=result.accuracy,
-            device_id=self.core.device_id,
-        )
-
-    def Status(  # noqa: N802
-        self, request: device_pb2.StatusRequest, context: grpc.ServicerContext
-    ) -> device_pb2.StatusReply:
-        return self.controls.status()
-
-    def Pause(  # noqa: N802
-        self, request: device_pb2.PauseRequest, context: grpc.ServicerContext
-    ) -> device_pb2.PauseReply:
-        return device_pb2.PauseReply(paused_until=self.controls.pause(request.seconds))
-
-    def Resume(  # noqa: N802
-        self, request: device_pb2.ResumeRequest, context: grpc.ServicerContext
-    ) -> device_pb2.ResumeReply:
-        self.controls.resume()
-        return device_pb2.ResumeReply()
-
-    def Show(  # noqa: N802
-        self, request: device_pb2.ShowRequest, context: grpc.ServicerContext
-    ) -> device_pb2.ShowReply:
-        try:
-            summary = self.controls.show(request.day or None)
-        except KeyError as missing:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(missing.args[0]))
-        return device_pb2.ShowReply(summary_json=json.dumps(summary, sort_keys=True))
-
-    def Forget(  # noqa: N802
-        self, request: device_pb2.ForgetRequest, context: grpc.ServicerContext
-    ) -> device_pb2.ForgetReply:
-        if not request.all and not request.days:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name days to forget, or all")
-        forgotten, destroyed = self.controls.forget(list(request.days), request.all)
-        return device_pb2.ForgetReply(forgotten=forgotten, key_destroyed=destroyed)
-
-    def Export(  # noqa: N802
-        self, request: device_pb2.ExportRequest, context: grpc.ServicerContext
-    ) -> device_pb2.ExportReply:
-        try:
-            document = self.controls.export(request.day)
-        except KeyError as missing:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(missing.args[0]))
-        return device_pb2.ExportReply(json=json.dumps(document, indent=1, sort_keys=True))

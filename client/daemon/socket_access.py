@@ -1,7 +1,8 @@
-"""Who may connect to the daemon's Device socket.
+"""Who may connect to the daemon's federation socket.
 
 By default only the daemon's own OS user may (socket mode 0600): the
-SuperNode, and the ClientApp it spawns, run as the same user.
+SuperNode, and the ClientApp it spawns, run as the same user (single-user
+mode, accepted by name only).
 
 When the SuperNode runs as its own OS user (the systemd deployment:
 ``keystay-device`` runs the daemon and owns the data, ``keystay-supernode`` runs
@@ -10,7 +11,9 @@ socket is created 0660 and handed to GROUP, a group the SuperNode's user is in
 and nobody else is. The folder holding the socket must let that group through
 (systemd: ``RuntimeDirectory=keystay``, ``RuntimeDirectoryMode=0750``, the
 daemon's ``Group=`` being GROUP); the data folder stays 0700, so the SuperNode
-user can reach the socket and nothing else.
+user can reach the federation socket and nothing else. The employee's control
+socket is never shared with a group: see
+:mod:`keystay.client.daemon.control_socket`.
 
 The socket is created under a umask that already excludes everyone the mode
 will exclude, so there is no moment at which it is more open than it ends up.

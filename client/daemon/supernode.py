@@ -1,10 +1,14 @@
 """Supervision of the device's ``flower-supernode``.
 
-The daemon owns the SuperNode: it starts it with the daemon's socket in its
-``--node-config`` (the only way the ClientApp learns where to ask), restarts it
-when it exits, and stops it (and the SuperExec it spawned) on shutdown. The
-SuperNode holds no data and cannot open the store; it is only the device's
-connection to the federation.
+The daemon owns the SuperNode: it starts it with the daemon's federation
+socket in its ``--node-config`` (the only way the ClientApp learns where to
+ask), restarts it when it exits, and stops it (and the SuperExec it spawned)
+on shutdown. The SuperNode holds no data and cannot open the store; it is only
+the device's connection to the federation. Supervised here it runs as the daemon's own
+user, so it (and the ClientApp code the server ships) could read the data
+folder: the daemon only does this when the employee accepted it by name
+(``--accept-server-code-access``); the two-user systemd units are the set-up
+that keeps server code out.
 
 Transport (see ``keystay device enroll``): TLS to the SuperLink, verified
 against the server's CA only (``--root-certificates``, the pinned
@@ -50,7 +54,8 @@ class SuperNodeConfig:
     superlink : str
         The SuperLink Fleet API address, ``HOST:PORT``.
     socket : Path
-        The daemon's Device socket, passed to the ClientApp via node config.
+        The daemon's federation socket, passed to the ClientApp via node config
+        (never the control socket: the ClientApp is code the server ships).
     runtime_port : int
         The SuperNode's local Runtime API port; each SuperNode on one host
         needs its own.

@@ -16,6 +16,12 @@ device printed. ``insecure=True`` gives the plain-text loopback federation
 
 It imports nothing from the device side: devices are other processes here,
 exactly as they are on employees' machines.
+
+Each device runs single-user (``keystay device run --superlink ...
+--accept-server-code-access``): its SuperNode and the ClientApp run as the
+same OS user as its daemon, which is no guarantee against the server (see
+SECURITY.md). That is acceptable only because these employees are simulated;
+:meth:`LocalFederation.start` says so once.
 """
 
 from __future__ import annotations
@@ -73,7 +79,13 @@ class LocalDevice:
 
     @property
     def socket(self) -> Path:
-        return self.data_dir / "device.sock"
+        """The federation socket: what the SuperNode's ClientApp reaches."""
+        return self.data_dir / "federation.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        """The employee's control socket (``keystay device status`` etc.)."""
+        return self.data_dir / "control.sock"
 
     @property
     def ca(self) -> Path:
@@ -231,6 +243,9 @@ class LocalFederation:
     def start(self, progress: object = None) -> None:
         say = progress if callable(progress) else (lambda _msg: None)
         self.start_server(progress)
+        say("devices run single-user (--accept-server-code-access): each SuperNode, and the "
+            "code the server ships to it, runs as this OS user and could read that device's "
+            "data; fine for simulated employees, never for real ones")
         for i in range(self.devices):
             device = LocalDevice(name=f"employee-{i + 1}",
                                  data_dir=self.root / "devices" / f"employee-{i + 1}",
@@ -255,7 +270,7 @@ class LocalFederation:
                     "--simulate-days", str(self.simulate_days),
                     "--events-per-day", str(self.events_per_day),
                     "--employee-seed", str(device.seed),
-                    "--superlink", self.fleet, *transport,
+                    "--superlink", self.fleet, "--accept-server-code-access", *transport,
                     "--supernode-port", str(device.supernode_port),
                 ),
                 device.data_dir / "logs" / "daemon.out",
@@ -273,7 +288,7 @@ class LocalFederation:
     def _wait_device(self, device: LocalDevice) -> None:
         assert device.part is not None
         deadline = time.monotonic() + self.startup_timeout
-        ready = [device.socket]
+        ready = [device.socket]  # federation.sock: bound last, so the daemon is up
         if self.insecure:
             ready.append(device.data_dir / LEGACY_REQUEST_FILE)
         while time.monotonic() < deadline:

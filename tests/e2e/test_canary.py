@@ -133,7 +133,8 @@ def start_device(name: str, data_dir: Path, env: dict[str, str], superlink: str,
     with log.open("ab") as out:
         process = subprocess.Popen(
             [executable("keystay"), "device", "run", "--data", str(data_dir),
-             "--superlink", superlink, "--insecure", "--supernode-port", str(free_port()),
+             "--superlink", superlink, "--accept-server-code-access", "--insecure",
+             "--supernode-port", str(free_port()),
              *args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
@@ -156,7 +157,7 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 20.0) -> None:
 def wait_ready(device: Device) -> None:
     """The daemon serves its socket and wrote its enrollment file (insecure mode)."""
     deadline = time.monotonic() + STARTUP_S
-    ready = [device.data_dir / "device.sock", device.data_dir / LEGACY_REQUEST_FILE]
+    ready = [device.data_dir / "federation.sock", device.data_dir / LEGACY_REQUEST_FILE]
     while not all(p.exists() for p in ready):
         if device.process.poll() is not None:
             pytest.fail(f"device {device.name} exited with {device.process.returncode}: "

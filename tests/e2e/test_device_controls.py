@@ -38,7 +38,7 @@ def daemon(tmp_path: Path) -> Iterator[Path]:
     )
     try:
         deadline = time.monotonic() + 120
-        while not (data / "device.sock").exists():
+        while not (data / "federation.sock").exists():
             assert process.poll() is None, (tmp_path / "daemon.log").read_text()
             assert time.monotonic() < deadline, "daemon did not come up"
             time.sleep(0.2)
@@ -139,7 +139,7 @@ def test_kill_9_mid_write_leaves_a_store_that_opens(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 120
-        while not (data / "device.sock").exists() or status(data)["eventsToday"] < 200:
+        while not (data / "federation.sock").exists() or status(data)["eventsToday"] < 200:
             assert process.poll() is None, (tmp_path / "daemon.log").read_text()
             assert time.monotonic() < deadline, "the live source wrote nothing"
             time.sleep(0.3)

@@ -174,7 +174,7 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 
 def _supernode(device_dir: Path, port: int) -> tuple[list[str], dict[str, str]]:
-    config = SuperNodeConfig(superlink=FLEET, socket=device_dir / "device.sock",
+    config = SuperNodeConfig(superlink=FLEET, socket=device_dir / "federation.sock",
                              runtime_port=port, flwr_home=device_dir / "flwr",
                              log_file=device_dir / "logs" / "supernode.log",
                              root_certificates=device_dir / "tls" / "ca.pem",

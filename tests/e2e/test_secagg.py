@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keystay.client.device_client import DeviceClient
+from keystay.client.control_client import ControlClient
 from keystay.server.deploy.local import LocalDevice, LocalFederation
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.rounds import format_round, start_run
@@ -65,7 +65,7 @@ def _settings(federation: LocalFederation, run_name: str, **overrides: object) -
 
 
 def _spent(device: LocalDevice) -> tuple[str, float]:
-    with DeviceClient(device.socket) as client:
+    with ControlClient(device.control_socket) as client:
         status = client.status()
     return status.device_id, sum(block.epsilon for block in status.blocks)
 

@@ -52,7 +52,8 @@ def _start(data: Path, log: Path, superlink_port: int, runtime_port: int,
         return subprocess.Popen(
             [executable("keystay"), "device", "run", "--data", str(data),
              "--superlink", f"127.0.0.1:{superlink_port}", "--insecure",
-             "--supernode-port", str(runtime_port), "--source", "none"],
+             "--supernode-port", str(runtime_port), "--source", "none",
+             "--accept-server-code-access"],
             stdout=out, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True,
         )
 

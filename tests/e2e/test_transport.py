@@ -63,7 +63,7 @@ def _keystay(*args: str, check: bool = False) -> subprocess.CompletedProcess[str
 
 
 def _config(device: Path, superlink: str, **kw: object) -> SuperNodeConfig:
-    return SuperNodeConfig(superlink=superlink, socket=device / "device.sock",
+    return SuperNodeConfig(superlink=superlink, socket=device / "federation.sock",
                            runtime_port=free_port(), flwr_home=device / "flwr",
                            log_file=device / "logs" / "supernode.log",
                            **kw)  # type: ignore[arg-type]

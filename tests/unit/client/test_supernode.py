@@ -12,7 +12,7 @@ from keystay.client.daemon.supernode import SuperNodeConfig
 
 
 def _config(tmp_path: Path, **kw: object) -> SuperNodeConfig:
-    return SuperNodeConfig(superlink="fl.example.test:9092", socket=tmp_path / "device.sock",
+    return SuperNodeConfig(superlink="fl.example.test:9092", socket=tmp_path / "federation.sock",
                            runtime_port=9094, flwr_home=tmp_path / "flwr",
                            log_file=tmp_path / "supernode.log", **kw)  # type: ignore[arg-type]
 

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class DeviceStub:
+class FederationStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,48 +35,13 @@ class DeviceStub:
             channel: A grpc.Channel.
         """
         self.Train = channel.unary_unary(
-                '/keystay.v1.Device/Train',
+                '/keystay.v1.Federation/Train',
                 request_serializer=keystay_dot_v1_dot_device__pb2.TrainRequest.SerializeToString,
                 response_deserializer=keystay_dot_v1_dot_device__pb2.TrainReply.FromString,
                 _registered_method=True)
-        self.Evaluate = channel.unary_unary(
-                '/keystay.v1.Device/Evaluate',
-                request_serializer=keystay_dot_v1_dot_device__pb2.EvaluateRequest.SerializeToString,
-                response_deserializer=keystay_dot_v1_dot_device__pb2.EvaluateReply.FromString,
-                _registered_method=True)
-        self.Status = channel.unary_unary(
-                '/keystay.v1.Device/Status',
-                request_serializer=keystay_dot_v1_dot_device__pb2.StatusRequest.SerializeToString,
-                response_deserializer=keystay_dot_v1_dot_device__pb2.StatusReply.FromString,
-                _registered_method=True)
-        self.Pause = channel.unary_unary(
-                '/keystay.v1.Device/Pause',
-                request_serializer=keystay_dot_v1_dot_device__pb2.PauseRequest.SerializeToString,
-                response_deserializer=keystay_dot_v1_dot_device__pb2.PauseReply.FromString,
-                _registered_method=True)
-        self.Resume = channel.unary_unary(
-                '/keystay.v1.Device/Resume',
-                request_serializer=keystay_dot_v1_dot_device__pb2.ResumeRequest.SerializeToString,
-                response_deserializer=keystay_dot_v1_dot_device__pb2.ResumeReply.FromString,
-                _registered_method=True)
-        self.Show = channel.unary_unary(
-                '/keystay.v1.Device/Show',
-                request_serializer=keystay_dot_v1_dot_device__pb2.ShowRequest.SerializeToString,
-                response_deserializer=keystay_dot_v1_dot_device__pb2.ShowReply.FromString,
-                _registered_method=True)
-        self.Forget = channel.unary_unary(
-                '/keystay.v1.Device/Forget',
-                request_serializer=keystay_dot_v1_dot_device__pb2.ForgetRequest.SerializeToString,
-                response_deserializer=keystay_dot_v1_dot_device__pb2.ForgetReply.FromString,
-                _registered_method=True)
-        self.Export = channel.unary_unary(
-                '/keystay.v1.Device/Export',
-                request_serializer=keystay_dot_v1_dot_device__pb2.ExportRequest.SerializeToString,
-                response_deserializer=keystay_dot_v1_dot_device__pb2.ExportReply.FromString,
-                _registered_method=True)
 
 
-class DeviceServicer:
+class FederationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Train(self, request, context):
@@ -88,13 +53,106 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Evaluate(self, request, context):
-        """Score the given weights on this device's held-out windows. Spends no
-        budget: it is a single aggregate figure (see SECURITY.md).
+
+def add_FederationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Train': grpc.unary_unary_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=keystay_dot_v1_dot_device__pb2.TrainRequest.FromString,
+                    response_serializer=keystay_dot_v1_dot_device__pb2.TrainReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'keystay.v1.Federation', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('keystay.v1.Federation', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Federation:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystay.v1.Federation/Train',
+            keystay_dot_v1_dot_device__pb2.TrainRequest.SerializeToString,
+            keystay_dot_v1_dot_device__pb2.TrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ControlStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+        self.Status = channel.unary_unary(
+                '/keystay.v1.Control/Status',
+                request_serializer=keystay_dot_v1_dot_device__pb2.StatusRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.StatusReply.FromString,
+                _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/keystay.v1.Control/Pause',
+                request_serializer=keystay_dot_v1_dot_device__pb2.PauseRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.PauseReply.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/keystay.v1.Control/Resume',
+                request_serializer=keystay_dot_v1_dot_device__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.ResumeReply.FromString,
+                _registered_method=True)
+        self.Show = channel.unary_unary(
+                '/keystay.v1.Control/Show',
+                request_serializer=keystay_dot_v1_dot_device__pb2.ShowRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.ShowReply.FromString,
+                _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/keystay.v1.Control/Forget',
+                request_serializer=keystay_dot_v1_dot_device__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.ForgetReply.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_unary(
+                '/keystay.v1.Control/Export',
+                request_serializer=keystay_dot_v1_dot_device__pb2.ExportRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.ExportReply.FromString,
+                _registered_method=True)
+        self.Policy = channel.unary_unary(
+                '/keystay.v1.Control/Policy',
+                request_serializer=keystay_dot_v1_dot_device__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.PolicyReply.FromString,
+                _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/keystay.v1.Control/Evaluate',
+                request_serializer=keystay_dot_v1_dot_device__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.EvaluateReply.FromString,
+                _registered_method=True)
+
+
+class ControlServicer:
+    """Missing associated documentation comment in .proto file."""
 
     def Status(self, request, context):
         """What the daemon is doing and what it holds (never event content).
@@ -104,8 +162,7 @@ class DeviceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pause(self, request, context):
-        """Employee controls.
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -134,19 +191,25 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Policy(self, request, context):
+        """The policy this daemon enforces, explained (as `keystay device policy`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-def add_DeviceServicer_to_server(servicer, server):
+    def Evaluate(self, request, context):
+        """Score the given weights on this device's held-out windows, for the
+        employee only: the figure is not charged to the ledger, so it never goes
+        to the federation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Train': grpc.unary_unary_rpc_method_handler(
-                    servicer.Train,
-                    request_deserializer=keystay_dot_v1_dot_device__pb2.TrainRequest.FromString,
-                    response_serializer=keystay_dot_v1_dot_device__pb2.TrainReply.SerializeToString,
-            ),
-            'Evaluate': grpc.unary_unary_rpc_method_handler(
-                    servicer.Evaluate,
-                    request_deserializer=keystay_dot_v1_dot_device__pb2.EvaluateRequest.FromString,
-                    response_serializer=keystay_dot_v1_dot_device__pb2.EvaluateReply.SerializeToString,
-            ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
                     request_deserializer=keystay_dot_v1_dot_device__pb2.StatusRequest.FromString,
@@ -177,70 +240,26 @@ def add_DeviceServicer_to_server(servicer, server):
                     request_deserializer=keystay_dot_v1_dot_device__pb2.ExportRequest.FromString,
                     response_serializer=keystay_dot_v1_dot_device__pb2.ExportReply.SerializeToString,
             ),
+            'Policy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Policy,
+                    request_deserializer=keystay_dot_v1_dot_device__pb2.PolicyRequest.FromString,
+                    response_serializer=keystay_dot_v1_dot_device__pb2.PolicyReply.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=keystay_dot_v1_dot_device__pb2.EvaluateRequest.FromString,
+                    response_serializer=keystay_dot_v1_dot_device__pb2.EvaluateReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'keystay.v1.Device', rpc_method_handlers)
+            'keystay.v1.Control', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('keystay.v1.Device', rpc_method_handlers)
+    server.add_registered_method_handlers('keystay.v1.Control', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Device:
+class Control:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Train(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/keystay.v1.Device/Train',
-            keystay_dot_v1_dot_device__pb2.TrainRequest.SerializeToString,
-            keystay_dot_v1_dot_device__pb2.TrainReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Evaluate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/keystay.v1.Device/Evaluate',
-            keystay_dot_v1_dot_device__pb2.EvaluateRequest.SerializeToString,
-            keystay_dot_v1_dot_device__pb2.EvaluateReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Status(request,
@@ -256,7 +275,7 @@ class Device:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/keystay.v1.Device/Status',
+            '/keystay.v1.Control/Status',
             keystay_dot_v1_dot_device__pb2.StatusRequest.SerializeToString,
             keystay_dot_v1_dot_device__pb2.StatusReply.FromString,
             options,
@@ -283,7 +302,7 @@ class Device:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/keystay.v1.Device/Pause',
+            '/keystay.v1.Control/Pause',
             keystay_dot_v1_dot_device__pb2.PauseRequest.SerializeToString,
             keystay_dot_v1_dot_device__pb2.PauseReply.FromString,
             options,
@@ -310,7 +329,7 @@ class Device:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/keystay.v1.Device/Resume',
+            '/keystay.v1.Control/Resume',
             keystay_dot_v1_dot_device__pb2.ResumeRequest.SerializeToString,
             keystay_dot_v1_dot_device__pb2.ResumeReply.FromString,
             options,
@@ -337,7 +356,7 @@ class Device:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/keystay.v1.Device/Show',
+            '/keystay.v1.Control/Show',
             keystay_dot_v1_dot_device__pb2.ShowRequest.SerializeToString,
             keystay_dot_v1_dot_device__pb2.ShowReply.FromString,
             options,
@@ -364,7 +383,7 @@ class Device:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/keystay.v1.Device/Forget',
+            '/keystay.v1.Control/Forget',
             keystay_dot_v1_dot_device__pb2.ForgetRequest.SerializeToString,
             keystay_dot_v1_dot_device__pb2.ForgetReply.FromString,
             options,
@@ -391,9 +410,63 @@ class Device:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/keystay.v1.Device/Export',
+            '/keystay.v1.Control/Export',
             keystay_dot_v1_dot_device__pb2.ExportRequest.SerializeToString,
             keystay_dot_v1_dot_device__pb2.ExportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Policy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystay.v1.Control/Policy',
+            keystay_dot_v1_dot_device__pb2.PolicyRequest.SerializeToString,
+            keystay_dot_v1_dot_device__pb2.PolicyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystay.v1.Control/Evaluate',
+            keystay_dot_v1_dot_device__pb2.EvaluateRequest.SerializeToString,
+            keystay_dot_v1_dot_device__pb2.EvaluateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,58 @@
+"""The Flower ClientApp's way to the daemon: the Federation service only.
+
+The ClientApp is code the server ships, run as the SuperNode's user. It knows
+the federation socket (its ``--node-config socket="..."``) and nothing else;
+the only call this client can make is ``Train``, and what it gets back is
+what the daemon chose to answer under the employee's policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+from keystay.client.device_client import DeviceUnavailableError, open_channel
+from keystay.v1 import device_pb2, device_pb2_grpc
+
+__all__ = ["TRAIN_TIMEOUT_S", "DeviceUnavailableError", "FederationClient"]
+
+# Training a round can take minutes on a slow laptop.
+TRAIN_TIMEOUT_S = 1800.0
+
+
+class FederationClient:
+    """A connection to one daemon's federation socket.
+
+    Parameters
+    ----------
+    socket : Path
+        The daemon's federation socket (``DATA/federation.sock`` or, in the
+        two-user set-up, ``/run/keystay/federation.sock``).
+
+    Raises
+    ------
+    DeviceUnavailableError
+        If the socket does not exist.
+    """
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = Path(socket)
+        self._channel = open_channel(self.socket)
+        self.stub = device_pb2_grpc.FederationStub(self._channel)
+
+    def train(self, request: device_pb2.TrainRequest) -> device_pb2.TrainReply:
+        return self.stub.Train(request, timeout=TRAIN_TIMEOUT_S)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FederationClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
