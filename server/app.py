@@ -349,7 +349,6 @@ class KeystayFedAvg(FedAvg):
         new = aggregate_with_central_dp(
             self._global,
             updates,
-            None,  # every device weighs 1: the server has no example counts
             clip_norm=self.settings.central_clip,
             noise_multiplier=self.settings.central_noise_multiplier,
             rng=self._rng,

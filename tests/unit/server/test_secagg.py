@@ -163,7 +163,7 @@ def test_central_dp_equals_the_plain_central_dp_aggregate(
     final = read_checkpoint(settings.run_dir / "final.pt").weights
     # The plain path: server clips each reply, sums, divides by the 3 sampled.
     plain = aggregate_with_central_dp(
-        start, [nodes[101].daemon.sent[1], nodes[102].daemon.sent[1]], None,
+        start, [nodes[101].daemon.sent[1], nodes[102].daemon.sent[1]],
         np.random.default_rng(0), clip_norm=0.05, noise_multiplier=0.0, num_sampled=3,
     )
     for f, p in zip(final, plain, strict=True):
