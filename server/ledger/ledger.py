@@ -1001,7 +1001,7 @@ class ServerLedger:
     def record_refusal(
         self, run_id: str, server_round: int, device: str, reason: str
     ) -> RefusalRecord:
-        """Store that ``device``'s policy (node id or device id) refused a round, and why.
+        """Store that ``device`` (node id or device id) refused a round by policy, and why.
 
         Call it for policy refusals only (the ClientApp's error code 4001), not
         for a device that was unavailable or failed.
