@@ -290,17 +290,26 @@ class KeystayFedAvg(FedAvg):
                 record_error_reply(self.ledger, self.settings.run_name, round_log, node,
                                    int(msg.error.code), msg.error.reason or "no reason given")
                 continue
+            try:
+                report = msg.content.config_records["report"]
+                payload_json = str(report["payload-json"])
+                signature = report["signature"]
+                device_id = str(report["device-id"])
+                update = msg.content.array_records["arrays"]
+            except KeyError as missing:
+                # Not what keystay's ClientApp sends: nothing in it can be trusted.
+                record_error_reply(self.ledger, self.settings.run_name, round_log, node,
+                                   ERROR_FAILED, f"reply without {missing}; not a keystay "
+                                   "device reply, nothing aggregated")
+                continue
             round_log.devices_answered += 1
-            report = msg.content.config_records["report"]
-            signature = report["signature"]
             verdict = self.ledger.record_report(
                 self.settings.run_name,
                 server_round,
-                str(report["payload-json"]),
+                payload_json,
                 signature if isinstance(signature, bytes) else b"",
             )
-            payload = json.loads(str(report["payload-json"]))
-            device_id = str(report["device-id"])
+            payload = _json_object(payload_json)
             round_log.devices[device_id] = {
                 "node": node,
                 "epsilon_total": float(payload.get("epsilon_total", float("nan"))),
@@ -316,7 +325,7 @@ class KeystayFedAvg(FedAvg):
                 log(WARNING, "round %s: report from %s does not verify (%s); update dropped",
                     server_round, device_id, ", ".join(verdict.flags))
                 continue
-            received = weights_sha256(msg.content.array_records["arrays"].to_numpy_ndarrays())
+            received = weights_sha256(update.to_numpy_ndarrays())
             if payload.get("update_sha256") != received:
                 # The signed report accounts for a different update than the
                 # one that arrived: aggregate neither.
@@ -453,3 +462,13 @@ def account_central_round(
         delta=accountant.delta,
     )
     return epsilon
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """The report payload as a dict; {} when it is not a JSON object (the ledger
+    has then flagged it unverifiable, and nothing in it is used)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

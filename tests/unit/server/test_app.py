@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
@@ -176,3 +176,19 @@ def test_equal_mean_ignores_how_much_data_a_device_had() -> None:
     np.testing.assert_allclose(mean[0], [2.0, 4.0])
     np.testing.assert_allclose(mean[1], [[0.5]])
     assert mean[0].dtype == np.float32
+
+
+def test_a_reply_without_a_report_is_a_failure_not_a_crash(
+    task_identity: None, ledger: ServerLedger
+) -> None:
+    settings = RunSettings(server_dir=Path(ledger.path).parent, run_name=RUN)
+    strategy = server_app.KeystayFedAvg(settings, ledger, ModelConfig())
+    sent = Message(RecordDict({}), dst_node_id=42, message_type=MessageType.TRAIN)
+    sent.metadata.__dict__["_message_id"] = "m1"
+    reply = Message(RecordDict({"arrays": ArrayRecord(initial_weights())}), reply_to=sent)
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    assert arrays is None
+    row = json.loads(strategy._round(1).as_json())
+    assert [(f["node"], f["code"]) for f in row["failed"]] == [(42, server_app.ERROR_FAILED)]
+    assert "report" in row["failed"][0]["reason"]
+    assert row["devices_answered"] == 0 and ledger.refusals() == []
