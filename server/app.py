@@ -426,8 +426,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=strategy.evaluate_global,
     )
     final = settings.run_dir / FINAL_CHECKPOINT
-    # Every device may have declined every round: the global model is then
-    # still the initial one, and the checkpoint says so by being it.
+    # Every device may have refused or been unreachable every round: the global model is
+    # then still the initial one, and the checkpoint says so by being it.
     weights = result.arrays.to_numpy_ndarrays() if len(result.arrays) else initial
     save_checkpoint(
         final,
