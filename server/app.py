@@ -1,13 +1,23 @@
 """The Flower ServerApp: FedAvg over device updates, with their privacy reports.
 
 The server never sees event data. What it receives from each device per
-round is a clipped, noised model update, the number of windows it was
-computed on, and a signed privacy report. This module aggregates the updates
-(FedAvg, optionally user-level central DP on top), records every report in the
-server ledger (verifying its signature), records every refusal with the
-device's reason, scores the new global model through each device's held-out
-windows, and writes, per round, a checkpoint and one line of ``rounds.jsonl``
-that ``keystay round start`` turns into the table an ML engineer reads.
+round is a clipped, noised model update, a signed privacy report of what it
+cost, and ``num-examples`` = 1 (a public constant: every device weighs the
+same). This module aggregates the updates (an equal-weight mean, optionally
+user-level central DP on top), records every report in the server ledger
+(verifying its signature), and sorts every device that sent no update into
+*refused* (its policy said no: recorded in the ledger with its reason),
+*unavailable* (its daemon or node could not be reached) or *failed*
+(anything else), using the ClientApp's error codes.
+
+It asks devices nothing else. No evaluate message is sent: a device's exact
+held-out loss for weights the server picks is an unpaid query on its data.
+Instead, after each round's aggregation the ServerApp scores the new global
+model on its own held-out set, simulated employees that never train
+(:mod:`keystay.server.heldout`). Nor does it read a device's training loss,
+time or example count: devices stop sending them, and nothing here needs
+them. Per round it writes a checkpoint and one line of ``rounds.jsonl`` that
+``keystay round start`` turns into the table an ML engineer reads.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -32,6 +44,12 @@ from keystay.server.central_dp import (
     CentralDPAccountant,
     aggregate_with_central_dp,
 )
+from keystay.server.heldout import (
+    HELDOUT_SET,
+    HeldoutEvaluator,
+    HeldoutPopulation,
+    HeldoutScore,
+)
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.settings import RunSettings
 
@@ -41,41 +59,166 @@ ROUNDS_FILE = "rounds.jsonl"
 FINAL_CHECKPOINT = "final.pt"
 
 
+# The ClientApp's Flower Error codes (keystay.client.app; a test holds the two
+# sides together, the server does not import device code).
+ERROR_REFUSED = 4001
+ERROR_UNAVAILABLE = 4002
+ERROR_FAILED = 4003
+# Flower's own codes for a message or node that could not be reached.
+_FLOWER_UNAVAILABLE = frozenset({
+    ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+    ErrorCode.NODE_UNAVAILABLE,
+})
+
+REFUSED, UNAVAILABLE, FAILED = "refused", "unavailable", "failed"
+
+
+def error_kind(code: int) -> str:
+    """What an error reply means: ``refused``, ``unavailable`` or ``failed``.
+
+    Only :data:`ERROR_REFUSED` is a device's policy declining the round. A
+    daemon that is down (``Stream removed``, ``Socket closed``) or a node Flower
+    cannot reach is *unavailable*; every other code, known or not, is
+    *failed*, so nothing is counted as a policy decision that was not one.
+    """
+    if code == ERROR_REFUSED:
+        return REFUSED
+    if code == ERROR_UNAVAILABLE or code in _FLOWER_UNAVAILABLE:
+        return UNAVAILABLE
+    return FAILED
+
+
 @dataclass
 class RoundLog:
-    """What one round produced, as written to ``rounds.jsonl``."""
+    """What one round produced, as written to ``rounds.jsonl``.
+
+    ``devices_answered`` counts devices that sent an update with a report;
+    ``devices_reported`` those whose update was aggregated (report verified,
+    update matching it). ``refusals``, ``unavailable`` and ``failed`` list
+    the devices that sent no update, by :func:`error_kind`.
+    """
 
     server_round: int
     started: float
     devices_sampled: int = 0
+    devices_answered: int = 0
     devices_reported: int = 0
-    train_loss_mean: float | None = None
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     central_epsilon: float | None = None
     delta: float | None = None
     checkpoint: str = ""
+    heldout: HeldoutScore | None = None
+    heldout_population: dict[str, Any] = field(default_factory=dict)
+
+    def record_error(self, node: int, code: int, reason: str) -> str:
+        """File an error reply under its kind; returns the kind."""
+        kind = error_kind(code)
+        entry = {"node": node, "code": code, "reason": reason}
+        {REFUSED: self.refusals, UNAVAILABLE: self.unavailable, FAILED: self.failed}[
+            kind
+        ].append(entry)
+        return kind
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row, as ``rounds.jsonl`` holds it."""
+        heldout = self.heldout.as_row() if self.heldout is not None else {
+            "heldout_accuracy": None, "heldout_loss": None, "heldout_windows": 0,
+        }
+        return {
+            "round": self.server_round,
+            "seconds": round(time.time() - self.started, 3),
+            "devices_sampled": self.devices_sampled,
+            "devices_answered": self.devices_answered,
+            "devices_reported": self.devices_reported,
+            "refusals": self.refusals,
+            "unavailable": self.unavailable,
+            "failed": self.failed,
+            "devices": self.devices,
+            "central_epsilon": self.central_epsilon,
+            "delta": self.delta,
+            "checkpoint": self.checkpoint,
+            **heldout,
+            "heldout_set": HELDOUT_SET,
+            "heldout_population": self.heldout_population,
+        }
 
     def as_json(self) -> str:
-        return json.dumps(
-            {
-                "round": self.server_round,
-                "seconds": round(time.time() - self.started, 3),
-                "devices_sampled": self.devices_sampled,
-                "devices_reported": self.devices_reported,
-                "train_loss_mean": self.train_loss_mean,
-                "refusals": self.refusals,
-                "devices": self.devices,
-                "central_epsilon": self.central_epsilon,
-                "delta": self.delta,
-                "checkpoint": self.checkpoint,
-            },
-            sort_keys=True,
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+
+def record_error_reply(
+    ledger: ServerLedger, run_name: str, round_log: RoundLog, node: int, code: int, reason: str
+) -> None:
+    """File a device's error reply in the round row, and a policy refusal in the ledger.
+
+    Only refusals go to the ledger: they are the device's policy at work, which
+    a security reviewer reads there. An unavailable or failed device is an
+    operational fact, kept in the round row and the log.
+    """
+    kind = round_log.record_error(node, code, reason)
+    if kind == REFUSED:
+        ledger.record_refusal(run_name, round_log.server_round, str(node), reason)
+    log(WARNING, "round %s: device on node %s %s: %s", round_log.server_round, node, kind,
+        reason)
+
+
+def score_and_write(
+    evaluator: HeldoutEvaluator,
+    weights: list[np.ndarray],
+    round_log: RoundLog,
+    rounds_file: Path,
+) -> HeldoutScore | None:
+    """Score the global model on the server's held-out set and append the round's row.
+
+    A model the evaluator cannot load (NaN weights, say) gets no figures; the
+    row is written all the same, so the table never skips a round.
+    """
+    try:
+        round_log.heldout = evaluator.score(weights)
+    except ValueError as error:
+        round_log.heldout = None
+        log(WARNING, "round %s: the global model could not be scored: %s",
+            round_log.server_round, error)
+    round_log.heldout_population = evaluator.population.describe()
+    line = round_log.as_json()
+    with rounds_file.open("a", encoding="utf-8") as out:
+        out.write(line + "\n")
+    log(INFO, "round %s: %s", round_log.server_round, line)
+    return round_log.heldout
+
+
+def heldout_evaluator(settings: RunSettings, model_config: ModelConfig) -> HeldoutEvaluator:
+    """The run's evaluator, for the population its settings name."""
+    return HeldoutEvaluator(
+        HeldoutPopulation(
+            employees=settings.heldout_employees,
+            days=settings.heldout_days,
+            events_per_day=settings.heldout_events_per_day,
+        ),
+        model_config,
+    )
+
+
+def equal_mean(updates: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The element-wise mean of the devices' arrays, every device weighing 1.
+
+    Devices send ``num-examples`` = 1, a public constant; a real count would
+    be an uncharged statistic of the employee's data and would let one device
+    outweigh the others, so the server never weights by it.
+    """
+    return [
+        np.mean(np.stack([np.asarray(a, dtype=np.float64) for a in arrays]), axis=0).astype(
+            np.asarray(arrays[0]).dtype
         )
+        for arrays in zip(*updates, strict=True)
+    ]
 
 
 class KeystayFedAvg(FedAvg):
-    """FedAvg that also keeps the privacy books.
+    """FedAvg that keeps the privacy books and scores its model on its own held-out set.
 
     Parameters
     ----------
@@ -85,22 +228,29 @@ class KeystayFedAvg(FedAvg):
         Where every device report and refusal is recorded and verified.
     model_config : ModelConfig
         The model the weights belong to (for checkpoints).
+    evaluator : HeldoutEvaluator or None
+        Scores each round's global model; None builds one from ``settings``.
     """
 
     def __init__(
-        self, settings: RunSettings, ledger: ServerLedger, model_config: ModelConfig
+        self,
+        settings: RunSettings,
+        ledger: ServerLedger,
+        model_config: ModelConfig,
+        evaluator: HeldoutEvaluator | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
-            fraction_evaluate=1.0,
+            # No federated evaluation: devices are never asked to score weights
+            # (see the module docstring); configure_evaluate also sends nothing.
+            fraction_evaluate=0.0,
             min_train_nodes=settings.min_devices,
-            min_evaluate_nodes=settings.min_devices,
             min_available_nodes=settings.min_devices,
-            weighted_by_key="num-examples",
         )
         self.settings = settings
         self.ledger = ledger
         self.model_config = model_config
+        self.evaluator = evaluator or heldout_evaluator(settings, model_config)
         self.run_dir = settings.run_dir
         self.checkpoints = self.run_dir / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -137,26 +287,31 @@ class KeystayFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                reason = msg.error.reason or "no reason given"
-                round_log.refusals.append({"node": node, "code": msg.error.code, "reason": reason})
-                self.ledger.record_refusal(self.settings.run_name, server_round, str(node), reason)
-                log(WARNING, "round %s: device on node %s declined: %s", server_round, node, reason)
+                record_error_reply(self.ledger, self.settings.run_name, round_log, node,
+                                   int(msg.error.code), msg.error.reason or "no reason given")
                 continue
-            report = msg.content.config_records["report"]
-            signature = report["signature"]
+            try:
+                report = msg.content.config_records["report"]
+                payload_json = str(report["payload-json"])
+                signature = report["signature"]
+                device_id = str(report["device-id"])
+                update = msg.content.array_records["arrays"]
+            except KeyError as missing:
+                # Not what keystay's ClientApp sends: nothing in it can be trusted.
+                record_error_reply(self.ledger, self.settings.run_name, round_log, node,
+                                   ERROR_FAILED, f"reply without {missing}; not a keystay "
+                                   "device reply, nothing aggregated")
+                continue
+            round_log.devices_answered += 1
             verdict = self.ledger.record_report(
                 self.settings.run_name,
                 server_round,
-                str(report["payload-json"]),
+                payload_json,
                 signature if isinstance(signature, bytes) else b"",
             )
-            payload = json.loads(str(report["payload-json"]))
-            device_id = str(report["device-id"])
-            metrics = msg.content.metric_records["metrics"]
+            payload = _json_object(payload_json)
             round_log.devices[device_id] = {
                 "node": node,
-                "train_loss": _scalar(metrics, "train-loss"),
-                "num_examples": int(_scalar(metrics, "num-examples")),
                 "epsilon_total": float(payload.get("epsilon_total", float("nan"))),
                 "accountant": payload.get("accountant"),
                 "verified": bool(verdict.verified),
@@ -170,7 +325,7 @@ class KeystayFedAvg(FedAvg):
                 log(WARNING, "round %s: report from %s does not verify (%s); update dropped",
                     server_round, device_id, ", ".join(verdict.flags))
                 continue
-            received = weights_sha256(msg.content.array_records["arrays"].to_numpy_ndarrays())
+            received = weights_sha256(update.to_numpy_ndarrays())
             if payload.get("update_sha256") != received:
                 # The signed report accounts for a different update than the
                 # one that arrived: aggregate neither.
@@ -181,40 +336,28 @@ class KeystayFedAvg(FedAvg):
             accepted.append(msg)
 
         round_log.devices_reported = len(accepted)
-        losses = [d["train_loss"] for d in round_log.devices.values() if d["verified"]]
-        round_log.train_loss_mean = float(np.mean(losses)) if losses else None
-
         if not accepted:
             return None, None
-        arrays: ArrayRecord | None
-        aggregated_metrics: MetricRecord | None
-        if self.central is not None:
-            arrays = self._aggregate_central(server_round, accepted)
-            aggregated_metrics = self.train_metrics_aggr_fn(
-                [m.content for m in accepted], self.weighted_by_key
-            )
-        else:
-            arrays, aggregated_metrics = super().aggregate_train(server_round, accepted)
-        if arrays is not None:
-            path = self.checkpoints / f"round-{server_round:03d}.pt"
-            save_checkpoint(
-                path,
-                arrays.to_numpy_ndarrays(),
-                self.model_config,
-                {"run": self.settings.run_name, "round": server_round},
-            )
-            round_log.checkpoint = str(path)
-        return arrays, aggregated_metrics
-
-    def _aggregate_central(self, server_round: int, accepted: list[Message]) -> ArrayRecord:
-        assert self.central is not None and self._global is not None
         updates = [m.content.array_records["arrays"].to_numpy_ndarrays() for m in accepted]
-        examples = [int(_scalar(m.content.metric_records["metrics"], "num-examples"))
-                    for m in accepted]
+        if self.central is not None:
+            new = self._aggregate_central(server_round, updates)
+        else:
+            new = equal_mean(updates)
+        path = self.checkpoints / f"round-{server_round:03d}.pt"
+        save_checkpoint(
+            path, new, self.model_config, {"run": self.settings.run_name, "round": server_round}
+        )
+        round_log.checkpoint = str(path)
+        # Only what the server itself knows: no device metric is aggregated.
+        return ArrayRecord(new), MetricRecord({"devices-aggregated": len(accepted)})
+
+    def _aggregate_central(
+        self, server_round: int, updates: list[list[np.ndarray]]
+    ) -> list[np.ndarray]:
+        assert self.central is not None and self._global is not None
         new = aggregate_with_central_dp(
             self._global,
             updates,
-            examples,
             clip_norm=self.settings.central_clip,
             noise_multiplier=self.settings.central_noise_multiplier,
             rng=self._rng,
@@ -223,28 +366,32 @@ class KeystayFedAvg(FedAvg):
         self._round(server_round).central_epsilon = account_central_round(
             self.ledger, self.settings, self.central, server_round
         )
-        return ArrayRecord(new)
+        return new
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        replies = list(replies)
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Never ask devices to score weights, whatever fraction_evaluate says.
+        return []
+
+    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Score the round's global model on the server's held-out set; write the row.
+
+        Flower's ``evaluate_fn``: called after every round's aggregation (and
+        once before round 1, which has no row and is not scored).
+        """
+        if server_round == 0:
+            return None
         round_log = self._round(server_round)
-        for msg in replies:
-            if msg.has_error():
-                continue
-            device_id = str(msg.content.config_records["device"]["device-id"])
-            metrics = msg.content.metric_records["metrics"]
-            entry = round_log.devices.setdefault(device_id, {"node": msg.metadata.src_node_id})
-            entry["heldout_accuracy"] = _scalar(metrics, "heldout-accuracy")
-            entry["heldout_loss"] = _scalar(metrics, "heldout-loss")
-            entry["heldout_examples"] = int(_scalar(metrics, "num-examples"))
-        aggregated = super().aggregate_evaluate(server_round, replies)
-        with (self.run_dir / ROUNDS_FILE).open("a", encoding="utf-8") as out:
-            out.write(round_log.as_json() + "\n")
-        log(INFO, "round %s: %s", server_round, round_log.as_json())
+        score = score_and_write(self.evaluator, arrays.to_numpy_ndarrays(), round_log,
+                                self.run_dir / ROUNDS_FILE)
         self._current = None
-        return aggregated
+        if score is None:
+            return None
+        return MetricRecord({
+            "heldout-accuracy": score.accuracy, "heldout-loss": score.loss,
+            "heldout-windows": score.windows,
+        })
 
     def _round(self, server_round: int) -> RoundLog:
         if self._current is None or self._current.server_round != server_round:
@@ -276,11 +423,11 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout,
         train_config=ConfigRecord(settings.train_config()),
-        evaluate_config=ConfigRecord({"run-name": settings.run_name}),
+        evaluate_fn=strategy.evaluate_global,
     )
     final = settings.run_dir / FINAL_CHECKPOINT
-    # Every device may have declined every round: the global model is then
-    # still the initial one, and the checkpoint says so by being it.
+    # Every device may have refused or been unreachable every round: the global model is
+    # then still the initial one, and the checkpoint says so by being it.
     weights = result.arrays.to_numpy_ndarrays() if len(result.arrays) else initial
     save_checkpoint(
         final,
@@ -317,9 +464,11 @@ def account_central_round(
     return epsilon
 
 
-def _scalar(metrics: MetricRecord, key: str) -> float:
-    value = metrics[key]
-    if not isinstance(value, int | float):
-        raise ValueError(f"metric '{key}' = {value!r} is not a number")
-    return float(value)
-
+def _json_object(text: str) -> dict[str, Any]:
+    """The report payload as a dict; {} when it is not a JSON object (the ledger
+    has then flagged it unverifiable, and nothing in it is used)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -17,20 +17,20 @@ estimator) for one round with global weights :math:`\theta` and replies
         \qquad\text{(the device's update)}\\
     \tilde\Delta_k &= \Delta_k \cdot \min\left(1, S / \lVert\Delta_k\rVert_2\right)
         \qquad\text{(clip to L2 norm } S\text{)}\\
-    w_k &= \min(n_k / \hat w, 1) \text{ if an example cap } \hat w
-        \text{ is set, else } 1\\
-    \theta' &= \theta + \frac{1}{n}\sum_k w_k \tilde\Delta_k + \mathcal N(0, \sigma^2 I),
+    \theta' &= \theta + \frac{1}{n}\sum_k \tilde\Delta_k + \mathcal N(0, \sigma^2 I),
         \qquad \sigma = z S / n
 
 where ``n`` is the number of devices the round was *sent to* (a fixed,
 public number; a device that refused or failed contributes nothing but still
 counts in the denominator), ``S`` the clip norm and ``z`` the noise
-multiplier. Adding or removing one device changes the sum
-:math:`\sum_k w_k\tilde\Delta_k` by at most ``S`` in L2 norm, so the sum
-plus :math:`\mathcal N(0, z^2S^2 I)` is the Gaussian mechanism with noise
-multiplier ``z``; dividing by the public ``n`` is post-processing. Weighting
-by raw example counts (plain FedAvg) would let one device's weight, and so its
-influence, grow with its data, which is why weights are capped at 1.
+multiplier. Every device weighs 1, so adding or removing one device changes
+the sum :math:`\sum_k \tilde\Delta_k` by exactly one clipped update, at most
+``S`` in L2 norm: the sum plus :math:`\mathcal N(0, z^2S^2 I)` is the
+Gaussian mechanism with noise multiplier ``z``; dividing by the public ``n``
+is post-processing. Weighting by example counts (plain FedAvg) would let one
+device's weight, and so its influence and the sensitivity, grow with its
+data; and the server has no example counts to weight by (devices send the
+public constant 1, since a real count is an unpaid statistic of their data).
 
 Accounting. One round is one Gaussian mechanism: RDP
 :math:`\varepsilon_\alpha = \alpha / (2 z^2)` (Mironov 2017, "Rényi
@@ -310,9 +310,6 @@ class CentralDP:
         :data:`SAMPLING_ALL` (Flower ``fraction_train=1.0``) or
         :data:`SAMPLING_FIXED_SIZE` (``fraction_train < 1``). Both are
         accounted with ``q = 1``.
-    example_cap : float or None
-        ``ŵ``: example count at which a device reaches full weight 1; None
-        weighs every device 1 (recommended).
     delta : float
         δ for the accountant.
     """
@@ -321,7 +318,6 @@ class CentralDP:
     noise_multiplier: float
     num_sampled: int
     sampling: str = SAMPLING_ALL
-    example_cap: float | None = None
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -343,10 +339,6 @@ class CentralDP:
                 f"{', '.join(sorted(SAMPLING_DESCRIPTIONS))} (Poisson sampling of devices "
                 "is not what Flower does, so keystay does not offer its amplification)"
             )
-        if self.example_cap is not None and not (
-            math.isfinite(self.example_cap) and self.example_cap > 0
-        ):
-            raise CentralDPError(f"example cap must be > 0 or None, got {self.example_cap!r}")
         if not (0 < self.delta < 1):
             raise CentralDPError(f"central delta must be in (0, 1), got {self.delta!r}")
 
@@ -373,10 +365,11 @@ class CentralDP:
         self,
         global_arrays: Sequence[np.ndarray],
         replies: Sequence[Sequence[np.ndarray]],
-        weights_examples: Sequence[float] | None,
         rng: np.random.Generator,
     ) -> list[np.ndarray]:
         """New global weights from the replies of one round (see module docstring).
+
+        Every device weighs 1.
 
         Parameters
         ----------
@@ -384,22 +377,19 @@ class CentralDP:
             The global weights the round was sent with.
         replies : sequence of sequence of numpy.ndarray
             Each device's returned weights (same shapes, same order).
-        weights_examples : sequence of float or None
-            Each device's example count, used only with ``example_cap``.
         rng : numpy.random.Generator
             Source of the noise.
 
         Returns
         -------
         list of numpy.ndarray
-            ``global + mean of clipped (weighted) updates + noise``, in each
+            ``global + (sum of clipped updates) / n + noise``, in each
             global array's dtype.
 
         Raises
         ------
         CentralDPError
-            No replies, more replies than ``num_sampled``, mismatched shapes,
-            or a bad example count.
+            No replies, more replies than ``num_sampled``, or mismatched shapes.
         """
         if not replies:
             raise CentralDPError("no device updates to aggregate this round")
@@ -408,7 +398,6 @@ class CentralDP:
                 f"{len(replies)} device updates but the round was sent to {self.num_sampled}; "
                 "num_sampled must count every device the round was sent to"
             )
-        weights = self._weights(weights_examples, len(replies))
         total = [np.zeros(np.shape(g), dtype=np.float64) for g in global_arrays]
         for index, reply in enumerate(replies):
             if len(reply) != len(global_arrays):
@@ -426,7 +415,7 @@ class CentralDP:
                 update.append(np.asarray(r, dtype=np.float64) - np.asarray(g, dtype=np.float64))
             clipped, _ = clip_update(update, self.clip_norm)
             for acc, u in zip(total, clipped, strict=True):
-                acc += weights[index] * u
+                acc += u
         std = self.noise_std
         new: list[np.ndarray] = []
         for g, acc in zip(global_arrays, total, strict=True):
@@ -437,32 +426,15 @@ class CentralDP:
             new.append((base.astype(np.float64) + mean).astype(base.dtype))
         return new
 
-    def _weights(self, weights_examples: Sequence[float] | None, count: int) -> list[float]:
-        if self.example_cap is None:
-            return [1.0] * count
-        if weights_examples is None or len(weights_examples) != count:
-            raise CentralDPError(
-                "an example cap needs one example count per device update "
-                f"({count}), got {None if weights_examples is None else len(weights_examples)}"
-            )
-        weights = []
-        for n in weights_examples:
-            if not (math.isfinite(n) and n >= 0):
-                raise CentralDPError(f"example counts must be >= 0, got {n!r}")
-            weights.append(min(float(n) / self.example_cap, 1.0))
-        return weights
-
 
 def aggregate_with_central_dp(
     global_arrays: Sequence[np.ndarray],
     replies: Sequence[Sequence[np.ndarray]],
-    weights_examples: Sequence[float] | None,
     rng: np.random.Generator,
     *,
     clip_norm: float,
     noise_multiplier: float,
     num_sampled: int | None = None,
-    example_cap: float | None = None,
 ) -> list[np.ndarray]:
     """One round of user-level DP-FedAvg for a Flower strategy's ``aggregate_train``.
 
@@ -471,10 +443,8 @@ def aggregate_with_central_dp(
     global_arrays : sequence of numpy.ndarray
         The global weights sent this round (``configure_train``'s arrays).
     replies : sequence of sequence of numpy.ndarray
-        The weights each accepted device returned.
-    weights_examples : sequence of float or None
-        Example counts per reply; only used with ``example_cap`` (by default
-        every device weighs 1, see the module docstring for why).
+        The weights each accepted device returned; each weighs 1 (see the
+        module docstring for why).
     rng : numpy.random.Generator
         Noise source; ``numpy.random.default_rng()`` (OS entropy) in production.
     clip_norm : float
@@ -486,8 +456,6 @@ def aggregate_with_central_dp(
         with None the number of replies is used, which makes the denominator
         depend on which devices answered, outside the add/remove-one-device
         analysis.
-    example_cap : float or None
-        See :class:`CentralDP`.
 
     Returns
     -------
@@ -500,6 +468,5 @@ def aggregate_with_central_dp(
         clip_norm=clip_norm,
         noise_multiplier=noise_multiplier,
         num_sampled=len(replies) if num_sampled is None else num_sampled,
-        example_cap=example_cap,
     )
-    return mechanism.aggregate(global_arrays, replies, weights_examples, rng)
+    return mechanism.aggregate(global_arrays, replies, rng)

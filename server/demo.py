@@ -3,8 +3,9 @@
 Starts a real SuperLink and N real device daemons (each supervising its real
 SuperNode as the same OS user: single-user mode, accepted by name for these
 simulated employees) on loopback, runs rounds the way the ML team does (``keystay round
-start``), prints the per-round table and the security team's budget report,
-and stops everything it started. Exit 0 only if every part came up and every
+start``), prints the per-round table (the server's own held-out figures, never
+a device's) and the security team's budget report, and stops everything it
+started. Exit 0 only if every part came up and every
 round completed.
 """
 
@@ -38,10 +39,12 @@ def demo(devices: int, rounds: int, days: int, events_per_day: int, local_steps:
     """Run a whole keystay federation here, then stop it.
 
     \b
-    What you see: each part coming up, one table row per round (devices that
-    reported, mean train loss, each device's cumulative ε), where the final
-    model is and how to load it, and the privacy budget report a security
-    reviewer reads.
+    What you see: each part coming up, one table row per round (devices
+    sampled, answered, aggregated, refused, unavailable or failed; each
+    device's cumulative ε from its signed report; the global model's accuracy
+    and loss on the server's own held-out simulated employees), where the
+    final model is and how to load it, and the privacy budget report a
+    security reviewer reads.
 
     \b
     The simulated devices run single-user (--accept-server-code-access): each

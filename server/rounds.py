@@ -105,33 +105,51 @@ def start_run(
 
 
 def format_round(row: dict[str, Any]) -> list[str]:
-    """One round as table lines: the round's figures, then one line per device."""
-    loss = row.get("train_loss_mean")
-    head = (f"{row['round']:>5}  {row['devices_reported']:>2}/{row['devices_sampled']:<2}  "
-            f"{'-' if loss is None else f'{loss:.4f}':>10}")
-    lines = []
-    devices = sorted(row.get("devices", {}).items())
-    if not devices:
-        lines.append(head)
-    for i, (device_id, d) in enumerate(devices):
-        acc = d.get("heldout_accuracy")
+    """One round as table lines: the round's figures, then one line per device.
+
+    Only what the server honestly has: how many devices were sampled, answered
+    (sent an update and a signed report), were aggregated, refused (their
+    policy said no), were unavailable or failed; each answering device's ε
+    from its signed report; and the global model's figures on the server's
+    own held-out set. No device's training loss or accuracy: devices do not
+    send them.
+    """
+    acc = row.get("heldout_accuracy")
+    loss = row.get("heldout_loss")
+    head = (
+        f"{row['round']:>5}"
+        f"{row.get('devices_sampled', 0):>8}"
+        f"{row.get('devices_answered', row.get('devices_reported', 0)):>9}"
+        f"{row.get('devices_reported', 0):>11}"
+        f"{len(row.get('refusals', [])):>8}"
+        f"{len(row.get('unavailable', [])):>12}"
+        f"{len(row.get('failed', [])):>7}"
+        f"{'-' if acc is None else f'{acc:.3f}':>10}"
+        f"{'-' if loss is None else f'{loss:.4f}':>9}"
+    )
+    lines = [head]
+    indent = " " * 7
+    for device_id, d in sorted(row.get("devices", {}).items()):
         eps = d.get("epsilon_total")
         flags = ",".join(d.get("flags", []))
         lines.append(
-            f"{head if i == 0 else ' ' * len(head)}  {device_id:<18}"
-            f"{'-' if acc is None else f'{acc:.3f}':>9}"
-            f"{'-' if eps is None else f'{eps:.3f}':>10}"
+            f"{indent}{device_id:<20} ε {'-' if eps is None else f'{eps:.3f}':>8}"
             f"{'  ' + flags if flags else ''}"
         )
-    for refusal in row.get("refusals", []):
-        lines.append(f"{'':>22}  node {refusal['node']} declined: {refusal['reason']}")
+    for kind, key in (("refused", "refusals"), ("unavailable", "unavailable"),
+                      ("failed", "failed")):
+        for entry in row.get(key, []):
+            lines.append(f"{indent}node {entry['node']} {kind}: {entry['reason']}")
     if row.get("central_epsilon") is not None:
-        lines.append(f"{'':>22}  central DP ε so far: {row['central_epsilon']:.3f}")
+        lines.append(f"{indent}central DP ε so far: {row['central_epsilon']:.3f}")
     return lines
 
 
 TABLE_HEADER = (
-    f"{'round':>5}  {'devices':<5}  {'train loss':>10}  {'device':<18}{'held-out':>9}"
-    f"{'ε total':>10}\n"
-    f"{'':>5}  {'':<5}  {'(mean)':>10}  {'':<18}{'accuracy':>9}{'':>10}"
+    f"{'':>5}{'':>8}{'':>9}{'':>11}{'':>8}{'':>12}{'':>7}{'held-out':>10}{'held-out':>9}\n"
+    f"{'round':>5}{'sampled':>8}{'answered':>9}{'aggregated':>11}{'refused':>8}"
+    f"{'unavailable':>12}{'failed':>7}{'accuracy':>10}{'loss':>9}\n"
+    "       (held-out: the global model on server-owned simulated employees that never "
+    "train;\n"
+    "        ε: each answering device's cumulative figure from its signed report)"
 )

@@ -23,8 +23,10 @@ What keystay adds around Flower's workflow, and why:
   same unmasked *mean*; :meth:`SecAggFedAvg.aggregate_fit` checks that
   structurally and refuses anything else.
 * **Equal weights, updates not weights.** Devices send their update
-  (``new - global``) with weight 1; the mean of the survivors' updates (plus
-  the mean training loss, carried as one extra entry) is what comes back.
+  (``new - global``) with weight 1; the mean of the survivors' updates is
+  what comes back. Older devices append their training loss as one extra
+  entry; the server drops it unread (it is an unpaid statistic of the
+  employee's data, and the server does not need it).
 * **Central DP on the sum.** With ``central-dp``, devices clip their update
   to ``central-clip`` before masking; the server turns the mean back into the
   sum and adds ``N(0, (z S)^2)`` to it over the fixed denominator of devices
@@ -35,9 +37,11 @@ What keystay adds around Flower's workflow, and why:
   no device holds shares of it, so the round halts. Such a device never
   masked anything with anyone, so :class:`KeystaySecAggPlusWorkflow` forgets
   it instead.
-* **Evaluation in the Message API format** the thin ClientApp already serves,
-  so a SecAgg run writes the same ``rounds.jsonl`` rows, checkpoints and
-  ``final.pt`` as a plain one, plus a ``secagg`` entry per row.
+* **No device evaluation.** After each round the server scores the new
+  global model on its own held-out set (:mod:`keystay.server.heldout`) and
+  sends devices no evaluate message, as in a plain run; a SecAgg run writes
+  the same ``rounds.jsonl`` rows, checkpoints and ``final.pt`` as a plain
+  one, plus a ``secagg`` entry per row.
 """
 
 from __future__ import annotations
@@ -50,8 +54,7 @@ from logging import INFO, WARNING
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -80,24 +83,24 @@ from keystay.server.app import (
     ROUNDS_FILE,
     RoundLog,
     account_central_round,
+    heldout_evaluator,
+    record_error_reply,
+    score_and_write,
 )
 from keystay.server.central_dp import CentralDP, CentralDPAccountant
+from keystay.server.heldout import HeldoutEvaluator
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.settings import RunSettings
 
 # The wire contract with keystay.client.secagg (a unit test holds the two
 # sides together; the server does not import device code).
 CONFIG_UPDATE_CLIP = "secagg-update-clip"
-LOSS_SCALE = 4.0
 #: Flower's quantisation range: every entry of a device's vector is clipped to
-#: [-8, 8] before masking. Updates are orders of magnitude smaller; the loss
-#: entry is ``loss / LOSS_SCALE``.
+#: [-8, 8] before masking. Updates are orders of magnitude smaller.
 CLIPPING_RANGE = 8.0
 #: Devices send weight 1, so the workflow's ``max_weight`` is 1: the mod then
 #: quantises the update itself, at full precision.
 MAX_WEIGHT = 1.0
-#: The device's code for "refused by policy" (keystay.client.app.ERROR_REFUSED).
-ERROR_REFUSED = 4001
 
 Gate = Callable[[list[Message], list[Message]], list[Message]]
 
@@ -181,6 +184,8 @@ class SecAggFedAvg(FedAvg):
     rng : numpy.random.Generator or None
         Central-DP noise source; None draws from OS entropy (never seed it
         from a value others know).
+    evaluator : HeldoutEvaluator or None
+        Scores each round's global model; None builds one from ``settings``.
     """
 
     def __init__(
@@ -190,12 +195,14 @@ class SecAggFedAvg(FedAvg):
         model_config: ModelConfig,
         initial: list[np.ndarray],
         rng: np.random.Generator | None = None,
+        evaluator: HeldoutEvaluator | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
-            fraction_evaluate=1.0,
+            # No federated evaluation: devices are never asked to score weights.
+            fraction_evaluate=0.0,
             min_fit_clients=settings.min_devices,
-            min_evaluate_clients=settings.min_devices,
+            min_evaluate_clients=0,
             min_available_clients=settings.min_devices,
             initial_parameters=ndarrays_to_parameters(initial),
             accept_failures=True,
@@ -203,6 +210,7 @@ class SecAggFedAvg(FedAvg):
         self.settings = settings
         self.ledger = ledger
         self.model_config = model_config
+        self.evaluator = evaluator or heldout_evaluator(settings, model_config)
         self.weights = [np.asarray(w) for w in initial]
         self.checkpoints = settings.run_dir / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -251,7 +259,8 @@ class SecAggFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        # Evaluation goes through evaluate_workflow (Message API format).
+        # Devices are never asked to score weights; evaluate_workflow scores
+        # the global model on the server's own held-out set instead.
         return []
 
     # -- replies ----------------------------------------------------------------
@@ -272,11 +281,8 @@ class SecAggFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                reason = msg.error.reason or "no reason given"
-                round_log.refusals.append({"node": node, "code": msg.error.code, "reason": reason})
-                self.ledger.record_refusal(self.settings.run_name, server_round, str(node), reason)
-                log(WARNING, "round %s: device on node %s declined: %s", server_round, node,
-                    reason)
+                record_error_reply(self.ledger, self.settings.run_name, round_log, node,
+                                   int(msg.error.code), msg.error.reason or "no reason given")
                 kept.append(msg)
                 continue
             metrics = msg.content.config_records.get("fitres.metrics")
@@ -303,11 +309,9 @@ class SecAggFedAvg(FedAvg):
             payload = {}
         payload = payload if isinstance(payload, dict) else {}
         device_id = str(metrics.get("device-id", "")) or f"node-{node}"
+        round_log.devices_answered += 1
         round_log.devices[device_id] = {
             "node": node,
-            # Not known per device under SecAgg+: the loss is summed with the update.
-            "train_loss": None,
-            "num_examples": int(cast(int, metrics.get("num-examples", 0))),
             "epsilon_total": float(payload.get("epsilon_total", float("nan"))),
             "accountant": payload.get("accountant"),
             "verified": bool(verdict.verified),
@@ -350,14 +354,13 @@ class SecAggFedAvg(FedAvg):
             dropped_nodes=sorted(self._sampled - set(summed)),
         )
         mean = parameters_to_ndarrays(aggregate)
-        if len(mean) != len(self.weights) + 1:
+        if len(mean) not in (len(self.weights), len(self.weights) + 1):
             raise RuntimeError(
                 f"secure aggregate has {len(mean)} arrays; expected the model's "
-                f"{len(self.weights)} plus the loss entry"
+                f"{len(self.weights)} (or one more, a training-loss entry, dropped unread)"
             )
-        mean_update, loss_entry = mean[:-1], mean[-1]
+        mean_update = mean[: len(self.weights)]
         round_log.devices_reported = len(results)
-        round_log.train_loss_mean = float(np.asarray(loss_entry).ravel()[0]) * LOSS_SCALE
         if self.central is not None:
             new = self._central_step(server_round, mean_update, len(results))
         else:
@@ -399,10 +402,9 @@ class SecAggFedAvg(FedAvg):
     # -- evaluation and the round's row -----------------------------------------
 
     def evaluate_workflow(self, grid: Grid, context: Context) -> None:
-        """Score the new global model on every device's held-out windows; write the row.
+        """Score the new global model on the server's held-out set; write the row.
 
-        Sent in the Message API format (``arrays`` + ``config``) that
-        ``keystay.client.app.evaluate`` serves, so devices need nothing new.
+        Sends devices nothing (see :mod:`keystay.server.heldout` for why).
         """
         cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
         server_round = int(cast(int, cfg[WorkflowKey.CURRENT_ROUND]))
@@ -411,29 +413,8 @@ class SecAggFedAvg(FedAvg):
             round_log.secagg["aggregate_only"] = False
             log(WARNING, "round %s: secure aggregation did not complete; the global model "
                 "is unchanged", server_round)
-        config = ConfigRecord({"run-name": self.settings.run_name, "server-round": server_round})
-        messages = [
-            Message(
-                content=RecordDict({"arrays": ArrayRecord(self.weights), "config": config}),
-                dst_node_id=node,
-                message_type=MessageType.EVALUATE,
-                group_id=str(server_round),
-            )
-            for node in sorted(grid.get_node_ids())
-        ]
-        replies = grid.send_and_receive(messages, timeout=self.settings.round_timeout)
-        for msg in replies:
-            if msg.has_error():
-                continue
-            device_id = str(msg.content["device"]["device-id"])
-            metrics = msg.content["metrics"]
-            entry = round_log.devices.setdefault(device_id, {"node": msg.metadata.src_node_id})
-            entry["heldout_accuracy"] = float(cast(float, metrics["heldout-accuracy"]))
-            entry["heldout_loss"] = float(cast(float, metrics["heldout-loss"]))
-            entry["heldout_examples"] = int(cast(int, metrics["num-examples"]))
-        with (self.settings.run_dir / ROUNDS_FILE).open("a", encoding="utf-8") as out:
-            out.write(round_log.as_json() + "\n")
-        log(INFO, "round %s: %s", server_round, round_log.as_json())
+        score_and_write(self.evaluator, self.weights, round_log,
+                        self.settings.run_dir / ROUNDS_FILE)
         self._round = None
 
     def _current(self, server_round: int | None = None) -> SecAggRoundLog:

@@ -46,6 +46,11 @@ class RunSettings:
     secagg: bool = False
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2
+    # The server-owned held-out population (keystay.server.heldout): a few
+    # simulated employees that never train, scored after every round.
+    heldout_employees: int = 3
+    heldout_days: int = 2
+    heldout_events_per_day: int = 2000
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -107,6 +112,12 @@ class RunSettings:
                and self.secagg_reconstruction_threshold <= self.secagg_num_shares,
                "secagg-reconstruction-threshold", self.secagg_reconstruction_threshold,
                "an integer between 1 and secagg-num-shares")
+        for key, value in (("heldout-employees", self.heldout_employees),
+                           ("heldout-days", self.heldout_days)):
+            _check(_positive_int(value), key, value, "an integer >= 1")
+        # More than one model window (32 tokens) per day, or a day gives no window.
+        _check(_positive_int(self.heldout_events_per_day) and self.heldout_events_per_day > 32,
+               "heldout-events-per-day", self.heldout_events_per_day, "an integer > 32")
         _check(_number(self.round_timeout) and self.round_timeout > 0,
                "round-timeout", self.round_timeout, "seconds, > 0")
         _check(bool(self.run_name) and "/" not in self.run_name, "run-name", self.run_name,

@@ -13,8 +13,11 @@ spent:
 * each report gets a verdict when it arrives (:class:`Verdict`), with flags
   (:data:`FLAG_UNVERIFIABLE`, :data:`FLAG_CONTRADICTION`,
   :data:`FLAG_OVER_BUDGET`) that the budget report lists first;
-* refusals (a device declining a round, with its reason) and the central-DP
-  accountant's ε per round are kept beside them.
+* refusals (a device's policy declining a round, with its reason) and the
+  central-DP accountant's ε per round are kept beside them. Only policy
+  refusals are refusals: a device that could not be reached or failed spent
+  nothing the server can see, and the ServerApp keeps it in the round's row
+  (``unavailable`` / ``failed``), not here.
 
 Verdict rules
 -------------
@@ -998,7 +1001,11 @@ class ServerLedger:
     def record_refusal(
         self, run_id: str, server_round: int, device: str, reason: str
     ) -> RefusalRecord:
-        """Store that ``device`` (node id or device id) declined a round, and why."""
+        """Store that ``device`` (node id or device id) refused a round by policy, and why.
+
+        Call it for policy refusals only (the ClientApp's error code 4001), not
+        for a device that was unavailable or failed.
+        """
         now = self._now()
         with self._lock:
             cursor = self._conn.execute(

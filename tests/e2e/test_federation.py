@@ -2,8 +2,10 @@
 
 Everything runs as separate processes on free loopback ports, started through
 the ``keystay`` command. The test asserts on what came back: the global model
-changed, each device's ε grew round over round, and the ε the server received
-equals what the device's own ledger holds.
+changed, each device's ε grew round over round, the ε the server received
+equals what the device's own ledger holds, the server scored every round on
+its own held-out set, and no device was sent an evaluate message (each
+SuperNode's log names every message it received).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pytest
 
 from keystay.server.deploy.local import LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env
-from keystay.server.rounds import start_run
+from keystay.server.heldout import HELDOUT_SET
+from keystay.server.rounds import format_round, start_run
 from keystay.server.settings import RunSettings
 
 pytestmark = pytest.mark.e2e
@@ -46,14 +49,25 @@ def test_two_rounds_two_devices(tmp_path: Path) -> None:
         assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]
         assert [r["round"] for r in outcome.rounds] == [1, 2]
 
-        # Every device reported in every round, with a verified report.
+        # Every device reported in every round, with a verified report; the
+        # server scored the new model itself, on its own simulated employees.
         for row in outcome.rounds:
-            assert row["devices_reported"] == 2, row
-            assert not row["refusals"], row
+            assert row["devices_reported"] == row["devices_answered"] == 2, row
+            assert not (row["refusals"] or row["unavailable"] or row["failed"]), row
             for device in row["devices"].values():
                 assert device["verified"], device
-                # Held-out scores are the employee's (Control.Evaluate), not the server's.
-                assert "heldout_accuracy" not in device, device
+                assert "heldout_accuracy" not in device and "train_loss" not in device
+            assert row["heldout_set"] == HELDOUT_SET
+            assert 0.0 <= row["heldout_accuracy"] <= 1.0 and row["heldout_loss"] > 0, row
+            assert row["heldout_windows"] > 0
+            assert format_round(row)  # `keystay round start` prints this row
+
+        # Devices were sent training rounds and nothing else.
+        for device in federation.device_list:
+            supernode_log = (device.data_dir / "logs" / "supernode.log").read_text(
+                errors="replace")
+            assert "Receiving: train message" in supernode_log
+            assert "Receiving: evaluate message" not in supernode_log
 
         # The model changed.
         final = read_checkpoint(outcome.final_checkpoint)

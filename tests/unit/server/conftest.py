@@ -4,22 +4,46 @@ Keys are made directly with ``cryptography`` and payloads serialised the way
 the device does (``keystay.client.ledger.report.canonical_bytes``: sorted
 keys, compact separators, ASCII, no NaN), so server tests do not depend on
 the device daemon. One ledger test checks the two stay in step.
+
+:class:`InProcessGrid` stands in for the SuperLink and SuperNodes: it hands
+each message (a deep copy, as the wire would) to ``keystay.client.app.app``
+with that node's own Context, and returns the replies to the ServerApp side.
+Each node's ClientApp reaches a stub ``Device`` daemon (:class:`StubDaemon`)
+over a real Unix-socket gRPC channel; the stub returns a known update and a
+report signed with an enrolled key. A node can be made to drop out (no reply,
+as after a timeout) at any stage of the protocol, to refuse, or to have no
+daemon at all.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
+from keystay.client.app import app as client_app
+from keystay.client.digest import weights_sha256
+from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.server.ledger.ledger import ServerLedger
+from keystay.v1 import device_pb2, device_pb2_grpc
 
 Block = tuple[str, float, float, bool]  # block, epsilon, budget, retired
 
@@ -112,3 +136,156 @@ def ledger(tmp_path: Path) -> Iterator[ServerLedger]:
     led = ServerLedger.open(tmp_path / "server")
     yield led
     led.close()
+
+
+# ------------------------------------------------- an in-process federation (stubs)
+
+
+class StubDaemon(device_pb2_grpc.FederationServicer):
+    """A device daemon that 'trains' by adding a fixed random update, and signs a report."""
+
+    def __init__(self, device: FakeDevice, index: int, scale: float, refuse: bool) -> None:
+        self.device = device
+        self.index = index
+        self.scale = scale
+        self.refuse = refuse
+        self.sent: dict[int, list[np.ndarray]] = {}  # round -> weights returned
+
+    def Train(  # noqa: N802
+        self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
+    ) -> device_pb2.TrainReply:
+        if self.refuse:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused: stub policy says no")
+        server_round = int(request.server_round)
+        weights = weights_from_proto(request.weights)
+        rng = np.random.default_rng(1000 * self.index + server_round)
+        new = [(w + rng.normal(0.0, self.scale, w.shape)).astype(w.dtype) for w in weights]
+        self.sent[server_round] = new
+        payload, signature = self.device.report(
+            request.run_id, server_round, [("2024-01-02", 0.5 * server_round, 8.0, False)],
+            num_examples=100 + self.index, update_sha256=weights_sha256(new),
+        )
+        return device_pb2.TrainReply(
+            weights=weights_to_proto(new),
+            num_examples=100 + self.index,
+            train_loss=2.0 + self.index,
+            seconds=0.1,
+            report=device_pb2.PrivacyReport(
+                device_id=self.device.device_id,
+                epsilon_total=0.5 * server_round,
+                payload_json=payload,
+                signature=signature,
+            ),
+        )
+
+
+@dataclass
+class Node:
+    node_id: int
+    device: FakeDevice
+    daemon: StubDaemon
+    context: Context
+
+
+def _stage(msg: Message) -> str:
+    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+    return msg.metadata.message_type
+
+
+@dataclass
+class InProcessGrid(Grid):
+    """SuperLink + SuperNodes in one process (see module docstring)."""
+
+    nodes: dict[int, Node]
+    drop_at: dict[int, str] = field(default_factory=dict)
+    received: list[tuple[str, Message]] = field(default_factory=list)  # what the server got
+    sent_types: list[str] = field(default_factory=list)  # message type of all it sent
+    gone: set[int] = field(default_factory=set)
+
+    def set_run(self, run: Run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Run:
+        return Run.create_empty(7)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            self.sent_types.append(msg.metadata.message_type)
+            node_id, stage = msg.metadata.dst_node_id, _stage(msg)
+            if self.drop_at.get(node_id) == stage:
+                self.gone.add(node_id)
+            if node_id in self.gone:
+                continue  # no reply before the timeout: dropped out
+            delivered = copy.deepcopy(msg)
+            delivered.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            TaskIdentity.node_id = node_id
+            try:
+                reply = client_app(delivered, self.nodes[node_id].context)
+            except Exception as error:  # as the SuperNode does: an error reply
+                reply = Message(Error(code=1, reason=repr(error)), reply_to=delivered)
+            finally:
+                TaskIdentity.node_id = SUPERLINK_NODE_ID
+            reply = copy.deepcopy(reply)
+            self.received.append((stage, reply))
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def make_nodes(
+    tmp_path: Path, make_device: Any, ledger: ServerLedger
+) -> Iterator[Any]:
+    servers: list[grpc.Server] = []
+
+    def make(count: int, *, scale: float = 0.01, refuse: Iterable[int] = (),
+             down: Iterable[int] = ()) -> dict[int, Node]:
+        """``count`` nodes; those in ``refuse`` refuse by policy, those in ``down``
+        have no daemon listening (as when it is stopped)."""
+        nodes = {}
+        for index in range(count):
+            device = make_device()
+            ledger.enroll_device(device.device_id, device.pem, f"stub-{index}")
+            daemon = StubDaemon(device, index, scale, refuse=index in set(refuse))
+            socket = tmp_path / f"d{index}.sock"
+            if index not in set(down):
+                server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+                device_pb2_grpc.add_FederationServicer_to_server(daemon, server)
+                server.add_insecure_port(f"unix://{socket}")
+                server.start()
+                servers.append(server)
+            node_id = 101 + index
+            context = Context(run_id=7, node_id=node_id, node_config={"socket": str(socket)},
+                              state=RecordDict(), run_config={})
+            nodes[node_id] = Node(node_id, device, daemon, context)
+        return nodes
+
+    yield make
+    for server in servers:
+        server.stop(None)

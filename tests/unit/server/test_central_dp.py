@@ -58,7 +58,7 @@ def test_aggregate_of_one_huge_update_moves_at_most_clip_over_n() -> None:
     g = [np.full(s, 0.5, dtype=np.float32) for s in SHAPES]
     huge = [np.full(s, 100.0) for s in SHAPES]
     new = aggregate_with_central_dp(
-        g, [reply(g, huge)], None, np.random.default_rng(0),
+        g, [reply(g, huge)], np.random.default_rng(0),
         clip_norm=0.3, noise_multiplier=0.0, num_sampled=3,
     )
     moved = update_norm([n.astype(np.float64) - x for n, x in zip(new, g, strict=True)])
@@ -71,17 +71,8 @@ def test_fixed_denominator_counts_devices_sent_not_devices_answering() -> None:
     u = [np.full(s, 0.01) for s in SHAPES]  # far below the clip
     replies = [reply(g, u), reply(g, u)]
     mech = CentralDP(clip_norm=1.0, noise_multiplier=0.0, num_sampled=4)
-    new = mech.aggregate(g, replies, None, np.random.default_rng(0))
+    new = mech.aggregate(g, replies, np.random.default_rng(0))
     np.testing.assert_allclose(new[0], 0.01 * 2 / 4, rtol=1e-6)
-
-
-def test_example_cap_weights_are_capped_at_one() -> None:
-    g = zeros()
-    u = [np.full(s, 0.01) for s in SHAPES]
-    mech = CentralDP(clip_norm=1.0, noise_multiplier=0.0, num_sampled=2, example_cap=100.0)
-    new = mech.aggregate(g, [reply(g, u), reply(g, u)], [50, 10_000], np.random.default_rng(0))
-    # weights 0.5 and 1 (not 100): (0.5 + 1) * 0.01 / 2
-    np.testing.assert_allclose(new[0], 0.0075, rtol=1e-5)
 
 
 # --- noise ---------------------------------------------------------------------------
@@ -94,7 +85,7 @@ def test_noise_std_is_noise_multiplier_times_clip_over_n() -> None:
     mech = CentralDP(clip_norm=clip, noise_multiplier=z, num_sampled=n)
     draws = np.concatenate(
         # Zero updates: whatever moves the weights is the noise.
-        [mech.aggregate(g, [g, g], None, rng)[0] for _ in range(20)]
+        [mech.aggregate(g, [g, g], rng)[0] for _ in range(20)]
     )
     expected = z * clip / n
     assert mech.noise_std == pytest.approx(expected)
@@ -106,10 +97,10 @@ def test_noise_std_is_noise_multiplier_times_clip_over_n() -> None:
 def test_noise_is_fresh_per_call_and_reproducible_per_seed() -> None:
     g = zeros()
     mech = CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_sampled=1)
-    a = mech.aggregate(g, [g], None, np.random.default_rng(7))
-    b = mech.aggregate(g, [g], None, np.random.default_rng(7))
+    a = mech.aggregate(g, [g], np.random.default_rng(7))
+    b = mech.aggregate(g, [g], np.random.default_rng(7))
     rng = np.random.default_rng(7)
-    c, d = mech.aggregate(g, [g], None, rng), mech.aggregate(g, [g], None, rng)
+    c, d = mech.aggregate(g, [g], rng), mech.aggregate(g, [g], rng)
     np.testing.assert_array_equal(a[0], b[0])
     assert not np.array_equal(c[0], d[0])
 
@@ -124,7 +115,6 @@ def test_noise_is_fresh_per_call_and_reproducible_per_seed() -> None:
         ({"noise_multiplier": -1.0}, "noise multiplier"),
         ({"num_sampled": 0}, "devices sampled"),
         ({"sampling": "poisson"}, "unknown sampling"),
-        ({"example_cap": -1.0}, "example cap"),
         ({"delta": 1.0}, "delta"),
     ],
 )
@@ -139,11 +129,11 @@ def test_inputs_are_checked() -> None:
     mech = CentralDP(clip_norm=1.0, noise_multiplier=1.0, num_sampled=1)
     rng = np.random.default_rng(0)
     with pytest.raises(CentralDPError, match="sent to 1"):
-        mech.aggregate(g, [g, g], None, rng)
+        mech.aggregate(g, [g, g], rng)
     with pytest.raises(CentralDPError, match="shape"):
-        mech.aggregate(g, [[np.zeros((3, 4)), np.zeros(5)]], None, rng)
+        mech.aggregate(g, [[np.zeros((3, 4)), np.zeros(5)]], rng)
     with pytest.raises(CentralDPError, match="no device updates"):
-        aggregate_with_central_dp(g, [], None, rng, clip_norm=1.0, noise_multiplier=1.0)
+        aggregate_with_central_dp(g, [], rng, clip_norm=1.0, noise_multiplier=1.0)
 
 
 def test_sampling_is_never_amplified() -> None:

@@ -1,203 +1,41 @@
 """SecAgg+ runs, in one process: the real protocol, the real ClientApp, stub daemons.
 
-:class:`InProcessGrid` stands in for the SuperLink and SuperNodes: it hands
-each message (a deep copy, as the wire would) to ``keystay.client.app.app``
-with that node's own Context, and returns the replies to the ServerApp side
-(``run_secagg``). Each node's ClientApp reaches a stub ``Device`` daemon over a
-real Unix-socket gRPC channel; the stub returns a known update and a report
-signed with an enrolled key. A node can be made to drop out (no reply, as
-after a timeout) at any stage of the protocol.
-
+The federation is conftest's :class:`InProcessGrid` (run by ``run_secagg``).
 These tests check what the e2e test cannot see from outside: the sum the
 server computes equals the survivors' updates, what the server received from
-each device is masked, and the strategy only ever holds the aggregate.
+each device is masked, the strategy only ever holds the aggregate, and no
+device is asked to evaluate anything.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import uuid
-from collections.abc import Iterable, Iterator
-from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import grpc
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.client_proxy import ClientProxy
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from keystay.client import secagg as client_secagg
-from keystay.client.app import app as client_app
 from keystay.client.model import ModelConfig, initial_weights, read_checkpoint
-from keystay.client.serde import weights_from_proto, weights_to_proto
+from keystay.server import app as server_app
 from keystay.server import secagg as server_secagg
 from keystay.server.central_dp import aggregate_with_central_dp, clip_update
+from keystay.server.heldout import HELDOUT_SET
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.secagg import SecAggFedAvg, check_secagg_settings, run_secagg
 from keystay.server.settings import RunSettings, SettingsError
-from keystay.v1 import device_pb2, device_pb2_grpc
 
-from .conftest import FakeDevice
+from .conftest import InProcessGrid, Node
 
 RUN = "secagg-unit"
 QUANTUM = 2 * server_secagg.CLIPPING_RANGE / 2**22  # one step of Flower's quantiser
-
-
-# --------------------------------------------------------------------------- stubs
-
-
-class StubDaemon(device_pb2_grpc.FederationServicer):
-    """A device daemon that 'trains' by adding a fixed random update, and signs a report."""
-
-    def __init__(self, device: FakeDevice, index: int, scale: float, refuse: bool) -> None:
-        self.device = device
-        self.index = index
-        self.scale = scale
-        self.refuse = refuse
-        self.sent: dict[int, list[np.ndarray]] = {}  # round -> weights returned
-
-    def Train(  # noqa: N802
-        self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
-    ) -> device_pb2.TrainReply:
-        if self.refuse:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused: stub policy says no")
-        server_round = int(request.server_round)
-        weights = weights_from_proto(request.weights)
-        rng = np.random.default_rng(1000 * self.index + server_round)
-        new = [(w + rng.normal(0.0, self.scale, w.shape)).astype(w.dtype) for w in weights]
-        self.sent[server_round] = new
-        payload, signature = self.device.report(
-            request.run_id, server_round, [("2024-01-02", 0.5 * server_round, 8.0, False)],
-            num_examples=100 + self.index,
-        )
-        return device_pb2.TrainReply(
-            weights=weights_to_proto(new),
-            num_examples=100 + self.index,
-            train_loss=2.0 + self.index,
-            seconds=0.1,
-            report=device_pb2.PrivacyReport(
-                device_id=self.device.device_id,
-                epsilon_total=0.5 * server_round,
-                payload_json=payload,
-                signature=signature,
-            ),
-        )
-
-
-@dataclass
-class Node:
-    node_id: int
-    device: FakeDevice
-    daemon: StubDaemon
-    context: Context
-
-
-def _stage(msg: Message) -> str:
-    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
-    return msg.metadata.message_type
-
-
-@dataclass
-class InProcessGrid(Grid):
-    """SuperLink + SuperNodes in one process (see module docstring)."""
-
-    nodes: dict[int, Node]
-    drop_at: dict[int, str] = field(default_factory=dict)
-    received: list[tuple[str, Message]] = field(default_factory=list)  # what the server got
-    gone: set[int] = field(default_factory=set)
-
-    def set_run(self, run: Run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Run:
-        return Run.create_empty(7)
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node_id, stage = msg.metadata.dst_node_id, _stage(msg)
-            if self.drop_at.get(node_id) == stage:
-                self.gone.add(node_id)
-            if node_id in self.gone:
-                continue  # no reply before the timeout: dropped out
-            delivered = copy.deepcopy(msg)
-            delivered.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            TaskIdentity.node_id = node_id
-            try:
-                reply = client_app(delivered, self.nodes[node_id].context)
-            except Exception as error:  # as the SuperNode does: an error reply
-                reply = Message(Error(code=1, reason=repr(error)), reply_to=delivered)
-            finally:
-                TaskIdentity.node_id = SUPERLINK_NODE_ID
-            reply = copy.deepcopy(reply)
-            self.received.append((stage, reply))
-            replies.append(reply)
-        return replies
-
-
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-@pytest.fixture
-def make_nodes(
-    tmp_path: Path, make_device: Any, ledger: ServerLedger
-) -> Iterator[Any]:
-    servers: list[grpc.Server] = []
-
-    def make(count: int, *, scale: float = 0.01, refuse: Iterable[int] = ()) -> dict[int, Node]:
-        nodes = {}
-        for index in range(count):
-            device = make_device()
-            ledger.enroll_device(device.device_id, device.pem, f"stub-{index}")
-            daemon = StubDaemon(device, index, scale, refuse=index in set(refuse))
-            socket = tmp_path / f"d{index}.sock"
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-            device_pb2_grpc.add_FederationServicer_to_server(daemon, server)
-            server.add_insecure_port(f"unix://{socket}")
-            server.start()
-            servers.append(server)
-            node_id = 101 + index
-            context = Context(run_id=7, node_id=node_id, node_config={"socket": str(socket)},
-                              state=RecordDict(), run_config={})
-            nodes[node_id] = Node(node_id, device, daemon, context)
-        return nodes
-
-    yield make
-    for server in servers:
-        server.stop(None)
 
 
 def _settings(ledger: ServerLedger, **overrides: Any) -> RunSettings:
@@ -205,6 +43,8 @@ def _settings(ledger: ServerLedger, **overrides: Any) -> RunSettings:
         server_dir=Path(ledger.path).parent,
         run_name=RUN, num_server_rounds=1, min_devices=2, secagg=True,
         secagg_num_shares=3, secagg_reconstruction_threshold=2, round_timeout=5.0,
+        # A small held-out population: these tests check plumbing, not accuracy.
+        heldout_employees=1, heldout_days=1, heldout_events_per_day=200,
     )
     values.update(overrides)
     return RunSettings(**values)
@@ -260,9 +100,13 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
     expected = _expected_mean_update([nodes[i] for i in summed_ids], start)
     for s, f, e in zip(start, final, expected, strict=True):
         np.testing.assert_allclose(np.asarray(f, np.float64) - s, e, atol=2 * QUANTUM)
-    # The mean training loss came through the same secure sum.
-    losses = [2.0 + nodes[i].daemon.index for i in summed_ids]
-    assert row["train_loss_mean"] == pytest.approx(np.mean(losses), abs=1e-4)
+    # The device's training-loss entry is dropped unread: no loss in the row.
+    assert "train_loss_mean" not in row
+    # The server scored the new model itself, and asked no device to.
+    assert row["heldout_set"] == HELDOUT_SET
+    assert 0.0 <= row["heldout_accuracy"] <= 1.0 and row["heldout_loss"] > 0
+    assert row["heldout_windows"] > 0
+    assert MessageType.EVALUATE not in grid.sent_types
 
     # What the server received from each device in the masking stage: no
     # arrays, and a vector that looks nothing like a quantised update (those
@@ -283,9 +127,8 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
     for device in row["devices"].values():
         if device["node"] in summed_ids:
             assert device["verified"] and device["epsilon_total"] == pytest.approx(0.5)
-            assert device["train_loss"] is None  # never known per device
-        # Devices decline to score for the federation (held-out scores are unpaid).
-        assert "heldout_accuracy" not in device
+        # Nothing per device but what its signed report says.
+        assert not {"train_loss", "num_examples", "heldout_accuracy"} & set(device)
 
 
 def test_too_few_survivors_halt_the_round_and_keep_the_model(
@@ -319,7 +162,7 @@ def test_central_dp_equals_the_plain_central_dp_aggregate(
     final = read_checkpoint(settings.run_dir / "final.pt").weights
     # The plain path: server clips each reply, sums, divides by the 3 sampled.
     plain = aggregate_with_central_dp(
-        start, [nodes[101].daemon.sent[1], nodes[102].daemon.sent[1]], None,
+        start, [nodes[101].daemon.sent[1], nodes[102].daemon.sent[1]],
         np.random.default_rng(0), clip_norm=0.05, noise_multiplier=0.0, num_sampled=3,
     )
     for f, p in zip(final, plain, strict=True):
@@ -366,6 +209,20 @@ def test_refusal_is_recorded_and_the_others_are_summed(
     assert row["secagg"]["summed_nodes"] == [102, 103]
     assert [r["reason"] for r in row["refusals"]] == ["refused: stub policy says no"]
     assert [r.reason for r in ledger.refusals(RUN)] == ["refused: stub policy says no"]
+
+
+def test_unavailable_daemon_is_not_a_refusal(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3, down=[0])
+    settings = _run(ledger, InProcessGrid(nodes))
+    row = _rows(settings)[0]
+    assert row["secagg"]["summed_nodes"] == [102, 103]
+    assert row["refusals"] == [] and row["failed"] == []
+    assert [(u["node"], u["code"]) for u in row["unavailable"]] == [
+        (101, server_app.ERROR_UNAVAILABLE)
+    ]
+    assert ledger.refusals(RUN) == []  # the ledger's refusals are policy decisions only
 
 
 def test_strategy_refuses_individual_updates(tmp_path: Path, ledger: ServerLedger) -> None:
@@ -465,8 +322,9 @@ def test_device_never_masks_a_non_finite_update() -> None:
 
 def test_wire_constants_agree() -> None:
     assert client_secagg.CONFIG_UPDATE_CLIP == server_secagg.CONFIG_UPDATE_CLIP
-    assert client_secagg.LOSS_SCALE == server_secagg.LOSS_SCALE
     assert client_secagg.SECAGG_WEIGHT == server_secagg.MAX_WEIGHT
-    from keystay.client.app import ERROR_REFUSED
+    from keystay.client import app as client_app
 
-    assert server_secagg.ERROR_REFUSED == ERROR_REFUSED
+    assert server_app.ERROR_REFUSED == client_app.ERROR_REFUSED
+    assert server_app.ERROR_UNAVAILABLE == client_app.ERROR_UNAVAILABLE
+    assert server_app.ERROR_FAILED == client_app.ERROR_FAILED
