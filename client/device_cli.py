@@ -100,15 +100,13 @@ def device() -> None:
               help="Serve the Federation service (Train, nothing else) here "
               "(default: DATA/federation.sock).")
 @click.option("--socket-group",
-              help="Let this group connect to the socket (mode 0660): the SuperNode's "
-              "group when it runs as another OS user (see the systemd units).")
+              help="Let this group connect to the federation socket (mode 0660): the "
+              "SuperNode's group when it runs as another OS user (see the systemd units). "
+              "The control socket stays yours alone.")
 @click.option("--trainer-idle-timeout", type=click.FloatRange(min=0), default=600.0,
               show_default=True,
               help="Stop the trainer process (torch, ~300 MB) after this many seconds without "
               "a round; the next round starts it again in a few seconds. 0 keeps it warm.")
-              help="Let this group connect to the federation socket (mode 0660): the "
-              "SuperNode's group when it runs as another OS user (see the systemd units). "
-              "The control socket stays yours alone.")
 @click.option("--accept-server-code-access", is_flag=True,
               help="With --superlink: accept that the SuperNode, and the code the server "
               "ships to it, run as YOUR user and can read and write your data folder. "
