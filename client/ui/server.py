@@ -1,0 +1,326 @@
+"""``keystay device ui``: the employee's page, served on 127.0.0.1 only.
+
+Design note
+-----------
+The page is a small server-rendered site (standard library
+:class:`~http.server.ThreadingHTTPServer`, HTML from
+:mod:`keystay.client.ui.render`, one stylesheet and one small script shipped
+in the package under ``static/``; nothing is fetched from the network). It
+reaches the daemon only through :class:`~keystay.client.ui.access.DaemonAccess`.
+Every form works without JavaScript; the script only refreshes the page
+while it is idle and counts down a pause.
+
+Who may talk to it
+~~~~~~~~~~~~~~~~~~
+Any local process and any web page the employee visits can send requests to
+a port on 127.0.0.1, so the server trusts nothing but a secret:
+
+1. **Token.** At start it draws ``secrets.token_urlsafe(32)`` (256 bits) and
+   prints, and opens, ``http://127.0.0.1:PORT/?token=TOKEN``. That first
+   GET is answered with a redirect to ``/`` that sets the cookie
+   ``keystay_ui=TOKEN; HttpOnly; SameSite=Strict; Path=/``, so the token
+   leaves the address bar and history at once. Every later request must
+   carry the token: that cookie, or an ``X-Keystay-Token`` header (scripts,
+   tests). Without it: 403, whatever the path (:func:`check_request`).
+2. **Host (DNS rebinding).** A hostile page can make its own name resolve to
+   127.0.0.1; the browser then sends *its* name in ``Host``. Only
+   ``127.0.0.1:PORT`` and ``localhost:PORT`` are served; anything else is
+   refused with 421 before the token is even looked at.
+3. **State-changing requests (CSRF).** Pause, resume and forget are POSTs.
+   Each must carry the token in its form body (a hidden field the page
+   renders) or header — a cookie alone is not enough, because the browser
+   attaches cookies to requests other sites cause — *and* must not come from
+   a foreign site: an ``Origin`` other than this server's, or a
+   ``Sec-Fetch-Site`` other than ``same-origin``/``none``, is refused. The
+   ``SameSite=Strict`` cookie is a third, independent layer.
+4. Responses carry a strict Content-Security-Policy (only this server's own
+   script and stylesheet; no inline script; ``frame-ancestors 'none'``),
+   ``no-store`` caching and no referrer, so the page can neither be framed
+   nor leak the token onward.
+
+Exit codes (``keystay device ui``): 0 stopped with Ctrl-C, 2 usage,
+40 no running daemon for the data folder, 41 cannot listen on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from keystay.client.ui import render
+from keystay.client.ui.access import AccessError, DaemonAccess
+
+log = logging.getLogger(__name__)
+
+EXIT_NO_DAEMON = 40
+EXIT_CANNOT_LISTEN = 41
+
+COOKIE = "keystay_ui"
+HEADER = "X-Keystay-Token"
+TOKEN_BYTES = 32  # 256 bits; at least 128 are needed against guessing
+
+_STATIC = {"page.css": "text/css; charset=utf-8", "page.js": "text/javascript; charset=utf-8"}
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# Bodies are a few form fields; anything larger is not from our page.
+_MAX_BODY = 16 * 1024
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+PAUSE_CHOICES: dict[str, float] = {
+    "15m": 900.0, "30m": 1800.0, "1h": 3600.0, "2h": 7200.0, "1d": 86400.0, "resume": 0.0,
+}
+"""Form value -> seconds; ``resume`` means "until I resume" (the daemon's 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: HTTPStatus
+    reason: str
+
+
+def check_request(
+    *,
+    method: str,
+    headers: Mapping[str, str],
+    query_token: str | None,
+    form_token: str | None,
+    token: str,
+    port: int,
+) -> Refusal | None:
+    """Whether a request may be served (``None``) or why not.
+
+    Pure, so each rule is tested on its own. ``headers`` keys are matched
+    case-insensitively by the caller (``http.client`` message semantics).
+    """
+    allowed_hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
+    if headers.get("Host", "").lower() not in allowed_hosts:
+        return Refusal(HTTPStatus.MISDIRECTED_REQUEST,
+                       "this page answers only to 127.0.0.1 or localhost on its own port")
+    cookie_token = _cookie_token(headers.get("Cookie", ""))
+    header_token = headers.get(HEADER)
+    presented = [t for t in (cookie_token, header_token, query_token, form_token) if t]
+    if not any(_same(t, token) for t in presented):
+        return Refusal(HTTPStatus.FORBIDDEN,
+                       "open the page with the link 'keystay device ui' printed")
+    if method == "POST":
+        if not (_same(form_token, token) or _same(header_token, token)):
+            return Refusal(HTTPStatus.FORBIDDEN,
+                           "a change must come from the page's own form (token missing)")
+        origin = headers.get("Origin")
+        if origin is not None and origin.lower() not in {f"http://{h}" for h in allowed_hosts}:
+            return Refusal(HTTPStatus.FORBIDDEN, "a change requested by another site is refused")
+        site = headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):
+            return Refusal(HTTPStatus.FORBIDDEN, "a change requested by another site is refused")
+    return None
+
+
+def _same(presented: str | None, token: str) -> bool:
+    return presented is not None and hmac.compare_digest(
+        presented.encode("utf-8", "replace"), token.encode("utf-8")
+    )
+
+
+def _cookie_token(header: str) -> str | None:
+    if not header:
+        return None
+    try:
+        jar = SimpleCookie(header)
+    except CookieError:
+        return None
+    morsel = jar.get(COOKIE)
+    return morsel.value if morsel is not None else None
+
+
+def _asset(name: str) -> bytes:
+    return (resources.files("keystay.client.ui") / "static" / name).read_bytes()
+
+
+class PageServer(ThreadingHTTPServer):
+    """The HTTP server; holds the token, the port and the daemon adapter."""
+
+    daemon_threads = True
+
+    def __init__(self, access: DaemonAccess, port: int = 0, token: str | None = None) -> None:
+        self.access = access
+        self.token = token or secrets.token_urlsafe(TOKEN_BYTES)
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.port = int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The link to open: carries the token once, then the cookie does."""
+        return f"http://127.0.0.1:{self.port}/?token={self.token}"
+
+    def start_background(self) -> threading.Thread:
+        """Serve on a thread (tests); stop with :meth:`shutdown`."""
+        thread = threading.Thread(target=self.serve_forever, name="keystay-ui", daemon=True)
+        thread.start()
+        return thread
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PageServer
+    server_version = "keystay-ui"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Never log request lines: the first one carries the token.
+        return
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
+              extra: Mapping[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Cache-Control", "no-store")
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _html(self, status: HTTPStatus, html: str) -> None:
+        self._send(status, html.encode("utf-8"), "text/html; charset=utf-8")
+
+    def _redirect(self, location: str, extra: Mapping[str, str] | None = None) -> None:
+        self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": location, **(extra or {})})
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self._send(refusal.status, (refusal.reason + "\n").encode(), "text/plain; charset=utf-8")
+
+    def _admit(self, form: Mapping[str, list[str]] | None) -> bool:
+        query = parse_qs(urlsplit(self.path).query)
+        refusal = check_request(
+            method=self.command,
+            # email.message lookups are case-insensitive; hand the rules canonical keys.
+            headers={name: str(self.headers[name])
+                     for name in ("Host", "Cookie", HEADER, "Origin", "Sec-Fetch-Site")
+                     if self.headers.get(name) is not None},
+            query_token=next(iter(query.get("token", [])), None) if self.command == "GET" else None,
+            form_token=next(iter((form or {}).get("token", [])), None),
+            token=self.server.token,
+            port=self.server.port,
+        )
+        if refusal is not None:
+            self._refuse(refusal)
+            return False
+        return True
+
+    def _read_form(self) -> dict[str, list[str]] | None:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return None
+        if length < 0 or length > _MAX_BODY:
+            return None
+        body = self.rfile.read(length).decode("utf-8", "replace")
+        return parse_qs(body, keep_blank_values=True)
+
+    # -- routes -----------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        if not self._admit(None):
+            return
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        if "token" in query:
+            # Swap the one-time URL token for a cookie and clean the address bar.
+            self._redirect("/", {"Set-Cookie": f"{COOKIE}={self.server.token}; HttpOnly; "
+                                               "SameSite=Strict; Path=/"})
+            return
+        try:
+            if parts.path == "/":
+                self._html(HTTPStatus.OK, self._page(query.get("note", [""])[0]))
+            elif parts.path.startswith("/static/") and parts.path[8:] in _STATIC:
+                name = parts.path[8:]
+                self._send(HTTPStatus.OK, _asset(name), _STATIC[name])
+            elif parts.path == "/export":
+                day = query.get("day", [""])[0]
+                if not _DAY.match(day):
+                    self._html(HTTPStatus.BAD_REQUEST, render.message_page(
+                        "Export", "Choose a day (YYYY-MM-DD) to export."))
+                    return
+                body = self.server.access.export(day).encode("utf-8")
+                self._send(HTTPStatus.OK, body, "application/json",
+                           {"Content-Disposition": f'attachment; filename="keystay-{day}.json"'})
+            else:
+                self._html(HTTPStatus.NOT_FOUND, render.message_page(
+                    "Not found", "There is no such page here."))
+        except AccessError as error:
+            self._html(HTTPStatus.SERVICE_UNAVAILABLE,
+                       render.message_page("The daemon did not answer", str(error)))
+
+    def do_POST(self) -> None:
+        form = self._read_form()
+        if form is None:
+            self._refuse(Refusal(HTTPStatus.BAD_REQUEST, "the form could not be read"))
+            return
+        if not self._admit(form):
+            return
+        path = urlsplit(self.path).path
+        token = self.server.token
+        access = self.server.access
+        try:
+            if path == "/pause":
+                choice = form.get("for", ["resume"])[0]
+                if choice not in PAUSE_CHOICES:
+                    self._refuse(Refusal(HTTPStatus.BAD_REQUEST, f"unknown pause length {choice}"))
+                    return
+                until = access.pause(PAUSE_CHOICES[choice])
+                self._redirect("/?note=" + ("paused-until" if until else "paused"))
+            elif path == "/resume":
+                access.resume()
+                self._redirect("/?note=resumed")
+            elif path == "/forget":
+                everything = form.get("all", [""])[0] == "1"
+                days = [d for d in form.get("day", []) if _DAY.match(d)]
+                if not everything and not days:
+                    self._refuse(Refusal(HTTPStatus.BAD_REQUEST, "name a day to forget"))
+                    return
+                if form.get("confirm", [""])[0] != "yes":
+                    # The confirmation step: nothing is deleted until the
+                    # employee presses the second, explicit button.
+                    self._html(HTTPStatus.OK, render.confirm_forget_page(days, everything, token))
+                    return
+                forgotten, destroyed = access.forget(days, everything)
+                self._html(HTTPStatus.OK, render.forgotten_page(forgotten, destroyed))
+            else:
+                self._refuse(Refusal(HTTPStatus.NOT_FOUND, "no such action"))
+        except AccessError as error:
+            self._html(HTTPStatus.SERVICE_UNAVAILABLE,
+                       render.message_page("The daemon refused or did not answer", str(error)))
+
+    def _page(self, note: str) -> str:
+        access = self.server.access
+        status = access.status()
+        show = access.show(None)
+        return render.main_page(
+            status=status,
+            show=show,
+            rounds=access.rounds(),
+            day_ledger=access.day_ledger(),
+            policy=access.policy_text(),
+            token=self.server.token,
+            note=note,
+        )
