@@ -35,8 +35,9 @@ a port on 127.0.0.1, so the server trusts nothing but a secret:
    ``SameSite=Strict`` cookie is a third, independent layer.
 4. Responses carry a strict Content-Security-Policy (only this server's own
    script and stylesheet; no inline script; ``frame-ancestors 'none'``),
-   ``no-store`` caching and no referrer, so the page can neither be framed
-   nor leak the token onward.
+   ``no-store`` caching and a same-origin referrer policy, so the page can
+   neither be framed nor leak anything to another site (the token itself
+   never stays in a URL: the first GET redirects it into the cookie).
 
 Exit codes (``keystay device ui``): 0 stopped with Ctrl-C, 2 usage,
 40 no running daemon for the data folder, 41 cannot listen on 127.0.0.1.
@@ -192,7 +193,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Referrer-Policy", "no-referrer")
+        # same-origin, not no-referrer: under no-referrer browsers send
+        # "Origin: null" with form posts, which the CSRF rule must refuse.
+        self.send_header("Referrer-Policy", "same-origin")
         self.send_header("Cache-Control", "no-store")
         for key, value in (extra or {}).items():
             self.send_header(key, value)
