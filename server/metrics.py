@@ -77,6 +77,7 @@ class RoundMetrics:
 
     def __init__(self, run_dir: Path, tensorboard_dir: Path | None = None,
                  run_name: str = "run") -> None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.csv_path = Path(run_dir) / CSV_FILE
         self._rows: list[dict[str, float]] = []
         self._writer: Any = None
@@ -107,7 +108,7 @@ class RoundMetrics:
     def _write_csv(self) -> None:
         # Written beside and renamed over, so a reader never sees half a file.
         tmp = self.csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as handle:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=self._columns(), restval="")
             writer.writeheader()
             for row in self._rows:

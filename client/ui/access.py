@@ -106,6 +106,9 @@ class DayLedger:
     charges: int
     retired_at: float | None
     forgotten_at: float | None
+    epsilon: float = 0.0
+    """Enforced ε after the day's last charge (what it has spent, forever)."""
+    budget: float = 0.0
 
 
 class DaemonAccess:
@@ -248,11 +251,19 @@ class DaemonAccess:
             return {}
         try:
             rows = conn.execute(
-                "SELECT b.block, (SELECT count(*) FROM charges c WHERE c.block = b.block), "
-                "b.retired_at, b.forgotten_at FROM blocks b ORDER BY b.block"
+                """
+                SELECT b.block, (SELECT count(*) FROM charges c WHERE c.block = b.block),
+                       b.retired_at, b.forgotten_at,
+                       coalesce((SELECT c.eps_enforced FROM charges c WHERE c.block = b.block
+                                 ORDER BY c.id DESC LIMIT 1), 0.0), b.budget
+                FROM blocks b ORDER BY b.block
+                """
             ).fetchall()
         except sqlite3.Error as error:
             raise AccessError(f"the privacy ledger cannot be read: {error}") from error
         finally:
             conn.close()
-        return {str(r[0]): DayLedger(str(r[0]), int(r[1]), r[2], r[3]) for r in rows}
+        return {
+            str(r[0]): DayLedger(str(r[0]), int(r[1]), r[2], r[3], float(r[4]), float(r[5]))
+            for r in rows
+        }

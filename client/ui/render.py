@@ -136,7 +136,9 @@ def _days_section(
     for day, block in sorted(entries, key=lambda e: e[0], reverse=True):
         ledger = day_ledger.get(day)
         if block is None:
-            epsilon = budget = 0.0
+            # Forgotten: Status no longer lists the day; the ledger keeps its ε.
+            epsilon = ledger.epsilon if ledger is not None else 0.0
+            budget = ledger.budget if ledger is not None else 0.0
             events = "0"
             retired = ledger is not None and ledger.retired_at is not None
         else:
@@ -145,18 +147,17 @@ def _days_section(
             events = str(block.get("events", 0))
             retired = bool(block.get("retired"))
         state = day_state(day, retired, ledger, block is not None)
+        meter = (
+            f'<meter min="0" max="{budget!r}" value="{epsilon!r}" '
+            f'title="ε {epsilon:.3f} of {budget:g}"></meter> '
+            f'<span class="eps">{epsilon:.3f}</span> of {budget:g}'
+        )
         if block is None:
-            # Forgotten: the ledger keeps the charges; Status no longer lists the day.
-            spent_cell = "kept in the ledger only"
+            spent_cell = f"{meter}; the data is gone, the ledger keeps this figure"
             actions = ""
         else:
             left = max(0.0, budget - epsilon)
-            spent_cell = (
-                f'<meter min="0" max="{budget!r}" value="{epsilon!r}" '
-                f'title="ε {epsilon:.3f} of {budget:g}"></meter> '
-                f'<span class="eps">{epsilon:.3f}</span> of {budget:g}, '
-                f'<span class="left">{left:.3f}</span> left'
-            )
+            spent_cell = f'{meter}, <span class="left">{left:.3f}</span> left'
             actions = (
                 f'<a class="button" href="/export?day={_e(day)}" download>Export</a> '
                 f'<form method="post" action="/forget" class="inline">{_token_field(token)}'
