@@ -8,8 +8,8 @@ and change as it grows (per-device train loss and held-out accuracy give
 way to server-side ``heldout_accuracy``/``heldout_loss``; per-device ε
 stays), so nothing here names a metric: :func:`numeric_fields` flattens
 whatever numbers a row holds (``devices.<id>.<field>`` for per-device ones;
-booleans, strings and lists are not metrics) and both writers take them as
-they come.
+booleans, strings, lists and identifiers such as a device's Flower ``node``
+id are not metrics) and both writers take them as they come.
 
 * ``RUN_DIR/rounds.csv`` is written with :mod:`csv`. A new column can appear
   at any round (a device joins, a field is added), so the file is rewritten
@@ -44,7 +44,7 @@ def numeric_fields(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]
     out: dict[str, float] = {}
     for key, value in row.items():
         name = f"{prefix}{key}"
-        if isinstance(value, bool):
+        if isinstance(value, bool) or _is_identifier(str(key), value):
             continue
         if isinstance(value, int | float):
             if math.isfinite(float(value)):
@@ -52,6 +52,14 @@ def numeric_fields(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]
         elif isinstance(value, Mapping):
             out.update(numeric_fields(value, prefix=f"{name}."))
     return out
+
+
+def _is_identifier(key: str, value: object) -> bool:
+    # A Flower node id is a random 64-bit integer: a name, not a measurement,
+    # and past 2**53 a float would not even hold it exactly.
+    if key == "node" or key.endswith("_id"):
+        return True
+    return isinstance(value, int) and abs(value) > 2**53
 
 
 def _tag(name: str) -> str:

@@ -60,6 +60,7 @@ code{font-size:.9em;word-break:break-all}
 .muted{color:var(--muted)}
 .over{color:var(--bad);font-weight:700}
 svg text{font:11px system-ui,sans-serif;fill:var(--ink)}
+dl{display:grid;grid-template-columns:max-content auto;gap:.25rem 1rem}dd{margin:0}
 """
 
 
@@ -243,7 +244,9 @@ def _chart(report: BudgetReport, data: Mapping[str, Any]) -> str:
                    f"{budget:g}</text>")
     timed_axis = any(_time(v) is not None for v in report.received.values())
     for x, label in ((x0, "first"), (x1, "last")):
-        text = (datetime.fromtimestamp(x).astimezone().strftime("%Y-%m-%d %H:%M")
+        # Seconds matter when a run's reports all came within the hour.
+        stamp = "%Y-%m-%d %H:%M" + (":%S" if span < 3600 else "")
+        text = (datetime.fromtimestamp(x).astimezone().strftime(stamp)
                 if timed_axis else f"report #{int(x)}")
         anchor = "start" if label == "first" else "end"
         out.append(f'<text x="{px(x):.1f}" y="{height - 18}" text-anchor="{anchor}">'

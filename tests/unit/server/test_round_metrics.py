@@ -17,7 +17,8 @@ OLD_ROW: dict[str, Any] = {
     "round": 1, "seconds": 4.5, "devices_sampled": 2, "devices_reported": 2,
     "train_loss_mean": 3.2, "refusals": [], "central_epsilon": None, "delta": 1e-5,
     "checkpoint": "c1.pt",
-    "devices": {"dev-a": {"heldout_accuracy": 0.31, "epsilon_total": 0.9, "flags": []},
+    "devices": {"dev-a": {"heldout_accuracy": 0.31, "epsilon_total": 0.9, "flags": [],
+                          "node": 8488502248447037000},
                 "dev-b": {"heldout_accuracy": 0.29, "epsilon_total": 1.1, "flags": ["x"]}},
 }
 NEW_ROW: dict[str, Any] = {
@@ -32,6 +33,7 @@ def test_numeric_fields_flatten_and_skip_non_numbers() -> None:
     assert values["devices.dev-b.epsilon_total"] == 1.1
     assert values["train_loss_mean"] == 3.2
     assert "central_epsilon" not in values and "checkpoint" not in values
+    assert "devices.dev-a.node" not in values  # an id, not a measurement
     assert "secagg" not in numeric_fields(NEW_ROW)  # a bool is not a metric
     assert numeric_fields({"x": float("nan"), "y": float("inf")}) == {}
 
