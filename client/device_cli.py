@@ -325,7 +325,9 @@ def policy(data_dir: Path, policy_file: Path | None) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="Port on 127.0.0.1 (0: a free one is picked).")
 @click.option("--no-browser", is_flag=True, help="Print the link; do not open a browser.")
-def ui(data_dir: Path, port: int, no_browser: bool) -> None:
+@click.option("--refresh", type=click.IntRange(min=0), default=30, show_default=True,
+              help="Reload the page's figures every this many seconds while idle (0: never).")
+def ui(data_dir: Path, port: int, no_browser: bool, refresh: int) -> None:
     """Open your page: what is kept, what left, pause, export, forget.
 
     \b
@@ -352,7 +354,7 @@ def ui(data_dir: Path, port: int, no_browser: bool) -> None:
         click.echo(f"keystay device ui: {error}", err=True)
         sys.exit(EXIT_NO_DAEMON)
     try:
-        server = PageServer(access, port=port)
+        server = PageServer(access, port=port, refresh=refresh)
     except OSError as error:
         click.echo(f"keystay device ui: cannot listen on 127.0.0.1:{port}: {error.strerror}; "
                    "pick another --port or leave it at 0", err=True)

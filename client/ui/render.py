@@ -52,14 +52,14 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M")
 
 
-def _layout(title: str, body: str) -> str:
+def _layout(title: str, body: str, refresh: int = 0) -> str:
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{_e(title)}</title>"
         "<link rel=\"stylesheet\" href=\"/static/page.css\">"
         "<script src=\"/static/page.js\" defer></script></head>"
-        f"<body><main>{body}</main></body></html>\n"
+        f'<body><main data-refresh="{int(refresh)}">{body}</main></body></html>\n'
     )
 
 
@@ -249,8 +249,9 @@ def main_page(
     policy: str,
     token: str,
     note: str = "",
+    refresh: int = 0,
 ) -> str:
-    """The whole page."""
+    """The whole page; ``refresh`` seconds between the script's reloads (0: never)."""
     message = _NOTES.get(note, "")
     forget_all = (
         f'<form method="post" action="/forget">{_token_field(token)}'
@@ -270,7 +271,7 @@ def main_page(
           "the store's key. The privacy ledger keeps its ε figures (never events): they prove "
           f"budgets were respected.</p>{forget_all}</section>"
     )
-    return _layout("keystay: this computer", body)
+    return _layout("keystay: this computer", body, refresh)
 
 
 def confirm_forget_page(days: Sequence[str], everything: bool, token: str) -> str:

@@ -7,8 +7,8 @@ The page is a small server-rendered site (standard library
 :mod:`keystay.client.ui.render`, one stylesheet and one small script shipped
 in the package under ``static/``; nothing is fetched from the network). It
 reaches the daemon only through :class:`~keystay.client.ui.access.DaemonAccess`.
-Every form works without JavaScript; the script only refreshes the page
-while it is idle and counts down a pause.
+Every form works without JavaScript; the script only reloads the overview
+while it is idle (every ``--refresh`` seconds), so figures stay current.
 
 Who may talk to it
 ~~~~~~~~~~~~~~~~~~
@@ -156,8 +156,10 @@ class PageServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, access: DaemonAccess, port: int = 0, token: str | None = None) -> None:
+    def __init__(self, access: DaemonAccess, port: int = 0, token: str | None = None,
+                 refresh: int = 30) -> None:
         self.access = access
+        self.refresh = refresh
         self.token = token or secrets.token_urlsafe(TOKEN_BYTES)
         super().__init__(("127.0.0.1", port), _Handler)
         self.port = int(self.server_address[1])
@@ -326,4 +328,5 @@ class _Handler(BaseHTTPRequestHandler):
             policy=access.policy_text(),
             token=self.server.token,
             note=note,
+            refresh=self.server.refresh,
         )

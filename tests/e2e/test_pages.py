@@ -85,7 +85,9 @@ def daemon(tmp_path: Path) -> Iterator[Path]:
 def page(daemon: Path, tmp_path: Path) -> Iterator[str]:
     """``keystay device ui`` for the daemon; yields the URL it printed."""
     process = subprocess.Popen(
-        [executable("keystay"), "device", "ui", "--data", str(daemon), "--no-browser"],
+        # --refresh 0: the page's own reloads would race the test's clicks.
+        [executable("keystay"), "device", "ui", "--data", str(daemon), "--no-browser",
+         "--refresh", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env(),
         start_new_session=True,
     )

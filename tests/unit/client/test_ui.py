@@ -265,3 +265,33 @@ def test_no_ledger_means_nothing_left(tmp_path: Path) -> None:
     access = DaemonAccess(tmp_path)
     assert access.rounds() == [] and access.day_ledger() == {}
     assert "Nothing has left this computer" in render._rounds_section([])
+
+
+def test_refresh_is_handed_to_the_script(tmp_path: Path) -> None:
+    access = FakeAccess(tmp_path)
+    for refresh in (0, 45):
+        server = PageServer(access, token=TOKEN, refresh=refresh)
+        server.start_background()
+        try:
+            _, html = call(server, "GET", "/")
+        finally:
+            server.shutdown()
+            server.server_close()
+        assert f'<main data-refresh="{refresh}">' in html
+
+
+def test_ui_without_a_daemon_exits_40_with_the_fix(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from keystay.client.device_cli import device
+    from keystay.client.ui.server import EXIT_NO_DAEMON
+
+    monkeypatch.delenv("KEYSTAY_SOCKET", raising=False)
+    result = CliRunner().invoke(device, ["ui", "--data", str(tmp_path), "--no-browser"])
+    assert result.exit_code == EXIT_NO_DAEMON == 40
+    assert "keystay device run" in result.output
+    # A socket file with nobody behind it is no daemon either.
+    (tmp_path / "device.sock").touch()
+    result = CliRunner().invoke(device, ["ui", "--data", str(tmp_path), "--no-browser"])
+    assert result.exit_code == 40 and "does not answer" in result.output
