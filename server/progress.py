@@ -80,7 +80,7 @@ class RoundProgress:
     def __enter__(self) -> RoundProgress:
         if self.live:
             self._progress = Progress(
-                TextColumn("[bold]round {task.completed}/{task.total}"),
+                TextColumn("[bold]rounds done {task.completed}/{task.total}"),
                 BarColumn(),
                 TextColumn("{task.fields[devices]}  {task.fields[replies]}"),
                 TimeElapsedColumn(),

@@ -221,7 +221,8 @@ def _rounds_section(rounds: Sequence[RoundCharge]) -> str:
             days = "".join(
                 f'<li data-day="{_e(d.block)}" data-cost="{d.cost!r}" '
                 f'data-epsilon="{d.epsilon!r}">{_e(d.block)}: +{d.cost:.3f}, now ε '
-                f"{d.epsilon:.3f}</li>" for d in r.days
+                f"{d.epsilon:.3f} (RDP bound {d.epsilon_rdp:.3f}, PRV estimate "
+                f"{d.epsilon_prv:.3f})</li>" for d in r.days
             )
             items.append(
                 f'<li class="round" data-run="{_e(r.run_id)}" data-round="{r.server_round}" '

@@ -107,4 +107,4 @@ def test_terminal_progress_draws_a_bar() -> None:
     with RoundProgress(3, out, live=True) as progress:
         progress.round_done(OLD_ROW, ["  1  round one"])
     text = out.getvalue()
-    assert "round 1/3" in text and "  1  round one" in text and "replies 2/2" in text
+    assert "rounds done 1/3" in text and "  1  round one" in text and "replies 2/2" in text
