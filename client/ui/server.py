@@ -15,13 +15,26 @@ Who may talk to it
 Any local process and any web page the employee visits can send requests to
 a port on 127.0.0.1, so the server trusts nothing but a secret:
 
-1. **Token.** At start it draws ``secrets.token_urlsafe(32)`` (256 bits) and
-   prints, and opens, ``http://127.0.0.1:PORT/?token=TOKEN``. That first
-   GET is answered with a redirect to ``/`` that sets the cookie
-   ``keystay_ui=TOKEN; HttpOnly; SameSite=Strict; Path=/``, so the token
-   leaves the address bar and history at once. Every later request must
-   carry the token: that cookie, or an ``X-Keystay-Token`` header (scripts,
-   tests). Without it: 403, whatever the path (:func:`check_request`).
+1. **Launch link, then session.** At start it draws two secrets with
+   ``secrets.token_urlsafe(32)`` (256 bits each): a *launch* token, printed
+   and opened as ``http://127.0.0.1:PORT/?token=LAUNCH``, and a *session*
+   secret that never appears in a URL. The launch token works once: the
+   first GET that carries it is answered with a redirect to ``/`` that sets
+   the cookie ``keystay_ui_PORT=SESSION; HttpOnly; SameSite=Strict;
+   Path=/``, and the launch token is dead from then on. One use matters
+   because the link is on the browser's command line (``ps`` shows it to
+   every local user while that process lives) and in the terminal; a spent
+   link opened again in the browser that holds the session simply lands on
+   the page. Every other request must carry the session: that cookie, or an
+   ``X-Keystay-Token`` header (scripts, tests). Without it: 403, whatever
+   the path (:func:`check_request`).
+
+   Known limit: browsers scope cookies by host, not port, so the session
+   cookie is also sent to any *other* server on 127.0.0.1 the employee's
+   browser visits. The name carries the port so two pages do not clobber
+   each other; a hostile local web server that the employee visits could
+   still learn the session of a running page. Stopping the page (Ctrl-C)
+   ends the session; nothing is kept.
 2. **Host (DNS rebinding).** A hostile page can make its own name resolve to
    127.0.0.1; the browser then sends *its* name in ``Host``. Only
    ``127.0.0.1:PORT`` and ``localhost:PORT`` are served; anything else is
@@ -36,8 +49,7 @@ a port on 127.0.0.1, so the server trusts nothing but a secret:
 4. Responses carry a strict Content-Security-Policy (only this server's own
    script and stylesheet; no inline script; ``frame-ancestors 'none'``),
    ``no-store`` caching and a same-origin referrer policy, so the page can
-   neither be framed nor leak anything to another site (the token itself
-   never stays in a URL: the first GET redirects it into the cookie).
+   neither be framed nor leak anything to another site.
 
 Exit codes (``keystay device ui``): 0 stopped with Ctrl-C, 2 usage,
 40 no running daemon for the data folder, 41 cannot listen on 127.0.0.1.
@@ -97,26 +109,27 @@ def check_request(
     *,
     method: str,
     headers: Mapping[str, str],
-    query_token: str | None,
     form_token: str | None,
     token: str,
     port: int,
 ) -> Refusal | None:
     """Whether a request may be served (``None``) or why not.
 
-    Pure, so each rule is tested on its own. ``headers`` keys are matched
-    case-insensitively by the caller (``http.client`` message semantics).
+    Pure, so each rule is tested on its own. ``token`` is the session
+    secret; ``headers`` keys are canonical (the caller looks them up
+    case-insensitively).
     """
+    refusal = check_host(headers, port)
+    if refusal is not None:
+        return refusal
     allowed_hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
-    if headers.get("Host", "").lower() not in allowed_hosts:
-        return Refusal(HTTPStatus.MISDIRECTED_REQUEST,
-                       "this page answers only to 127.0.0.1 or localhost on its own port")
-    cookie_token = _cookie_token(headers.get("Cookie", ""))
+    cookie_token = session_from_cookie(headers.get("Cookie", ""), port)
     header_token = headers.get(HEADER)
-    presented = [t for t in (cookie_token, header_token, query_token, form_token) if t]
+    presented = [t for t in (cookie_token, header_token, form_token) if t]
     if not any(_same(t, token) for t in presented):
         return Refusal(HTTPStatus.FORBIDDEN,
-                       "open the page with the link 'keystay device ui' printed")
+                       "open the page with a fresh link: run 'keystay device ui' (each link "
+                       "works once)")
     if method == "POST":
         if not (_same(form_token, token) or _same(header_token, token)):
             return Refusal(HTTPStatus.FORBIDDEN,
@@ -130,20 +143,34 @@ def check_request(
     return None
 
 
+def check_host(headers: Mapping[str, str], port: int) -> Refusal | None:
+    """Refuse any ``Host`` but ``127.0.0.1:PORT`` / ``localhost:PORT`` (DNS rebinding)."""
+    if headers.get("Host", "").lower() not in {f"127.0.0.1:{port}", f"localhost:{port}"}:
+        return Refusal(HTTPStatus.MISDIRECTED_REQUEST,
+                       "this page answers only to 127.0.0.1 or localhost on its own port")
+    return None
+
+
+def cookie_name(port: int) -> str:
+    """The session cookie's name: per port, since cookies are not scoped by port."""
+    return f"{COOKIE}_{port}"
+
+
 def _same(presented: str | None, token: str) -> bool:
     return presented is not None and hmac.compare_digest(
         presented.encode("utf-8", "replace"), token.encode("utf-8")
     )
 
 
-def _cookie_token(header: str) -> str | None:
+def session_from_cookie(header: str, port: int) -> str | None:
+    """The session secret in a ``Cookie`` header, if any."""
     if not header:
         return None
     try:
         jar = SimpleCookie(header)
     except CookieError:
         return None
-    morsel = jar.get(COOKIE)
+    morsel = jar.get(cookie_name(port))
     return morsel.value if morsel is not None else None
 
 
@@ -152,22 +179,37 @@ def _asset(name: str) -> bytes:
 
 
 class PageServer(ThreadingHTTPServer):
-    """The HTTP server; holds the token, the port and the daemon adapter."""
+    """The HTTP server; holds the secrets, the port and the daemon adapter.
+
+    ``token`` is the session secret (forms and cookie); ``launch_token`` the
+    one-time secret of :attr:`url`. Tests may pin either.
+    """
 
     daemon_threads = True
 
     def __init__(self, access: DaemonAccess, port: int = 0, token: str | None = None,
-                 refresh: int = 30) -> None:
+                 refresh: int = 30, launch_token: str | None = None) -> None:
         self.access = access
         self.refresh = refresh
         self.token = token or secrets.token_urlsafe(TOKEN_BYTES)
+        self.launch_token = launch_token or secrets.token_urlsafe(TOKEN_BYTES)
+        self._launch_lock = threading.Lock()
+        self._launch_spent = False
         super().__init__(("127.0.0.1", port), _Handler)
         self.port = int(self.server_address[1])
 
     @property
     def url(self) -> str:
-        """The link to open: carries the token once, then the cookie does."""
-        return f"http://127.0.0.1:{self.port}/?token={self.token}"
+        """The link to open; it works once (see the module note)."""
+        return f"http://127.0.0.1:{self.port}/?token={self.launch_token}"
+
+    def spend_launch(self, presented: str) -> bool:
+        """True exactly once: for the first request that shows the launch token."""
+        with self._launch_lock:
+            if self._launch_spent or not _same(presented, self.launch_token):
+                return False
+            self._launch_spent = True
+            return True
 
     def start_background(self) -> threading.Thread:
         """Serve on a thread (tests); stop with :meth:`shutdown`."""
@@ -214,15 +256,34 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self, refusal: Refusal) -> None:
         self._send(refusal.status, (refusal.reason + "\n").encode(), "text/plain; charset=utf-8")
 
+    def _headers(self) -> dict[str, str]:
+        # email.message lookups are case-insensitive; hand the rules canonical keys.
+        return {name: str(self.headers[name])
+                for name in ("Host", "Cookie", HEADER, "Origin", "Sec-Fetch-Site")
+                if self.headers.get(name) is not None}
+
+    def _launch(self, presented: str) -> None:
+        """The launch link: swap it for the session cookie, once."""
+        headers = self._headers()
+        refusal = check_host(headers, self.server.port)
+        if refusal is not None:
+            self._refuse(refusal)
+        elif self.server.spend_launch(presented):
+            cookie = (f"{cookie_name(self.server.port)}={self.server.token}; HttpOnly; "
+                      "SameSite=Strict; Path=/")
+            self._redirect("/", {"Set-Cookie": cookie})
+        elif _same(session_from_cookie(headers.get("Cookie", ""), self.server.port),
+                   self.server.token):
+            self._redirect("/")  # a spent link, opened again where the session lives
+        else:
+            self._refuse(Refusal(HTTPStatus.FORBIDDEN,
+                                 "this link was already used or is wrong; run 'keystay device "
+                                 "ui' again for a fresh one"))
+
     def _admit(self, form: Mapping[str, list[str]] | None) -> bool:
-        query = parse_qs(urlsplit(self.path).query)
         refusal = check_request(
             method=self.command,
-            # email.message lookups are case-insensitive; hand the rules canonical keys.
-            headers={name: str(self.headers[name])
-                     for name in ("Host", "Cookie", HEADER, "Origin", "Sec-Fetch-Site")
-                     if self.headers.get(name) is not None},
-            query_token=next(iter(query.get("token", [])), None) if self.command == "GET" else None,
+            headers=self._headers(),
             form_token=next(iter((form or {}).get("token", [])), None),
             token=self.server.token,
             port=self.server.port,
@@ -245,14 +306,12 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routes -----------------------------------------------------------------
 
     def do_GET(self) -> None:
-        if not self._admit(None):
-            return
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         if "token" in query:
-            # Swap the one-time URL token for a cookie and clean the address bar.
-            self._redirect("/", {"Set-Cookie": f"{COOKIE}={self.server.token}; HttpOnly; "
-                                               "SameSite=Strict; Path=/"})
+            self._launch(query["token"][0])
+            return
+        if not self._admit(None):
             return
         try:
             if parts.path == "/":

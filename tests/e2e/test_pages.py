@@ -195,18 +195,26 @@ def test_page_shows_the_daemons_figures_and_pauses(page: str, daemon: Path,
 
 
 def test_page_refuses_strangers(page: str, daemon: Path) -> None:
-    token = page.split("token=")[1]
+    launch = page.split("token=")[1]
     port = urlsplit(page).port
-    cookie = {"Cookie": f"keystay_ui={token}"}
-    assert request(page, path="/").status == 403  # no token
-    assert request(page, path="/?token=" + "A" * len(token)).status == 403  # wrong token
-    assert request(page, path="/", headers={"Cookie": "keystay_ui=wrong"}).status == 403
+    assert request(page, path="/").status == 403  # no session
+    assert request(page, path="/?token=" + "A" * len(launch)).status == 403  # wrong link
+    # DNS rebinding: the right link under a foreign name does not even open a session.
+    assert request(page, path=f"/?token={launch}",
+                   headers={"Host": f"evil.example:{port}"}).status == 421
+    opened = request(page, path=f"/?token={launch}")
+    assert opened.status == 303
+    session = (opened.getheader("Set-Cookie") or "").split(";")[0]
+    name, _, secret = session.partition("=")
+    assert name == f"keystay_ui_{port}" and secret and secret != launch
+    assert request(page, path=f"/?token={launch}").status == 403  # the link is spent
+    cookie = {"Cookie": session}
+    assert request(page, path="/", headers={"Cookie": f"{name}=wrong"}).status == 403
     assert request(page, path="/", headers=cookie).status == 200
-    # DNS rebinding: right token, a foreign name in Host.
     assert request(page, path="/", headers={**cookie, "Host": f"evil.example:{port}"}).status \
         == 421
-    form = f"token={token}&for=30m"
-    # CSRF: a foreign Origin or site, even with every token right, changes nothing.
+    form = f"token={secret}&for=30m"
+    # CSRF: a foreign Origin or site, even with every secret right, changes nothing.
     for foreign in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
         response = request(page, "POST", "/pause", form, {**cookie, **foreign})
         assert response.status == 403

@@ -21,10 +21,12 @@ from keystay.client.ledger.ledger import Ledger
 from keystay.client.policy import DevicePolicy, TrainingRequest
 from keystay.client.ui import render
 from keystay.client.ui.access import AccessError, DaemonAccess, DayLedger
-from keystay.client.ui.server import COOKIE, HEADER, PageServer, check_request
+from keystay.client.ui.server import HEADER, PageServer, check_request, cookie_name
 
 TOKEN = "t" * 43
+LAUNCH = "l" * 43
 PORT = 5555
+COOKIE = cookie_name(PORT)
 HOSTILE_APP = '<img src=x onerror="alert(1)">'
 
 
@@ -32,7 +34,6 @@ def _check(**overrides: Any) -> Any:
     base: dict[str, Any] = {
         "method": "GET",
         "headers": {"Host": f"127.0.0.1:{PORT}", "Cookie": f"{COOKIE}={TOKEN}"},
-        "query_token": None,
         "form_token": None,
         "token": TOKEN,
         "port": PORT,
@@ -45,11 +46,12 @@ def _check(**overrides: Any) -> Any:
     [
         ({}, None),
         ({"headers": {"Host": f"localhost:{PORT}", "Cookie": f"{COOKIE}={TOKEN}"}}, None),
-        ({"headers": {"Host": f"127.0.0.1:{PORT}"}, "query_token": TOKEN}, None),
         ({"headers": {"Host": f"127.0.0.1:{PORT}", HEADER: TOKEN}}, None),
         ({"headers": {"Host": f"127.0.0.1:{PORT}"}}, 403),
         ({"headers": {"Host": f"127.0.0.1:{PORT}", "Cookie": f"{COOKIE}={TOKEN}x"}}, 403),
-        ({"headers": {"Host": f"127.0.0.1:{PORT}"}, "query_token": TOKEN[:-1]}, 403),
+        # Another page's cookie (another port) is not this page's session.
+        ({"headers": {"Host": f"127.0.0.1:{PORT}", "Cookie": f"{cookie_name(1)}={TOKEN}"}},
+         403),
         # DNS rebinding: right token, foreign or missing Host, or another port.
         ({"headers": {"Host": f"attacker.example:{PORT}", "Cookie": f"{COOKIE}={TOKEN}"}}, 421),
         ({"headers": {"Cookie": f"{COOKIE}={TOKEN}"}}, 421),
@@ -122,7 +124,7 @@ class FakeAccess(DaemonAccess):
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[PageServer, FakeAccess]]:
     access = FakeAccess(tmp_path)
-    server = PageServer(access, token=TOKEN)
+    server = PageServer(access, token=TOKEN, launch_token=LAUNCH)
     server.start_background()
     try:
         yield server, access
@@ -134,7 +136,7 @@ def served(tmp_path: Path) -> Iterator[tuple[PageServer, FakeAccess]]:
 def call(server: PageServer, method: str, path: str, body: str | None = None,
          headers: dict[str, str] | None = None) -> tuple[http.client.HTTPResponse, str]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    sent = {"Cookie": f"{COOKIE}={TOKEN}", **(headers or {})}
+    sent = {"Cookie": f"{cookie_name(server.port)}={TOKEN}", **(headers or {})}
     if body is not None:
         sent["Content-Type"] = "application/x-www-form-urlencoded"
     conn.request(method, path, body=body, headers=sent)
@@ -144,17 +146,48 @@ def call(server: PageServer, method: str, path: str, body: str | None = None,
     return response, text
 
 
-def test_the_link_token_becomes_a_strict_cookie(served: tuple[PageServer, FakeAccess]) -> None:
-    server, _ = served
-    assert server.url.startswith(f"http://127.0.0.1:{server.port}/?token=")
+def _launch(server: PageServer, token: str, cookie: str | None = None,
+            host: str | None = None) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    conn.request("GET", f"/?token={TOKEN}")
+    headers = {"Host": host or f"127.0.0.1:{server.port}"}
+    if cookie:
+        headers["Cookie"] = cookie
+    conn.request("GET", f"/?token={token}", headers=headers)
     response = conn.getresponse()
     response.read()
+    conn.close()
+    return response
+
+
+def test_the_launch_link_works_once_and_sets_a_strict_session_cookie(
+    served: tuple[PageServer, FakeAccess],
+) -> None:
+    server, _ = served
+    assert server.url == f"http://127.0.0.1:{server.port}/?token={LAUNCH}"
+    assert _launch(server, LAUNCH, host=f"evil.example:{server.port}").status == 421
+    assert _launch(server, LAUNCH[:-1] + "x").status == 403
+    response = _launch(server, LAUNCH)
     assert response.status == 303 and response.getheader("Location") == "/"
     cookie = response.getheader("Set-Cookie") or ""
-    assert cookie.startswith(f"{COOKIE}={TOKEN};")
+    # The session is another secret than the link's: the link is dead now.
+    assert cookie.startswith(f"{cookie_name(server.port)}={TOKEN};")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert _launch(server, LAUNCH).status == 403
+    # ... except in the browser that holds the session, which just lands on the page.
+    again = _launch(server, LAUNCH, cookie=f"{cookie_name(server.port)}={TOKEN}")
+    assert again.status == 303 and again.getheader("Set-Cookie") is None
+
+
+def test_secrets_are_fresh_and_long() -> None:
+    a = PageServer(DaemonAccess(Path("/nonexistent")))
+    b = PageServer(DaemonAccess(Path("/nonexistent")))
+    try:
+        secrets_drawn = {a.token, a.launch_token, b.token, b.launch_token}
+        assert len(secrets_drawn) == 4
+        assert all(len(t) >= 43 for t in secrets_drawn)  # 32 bytes, base64url
+    finally:
+        a.server_close()
+        b.server_close()
 
 
 def test_page_headers_and_escaping(served: tuple[PageServer, FakeAccess]) -> None:
