@@ -120,7 +120,7 @@ def request(url: str, method: str = "GET", path: str = "/", body: str | None = N
         conn.putheader(key, value)
     conn.endheaders(body.encode() if body is not None else None)
     response = conn.getresponse()
-    response.read()
+    response.body = response.read()  # type: ignore[attr-defined]
     conn.close()
     return response
 
@@ -211,6 +211,15 @@ def test_page_refuses_strangers(page: str, daemon: Path) -> None:
     cookie = {"Cookie": session}
     assert request(page, path="/", headers={"Cookie": f"{name}=wrong"}).status == 403
     assert request(page, path="/", headers=cookie).status == 200
+    # Export gives the same file as `keystay device export`.
+    exported = request(page, path=f"/export?day={YESTERDAY}", headers=cookie)
+    assert exported.status == 200
+    assert f"keystay-{YESTERDAY}.json" in (exported.getheader("Content-Disposition") or "")
+    mine = json.loads(exported.body)
+    cli_file = daemon.parent / "cli-export.json"
+    keystay("device", "export", "--data", str(daemon), "--day", YESTERDAY, "--out",
+            str(cli_file))
+    assert mine == json.loads(cli_file.read_text()) and mine["format"] == "keystay-export/1"
     assert request(page, path="/", headers={**cookie, "Host": f"evil.example:{port}"}).status \
         == 421
     form = f"token={secret}&for=30m"
