@@ -24,10 +24,15 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
+# X11 tools for the capture tests; Debian's chromium and its chromedriver for
+# the page tests (selenium drives them headless; nothing is downloaded at test
+# time). Quick when all are present: apt runs only if one is missing.
 apt-deps:
-	@if ! command -v Xvfb >/dev/null || ! command -v xdotool >/dev/null; then \
+	@if ! command -v Xvfb >/dev/null || ! command -v xdotool >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq xvfb xdotool x11-utils >/dev/null; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq xvfb xdotool x11-utils \
+	    chromium chromium-driver >/dev/null; \
 	fi
 
 demo: $(VENV)/.installed

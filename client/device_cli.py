@@ -63,6 +63,7 @@ def device() -> None:
       keystay device forget --day D | --all      delete days (--all destroys the key)
       keystay device policy              what your policy allows, explained
       keystay device evaluate --model F  score a model on your own held-out data
+      keystay device ui                  all of the above on a page in your browser
     """
 
 
@@ -412,6 +413,54 @@ def evaluate(data_dir: Path, model_file: Path) -> None:
     assert isinstance(reply, device_pb2.EvaluateReply)
     click.echo(f"{model_file}: next-event accuracy {reply.accuracy:.3f}, loss {reply.loss:.3f} "
                f"on {reply.num_examples} held-out windows of device {reply.device_id}")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Port on 127.0.0.1 (0: a free one is picked).")
+@click.option("--no-browser", is_flag=True, help="Print the link; do not open a browser.")
+@click.option("--refresh", type=click.IntRange(min=0), default=30, show_default=True,
+              help="Reload the page's figures every this many seconds while idle (0: never).")
+def ui(data_dir: Path, port: int, no_browser: bool, refresh: int) -> None:
+    """Open your page: what is kept, what left, pause, export, forget.
+
+    \b
+    The page is served on 127.0.0.1 only, to a link with a fresh secret in it
+    (printed here and opened in your browser). Other people and other web
+    sites cannot use it: without the secret every request is refused. It
+    shows and changes only what the running daemon allows; stop it with
+    Ctrl-C (the daemon keeps running).
+
+    \b
+    Exit codes: 0 stopped with Ctrl-C, 2 usage, 40 no running daemon for
+    --data (start one with 'keystay device run'), 41 cannot listen on
+    127.0.0.1 (port taken).
+    """
+    import webbrowser
+
+    from keystay.client.ui.access import AccessError, DaemonAccess
+    from keystay.client.ui.server import EXIT_CANNOT_LISTEN, EXIT_NO_DAEMON, PageServer
+
+    access = DaemonAccess(data_dir)
+    try:
+        access.status()  # refuse to serve a page about a daemon that is not there
+    except AccessError as error:
+        click.echo(f"keystay device ui: {error}", err=True)
+        sys.exit(EXIT_NO_DAEMON)
+    try:
+        server = PageServer(access, port=port, refresh=refresh)
+    except OSError as error:
+        click.echo(f"keystay device ui: cannot listen on 127.0.0.1:{port}: {error.strerror}; "
+                   "pick another --port or leave it at 0", err=True)
+        sys.exit(EXIT_CANNOT_LISTEN)
+    click.echo(f"your keystay page: {server.url}\n(only this link opens it; Ctrl-C stops it)",
+               nl=True)
+    sys.stdout.flush()
+    if not no_browser:
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @device.command()

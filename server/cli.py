@@ -436,18 +436,30 @@ def round_() -> None:
               help="Shares needed to reconstruct (more than half, fewer than all).")
 @click.option("--run-config", "extra", multiple=True,
               help="Any other run config key=value (repeatable), e.g. blocks=\"2026-11-20\".")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write each round's figures as TensorBoard event files in DIR/RUN_NAME "
+              "(view with: tensorboard --logdir DIR).")
 def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: int,
                 noise_multiplier: float, max_grad_norm: float, local_steps: int,
                 batch_size: int, learning_rate: float, central_dp: bool,
                 central_noise_multiplier: float, central_clip: float, secagg: bool,
                 secagg_num_shares: int, secagg_threshold: int,
-                extra: tuple[str, ...]) -> None:
-    """Submit a run to the SuperLink and print one table row per round.
+                extra: tuple[str, ...], tensorboard_dir: Path | None) -> None:
+    """Submit a run to the SuperLink and follow it round by round.
 
+    \b
+    While it waits it shows devices connected, round n of N, replies in and
+    time elapsed: a live bar in a terminal, plain lines in a log or pipe.
+    Each round's figures (every number in its rounds.jsonl row) also go to
+    RUN_DIR/rounds.csv and, with --tensorboard, to TensorBoard.
+
+    \b
     Exit codes: 0 every round completed, 20 bad configuration, 22 the run
     failed or ended early (see RUN_DIR/flwr-run.log).
     """
-    from keystay.server.rounds import TABLE_HEADER, format_round, start_run
+    from keystay.server.metrics import RoundMetrics
+    from keystay.server.progress import RoundProgress
+    from keystay.server.rounds import TABLE_HEADER, connected_devices, format_round, start_run
     from keystay.server.settings import RunSettings, SettingsError
 
     server_dir = server_dir.resolve()
@@ -482,8 +494,18 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
                f"waiting for {settings.min_devices} devices; folder {settings.run_dir}")
     click.echo(TABLE_HEADER)
     started = time.monotonic()
-    outcome = start_run(server_dir, settings,
-                        on_round=lambda row: click.echo("\n".join(format_round(row))))
+    metrics = RoundMetrics(settings.run_dir, tensorboard_dir, settings.run_name)
+
+    def on_round(row: dict[str, Any]) -> None:
+        progress.round_done(row, format_round(row))
+        metrics.add(row)
+
+    try:
+        with RoundProgress(settings.num_server_rounds, sys.stdout,
+                           connected=connected_devices(server_dir)) as progress:
+            outcome = start_run(server_dir, settings, on_round=on_round)
+    finally:
+        metrics.close()
     seconds = time.monotonic() - started
     if not outcome.ok:
         click.echo(f"keystay round: run {settings.run_name} ended after {len(outcome.rounds)} "
@@ -493,6 +515,8 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
     delta = next((r["delta"] for r in outcome.rounds if r.get("delta")), None)
     click.echo(f"\n{len(outcome.rounds)} rounds in {seconds:.1f} s. ε is each device's "
                f"cumulative per-block bound" + (f" at δ = {delta:g}." if delta else "."))
+    click.echo(f"round figures: {metrics.csv_path}"
+               + (f"; TensorBoard: {metrics.tensorboard_dir}" if metrics.tensorboard_dir else ""))
     click.echo(f"final model: {outcome.final_checkpoint}\n"
                "load it with: keystay.client.model.load_checkpoint("
                f"\"{outcome.final_checkpoint}\")")

@@ -3,7 +3,9 @@
 ``keystay round start`` calls :func:`start_run`: it builds the run config,
 submits the app bundle with ``flwr run`` (the way Flower deployments start
 runs), and while the run goes, prints each round's row as the ServerApp
-appends it to ``rounds.jsonl``.
+appends it to ``rounds.jsonl``. The CLI shows the run's progress
+(:mod:`keystay.server.progress`) and copies each row's numbers to
+``rounds.csv`` and TensorBoard (:mod:`keystay.server.metrics`).
 """
 
 from __future__ import annotations
@@ -102,6 +104,26 @@ def start_run(
     done.set()
     follower.join()
     return RunOutcome(settings, rows, process.returncode, log_file)
+
+
+def connected_devices(server_dir: Path) -> Callable[[], int] | None:
+    """A callable counting the SuperLink's online nodes, or ``None`` if it cannot be asked.
+
+    It asks the Control API (``flwr supernode list``), as ``keystay server
+    devices`` does; each call may raise when the SuperLink does not answer.
+    """
+    from keystay.server.deploy.enrollment import FlwrControl
+    from keystay.server.deploy.superlink import ServerConfigError
+
+    try:
+        control = FlwrControl(server_dir, ServerConfig.load(server_dir), timeout=10.0)
+    except (ServerConfigError, OSError):
+        return None
+
+    def count() -> int:
+        return sum(1 for n in control.nodes().values() if n.get("status") == "online")
+
+    return count
 
 
 def format_round(row: dict[str, Any]) -> list[str]:

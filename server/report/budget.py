@@ -205,6 +205,8 @@ class BudgetReport:
     flagged_reports: int
     series: dict[str, list[tuple[int, float, bool]]] = field(default_factory=dict)
     """Per device: (report id, most-spent block ε so far, report flagged) in report order."""
+    received: dict[int, str] = field(default_factory=dict)
+    """Report id -> when the server received it (ISO 8601), to put ``series`` on a time axis."""
 
     @property
     def clean(self) -> bool:
@@ -410,6 +412,7 @@ def build_report(
         verified_reports=sum(1 for r in reports if r.verified),
         flagged_reports=sum(1 for r in reports if r.flags),
         series=series,
+        received={r.id: r.received_at for r in reports},
     )
 
 

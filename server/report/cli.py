@@ -79,8 +79,8 @@ def budget() -> None:
         "\b\nExit codes:\n"
         f"  {EXIT_OK}  report printed (even with violations: use 'check' to gate)\n"
         f"  {EXIT_LEDGER_UNREADABLE}  the ledger exists but cannot be read\n"
-        f"  {EXIT_USAGE}  usage error: bad option, no ledger in --server-dir, or --plot "
-        "not writable"
+        f"  {EXIT_USAGE}  usage error: bad option, no ledger in --server-dir, or --plot / "
+        "--html not writable"
     ),
 )
 @_SERVER_DIR
@@ -98,9 +98,22 @@ def budget() -> None:
     help="Also write a PNG: each device's most-spent block epsilon in report order, "
     "against the budget line; red crosses mark flagged reports.",
 )
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also write the report as one self-contained HTML file (inline CSS and SVG, no "
+    "script, nothing fetched): status first, bars per device and day, ε over time, the "
+    "ledger's SHA-256. Opens offline in any browser; its figures are --json's.",
+)
 @_MAX_CENTRAL
 def report_command(
-    server_dir: Path, as_json: bool, plot: Path | None, max_central_epsilon: float | None
+    server_dir: Path,
+    as_json: bool,
+    plot: Path | None,
+    html_file: Path | None,
+    max_central_epsilon: float | None,
 ) -> None:
     """Show what every device has spent, per block, and everything that needs a look.
 
@@ -131,6 +144,16 @@ def report_command(
                 f"cannot write {plot}: {error}", param_hint="--plot"
             ) from error
         click.echo(f"plot written to {plot}", err=True)
+    if html_file is not None:
+        from keystay.server.report.html import write_html
+
+        try:
+            write_html(report, html_file)
+        except OSError as error:
+            raise click.BadParameter(
+                f"cannot write {html_file}: {error}", param_hint="--html"
+            ) from error
+        click.echo(f"HTML report written to {html_file}", err=True)
 
 
 @budget.command("check", epilog=_EXIT_CODES_HELP)

@@ -1,0 +1,307 @@
+"""HTML for the employee's page: plain server-rendered markup, every value escaped.
+
+Design note
+-----------
+Pure functions from what the daemon answered to HTML text, so they are
+tested without a server. Every figure is written twice: as words and
+rounded numbers for the employee, and exactly (``repr``) in ``data-``
+attributes so tests can compare the page with ``keystay device status
+--json`` without parsing prose. Every value that came from the daemon or
+the ledger goes through :func:`html.escape` (app names are window classes
+any program can choose). Bars are ``<meter>`` elements: the page's
+Content-Security-Policy forbids inline styles, and meters need none.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from html import escape
+from typing import Any
+
+from keystay.client.ui.access import DayLedger, RoundCharge
+
+STATE_OPEN = "open"
+STATE_TRAINED = "trained on"
+STATE_RETIRED = "retired"
+STATE_FORGOTTEN = "forgotten"
+
+_STATE_HELP = {
+    STATE_OPEN: "kept; not used for training yet",
+    STATE_TRAINED: "kept; used in training, budget left",
+    STATE_RETIRED: "budget spent: never trained on again",
+    STATE_FORGOTTEN: "deleted from this computer; only its ε figures remain in the ledger",
+}
+
+_NOTES = {
+    "paused": "Recording is paused until you resume it.",
+    "paused-until": "Recording is paused for the time you chose.",
+    "resumed": "Recording again.",
+}
+
+PAUSE_LABELS = (("15m", "15 minutes"), ("30m", "30 minutes"), ("1h", "1 hour"),
+                ("2h", "2 hours"), ("1d", "1 day"), ("resume", "until I resume"))
+
+
+def _e(value: object) -> str:
+    return escape(str(value), quote=True)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _layout(title: str, body: str, refresh: int = 0) -> str:
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{_e(title)}</title>"
+        "<link rel=\"stylesheet\" href=\"/static/page.css\">"
+        "<script src=\"/static/page.js\" defer></script></head>"
+        f'<body><main data-refresh="{int(refresh)}">{body}</main></body></html>\n'
+    )
+
+
+def _token_field(token: str) -> str:
+    return f'<input type="hidden" name="token" value="{_e(token)}">'
+
+
+def day_state(block: str, retired: bool, ledger: DayLedger | None, kept: bool) -> str:
+    """A day's state in the employee's words (one of the ``STATE_*`` constants)."""
+    if not kept:
+        return STATE_FORGOTTEN
+    if retired or (ledger is not None and ledger.retired_at is not None):
+        return STATE_RETIRED
+    if ledger is not None and ledger.charges > 0:
+        return STATE_TRAINED
+    return STATE_OPEN
+
+
+def _state_section(status: Mapping[str, Any], token: str) -> str:
+    recording = bool(status.get("recording"))
+    source = str(status.get("source", ""))
+    until = str(status.get("pausedUntil", ""))
+    if recording:
+        state = "recording"
+        words = "Recording: keystrokes and clicks become tokens on this computer."
+    elif source == "none":
+        state, words = "idle", "Not recording (the daemon was started without a recorder)."
+    else:
+        state = "paused"
+        words = (f"Paused until {_e(until)}." if until
+                 else "Paused until you press Resume.")
+    options = "".join(f'<option value="{v}">{_e(label)}</option>' for v, label in PAUSE_LABELS)
+    pause = (
+        f'<form method="post" action="/pause" class="inline">{_token_field(token)}'
+        f'<label>Pause for <select name="for" id="pause-for">{options}</select></label> '
+        '<button type="submit" id="pause">Pause</button></form>'
+    )
+    resume = (
+        f'<form method="post" action="/resume" class="inline">{_token_field(token)}'
+        '<button type="submit" id="resume">Resume</button></form>'
+    )
+    return (
+        f'<section id="state" data-state="{state}" data-paused-until="{_e(until)}">'
+        f'<h2>Recording</h2><p class="state {state}">{words}</p>'
+        f'<p>Events today: <span id="events-today">{_e(status.get("eventsToday", 0))}</span>. '
+        f'Source: {_e(source)}.</p>'
+        f"{resume if state == 'paused' else pause if state == 'recording' else ''}</section>"
+    )
+
+
+def _kinds(kinds: Mapping[str, int]) -> str:
+    if not kinds:
+        return "-"
+    return "<ul class=\"kinds\">" + "".join(
+        f'<li data-kind="{_e(k)}" data-count="{int(v)}">{_e(k)} <b>{int(v)}</b></li>'
+        for k, v in kinds.items()
+    ) + "</ul>"
+
+
+def _days_section(
+    status: Mapping[str, Any],
+    show: Mapping[str, Any],
+    day_ledger: Mapping[str, DayLedger],
+    token: str,
+) -> str:
+    delta = status.get("delta", 0)
+    shown = {b["block"]: b for b in show.get("blocks", [])}
+    rows = []
+    kept = {b["block"] for b in status.get("blocks", [])}
+    entries: list[tuple[str, Mapping[str, Any] | None]] = [
+        (b["block"], b) for b in status.get("blocks", [])
+    ]
+    entries += [(day, None) for day in day_ledger if day not in kept]
+    for day, block in sorted(entries, key=lambda e: e[0], reverse=True):
+        ledger = day_ledger.get(day)
+        if block is None:
+            # Forgotten: Status no longer lists the day; the ledger keeps its ε.
+            epsilon = ledger.epsilon if ledger is not None else 0.0
+            budget = ledger.budget if ledger is not None else 0.0
+            events = "0"
+            retired = ledger is not None and ledger.retired_at is not None
+        else:
+            epsilon = float(block.get("epsilon", 0.0))
+            budget = float(block.get("budget", 0.0))
+            events = str(block.get("events", 0))
+            retired = bool(block.get("retired"))
+        state = day_state(day, retired, ledger, block is not None)
+        meter = (
+            f'<meter min="0" max="{budget!r}" value="{epsilon!r}" '
+            f'title="ε {epsilon:.3f} of {budget:g}"></meter> '
+            f'<span class="eps">{epsilon:.3f}</span> of {budget:g}'
+        )
+        if block is None:
+            spent_cell = f"{meter}; the data is gone, the ledger keeps this figure"
+            actions = ""
+        else:
+            left = max(0.0, budget - epsilon)
+            spent_cell = f'{meter}, <span class="left">{left:.3f}</span> left'
+            actions = (
+                f'<a class="button" href="/export?day={_e(day)}" download>Export</a> '
+                f'<form method="post" action="/forget" class="inline">{_token_field(token)}'
+                f'<input type="hidden" name="day" value="{_e(day)}">'
+                '<button type="submit" class="danger">Forget this day</button></form>'
+            )
+        detail = shown.get(day, {})
+        apps = ", ".join(_e(a) for a in detail.get("apps_seen", [])) or "-"
+        rows.append(
+            f'<tr class="day" data-day="{_e(day)}" data-events="{_e(events)}" '
+            f'data-epsilon="{epsilon!r}" data-budget="{budget!r}" data-state="{_e(state)}">'
+            f"<th scope=\"row\">{_e(day)}</th><td class=\"num\">{_e(events)}</td>"
+            f"<td>{_kinds(detail.get('tokens_by_kind', {}))}</td><td>{apps}</td>"
+            f"<td>{spent_cell}</td>"
+            f'<td><span class="badge {_e(state.replace(" ", "-"))}" '
+            f'title="{_e(_STATE_HELP[state])}">{_e(state)}</span></td>'
+            f"<td>{actions}</td></tr>"
+        )
+    table = (
+        "<table><thead><tr><th>Day</th><th>Events</th><th>Tokens by kind</th><th>Apps seen</th>"
+        "<th>Privacy budget (ε spent)</th><th>State</th><th></th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>" if rows else "<p>Nothing is kept yet.</p>"
+    )
+    return (
+        '<section id="days"><h2>What is kept, day by day</h2>'
+        "<p>Each day is one <em>block</em>. Training on a day spends its privacy budget ε "
+        f"(at δ = {_e(f'{float(delta):g}')}); a smaller ε means less could be learnt about that "
+        "day. When a day's budget is spent it retires and is never trained on again. Only "
+        "token <em>kinds</em> are shown here, never what you typed.</p>"
+        f"{table}</section>"
+    )
+
+
+def _round_words(r: RoundCharge) -> str:
+    days = ", ".join(_e(d.block) for d in r.days)
+    cost = max((d.cost for d in r.days), default=0.0)
+    sent = (
+        "What left this computer: the model update, clipped and with that noise added, and a "
+        "report of exactly these figures, signed with this computer's key so nobody can alter "
+        "them on the way."
+        if r.answered else
+        "Training did not finish, so nothing was sent; the budget stays spent (it is charged "
+        "before training and never refunded)."
+    )
+    return (
+        f"Training round {r.server_round} of run “{_e(r.run_id)}” used "
+        f"{len(r.days)} day{'s' if len(r.days) != 1 else ''} ({days}). Each step looked at a "
+        f"random {r.sample_rate * 100:.2g}% of those days' token windows, limited how much any "
+        f"one window could change the model, and added random noise {r.noise_multiplier:g} "
+        f"times that limit; it took {r.steps} steps. That cost at most ε {cost:.3f} per day. "
+        f"{sent}"
+    )
+
+
+def _rounds_section(rounds: Sequence[RoundCharge]) -> str:
+    if not rounds:
+        body = "<p>Nothing has left this computer: no training round has used your data.</p>"
+    else:
+        items = []
+        for r in rounds:
+            days = "".join(
+                f'<li data-day="{_e(d.block)}" data-cost="{d.cost!r}" '
+                f'data-epsilon="{d.epsilon!r}">{_e(d.block)}: +{d.cost:.3f}, now ε '
+                f"{d.epsilon:.3f} (RDP bound {d.epsilon_rdp:.3f}, PRV estimate "
+                f"{d.epsilon_prv:.3f})</li>" for d in r.days
+            )
+            items.append(
+                f'<li class="round" data-run="{_e(r.run_id)}" data-round="{r.server_round}" '
+                f'data-sigma="{r.noise_multiplier!r}" data-q="{r.sample_rate!r}" '
+                f'data-steps="{r.steps}" data-sent="{str(r.answered).lower()}">'
+                f"<h3>{_e(_when(r.created))}: run {_e(r.run_id)}, round {r.server_round}</h3>"
+                f"<p>{_round_words(r)}</p>"
+                f"<details><summary>Exact figures</summary><dl>"
+                f"<dt>noise multiplier σ</dt><dd>{r.noise_multiplier!r}</dd>"
+                f"<dt>sample rate q</dt><dd>{r.sample_rate!r}</dd>"
+                f"<dt>steps</dt><dd>{r.steps}</dd><dt>δ</dt><dd>{r.delta!r}</dd>"
+                f"<dt>bound enforced</dt><dd>{_e(r.accountant)}</dd></dl>"
+                f"<ul>{days}</ul></details></li>"
+            )
+        body = f"<ol class=\"rounds\">{''.join(items)}</ol>"
+    return f'<section id="rounds"><h2>What left this computer</h2>{body}</section>'
+
+
+def main_page(
+    *,
+    status: Mapping[str, Any],
+    show: Mapping[str, Any],
+    rounds: Sequence[RoundCharge],
+    day_ledger: Mapping[str, DayLedger],
+    policy: str,
+    token: str,
+    note: str = "",
+    refresh: int = 0,
+) -> str:
+    """The whole page; ``refresh`` seconds between the script's reloads (0: never)."""
+    message = _NOTES.get(note, "")
+    forget_all = (
+        f'<form method="post" action="/forget">{_token_field(token)}'
+        '<input type="hidden" name="all" value="1">'
+        '<button type="submit" class="danger" id="forget-all">Forget everything</button></form>'
+    )
+    body = (
+        f"<header><h1>keystay on this computer</h1><p>Device "
+        f'<code id="device-id">{_e(status.get("deviceId", ""))}</code>, keystay '
+        f'{_e(status.get("version", ""))}. Updated {_e(time.strftime("%H:%M:%S"))}.</p></header>'
+        + (f'<p class="note" role="status">{_e(message)}</p>' if message else "")
+        + _state_section(status, token)
+        + _days_section(status, show, day_ledger, token)
+        + _rounds_section(rounds)
+        + f'<section id="policy"><h2>Your policy, explained</h2><pre>{_e(policy)}</pre></section>'
+        + '<section id="danger"><h2>Delete everything</h2><p>Deletes every kept day and destroys '
+          "the store's key. The privacy ledger keeps its ε figures (never events): they prove "
+          f"budgets were respected.</p>{forget_all}</section>"
+    )
+    return _layout("keystay: this computer", body, refresh)
+
+
+def confirm_forget_page(days: Sequence[str], everything: bool, token: str) -> str:
+    """The second step of Forget: nothing is deleted until this form is sent."""
+    what = ("every day kept and the store's key" if everything
+            else ", ".join(_e(d) for d in days))
+    hidden = "".join(f'<input type="hidden" name="day" value="{_e(d)}">' for d in days)
+    body = (
+        f'<section id="confirm"><h1>Delete {what}?</h1>'
+        "<p>This cannot be undone. The privacy ledger keeps the ε figures of these days.</p>"
+        f'<form method="post" action="/forget">{_token_field(token)}{hidden}'
+        + ('<input type="hidden" name="all" value="1">' if everything else "")
+        + '<input type="hidden" name="confirm" value="yes">'
+        '<button type="submit" class="danger" id="confirm-forget">Yes, delete</button> '
+        '<a class="button" href="/">No, keep it</a></form></section>'
+    )
+    return _layout("keystay: confirm", body)
+
+
+def forgotten_page(forgotten: Sequence[str], key_destroyed: bool) -> str:
+    text = ("Deleted: " + ", ".join(_e(d) for d in forgotten) + "." if forgotten
+            else "Nothing was deleted (those days were not kept).")
+    if key_destroyed:
+        text += " The store's key was destroyed."
+    return message_page("Forgotten", text, escaped=True)
+
+
+def message_page(title: str, text: str, *, escaped: bool = False) -> str:
+    """A short page with a sentence and a way back (errors, results)."""
+    body = (f'<section id="message"><h1>{_e(title)}</h1>'
+            f"<p>{text if escaped else _e(text)}</p><p><a href=\"/\">Back</a></p></section>")
+    return _layout(f"keystay: {title}", body)
