@@ -413,6 +413,10 @@ def evaluate(data_dir: Path, model_file: Path) -> None:
     assert isinstance(reply, device_pb2.EvaluateReply)
     click.echo(f"{model_file}: next-event accuracy {reply.accuracy:.3f}, loss {reply.loss:.3f} "
                f"on {reply.num_examples} held-out windows of device {reply.device_id}")
+
+
+@device.command()
+@data_option
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="Port on 127.0.0.1 (0: a free one is picked).")
 @click.option("--no-browser", is_flag=True, help="Print the link; do not open a browser.")
