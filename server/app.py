@@ -155,8 +155,10 @@ class KeystayFedAvg(FedAvg):
             metrics = msg.content.metric_records["metrics"]
             round_log.devices[device_id] = {
                 "node": node,
-                "train_loss": _scalar(metrics, "train-loss"),
-                "num_examples": int(_scalar(metrics, "num-examples")),
+                # Devices no longer send their loss or window count (exact
+                # facts about their data); num-examples is the constant 1.
+                "train_loss": None,
+                "fedavg_weight": int(_scalar(metrics, "num-examples")),
                 "epsilon_total": float(payload.get("epsilon_total", float("nan"))),
                 "accountant": payload.get("accountant"),
                 "verified": bool(verdict.verified),
@@ -181,8 +183,7 @@ class KeystayFedAvg(FedAvg):
             accepted.append(msg)
 
         round_log.devices_reported = len(accepted)
-        losses = [d["train_loss"] for d in round_log.devices.values() if d["verified"]]
-        round_log.train_loss_mean = float(np.mean(losses)) if losses else None
+        round_log.train_loss_mean = None
 
         if not accepted:
             return None, None

@@ -23,8 +23,9 @@ What keystay adds around Flower's workflow, and why:
   same unmasked *mean*; :meth:`SecAggFedAvg.aggregate_fit` checks that
   structurally and refuses anything else.
 * **Equal weights, updates not weights.** Devices send their update
-  (``new - global``) with weight 1; the mean of the survivors' updates (plus
-  the mean training loss, carried as one extra entry) is what comes back.
+  (``new - global``) with weight 1; the mean of the survivors' updates is
+  what comes back (devices no longer add their training loss: an un-noised
+  statistic of their data; ``train_loss_mean`` is null under SecAgg+).
 * **Central DP on the sum.** With ``central-dp``, devices clip their update
   to ``central-clip`` before masking; the server turns the mean back into the
   sum and adds ``N(0, (z S)^2)`` to it over the fixed denominator of devices
@@ -88,10 +89,8 @@ from keystay.server.settings import RunSettings
 # The wire contract with keystay.client.secagg (a unit test holds the two
 # sides together; the server does not import device code).
 CONFIG_UPDATE_CLIP = "secagg-update-clip"
-LOSS_SCALE = 4.0
 #: Flower's quantisation range: every entry of a device's vector is clipped to
-#: [-8, 8] before masking. Updates are orders of magnitude smaller; the loss
-#: entry is ``loss / LOSS_SCALE``.
+#: [-8, 8] before masking. Updates are orders of magnitude smaller.
 CLIPPING_RANGE = 8.0
 #: Devices send weight 1, so the workflow's ``max_weight`` is 1: the mod then
 #: quantises the update itself, at full precision.
@@ -305,9 +304,9 @@ class SecAggFedAvg(FedAvg):
         device_id = str(metrics.get("device-id", "")) or f"node-{node}"
         round_log.devices[device_id] = {
             "node": node,
-            # Not known per device under SecAgg+: the loss is summed with the update.
+            # Devices send neither (un-noised facts about their data).
             "train_loss": None,
-            "num_examples": int(cast(int, metrics.get("num-examples", 0))),
+            "num_examples": None,
             "epsilon_total": float(payload.get("epsilon_total", float("nan"))),
             "accountant": payload.get("accountant"),
             "verified": bool(verdict.verified),
@@ -350,14 +349,14 @@ class SecAggFedAvg(FedAvg):
             dropped_nodes=sorted(self._sampled - set(summed)),
         )
         mean = parameters_to_ndarrays(aggregate)
-        if len(mean) != len(self.weights) + 1:
+        if len(mean) != len(self.weights):
             raise RuntimeError(
                 f"secure aggregate has {len(mean)} arrays; expected the model's "
-                f"{len(self.weights)} plus the loss entry"
+                f"{len(self.weights)}"
             )
-        mean_update, loss_entry = mean[:-1], mean[-1]
+        mean_update = mean
         round_log.devices_reported = len(results)
-        round_log.train_loss_mean = float(np.asarray(loss_entry).ravel()[0]) * LOSS_SCALE
+        round_log.train_loss_mean = None
         if self.central is not None:
             new = self._central_step(server_round, mean_update, len(results))
         else:

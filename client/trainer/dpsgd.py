@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from keystay.client.model import ModelConfig, NextEventModel, evaluate, get_weights, set_weights
-from keystay.client.trainer.job import TrainJob, TrainOutcome, sample_rate_for
+from keystay.client.trainer.job import TrainJob, TrainOutcome
 
 __all__ = ["TRAIN_THREADS", "TrainJob", "TrainOutcome", "train_dp", "train_nondp"]
 
@@ -208,8 +208,10 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     model = _model(job, module)
     sample_gen, noise_gen = _generators(job.seed)
     n = int(job.train.shape[0])
-    sample_rate = sample_rate_for(n, job.batch_size)
-    # Poisson sampling at exactly q = B / n. make_private(poisson_sampling=True) would
+    # The job's rate: the run's q when the daemon set it (data-independent),
+    # else B / n for benchmarks and tests.
+    sample_rate = job.sample_rate
+    # Poisson sampling at exactly that q. make_private(poisson_sampling=True) would
     # derive q = 1 / ceil(n / B) from a batched loader instead, which is not the rate
     # the ledger charged; so the DPDataLoader is built here and handed over as is.
     loader = DPDataLoader(_dataset(job.train), sample_rate=sample_rate, generator=sample_gen)
