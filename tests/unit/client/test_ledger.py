@@ -42,7 +42,7 @@ def request(sigma: float = 1.0, steps: int = 100, **changes: object) -> Training
         noise_multiplier=sigma,
         max_grad_norm=1.0,
         local_steps=steps,
-        batch_size=10,
+        sample_rate=0.05,
         learning_rate=0.01,
         dp=True,
         blocks=(),
