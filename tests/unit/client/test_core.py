@@ -215,3 +215,17 @@ def test_check_weights_accepts_the_model_and_names_the_first_fault() -> None:
     check_weights(weights(), SPEC)
     with pytest.raises(Refusal, match="weight array 1 has shape"):
         check_weights([weights()[0], np.zeros(4, np.float32)], SPEC)
+
+
+def test_the_employees_show_lists_refusals_with_full_reasons(
+    device: tuple[DeviceCore, FakeTrainer],
+) -> None:
+    from keystay.client.daemon.controls import Controls
+
+    core, _ = device
+    with pytest.raises(Refusal):
+        core.train(request(noise_multiplier=0.1), weights())
+    summary = Controls(core, None, "none", "test").show(None)
+    [entry] = summary["refusals"]
+    assert entry["code"] == "noise-below-floor" and "floor is 0.8" in entry["reason"]
+    assert entry["run_id"] == "run-a" and entry["server_round"] == 1
