@@ -367,3 +367,9 @@ def test_hostile_requests_are_refused_uncharged_and_never_unknown(
         assert payload_keys(json.loads(reply.report.payload_json)) <= FIELDS.keys()
     # Still serving.
     assert daemon.stub.Status(device_pb2.StatusRequest(), timeout=10).device_id
+
+
+def test_security_md_carries_the_classification_table() -> None:
+    text = (Path(__file__).resolve().parents[2] / "SECURITY.md").read_text(encoding="utf-8")
+    missing = [key for key, (kind, _) in FIELDS.items() if f"| `{key}` | {kind} |" not in text]
+    assert not missing, f"SECURITY.md's 'What leaves the device' table lacks {missing}"
