@@ -348,7 +348,7 @@ def test_charge_survives_a_process_killed_before_answering(tmp_path: Path) -> No
             return Epsilons(rdp=t, prv=t, prv_upper=t)
 
         ledger = Ledger.open(Path({str(tmp_path)!r}))
-        req = TrainingRequest(1.0, 1.0, 100, 10, 0.01, True, (), "run-x", 3)
+        req = TrainingRequest(1.0, 1.0, 100, 0.04, 0.01, True, (), "run-x", 3)
         ledger.admit(request=req, policy=DevicePolicy(), blocks=["{DAY1}"],
                      mechanism=Mechanism(1.0, 0.04, 100), epsilon_fn=fake)
         os._exit(9)  # dies mid-round: no answer, no close
