@@ -5,8 +5,9 @@ from the job's weights, takes exactly ``job.steps`` DP-SGD steps, and returns
 its new weights. Each step
 
 1. samples a batch by Poisson sampling: every training window joins
-   independently with probability ``q`` (:func:`~keystay.client.trainer.job.sample_rate_for`),
-   so batch sizes vary around ``B = q * n`` and may be 0 (Opacus's ``DPDataLoader``);
+   independently with probability ``q`` (:attr:`TrainJob.sample_rate`: the run's
+   rate when the daemon asks, never derived from ``n``), so batch sizes vary
+   around ``q * n`` and may be 0 (Opacus's ``DPDataLoader``);
 2. computes each window's gradient separately and clips it to L2 norm ``C``
    (``max_grad_norm``);
 3. sums the clipped gradients, adds Gaussian noise of std ``sigma * C``
@@ -181,7 +182,8 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     """Train with DP-SGD: Poisson sampling, per-example clipping, Gaussian noise.
 
     Uses ``opacus.PrivacyEngine.make_private`` on an Opacus ``DPDataLoader``
-    (Poisson sampling) with rate ``q = batch_size / n`` (see
+    (Poisson sampling) with rate ``q = job.sample_rate`` (the daemon's jobs
+    carry the run's rate; otherwise ``batch_size / n``, see
     :func:`~keystay.client.trainer.job.sample_rate_for`), returned in the
     outcome. Raises ``RuntimeError`` rather than return a round whose
     mechanism differs from ``(noise_multiplier, q, steps)``.

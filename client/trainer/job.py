@@ -6,9 +6,12 @@ process (:mod:`keystay.client.trainer.process`) and gets a
 live here, in a module that needs only numpy: unpickling them in the daemon
 must not pull torch into the always-on process.
 
-:func:`sample_rate_for` is here for the same reason: the daemon charges the
-ledger *before* training (write-ahead), so it must know the Poisson sampling
-rate the trainer will use without asking the trainer.
+:attr:`TrainJob.sample_rate` is defined here for the same reason: the daemon
+charges the ledger *before* training (write-ahead), so it must know the
+Poisson sampling rate the trainer will use without asking the trainer. The
+daemon sets it to the run's ``q`` (``poisson_rate``), never ``B / n``: the
+signed report names the rate, and ``B / n`` would reveal the window count
+``n``. :func:`sample_rate_for` (``B / n``) remains for benchmarks and tests.
 """
 
 from __future__ import annotations
