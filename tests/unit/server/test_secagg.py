@@ -283,6 +283,10 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
         # ... while the report it carries is the device's, in clear, and verifies.
         metrics = reply.content.config_records["fitres.metrics"]
         assert json.loads(str(metrics["payload-json"]))["run_id"] == RUN
+        # Nothing else in clear: every key is classified as a protocol constant.
+        from keystay.client.federation_fields import FIELDS
+
+        assert {f"clientapp.secagg.metrics.{k}" for k in metrics} <= FIELDS.keys(), metrics
     for device in row["devices"].values():
         if device["node"] in summed_ids:
             assert device["verified"] and device["epsilon_total"] == pytest.approx(0.5)
