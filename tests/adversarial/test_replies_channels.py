@@ -373,3 +373,26 @@ def test_security_md_carries_the_classification_table() -> None:
     text = (Path(__file__).resolve().parents[2] / "SECURITY.md").read_text(encoding="utf-8")
     missing = [key for key, (kind, _) in FIELDS.items() if f"| `{key}` | {kind} |" not in text]
     assert not missing, f"SECURITY.md's 'What leaves the device' table lacks {missing}"
+
+
+def test_the_employee_reads_the_unit_and_the_full_refusals(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from keystay.client.device_cli import device
+    from keystay.client.windows import PRIVACY_UNIT
+
+    monkeypatch.delenv("KEYSTAY_SOCKET", raising=False)
+    with pytest.raises(grpc.RpcError):
+        daemon.stub.Train(good_request(server_round=4_000, noise_multiplier=0.2))
+    data = str(daemon.core.data_dir)
+    status = CliRunner().invoke(device, ["status", "--data", data, "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["privacy_unit"] == PRIVACY_UNIT
+    human = CliRunner().invoke(device, ["status", "--data", data])
+    assert "ε is per record" in human.output and "exactly one of them" in human.output
+    show = CliRunner().invoke(device, ["show", "--data", data])
+    assert show.exit_code == 0, show.output
+    assert "the server saw only the code" in show.output
+    assert "noise_multiplier 0.2 but this device's floor is 0.8" in show.output
