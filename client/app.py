@@ -76,6 +76,9 @@ def _socket(context: Context) -> Path:
 
 
 def _number(config: ConfigRecord, key: str) -> float:
+    if key not in config:
+        # e.g. a server from before "sample-rate" replaced "batch-size".
+        raise ValueError(f"run config has no '{key}'; this device needs it")
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"run config '{key}' = {value!r} is not a number")
