@@ -114,7 +114,15 @@ class DeviceServicer(device_pb2_grpc.DeviceServicer):
     ) -> device_pb2.TrainReply:
         code, message = grpc.StatusCode.INTERNAL, "device could not train; see the device log"
         try:
-            result = self.core.train(request_from_proto(request), _weights(request))
+            try:
+                weights = _weights(request)
+            except Refusal as refusal:
+                # The core logs its own refusals; this one happened before it.
+                self.core.refusals.record(
+                    refusal, run_id=request.run_id, server_round=request.server_round
+                )
+                raise
+            result = self.core.train(request_from_proto(request), weights)
             return device_pb2.TrainReply(
                 weights=weights_to_proto(result.weights),
                 report=report_to_proto(result.report, result.payload, result.signature),
