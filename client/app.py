@@ -5,10 +5,29 @@ receives, so nothing here is trusted with data. It never opens the store or
 the data folder: it forwards the global weights and the run's request to
 ``Federation.Train`` on the daemon's federation socket (named by the
 SuperNode's ``--node-config socket="..."``) and returns what the daemon
-answers. A refusal travels back to the ServerApp as a Flower ``Error`` whose
-reason is the daemon's own sentence. Held-out scoring is the employee's
-control (``keystay device evaluate``), not the federation's: ``evaluate``
-answers with a refusal and asks the daemon nothing.
+answers. A
+refusal travels back to the ServerApp as a Flower ``Error`` whose reason is
+the daemon's public sentence (``"refused by device policy: CODE"``).
+
+What a train reply carries (every key classified in
+:mod:`keystay.client.federation_fields`, and a test walks the reply):
+
+* ``arrays``: the DP-noised weights;
+* ``report``: the device id, the signed report's payload and signature;
+* ``metrics``: ``num-examples`` = :data:`FEDAVG_WEIGHT` and
+  ``epsilon-total``, a copy of the signed report's figure.
+
+``num-examples`` is a public constant, 1, not the device's window count:
+every device's update weighs the same in FedAvg. A true count is a fact
+about the employee's data that no DP mechanism paid for (and weighting by it
+would let one device with many windows dominate the average, which user-level
+DP clips away anyway). The loss, the training time and the held-out scores
+are not sent at all: they were exact, free queries on the data.
+
+There is no evaluation for the federation: a server that sends an
+``evaluate`` message gets an error reply, without the daemon being asked.
+The employee evaluates locally (``keystay device evaluate``, on the control
+socket); the server evaluates on its own held-out data.
 """
 
 from __future__ import annotations
@@ -38,6 +57,11 @@ from keystay.v1 import device_pb2
 ERROR_REFUSED = 4001
 ERROR_UNAVAILABLE = 4002
 ERROR_FAILED = 4003
+#: The reason an evaluate message is declined.
+NO_EVALUATE = "this device does not evaluate for the federation"
+#: Every device's weight in FedAvg, sent as ``num-examples`` (see the module
+#: docstring): a public constant of the protocol, never a count of data.
+FEDAVG_WEIGHT = 1
 
 app = ClientApp()
 
@@ -53,6 +77,9 @@ def _socket(context: Context) -> Path:
 
 
 def _number(config: ConfigRecord, key: str) -> float:
+    if key not in config:
+        # e.g. a server from before "sample-rate" replaced "batch-size".
+        raise ValueError(f"run config has no '{key}'; this device needs it")
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"run config '{key}' = {value!r} is not a number")
@@ -65,7 +92,7 @@ def _spec(config: ConfigRecord) -> device_pb2.TrainSpec:
         noise_multiplier=_number(config, "noise-multiplier"),
         max_grad_norm=_number(config, "max-grad-norm"),
         local_steps=int(_number(config, "local-steps")),
-        batch_size=int(_number(config, "batch-size")),
+        sample_rate=_number(config, "sample-rate"),
         learning_rate=_number(config, "learning-rate"),
         dp=bool(config["dp"]),
         blocks=[b.strip() for b in blocks.split(",") if b.strip()],
@@ -78,10 +105,19 @@ def train_request(
     """The Device.Train request for one round (shared with the SecAgg+ path)."""
     return device_pb2.TrainRequest(
         run_id=str(config.get("run-name", context.run_id)),
-        server_round=int(_number(config, "server-round")),
+        server_round=_round(config),
         weights=weights_to_proto(weights),
         spec=_spec(config),
     )
+
+
+def _round(config: ConfigRecord) -> int:
+    value = _number(config, "server-round")
+    # The proto field is uint64: a negative or huge round would raise inside
+    # protobuf; the daemon checks the range it accepts.
+    if not value.is_integer() or not 0 <= value < 2**64:
+        raise ValueError(f"run config 'server-round' = {value!r} is not a round number")
+    return int(value)
 
 
 def _error_reply(msg: Message, error: Exception) -> Message:
@@ -96,7 +132,7 @@ def _error_reply(msg: Message, error: Exception) -> Message:
         return Message(error=Error(code=error_code, reason=reason), reply_to=msg)
     if isinstance(error, DeviceUnavailableError):
         return Message(error=Error(code=ERROR_UNAVAILABLE, reason=str(error)), reply_to=msg)
-    return Message(error=Error(code=ERROR_FAILED, reason=repr(error)), reply_to=msg)
+    return Message(error=Error(code=ERROR_FAILED, reason=str(error)), reply_to=msg)
 
 
 @app.train()
@@ -119,10 +155,8 @@ def train(msg: Message, context: Context) -> Message:
             "arrays": ArrayRecord(weights_from_proto(reply.weights)),
             "metrics": MetricRecord(
                 {
-                    "num-examples": int(reply.num_examples),
-                    "train-loss": float(reply.train_loss),
+                    "num-examples": FEDAVG_WEIGHT,
                     "epsilon-total": float(report.epsilon_total),
-                    "seconds": float(reply.seconds),
                 }
             ),
             "report": ConfigRecord(
@@ -139,17 +173,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Decline: a held-out score is not charged to the device's ledger.
+    """Decline: this device does not evaluate for the federation (see the module docstring).
 
-    The federation surface serves ``Train`` only; scoring a model on the
-    employee's data is theirs to do (``keystay device evaluate``).
+    Not even asked of the daemon: a held-out loss or accuracy is an exact
+    statistic of the employee's data that no DP mechanism paid for.
     """
-    return Message(
-        error=Error(
-            code=ERROR_REFUSED,
-            reason="refused: this device does not score models for the federation (a "
-            "held-out score is not paid for from its privacy budget); the employee can "
-            "run 'keystay device evaluate'",
-        ),
-        reply_to=msg,
-    )
+    return Message(error=Error(code=ERROR_REFUSED, reason=NO_EVALUATE), reply_to=msg)

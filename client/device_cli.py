@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import sys
+import textwrap
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -247,14 +249,22 @@ def _call(data_dir: Path, method: str, request: object,
 @data_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(data_dir: Path, as_json: bool) -> None:
-    """Show whether recording is on, what is kept, and ε spent and left per day."""
+    """Show whether recording is on, what is kept, and ε spent and left per day.
+
+    ε is per record: 33 consecutive input events of one day. Records do not
+    overlap, so each event is in exactly one; the JSON says so in
+    ``privacy_unit``.
+    """
+    from keystay.client.windows import PRIVACY_UNIT, PRIVACY_UNIT_SENTENCE
+
     reply = _call(data_dir, "Status", device_pb2.StatusRequest())
     assert isinstance(reply, device_pb2.StatusReply)
     if as_json:
         from google.protobuf.json_format import MessageToDict
 
-        click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True),
-                              indent=2))
+        document = MessageToDict(reply, always_print_fields_with_no_presence=True)
+        document["privacy_unit"] = PRIVACY_UNIT
+        click.echo(json.dumps(document, indent=2))
         return
     state = "recording" if reply.recording else "paused" if reply.source != "none" else "idle"
     if reply.paused_until:
@@ -268,7 +278,8 @@ def status(data_dir: Path, as_json: bool) -> None:
         left = max(0.0, b.budget - b.epsilon)
         click.echo(f"{b.block:<12}{b.events:>9}{b.epsilon:>10.3f}{left:>9.3f}{b.budget:>9.2f}  "
                    f"{'retired' if b.retired else 'open'}")
-    click.echo(f"\nε is per day (one employee-day block), at δ = {reply.delta:g}.")
+    click.echo(f"\nε is per record, at δ = {reply.delta:g}; each day has its own budget.")
+    click.echo(textwrap.fill(PRIVACY_UNIT_SENTENCE, width=88))
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -323,6 +334,14 @@ def show(data_dir: Path, day: str | None, as_json: bool) -> None:
         click.echo(f"  apps: {', '.join(block['apps_seen']) or '-'}")
     if not summary["blocks"]:
         click.echo("nothing kept")
+    refusals = summary.get("refusals", [])
+    if refusals:
+        # The server was told only each refusal's code; the reasons are here.
+        click.echo(f"\nrecent refusals ({len(refusals)}; the server saw only the code):")
+        for entry in refusals[-10:]:
+            when = datetime.fromtimestamp(float(entry.get("t", 0))).isoformat(timespec="seconds")
+            click.echo(f"  {when}  run {entry.get('run_id', '?')} round "
+                       f"{entry.get('server_round', '?')}: {entry.get('reason', '')}")
 
 
 @device.command()

@@ -19,7 +19,9 @@ The file format::
     delta = 1e-05
     epsilon_per_block = 8.0
     noise_multiplier_min = 0.8
+    noise_multiplier_max = 10.0
     max_grad_norm_max = 1.0
+    sample_rate_max = 0.25
     max_local_steps = 200
     min_participation_gap_seconds = 0.0
     excluded_apps = ["keepassxc", "1password", "bitwarden"]
@@ -43,6 +45,8 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from keystay.client.windows import PRIVACY_UNIT_SENTENCE, WINDOW
+
 POLICY_FILE = "policy.toml"
 """The policy's file name inside the device data folder."""
 
@@ -52,6 +56,8 @@ ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 RefusalCode = Literal[
     "no-dp",
     "noise-below-floor",
+    "noise-above-max",
+    "sample-rate-above-max",
     "clip-above-max",
     "too-many-steps",
     "bad-request",
@@ -65,12 +71,36 @@ RefusalCode = Literal[
 REFUSAL_CODES: tuple[str, ...] = get_args(RefusalCode)
 
 # Codes for requests that ask the device to weaken its policy: the caller may
-# not do that (PERMISSION_DENIED). The others depend on the device's state
-# (budget spent, too soon, no data yet) and may succeed later
-# (FAILED_PRECONDITION).
+# not do that (PERMISSION_DENIED). "bad-request" is a malformed request
+# (INVALID_ARGUMENT). The others depend on the device's state (budget spent,
+# too soon, no data yet) and may succeed later (FAILED_PRECONDITION).
 _POLICY_CODES = frozenset(
-    {"no-dp", "noise-below-floor", "clip-above-max", "too-many-steps", "block-excluded"}
+    {
+        "no-dp",
+        "noise-below-floor",
+        "noise-above-max",
+        "sample-rate-above-max",
+        "clip-above-max",
+        "too-many-steps",
+        "block-excluded",
+    }
 )
+
+#: Longest run id the device accepts, and its characters: a run id is stored
+#: in the ledger and signed into every report, so it is a short name, not a
+#: channel for arbitrary bytes.
+RUN_ID_MAX = 128
+_RUN_ID_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-"
+)
+#: Largest server round accepted: rounds count from 1; the ledger stores them
+#: as SQLite integers (signed 64-bit), and no run needs more than 2**31 - 1.
+SERVER_ROUND_MAX = 2**31 - 1
+#: Most blocks one request may name (a year of days and then some).
+MAX_REQUESTED_BLOCKS = 400
+#: Largest learning rate accepted. Not a privacy parameter (the optimizer only
+#: post-processes noised gradients); the ceiling refuses nonsense early.
+LEARNING_RATE_MAX = 100.0
 
 # Password managers and keyrings: nothing typed or clicked in them is ever
 # tokenized. Names are matched by the tokenizer against the focused
@@ -123,11 +153,28 @@ class Refusal(Exception):  # noqa: N818
         self.blocks = tuple(blocks)
 
     @property
+    def public_reason(self) -> str:
+        """What the federation is told: the code only, never the full reason.
+
+        The full :attr:`reason` can name window counts, which blocks exist,
+        their ages or budgets: facts about the employee's data that no DP
+        mechanism paid for. It stays in the device log and the refusal log the
+        employee's controls read (:mod:`keystay.client.daemon.refusals`). A
+        ``bad-request`` reason restates only what the request itself got wrong,
+        so it travels in full.
+        """
+        if self.code == "bad-request":
+            return self.reason
+        return f"refused by device policy: {self.code}"
+
+    @property
     def grpc_status(self) -> str:
         """``"PERMISSION_DENIED"`` when the request would weaken the policy,
         ``"FAILED_PRECONDITION"`` when the device's state refuses it (it may
         succeed later). The name of a ``grpc.StatusCode`` member; this module
         does not import grpc."""
+        if self.code == "bad-request":
+            return "INVALID_ARGUMENT"
         return "PERMISSION_DENIED" if self.code in _POLICY_CODES else "FAILED_PRECONDITION"
 
     def __str__(self) -> str:
@@ -149,8 +196,10 @@ class TrainingRequest:
         Per-sample clip norm C.
     local_steps : int
         Optimizer steps this round (T).
-    batch_size : int
-        Expected Poisson batch size B; the sample rate is B / N for N windows.
+    sample_rate : float
+        Poisson sampling rate q, chosen by the run and bounded by the policy.
+        The expected batch is q·n for n training windows; q never depends on
+        n, so the signed report (which names q) says nothing about the data.
     learning_rate : float
         Optimizer learning rate (not a privacy parameter).
     dp : bool
@@ -173,7 +222,7 @@ class TrainingRequest:
     noise_multiplier: float
     max_grad_norm: float
     local_steps: int
-    batch_size: int
+    sample_rate: float
     learning_rate: float
     dp: bool
     blocks: tuple[str, ...]
@@ -240,7 +289,13 @@ _RULES: dict[str, _Rule] = {
         lambda v: 0.0 < v <= 32.0, "a number > 0 and <= 32 (typical 1–10)"
     ),
     "noise_multiplier_min": _number(lambda v: v > 0.0, "a number > 0 (typical 0.5–2.0)"),
+    "noise_multiplier_max": _number(
+        lambda v: 0.0 < v <= 1000.0, "a number > 0 and <= 1000 (typical 5–20)"
+    ),
     "max_grad_norm_max": _number(lambda v: v > 0.0, "a number > 0 (typical 0.1–10)"),
+    "sample_rate_max": _number(
+        lambda v: 0.0 < v <= 1.0, "a number > 0 and <= 1 (typical 0.01–0.25)"
+    ),
     "max_local_steps": _integer(
         lambda v: 1 <= v <= 100_000, "a whole number from 1 to 100000 (typical 50–1000)"
     ),
@@ -330,11 +385,24 @@ class DevicePolicy:
     noise_multiplier_min : float
         Floor on σ (noise std / clip norm). Default 0.8: below it each step
         costs so much ε that a block's budget buys only a handful of steps.
+    noise_multiplier_max : float
+        Ceiling on σ. Default 10. Without it a run could ask for a huge σ
+        with q = 1 and one step: a round that costs almost no ε yet reads
+        every window, repeated as often as the server likes. Whatever such a
+        round returns is DP-noised and charged, but a round whose noise
+        drowns the signal buys nothing for the model and is a cheap probe of
+        the device's behaviour (timing, refusals, failures). At σ = 10 the
+        noise on a step is ten clip norms; useful DP-SGD runs at 0.5–5.
     max_grad_norm_max : float
         Ceiling on the per-sample clip norm C. ε does not depend on C (the
         noise scales with it); the ceiling bounds how far one record can move
         the model in a step and keeps updates comparable across devices (the
         server's central DP clips them again). Default 1.0.
+    sample_rate_max : float
+        Ceiling on the Poisson sampling rate q the run asks for. Default
+        0.25: privacy amplification by sampling needs q well below 1 (at
+        q = 1 every window is in every batch and a round costs as much as
+        full-batch training); the run chooses q, never the device's data.
     max_local_steps : int
         Most optimizer steps in one round. Default 200.
     min_participation_gap_seconds : float
@@ -351,10 +419,11 @@ class DevicePolicy:
     retention_days : int
         Blocks older than this many days are deleted. Default 30.
     min_block_windows : int
-        A block needs at least this many token windows to be trained on.
-        Default 64: with fewer, Poisson sampling at a useful batch size draws
-        most of the block every step (sample rate near 1, no amplification)
-        and there is too little to learn from.
+        A block needs at least this many training windows (non-overlapping
+        runs of ``WINDOW + 1`` events, see :mod:`keystay.client.windows`) to
+        be trained on. Default 64 (about 2,100 events, an hour or two of
+        work): with fewer, the expected batch q·n is a handful of windows, so
+        the noise drowns each step, and there is too little to learn from.
     min_block_age_days : int
         A day is trained on only once it is this many days old. Default 1:
         today's block is still being written, and charging a block whose
@@ -373,7 +442,9 @@ class DevicePolicy:
     delta: float = 1e-5
     epsilon_per_block: float = 8.0
     noise_multiplier_min: float = 0.8
+    noise_multiplier_max: float = 10.0
     max_grad_norm_max: float = 1.0
+    sample_rate_max: float = 0.25
     max_local_steps: int = 200
     min_participation_gap_seconds: float = 0.0
     excluded_apps: tuple[str, ...] = DEFAULT_EXCLUDED_APPS
@@ -389,6 +460,12 @@ class DevicePolicy:
         # file; values are normalised (int -> float, list -> tuple).
         for key in _RULES:
             object.__setattr__(self, key, _validated(key, getattr(self, key), "DevicePolicy"))
+        if self.noise_multiplier_max < self.noise_multiplier_min:
+            raise PolicyError(
+                f"DevicePolicy: noise_multiplier_max = {self.noise_multiplier_max!r} is below "
+                f"noise_multiplier_min = {self.noise_multiplier_min!r}; allowed: a ceiling at "
+                "or above the floor"
+            )
 
     # --- file I/O --------------------------------------------------------------
 
@@ -507,9 +584,7 @@ class DevicePolicy:
                 f"ε = {self.epsilon_per_block:g} per employee-day, δ = {self.delta:g}. Your "
                 "activity is grouped by day. Every training round that reads a day spends part "
                 "of that day's budget; once it is spent the day is retired and never trained on "
-                "again. The unit protected is one token window (a short run of input events) "
-                "within a day: whether or not any one window was used, the chance of any "
-                "training outcome changes by at most a factor e^ε, except with probability δ.",
+                f"again. {PRIVACY_UNIT_SENTENCE}",
             ),
             (
                 "How ε is counted",
@@ -521,6 +596,16 @@ class DevicePolicy:
                 "training step, relative to the clip norm.",
             ),
             (
+                "Noise ceiling",
+                f"σ <= {self.noise_multiplier_max:g}: a round whose noise drowns everything "
+                "would cost almost nothing and teach the model nothing.",
+            ),
+            (
+                "Sampling rate",
+                f"each window joins a step's batch with probability q <= "
+                f"{self.sample_rate_max:g}, a rate the run chooses, never your data.",
+            ),
+            (
                 "Clip ceiling",
                 f"each window's gradient is clipped to norm <= {self.max_grad_norm_max:g} "
                 "before noise is added.",
@@ -529,7 +614,8 @@ class DevicePolicy:
             ("Time between rounds", gap),
             (
                 "Smallest day used",
-                f"{self.min_block_windows} token windows; thinner days are left out.",
+                f"{self.min_block_windows} training windows "
+                f"({self.min_block_windows * (WINDOW + 1)} events); thinner days are left out.",
             ),
             (
                 "Youngest day used",
@@ -559,25 +645,34 @@ class DevicePolicy:
             )
         lines += [
             "",
-            "Requests that ask for less noise, a larger clip, more steps or no DP are",
-            "refused, never adjusted. Raw events never leave this machine: only a",
-            "clipped, noised model update and a signed report of the ε it cost.",
+            "Requests that ask for less (or far more) noise, a larger clip, a higher",
+            "sampling rate, more steps or no DP are refused, never adjusted. Raw events",
+            "never leave this machine: only a clipped, noised model update and a signed",
+            "report of the ε it cost.",
         ]
         return "\n".join(lines)
 
     # --- request checks --------------------------------------------------------------
 
     def check_request(self, req: TrainingRequest) -> None:
-        """Refuse a request that would weaken this policy.
+        """Refuse a malformed request, or one that would weaken this policy.
 
-        Rules, in order (the first broken one is reported):
+        Called before anything else, the ledger included: a refused request
+        costs nothing and changes nothing. Rules, in order (the first broken
+        one is reported):
 
-        1. ``dp`` must be true (``no-dp``).
-        2. σ >= ``noise_multiplier_min`` and finite (``noise-below-floor``).
-        3. 0 < C <= ``max_grad_norm_max`` (``clip-above-max``).
-        4. 1 <= T <= ``max_local_steps`` (``too-many-steps``; T < 1 is
-           ``bad-request``).
-        5. ``batch_size`` >= 1 and a finite learning rate (``bad-request``).
+        1. Well-formed (``bad-request``, INVALID_ARGUMENT): ``run_id`` 1 to
+           :data:`RUN_ID_MAX` characters of ``A-Z a-z 0-9 . _ : -``;
+           ``1 <= server_round <=`` :data:`SERVER_ROUND_MAX`; at most
+           :data:`MAX_REQUESTED_BLOCKS` blocks, each a ``YYYY-MM-DD`` date;
+           ``local_steps >= 1``; a learning rate that is finite, > 0 and
+           <= :data:`LEARNING_RATE_MAX`; a finite sample rate > 0.
+        2. ``dp`` must be true (``no-dp``).
+        3. ``noise_multiplier_min`` <= σ <= ``noise_multiplier_max``, finite
+           (``noise-below-floor``, ``noise-above-max``).
+        4. 0 < C <= ``max_grad_norm_max`` (``clip-above-max``).
+        5. q <= ``sample_rate_max`` (``sample-rate-above-max``).
+        6. T <= ``max_local_steps`` (``too-many-steps``).
 
         Raises
         ------
@@ -585,6 +680,7 @@ class DevicePolicy:
             Never adjusts the request; the reason names what was asked, what
             this device allows and the policy key.
         """
+        check_well_formed(req)
         where = POLICY_FILE
         if not req.dp:
             raise Refusal(
@@ -599,6 +695,13 @@ class DevicePolicy:
                 f"refused: run asks noise_multiplier {sigma:g} but this device's floor is "
                 f"{self.noise_multiplier_min:g} ({where} noise_multiplier_min)",
             )
+        if sigma > self.noise_multiplier_max:
+            raise Refusal(
+                "noise-above-max",
+                f"refused: run asks noise_multiplier {sigma:g} but this device's ceiling is "
+                f"{self.noise_multiplier_max:g} ({where} noise_multiplier_max): a round that "
+                "noisy costs almost no ε and teaches the model nothing",
+            )
         clip = req.max_grad_norm
         if not (math.isfinite(clip) and 0.0 < clip <= self.max_grad_norm_max):
             raise Refusal(
@@ -606,28 +709,17 @@ class DevicePolicy:
                 f"refused: run asks max_grad_norm {clip:g} but this device allows a clip norm "
                 f"> 0 and <= {self.max_grad_norm_max:g} ({where} max_grad_norm_max)",
             )
+        if req.sample_rate > self.sample_rate_max:
+            raise Refusal(
+                "sample-rate-above-max",
+                f"refused: run asks sample_rate {req.sample_rate:g} but this device allows at "
+                f"most {self.sample_rate_max:g} ({where} sample_rate_max)",
+            )
         if req.local_steps > self.max_local_steps:
             raise Refusal(
                 "too-many-steps",
                 f"refused: run asks {req.local_steps} local steps but this device allows at most "
                 f"{self.max_local_steps} per round ({where} max_local_steps)",
-            )
-        if req.local_steps < 1:
-            raise Refusal(
-                "bad-request",
-                f"refused: run asks {req.local_steps} local steps; a round needs at least 1",
-            )
-        if req.batch_size < 1:
-            raise Refusal(
-                "bad-request",
-                f"refused: run asks batch_size {req.batch_size}; the expected batch size must "
-                "be at least 1",
-            )
-        if not math.isfinite(req.learning_rate):
-            raise Refusal(
-                "bad-request",
-                f"refused: run asks learning_rate {req.learning_rate!r}; it must be a finite "
-                "number",
             )
 
     def select_blocks(
@@ -723,3 +815,61 @@ class DevicePolicy:
                 f"({POLICY_FILE} min_block_age_days)",
             )
         return eligible
+
+
+# --- request well-formedness ---------------------------------------------------------
+
+
+def _bad(reason: str) -> Refusal:
+    return Refusal("bad-request", f"invalid request: {reason}")
+
+
+def _is_day(text: str) -> bool:
+    if len(text) != 10 or text[4] != "-" or text[7] != "-":
+        return False
+    try:
+        return date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
+
+
+def check_well_formed(req: TrainingRequest) -> None:
+    """Refuse a request whose fields are malformed, whatever the policy says.
+
+    Every reason restates only what the request itself carried (never a fact
+    about the device's data), so it may travel back to the caller in full.
+
+    Raises
+    ------
+    Refusal
+        ``bad-request`` (gRPC INVALID_ARGUMENT), naming the field.
+    """
+    run_id = req.run_id
+    if not isinstance(run_id, str) or not 1 <= len(run_id) <= RUN_ID_MAX:
+        size = len(run_id) if isinstance(run_id, str) else "?"
+        raise _bad(f"run_id must be 1 to {RUN_ID_MAX} characters, got {size}")
+    if not set(run_id) <= _RUN_ID_CHARS:
+        raise _bad("run_id may hold only letters, digits and . _ : -")
+    if isinstance(req.server_round, bool) or not isinstance(req.server_round, int) or not (
+        1 <= req.server_round <= SERVER_ROUND_MAX
+    ):
+        raise _bad(f"server_round must be from 1 to {SERVER_ROUND_MAX}, got {req.server_round}")
+    if len(req.blocks) > MAX_REQUESTED_BLOCKS:
+        raise _bad(f"at most {MAX_REQUESTED_BLOCKS} blocks may be named, got {len(req.blocks)}")
+    for block in req.blocks:
+        if not isinstance(block, str) or not _is_day(block):
+            shown = block[:16] if isinstance(block, str) else "?"
+            raise _bad(f"block {shown!r} is not a day written YYYY-MM-DD")
+    if req.local_steps < 1:
+        raise _bad(f"local_steps must be at least 1, got {req.local_steps}")
+    lr = req.learning_rate
+    if not (_is_number(lr) and math.isfinite(lr) and 0.0 < lr <= LEARNING_RATE_MAX):
+        raise _bad(f"learning_rate must be a finite number > 0 and <= {LEARNING_RATE_MAX:g}, "
+                   f"got {lr!r}")
+    q = req.sample_rate
+    if not (_is_number(q) and math.isfinite(q) and 0.0 < q <= 1.0):
+        raise _bad(f"sample_rate must be a number > 0 and <= 1, got {q!r}")
+    for name in ("noise_multiplier", "max_grad_norm"):
+        value = getattr(req, name)
+        if not (_is_number(value) and math.isfinite(value)):
+            raise _bad(f"{name} must be a finite number, got {value!r}")

@@ -17,17 +17,20 @@ What the handler gives the mod to mask, and why:
   (``secagg-update-clip`` in the fit config): the server can no longer see,
   let alone clip, an individual update, so the clip that bounds one device's
   influence (the sensitivity of user-level DP-FedAvg) has to happen here;
-* one extra entry, the round's training loss scaled by :data:`LOSS_SCALE`, so
-  the server learns the *mean* training loss from the same secure sum and
-  never one device's loss;
 * weight 1 (``num_examples = 1`` in the legacy ``FitRes``): every device
   counts the same, as in central DP; Flower's mod multiplies the update by
   ``weight / max_weight`` *before* quantising, so example-count weights would
   either overflow or drown the update in quantisation noise.
 
+No training loss rides in the vector any more (it once did, scaled, for a
+mean loss): it is an exact statistic of the data that no DP mechanism paid
+for, and a server that breaks the aggregation (see :func:`check_protocol`)
+would read one device's loss in clear. The daemon no longer returns it.
+
 What stays in clear beside the masked vector (the mod clears only the arrays
-of the reply): the device id, the signed privacy report and the example
-count it names (nothing else: not the loss, not the training time).
+of the reply): the device id and the signed privacy report (nothing else: no
+example count, no loss, no training time; classified in
+:mod:`keystay.client.federation_fields`).
 The server needs those per device to keep the privacy books, exactly as in a
 plain round, and verifies each report before the masked vector it came with
 enters the sum.
@@ -68,11 +71,6 @@ from keystay.client.serde import weights_from_proto
 #: Fit-config key carrying the central-DP clip norm S the device applies to its
 #: update before masking (absent: no central DP, no clip).
 CONFIG_UPDATE_CLIP = "secagg-update-clip"
-#: The training loss travels as ``loss / LOSS_SCALE`` inside the masked vector;
-#: the mod clips every entry to its clipping range (8 by default), so losses
-#: up to ``8 * LOSS_SCALE`` survive. Cross-entropy over a few hundred tokens
-#: starts near ln(VOCAB_SIZE) ~ 6.
-LOSS_SCALE = 4.0
 #: Each device's weight in the secure average (see module docstring).
 SECAGG_WEIGHT = 1
 #: Fewest key shares the device accepts; Flower itself needs more than 2.
@@ -157,16 +155,15 @@ def clip_update(update: Sequence[np.ndarray], clip_norm: float) -> list[np.ndarr
 def masked_vector(
     global_weights: Sequence[np.ndarray],
     new_weights: Sequence[np.ndarray],
-    train_loss: float,
     clip_norm: float | None,
 ) -> list[np.ndarray]:
-    """What the device hands the SecAgg+ mod: its (clipped) update, then the scaled loss.
+    """What the device hands the SecAgg+ mod: its (clipped) update, nothing else.
 
     Raises
     ------
     ValueError
         The daemon answered with weights of another shape than it was sent,
-        or with a non-finite update or loss.
+        or with a non-finite update.
     """
     if len(global_weights) != len(new_weights):
         raise ValueError(
@@ -179,11 +176,11 @@ def masked_vector(
         update.append(np.asarray(n, dtype=np.float64) - np.asarray(g, dtype=np.float64))
     # One NaN or inf would not stay in this device's share: the quantiser turns
     # it into an arbitrary integer that corrupts everyone's sum, unseen.
-    if not math.isfinite(train_loss) or not all(np.all(np.isfinite(u)) for u in update):
-        raise ValueError("the daemon's update or loss is not finite; not sending it")
+    if not all(np.all(np.isfinite(u)) for u in update):
+        raise ValueError("the daemon's update is not finite; not sending it")
     if clip_norm is not None:
         update = clip_update(update, clip_norm)
-    return [*update, np.array([float(train_loss) / LOSS_SCALE], dtype=np.float64)]
+    return update
 
 
 def _fit_handler(original: Message) -> ClientAppCallable:
@@ -204,7 +201,6 @@ def _fit_handler(original: Message) -> ClientAppCallable:
             vector = masked_vector(
                 weights,
                 weights_from_proto(reply.weights),
-                reply.train_loss,
                 None if clip is None else float(cast(float, clip)),
             )
         except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
@@ -217,7 +213,6 @@ def _fit_handler(original: Message) -> ClientAppCallable:
             parameters=ndarrays_to_parameters(vector),
             num_examples=SECAGG_WEIGHT,
             metrics={
-                "num-examples": int(reply.num_examples),
                 "device-id": report.device_id,
                 "payload-json": report.payload_json,
                 "signature": bytes(report.signature),

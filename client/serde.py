@@ -23,10 +23,38 @@ def ndarray_to_proto(array: np.ndarray) -> device_pb2.Tensor:
     )
 
 
+#: Array element types a ``Tensor`` may carry: plain numbers only. Anything
+#: else (objects, structured or unknown dtype strings) is refused with a
+#: sentence rather than surfacing as a numpy exception.
+_NUMERIC_KINDS = frozenset("biuf")
+#: Most dimensions a tensor may declare (the model's have at most 3).
+MAX_DIMS = 8
+
+
 def ndarray_from_proto(tensor: device_pb2.Tensor) -> np.ndarray:
-    """Decode a ``Tensor``; the size must match its shape exactly."""
-    dtype = np.dtype(tensor.dtype)
-    expected = int(np.prod(tensor.shape, dtype=np.int64)) * dtype.itemsize
+    """Decode a ``Tensor``; the size must match its shape exactly.
+
+    Raises
+    ------
+    ValueError
+        For an unknown or non-numeric dtype, a negative or oversized shape,
+        or data whose length does not match (a sentence naming which).
+    """
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except Exception:  # numpy raises TypeError, ValueError or SyntaxError by the string
+        raise ValueError(f"tensor dtype {tensor.dtype[:32]!r} is not a numpy dtype") from None
+    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype:
+        raise ValueError(f"tensor dtype {tensor.dtype[:32]!r} is not a plain number type")
+    if len(tensor.shape) > MAX_DIMS or any(d < 0 for d in tensor.shape):
+        raise ValueError(
+            f"tensor shape {list(tensor.shape)[:MAX_DIMS + 1]} is not a shape of at most "
+            f"{MAX_DIMS} non-negative sizes"
+        )
+    count = 1
+    for d in tensor.shape:
+        count *= int(d)  # Python ints: no silent int64 overflow
+    expected = count * dtype.itemsize
     if len(tensor.data) != expected:
         raise ValueError(
             f"tensor of shape {list(tensor.shape)} and dtype {tensor.dtype} needs "

@@ -5,6 +5,14 @@ the first ``width`` are the context, the last is the token to predict. Windows
 are the records DP-SGD protects (record-level DP within a block), so the split
 into training and held-out windows is made so that no token is in both.
 
+Training windows do not overlap: they are cut ``TRAIN_STRIDE = WINDOW + 1``
+tokens apart, so each event (token) is in exactly one training record. With
+stride 1 an event sat in up to 33 records, and the ε stated "per record"
+was not what one event got (group privacy would multiply it). Now the unit is
+plain: :data:`PRIVACY_UNIT`, stated the same way by the device status, the
+signed report, the budget report and SECURITY.md. The price is about 33×
+fewer records per day, so a run's sampling rate and steps are set for that.
+
 This module must stay free of torch: the daemon cuts windows before handing
 them to the trainer process.
 """
@@ -18,6 +26,22 @@ import numpy as np
 
 #: Context length of the shared model: 32 tokens predict the 33rd.
 WINDOW = 32
+#: Distance between training window starts: one window's length, so training
+#: records never share an event.
+TRAIN_STRIDE = WINDOW + 1
+#: The unit of privacy, as signed into every privacy report (``unit``).
+PRIVACY_UNIT = (
+    f"one training record = {WINDOW + 1} consecutive input events of one employee-day; "
+    "records do not overlap, so each event is in exactly one record"
+)
+#: The same, in a sentence for the people it protects.
+PRIVACY_UNIT_SENTENCE = (
+    f"The unit protected is one record: {WINDOW + 1} consecutive input events (keys, "
+    "clicks) within a day. Records do not overlap, so each event is in exactly one of "
+    "them: whether or not any one record was used, the chance of any training outcome "
+    "changes by at most a factor e^ε, except with probability δ. A longer stretch of "
+    "activity, k records, is protected only at about k·ε (group privacy)."
+)
 
 
 def make_windows(tokens: np.ndarray, width: int, *, stride: int = 1) -> np.ndarray:
@@ -68,11 +92,11 @@ def split_heldout(
     The held-out windows are the last ``ceil(fraction * n)`` (the tail of the
     block: the most recent behaviour). The training windows that share a token
     with the first held-out window are dropped, so no token is in both sets:
-    with windows ``stride`` apart that is the ``ceil(width / stride)`` windows
-    before the seam (``width = windows.shape[1] - 1``; 32 windows at the
-    default stride 1). Splitting the concatenation of several blocks at once
-    would only guard the last seam: call this per block
-    (:func:`windows_for_blocks` does).
+    with windows ``stride`` apart that is the ``floor(width / stride)`` windows
+    before the seam (``width = windows.shape[1] - 1``; 32 windows at stride 1,
+    none at :data:`TRAIN_STRIDE`, where windows share no token). Splitting the
+    concatenation of several blocks at once would only guard the last seam:
+    call this per block (:func:`windows_for_blocks` does).
 
     Parameters
     ----------
@@ -105,7 +129,10 @@ def split_heldout(
     if n_heldout == 0:
         return windows, windows[:0]
     seam = n - n_heldout
-    gap = math.ceil((windows.shape[1] - 1) / stride)
+    # Window i covers tokens [i*stride, i*stride + width]; the first held-out
+    # window starts at token seam*stride, so windows i >= seam - width/stride
+    # overlap it: floor(width / stride) of them.
+    gap = (windows.shape[1] - 1) // stride
     return windows[: max(0, seam - gap)], windows[seam:]
 
 

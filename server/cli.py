@@ -420,8 +420,10 @@ def round_() -> None:
               help="Per-sample clip asked of devices (each enforces its own maximum).")
 @click.option("--local-steps", type=int, default=60, show_default=True,
               help="DP-SGD steps per device per round.")
-@click.option("--batch-size", type=int, default=64, show_default=True,
-              help="Expected (Poisson) batch size.")
+@click.option("--sample-rate", type=float, default=0.05, show_default=True,
+              help="Poisson sampling rate q: each of a device's training records joins a "
+                   "step's batch with probability q (expected batch q x records). The same "
+                   "for every device; devices refuse a q above their policy's ceiling.")
 @click.option("--learning-rate", type=float, default=0.01, show_default=True,
               help="Adam step size on each device (not a privacy parameter).")
 @click.option("--central-dp", is_flag=True,
@@ -441,7 +443,7 @@ def round_() -> None:
               "(view with: tensorboard --logdir DIR).")
 def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: int,
                 noise_multiplier: float, max_grad_norm: float, local_steps: int,
-                batch_size: int, learning_rate: float, central_dp: bool,
+                sample_rate: float, learning_rate: float, central_dp: bool,
                 central_noise_multiplier: float, central_clip: float, secagg: bool,
                 secagg_num_shares: int, secagg_threshold: int,
                 extra: tuple[str, ...], tensorboard_dir: Path | None) -> None:
@@ -471,7 +473,7 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
         "noise-multiplier": noise_multiplier,
         "max-grad-norm": max_grad_norm,
         "local-steps": local_steps,
-        "batch-size": batch_size,
+        "sample-rate": sample_rate,
         "learning-rate": learning_rate,
         "central-dp": central_dp,
         "central-noise-multiplier": central_noise_multiplier,

@@ -29,7 +29,8 @@ from keystay.server.deploy.superlink import executable, flower_env
 @click.option("--rounds", type=int, default=3, show_default=True)
 @click.option("--days", type=int, default=3, show_default=True,
               help="Days of simulated history per employee (one privacy block per day).")
-@click.option("--events-per-day", type=int, default=4000, show_default=True)
+@click.option("--events-per-day", type=int, default=12000, show_default=True,
+              help="Simulated input events per day; 33 make one training record.")
 @click.option("--local-steps", type=int, default=60, show_default=True,
               help="DP-SGD steps per device per round.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),

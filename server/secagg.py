@@ -24,9 +24,8 @@ What keystay adds around Flower's workflow, and why:
   structurally and refuses anything else.
 * **Equal weights, updates not weights.** Devices send their update
   (``new - global``) with weight 1; the mean of the survivors' updates is
-  what comes back. Older devices append their training loss as one extra
-  entry; the server drops it unread (it is an unpaid statistic of the
-  employee's data, and the server does not need it).
+  what comes back (devices no longer add their training loss: an un-noised
+  statistic of their data; the server could not read it anyway).
 * **Central DP on the sum.** With ``central-dp``, devices clip their update
   to ``central-clip`` before masking; the server turns the mean back into the
   sum and adds ``N(0, (z S)^2)`` to it over the fixed denominator of devices
@@ -354,12 +353,12 @@ class SecAggFedAvg(FedAvg):
             dropped_nodes=sorted(self._sampled - set(summed)),
         )
         mean = parameters_to_ndarrays(aggregate)
-        if len(mean) not in (len(self.weights), len(self.weights) + 1):
+        if len(mean) != len(self.weights):
             raise RuntimeError(
                 f"secure aggregate has {len(mean)} arrays; expected the model's "
-                f"{len(self.weights)} (or one more, a training-loss entry, dropped unread)"
+                f"{len(self.weights)}"
             )
-        mean_update = mean[: len(self.weights)]
+        mean_update = mean
         round_log.devices_reported = len(results)
         if self.central is not None:
             new = self._central_step(server_round, mean_update, len(results))

@@ -34,7 +34,7 @@ class RunSettings:
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     local_steps: int = 60
-    batch_size: int = 64
+    sample_rate: float = 0.05
     learning_rate: float = 0.01
     dp: bool = True
     blocks: str = ""
@@ -96,7 +96,11 @@ class RunSettings:
                "max-grad-norm", self.max_grad_norm, "a number > 0")
         _check(_positive_int(self.local_steps), "local-steps", self.local_steps,
                "an integer >= 1")
-        _check(_positive_int(self.batch_size), "batch-size", self.batch_size, "an integer >= 1")
+        # The run chooses q, not a batch size: a rate B / n would depend on
+        # each device's window count n, which its signed report would reveal.
+        _check(_number(self.sample_rate) and 0 < self.sample_rate <= 1, "sample-rate",
+               self.sample_rate, "a number > 0 and <= 1 (devices enforce a ceiling, "
+               "0.25 by default)")
         _check(_number(self.learning_rate) and self.learning_rate > 0,
                "learning-rate", self.learning_rate, "a number > 0")
         _check(isinstance(self.dp, bool), "dp", self.dp, "true or false")
@@ -163,7 +167,7 @@ class RunSettings:
             "noise-multiplier": float(self.noise_multiplier),
             "max-grad-norm": float(self.max_grad_norm),
             "local-steps": int(self.local_steps),
-            "batch-size": int(self.batch_size),
+            "sample-rate": float(self.sample_rate),
             "learning-rate": float(self.learning_rate),
             "dp": bool(self.dp),
             "blocks": self.blocks,

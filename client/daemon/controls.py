@@ -6,6 +6,10 @@ socket, which serves only the daemon's own uid (see
 They describe what is kept — token counts by kind, apps seen, ε spent — and
 never return raw text, except ``export``, which gives employees their own
 data (raw text appears there only if their policy allowed recording it).
+``show`` also lists recent training refusals with their full reasons: the
+federation was told only each refusal's code (see
+:mod:`keystay.client.daemon.refusals`), so this is where the employee, and
+nobody else, reads why.
 """
 
 from __future__ import annotations
@@ -127,7 +131,13 @@ class Controls:
             raise KeyError(f"no block for day {day}; days kept: "
                            f"{', '.join(i.block for i in infos) or 'none'}")
         totals = {t.block: t for t in self.core.ledger.totals()}
-        summary: dict[str, Any] = {"device_id": self.core.device_id, "blocks": []}
+        summary: dict[str, Any] = {
+            "device_id": self.core.device_id,
+            "blocks": [],
+            # Full reasons of recent refusals: the federation was told only
+            # their codes (they can name days held and window counts).
+            "refusals": self.core.refusals.recent(),
+        }
         for info in infos:
             if day is not None and info.block != day:
                 continue

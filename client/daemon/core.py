@@ -1,22 +1,39 @@
-"""What the device daemon does when asked to train: decide, charge, train, answer.
+"""What the device daemon does when asked to train: validate, decide, charge, train, answer.
 
 This is the device boundary. Every request is checked against the device's
 own :class:`~keystay.client.policy.DevicePolicy`; the ε it would cost on each
 block it reads is computed *before* training and written to the ledger
 durably; only then does the warm trainer run, and the answer carries the
-update and a signed privacy report — never a token of the data.
+update and a signed privacy report — never a token of the data, and no
+un-noised fact about it (no loss, no example count, no timing: see
+:mod:`keystay.client.federation_fields`).
 
 Order of a training request, and why:
 
-1. ``policy.check_request`` — request-level rules (noise floor, clip, steps,
-   no-DP). Refused, never adjusted.
-2. Choose blocks — the ones named, or every eligible complete day; a retired,
-   unknown or too-small block is refused by name.
-3. ``ledger.admit`` — per-block ε after this round (composed over every
+1. ``policy.check_request`` — the request is well formed (run id, round,
+   blocks, steps, learning rate, sample rate) and does not weaken the policy
+   (noise floor and ceiling, clip, sampling-rate ceiling, steps, no-DP).
+   Refused, never adjusted.
+2. :func:`check_weights` — the weights are the shared model's: count, order
+   (each position's shape), dtype, every value finite. A wrong-shape or NaN
+   update would fail inside the trainer *after* the charge; checked here it
+   costs nothing.
+3. Choose blocks — the ones named, or every eligible complete day; a retired,
+   unknown or too-small block is refused.
+4. ``ledger.admit`` — per-block ε after this round (composed over every
    earlier charge), refuse over budget, else write the charge (write-ahead:
    a crash after this point never refunds).
-4. Train in the warm trainer process (torch lives there, not here).
-5. Sign the report, mark the charge answered, reply.
+5. Train in the warm trainer process (torch lives there, not here).
+6. Sign the report, mark the charge answered, reply.
+
+Steps 1–3 touch nothing: a refused request leaves the ledger as it was.
+Every :class:`~keystay.client.policy.Refusal` is written with its full reason
+to the device's refusal log (:mod:`keystay.client.daemon.refusals`) before it
+propagates; the servicer tells the federation only its code.
+
+The Poisson sampling rate is the run's ``q`` (bounded by the policy), not
+``B / n``: the report names the rate, and a rate derived from the window
+count ``n`` would reveal it. The expected batch is ``q · n``.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keystay.client.daemon.refusals import REFUSALS_FILE, RefusalLog
 from keystay.client.digest import weights_sha256
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
@@ -36,21 +54,26 @@ from keystay.client.ledger.ledger import Ledger
 from keystay.client.ledger.report import PrivacyReport, build_report, sign_report
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.client.store import EventStore, block_for
-from keystay.client.trainer.job import TrainJob, sample_rate_for
+from keystay.client.trainer.job import TrainJob
 from keystay.client.trainer.process import WarmTrainer
-from keystay.client.windows import WINDOW, make_windows, split_heldout
+from keystay.client.windows import TRAIN_STRIDE, WINDOW, make_windows, split_heldout
 
 HELDOUT_FRACTION = 0.1
+
+#: What the model's weights must look like: per position, (shape, dtype str).
+WeightSpec = tuple[tuple[tuple[int, ...], str], ...]
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What leaves the device after a round: the update and its signed report."""
+    """What leaves the device after a round: the update and its signed report.
+
+    Nothing else: the training loss, the example count and the wall time are
+    exact facts about the data that no DP mechanism paid for, so the core
+    does not even hand them to the servicer.
+    """
 
     weights: list[np.ndarray]
-    num_examples: int
-    train_loss: float
-    seconds: float
     report: PrivacyReport
     payload: bytes
     signature: bytes
@@ -107,6 +130,8 @@ class DeviceCore:
         # One training job at a time: the ledger's quote-then-charge must not
         # interleave with another request's.
         self._train_lock = threading.Lock()
+        self.refusals = RefusalLog(data_dir / REFUSALS_FILE)
+        self._weight_spec: WeightSpec | None = None
 
     @property
     def device_id(self) -> str:
@@ -123,7 +148,7 @@ class DeviceCore:
             Naming any requested block that is unknown, retired, too thin or
             still being recorded, or ``no-data`` when nothing is eligible.
         """
-        windows = {info.block: _window_count(info.events) for info in self.store.blocks()}
+        windows = {info.block: window_count(info.events) for info in self.store.blocks()}
         return list(
             self.policy.select_blocks(requested, windows, self.ledger.retired_blocks())
         )
@@ -131,30 +156,54 @@ class DeviceCore:
     def _load(self, blocks: Sequence[str]) -> list[BlockData]:
         data = []
         for block in blocks:
-            windows = make_windows(self.store.block_tokens(block), WINDOW)
-            train, heldout = split_heldout(windows, HELDOUT_FRACTION)
+            windows = make_windows(self.store.block_tokens(block), WINDOW, stride=TRAIN_STRIDE)
+            train, heldout = split_heldout(windows, HELDOUT_FRACTION, stride=TRAIN_STRIDE)
             data.append(BlockData(block, train, heldout))
         return data
 
     # -- training ----------------------------------------------------------
 
+    def weight_spec(self) -> WeightSpec:
+        """The shared model's weight shapes and dtypes (asked of the trainer once)."""
+        if self._weight_spec is None:
+            self._weight_spec = tuple(
+                (tuple(int(d) for d in shape), str(dtype))
+                for shape, dtype in self.trainer.weight_spec()
+            )
+        return self._weight_spec
+
     def train(self, request: TrainingRequest, weights: list[np.ndarray]) -> TrainResult:
-        """Decide, charge, train and sign one round (see the module docstring)."""
+        """Validate, decide, charge, train and sign one round (see the module docstring).
+
+        Raises
+        ------
+        Refusal
+            Before the ledger is touched: a malformed request or weights
+            (``bad-request``), one that would weaken the policy, or blocks
+            that may not be read; from the ledger: over budget, too soon.
+            Logged with its full reason in :attr:`refusals`.
+        """
+        try:
+            return self._train(request, weights)
+        except Refusal as refusal:
+            self.refusals.record(
+                refusal, run_id=request.run_id, server_round=request.server_round
+            )
+            raise
+
+    def _train(self, request: TrainingRequest, weights: list[np.ndarray]) -> TrainResult:
         self.policy.check_request(request)
+        check_weights(weights, self.weight_spec())
         with self._train_lock:
             blocks = self.eligible_blocks(request.blocks)
             data = self._load(blocks)
             train = np.concatenate([d.train for d in data])
             heldout = np.concatenate([d.heldout for d in data])
-            if len(train) < request.batch_size:
-                raise Refusal(
-                    "no-data",
-                    f"refused: {len(train)} training windows cannot support an expected "
-                    f"batch of {request.batch_size}",
-                )
+            if len(train) < 1:
+                raise Refusal("no-data", "refused: the chosen blocks hold no training windows")
             mechanism = Mechanism(
                 noise_multiplier=request.noise_multiplier,
-                sample_rate=sample_rate_for(len(train), request.batch_size),
+                sample_rate=float(request.sample_rate),
                 steps=request.local_steps,
             )
             charge = self.ledger.admit(
@@ -164,7 +213,6 @@ class DeviceCore:
                 mechanism=mechanism,
                 epsilon_fn=self.trainer.epsilons,  # (history, delta) -> Epsilons
             )
-            started = time.monotonic()
             outcome = self.trainer.train(
                 _job(weights, train, heldout, request, mechanism)
             )
@@ -175,16 +223,12 @@ class DeviceCore:
                 delta=self.policy.delta,
                 charge=charge,
                 ledger=self.ledger,
-                num_examples=len(train),
                 update_sha256=weights_sha256(outcome.weights),
             )
             payload, signature = sign_report(report, self.identity)
             self.ledger.mark_answered(charge)
             return TrainResult(
                 weights=outcome.weights,
-                num_examples=len(train),
-                train_loss=outcome.train_loss,
-                seconds=time.monotonic() - started,
                 report=report,
                 payload=payload,
                 signature=signature,
@@ -211,8 +255,48 @@ class DeviceCore:
         self.store.append(block, records)  # type: ignore[arg-type]
 
 
-def _window_count(events: int) -> int:
-    return max(0, events - WINDOW)
+def window_count(events: int) -> int:
+    """Training-stride windows (before the held-out split) in a block of ``events`` tokens."""
+    if events < WINDOW + 1:
+        return 0
+    return (events - WINDOW - 1) // TRAIN_STRIDE + 1
+
+
+def check_weights(weights: Sequence[np.ndarray], spec: WeightSpec) -> None:
+    """Refuse weights that are not the shared model's, before anything is charged.
+
+    Checks, in order: the number of arrays; per position (the model's
+    ``state_dict`` order, which the protocol fixes since tensors carry no
+    names) the shape and the dtype; every value finite.
+
+    Raises
+    ------
+    Refusal
+        ``bad-request`` naming the first array that differs and how.
+    """
+    if len(weights) != len(spec):
+        raise Refusal(
+            "bad-request",
+            f"invalid request: the model has {len(spec)} weight arrays, the request "
+            f"carries {len(weights)}",
+        )
+    for i, (array, (shape, dtype)) in enumerate(zip(weights, spec, strict=True)):
+        if tuple(array.shape) != shape:
+            raise Refusal(
+                "bad-request",
+                f"invalid request: weight array {i} has shape {list(array.shape)}, the "
+                f"model's is {list(shape)} (arrays must be in the model's order)",
+            )
+        if array.dtype.str != dtype:
+            raise Refusal(
+                "bad-request",
+                f"invalid request: weight array {i} has dtype {array.dtype.str}, the "
+                f"model's is {dtype}",
+            )
+        if not np.all(np.isfinite(array)):
+            raise Refusal(
+                "bad-request", f"invalid request: weight array {i} holds NaN or infinity"
+            )
 
 
 def _job(
@@ -231,7 +315,9 @@ def _job(
         noise_multiplier=mechanism.noise_multiplier,
         max_grad_norm=request.max_grad_norm,
         steps=mechanism.steps,
-        batch_size=request.batch_size,
+        # The expected batch q·n, for a job that reads it; the rate is what counts.
+        batch_size=max(1, round(mechanism.sample_rate * len(train))),
+        poisson_rate=mechanism.sample_rate,
         learning_rate=request.learning_rate,
         seed=None,
     )

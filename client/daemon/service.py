@@ -8,7 +8,20 @@ show, export or forget anything.
 
 Thin on purpose. Every decision lives in :mod:`keystay.client.daemon.core`;
 this module converts messages and ends a refused call with
-``context.abort(code, reason)`` so the reason reaches whoever asked.
+``context.abort(code, sentence)``.
+
+What ``Train`` may say to the federation, and why:
+
+* a reply holds only the DP-noised weights and the signed privacy report
+  (every field classified in :mod:`keystay.client.federation_fields`);
+* a malformed request ends with INVALID_ARGUMENT and a sentence about the
+  request itself (data-independent, so it is told in full);
+* a policy or state refusal ends with PERMISSION_DENIED or
+  FAILED_PRECONDITION and only ``"refused by device policy: CODE"``: its
+  full sentence can name window counts, days held or their budgets, so it
+  goes to the device log and the refusal log the employee reads instead;
+* anything else ends with INTERNAL and a fixed sentence (details in the
+  device log): never UNKNOWN, never an exception's text.
 """
 
 from __future__ import annotations
@@ -16,16 +29,19 @@ from __future__ import annotations
 import logging
 
 import grpc
+import numpy as np
 
 from keystay.client.daemon.core import DeviceCore
 from keystay.client.ledger.ledger import LedgerError
 from keystay.client.ledger.report import PrivacyReport
 from keystay.client.policy import Refusal, TrainingRequest
 from keystay.client.serde import weights_from_proto, weights_to_proto
-from keystay.client.store import StoreError
 from keystay.v1 import device_pb2, device_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+#: Most weight arrays a request may carry (the model has a few dozen).
+MAX_TENSORS = 1024
 
 
 def report_to_proto(
@@ -55,7 +71,6 @@ def report_to_proto(
             for b in report.blocks
         ],
         max_grad_norm=report.max_grad_norm,
-        num_examples=report.num_examples,
         unit=report.unit,
         signature=signature,
         payload_json=payload.decode("utf-8"),
@@ -63,6 +78,7 @@ def report_to_proto(
 
 
 def request_from_proto(request: device_pb2.TrainRequest) -> TrainingRequest:
+    """The request in keystay's own type; field checks happen in the policy."""
     spec = request.spec
     return TrainingRequest(
         run_id=request.run_id,
@@ -70,11 +86,24 @@ def request_from_proto(request: device_pb2.TrainRequest) -> TrainingRequest:
         noise_multiplier=spec.noise_multiplier,
         max_grad_norm=spec.max_grad_norm,
         local_steps=int(spec.local_steps),
-        batch_size=int(spec.batch_size),
+        sample_rate=float(spec.sample_rate),
         learning_rate=spec.learning_rate,
         dp=spec.dp,
         blocks=tuple(spec.blocks),
     )
+
+
+def _weights(request: device_pb2.TrainRequest) -> list[np.ndarray]:
+    """Decode the request's weights; a malformed tensor is a ``bad-request`` refusal."""
+    if len(request.weights) > MAX_TENSORS:
+        raise Refusal(
+            "bad-request",
+            f"invalid request: {len(request.weights)} weight arrays; at most {MAX_TENSORS}",
+        )
+    try:
+        return weights_from_proto(request.weights)
+    except ValueError as error:
+        raise Refusal("bad-request", f"invalid request: {error}") from None
 
 
 class FederationServicer(device_pb2_grpc.FederationServicer):
@@ -84,27 +113,35 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
     def Train(  # noqa: N802 - gRPC method name
         self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
     ) -> device_pb2.TrainReply:
+        code, message = grpc.StatusCode.INTERNAL, "device could not train; see the device log"
         try:
-            result = self.core.train(
-                request_from_proto(request), weights_from_proto(request.weights)
+            try:
+                weights = _weights(request)
+            except Refusal as refusal:
+                # The core logs its own refusals; this one happened before it.
+                self.core.refusals.record(
+                    refusal, run_id=request.run_id, server_round=request.server_round
+                )
+                raise
+            result = self.core.train(request_from_proto(request), weights)
+            return device_pb2.TrainReply(
+                weights=weights_to_proto(result.weights),
+                report=report_to_proto(result.report, result.payload, result.signature),
             )
         except Refusal as refusal:
-            logger.warning("refused run %s round %s: %s", request.run_id,
+            logger.warning("refused run %.128r round %s: %s", request.run_id,
                            request.server_round, refusal.reason)
-            context.abort(getattr(grpc.StatusCode, refusal.grpc_status), refusal.reason)
-        except LedgerError as error:
+            code = getattr(grpc.StatusCode, refusal.grpc_status)
+            message = refusal.public_reason
+        except LedgerError:
             # Never train past a ledger that cannot be written: that would be
             # spending budget nobody recorded.
             logger.exception("ledger failure")
-            context.abort(grpc.StatusCode.INTERNAL, f"device ledger unavailable: {error}")
-        except (StoreError, ValueError) as error:
+            message = "device ledger unavailable; see the device log"
+        except Exception:
+            # Store, trainer or a bug: the exception text may quote data or
+            # paths, so the caller gets a fixed sentence and INTERNAL (never
+            # UNKNOWN); the device log has the traceback.
             logger.exception("training failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"device could not train: {error}")
-        report = result.report
-        return device_pb2.TrainReply(
-            weights=weights_to_proto(result.weights),
-            num_examples=result.num_examples,
-            train_loss=result.train_loss,
-            seconds=result.seconds,
-            report=report_to_proto(report, result.payload, result.signature),
-        )
+        context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover

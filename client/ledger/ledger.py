@@ -4,7 +4,8 @@ Privacy model
 -------------
 The device's data is split into disjoint *blocks*, one per employee-day
 (``YYYY-MM-DD``). DP-SGD is record-level within a block: a record is one
-token window. A training round on blocks ``B₁ … Bₖ`` runs one mechanism
+non-overlapping window of 33 events (:data:`keystay.client.windows.PRIVACY_UNIT`),
+so each event is in exactly one record. A training round on blocks ``B₁ … Bₖ`` runs one mechanism
 ``M = (σ, q, T)`` (noise multiplier, Poisson sample rate over the union of
 the blocks' windows, steps); every record of every ``Bᵢ`` sees exactly that
 mechanism, so the round appends ``M`` to each ``Bᵢ``'s history and to no

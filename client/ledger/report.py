@@ -13,7 +13,12 @@ separators ``","`` and ``":"``, ASCII escapes, floats written as Python's
 infinities refused. The payload carries ``"format":
 "keystay.privacy-report.v1"`` so a later format cannot be mistaken for it.
 
-No event data is ever in a report: mechanisms, ε figures, counts and ids.
+No event data is ever in a report, and no count of it: mechanisms, ε
+figures, ids and public constants. The report once carried ``num_examples``
+(the device's training window count); that is a fact about the data no DP
+mechanism paid for, so it is gone, and the sampling rate it names is the
+run's chosen ``q``, never ``B / n`` (which would reveal ``n`` again). Every
+field of the report is classified in :mod:`keystay.client.federation_fields`.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Charge, Ledger
 from keystay.client.policy import TrainingRequest
+from keystay.client.windows import PRIVACY_UNIT
 
 REPORT_FORMAT = "keystay.privacy-report.v1"
-UNIT = "record = one token window within an employee-day block"
+UNIT = PRIVACY_UNIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +82,6 @@ class PrivacyReport:
         The device's ε after the round: the largest enforced ε over all its
         blocks (ledger totals).
     max_grad_norm : float
-    num_examples : int
-        Training windows sampled from.
     unit : str
         The unit of privacy, stated honestly.
     created : float
@@ -101,7 +105,6 @@ class PrivacyReport:
     epsilon_round_rdp: float
     epsilon_total: float
     max_grad_norm: float
-    num_examples: int
     unit: str = UNIT
     created: float = 0.0
     update_sha256: str = ""
@@ -133,7 +136,6 @@ class PrivacyReport:
             "epsilon_round_rdp": float(self.epsilon_round_rdp),
             "epsilon_total": float(self.epsilon_total),
             "max_grad_norm": float(self.max_grad_norm),
-            "num_examples": int(self.num_examples),
             "unit": self.unit,
             "created": float(self.created),
             "update_sha256": self.update_sha256,
@@ -163,7 +165,6 @@ def report_from_charge(
     *,
     device_id: str,
     max_grad_norm: float,
-    num_examples: int,
 ) -> PrivacyReport:
     """The report for an admitted charge (what the daemon returns with the update)."""
     return PrivacyReport(
@@ -190,7 +191,6 @@ def report_from_charge(
         epsilon_round_rdp=float(charge.epsilon_round.rdp),
         epsilon_total=charge.epsilon_total,
         max_grad_norm=float(max_grad_norm),
-        num_examples=int(num_examples),
         created=charge.created,
     )
 
@@ -202,7 +202,6 @@ def build_report(
     mechanism: Mechanism,
     delta: float,
     charge: Charge,
-    num_examples: int,
     ledger: Ledger | None = None,
     update_sha256: str = "",
 ) -> PrivacyReport:
@@ -223,8 +222,6 @@ def build_report(
         The policy δ; must equal ``charge.delta``.
     charge : Charge
         From :meth:`Ledger.admit`.
-    num_examples : int
-        Training windows sampled from.
     ledger : Ledger, optional
         If given, ``epsilon_total`` is read from it now
         (:meth:`Ledger.device_epsilon`); otherwise the total at charge time.
@@ -249,7 +246,6 @@ def build_report(
         charge,
         device_id=device_id,
         max_grad_norm=request.max_grad_norm,
-        num_examples=num_examples,
     )
     if ledger is not None:
         report = dataclasses.replace(report, epsilon_total=ledger.device_epsilon())

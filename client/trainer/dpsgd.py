@@ -5,8 +5,9 @@ from the job's weights, takes exactly ``job.steps`` DP-SGD steps, and returns
 its new weights. Each step
 
 1. samples a batch by Poisson sampling: every training window joins
-   independently with probability ``q`` (:func:`~keystay.client.trainer.job.sample_rate_for`),
-   so batch sizes vary around ``B = q * n`` and may be 0 (Opacus's ``DPDataLoader``);
+   independently with probability ``q`` (:attr:`TrainJob.sample_rate`: the run's
+   rate when the daemon asks, never derived from ``n``), so batch sizes vary
+   around ``q * n`` and may be 0 (Opacus's ``DPDataLoader``);
 2. computes each window's gradient separately and clips it to L2 norm ``C``
    (``max_grad_norm``);
 3. sums the clipped gradients, adds Gaussian noise of std ``sigma * C``
@@ -37,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from keystay.client.model import ModelConfig, NextEventModel, evaluate, get_weights, set_weights
-from keystay.client.trainer.job import TrainJob, TrainOutcome, sample_rate_for
+from keystay.client.trainer.job import TrainJob, TrainOutcome
 
 __all__ = ["TRAIN_THREADS", "TrainJob", "TrainOutcome", "train_dp", "train_nondp"]
 
@@ -181,7 +182,8 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     """Train with DP-SGD: Poisson sampling, per-example clipping, Gaussian noise.
 
     Uses ``opacus.PrivacyEngine.make_private`` on an Opacus ``DPDataLoader``
-    (Poisson sampling) with rate ``q = batch_size / n`` (see
+    (Poisson sampling) with rate ``q = job.sample_rate`` (the daemon's jobs
+    carry the run's rate; otherwise ``batch_size / n``, see
     :func:`~keystay.client.trainer.job.sample_rate_for`), returned in the
     outcome. Raises ``RuntimeError`` rather than return a round whose
     mechanism differs from ``(noise_multiplier, q, steps)``.
@@ -208,8 +210,10 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     model = _model(job, module)
     sample_gen, noise_gen = _generators(job.seed)
     n = int(job.train.shape[0])
-    sample_rate = sample_rate_for(n, job.batch_size)
-    # Poisson sampling at exactly q = B / n. make_private(poisson_sampling=True) would
+    # The job's rate: the run's q when the daemon set it (data-independent),
+    # else B / n for benchmarks and tests.
+    sample_rate = job.sample_rate
+    # Poisson sampling at exactly that q. make_private(poisson_sampling=True) would
     # derive q = 1 / ceil(n / B) from a batched loader instead, which is not the rate
     # the ledger charged; so the DPDataLoader is built here and handed over as is.
     loader = DPDataLoader(_dataset(job.train), sample_rate=sample_rate, generator=sample_gen)

@@ -6,9 +6,12 @@ process (:mod:`keystay.client.trainer.process`) and gets a
 live here, in a module that needs only numpy: unpickling them in the daemon
 must not pull torch into the always-on process.
 
-:func:`sample_rate_for` is here for the same reason: the daemon charges the
-ledger *before* training (write-ahead), so it must know the Poisson sampling
-rate the trainer will use without asking the trainer.
+:attr:`TrainJob.sample_rate` is defined here for the same reason: the daemon
+charges the ledger *before* training (write-ahead), so it must know the
+Poisson sampling rate the trainer will use without asking the trainer. The
+daemon sets it to the run's ``q`` (``poisson_rate``), never ``B / n``: the
+signed report names the rate, and ``B / n`` would reveal the window count
+``n``. :func:`sample_rate_for` (``B / n``) remains for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ class TrainJob:
     steps : int
         Optimizer steps to take, exactly.
     batch_size : int
-        Expected Poisson batch size; the sampling rate is
-        :func:`sample_rate_for` ``(n, batch_size)``.
+        Expected Poisson batch size; without ``poisson_rate`` the sampling
+        rate is :func:`sample_rate_for` ``(n, batch_size)``.
     learning_rate : float
         Step size of the optimizer.
     seed : int or None
@@ -100,6 +103,10 @@ class TrainJob:
         ``"sgd"`` (momentum 0.9) or ``"adam"``. Either way the privacy
         guarantee is the same: the optimizer only post-processes the noised
         gradient.
+    poisson_rate : float or None
+        The sampling rate ``q`` to use as is (what the device daemon passes:
+        the run's rate, which must not depend on the data, since the report
+        names it; ``B / n`` would reveal ``n``). ``None``: ``B / n``.
     """
 
     weights: list[np.ndarray]
@@ -113,6 +120,7 @@ class TrainJob:
     seed: int | None = None
     config: ModelConfig | None = None
     optimizer: str = "adam"
+    poisson_rate: float | None = None
 
     def __post_init__(self) -> None:
         # Checked here (in the daemon) so a bad job fails before it crosses
@@ -139,12 +147,16 @@ class TrainJob:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.poisson_rate is not None and not 0.0 < self.poisson_rate <= 1.0:
+            raise ValueError(f"poisson_rate must be in (0, 1], got {self.poisson_rate}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
 
     @property
     def sample_rate(self) -> float:
         """The Poisson sampling rate this job trains with."""
+        if self.poisson_rate is not None:
+            return float(self.poisson_rate)
         return sample_rate_for(int(self.train.shape[0]), self.batch_size)
 
 

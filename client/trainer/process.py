@@ -139,12 +139,25 @@ def _handlers() -> dict[str, Callable[..., Any]]:
     def epsilons(history: Sequence[Mechanism], delta: float) -> Epsilons:
         return accounting.epsilons(history, delta=delta)
 
+    def weight_spec() -> list[tuple[tuple[int, ...], str]]:
+        # The daemon checks every request's weights against this before it
+        # charges anything; it cannot build the model itself (no torch there).
+        from keystay.client.model import ModelConfig, initial_weights
+
+        return [(tuple(w.shape), w.dtype.str) for w in initial_weights(ModelConfig(), seed=0)]
+
     def ping() -> dict[str, Any]:
         # str(): torch.__version__ is a TorchVersion, which would import torch when unpickled.
         versions = {"torch": str(torch.__version__), "opacus": str(opacus.__version__)}
         return {"pid": os.getpid(), **versions}
 
-    return {"train": train, "evaluate": evaluate_weights, "epsilons": epsilons, "ping": ping}
+    return {
+        "train": train,
+        "evaluate": evaluate_weights,
+        "epsilons": epsilons,
+        "ping": ping,
+        "weight_spec": weight_spec,
+    }
 
 
 def _warm_up() -> None:
@@ -495,6 +508,11 @@ class WarmTrainer:
     ) -> Epsilons:
         """:func:`keystay.client.ledger.accounting.epsilons` of ``history``, in the child."""
         result: Epsilons = self._call("epsilons", (list(history), float(delta)), timeout)
+        return result
+
+    def weight_spec(self, *, timeout: float = 60.0) -> list[tuple[tuple[int, ...], str]]:
+        """Shape and dtype string of each weight array of the shared model, in order."""
+        result: list[tuple[tuple[int, ...], str]] = self._call("weight_spec", (), timeout)
         return result
 
     def ping(self, *, timeout: float = 30.0) -> dict[str, Any]:

@@ -24,6 +24,8 @@ JSON schema (``keystay budget report --json``), ``keystay.budget-report/v1``::
     {
       "schema": "keystay.budget-report/v1",
       "generated_at": "ISO 8601 UTC",
+      "privacy_unit": str,               # what one device ε protects, in words
+      "units_reported": [str],           # units named by verified reports (older devices differ)
       "ledger": "path of ledger.v1.sqlite",
       "clean": true | false,             # no violations
       "summary": {"devices": int, "reports": int, "verified_reports": int,
@@ -61,6 +63,12 @@ JSON schema (``keystay budget report --json``), ``keystay.budget-report/v1``::
 
 Every ε is at the δ its device (or the central accountant) reported; the
 devices state δ and the accountant in each signed report.
+
+Unit of privacy (``privacy_unit``): a device's ε is per *record*, one
+non-overlapping run of 33 input events of one employee-day; each event is in
+exactly one record. Every signed report states its unit; ``units_reported``
+lists the units the verified reports name, so a device on an older release
+(whose records overlapped) shows up rather than being read at the new unit.
 """
 
 from __future__ import annotations
@@ -84,6 +92,13 @@ from keystay.server.ledger.ledger import (
 )
 
 SCHEMA = "keystay.budget-report/v1"
+#: The unit devices sign into their reports (``keystay.client.windows.PRIVACY_UNIT``;
+#: restated here because the server does not import device code, and a unit
+#: test holds the two equal).
+PRIVACY_UNIT = (
+    "one training record = 33 consecutive input events of one employee-day; "
+    "records do not overlap, so each event is in exactly one record"
+)
 
 KIND_OVER_BUDGET = FLAG_OVER_BUDGET
 KIND_CONTRADICTION = FLAG_CONTRADICTION
@@ -207,6 +222,9 @@ class BudgetReport:
     """Per device: (report id, most-spent block ε so far, report flagged) in report order."""
     received: dict[int, str] = field(default_factory=dict)
     """Report id -> when the server received it (ISO 8601), to put ``series`` on a time axis."""
+    units_reported: tuple[str, ...] = ()
+    """The units of privacy the verified reports state, sorted."""
+    privacy_unit: str = PRIVACY_UNIT
 
     @property
     def clean(self) -> bool:
@@ -413,7 +431,17 @@ def build_report(
         flagged_reports=sum(1 for r in reports if r.flags),
         series=series,
         received={r.id: r.received_at for r in reports},
+        units_reported=_units(reports),
     )
+
+
+def _units(reports: Sequence[StoredReport]) -> tuple[str, ...]:
+    units = set()
+    for r in reports:
+        payload = r.payload() if r.verified else None
+        if payload is not None and isinstance(payload.get("unit"), str):
+            units.add(payload["unit"])
+    return tuple(sorted(units))
 
 
 def check(ledger: ServerLedger, *, max_central_epsilon: float | None = None) -> list[Violation]:
@@ -463,6 +491,12 @@ def render_table(report: BudgetReport) -> str:
         f"status:    {'CLEAN' if report.clean else f'{len(report.violations)} VIOLATION(S)'}"
         f" -- {len(report.devices)} device(s), {report.reports} report(s), "
         f"{report.verified_reports} verified, {report.flagged_reports} flagged",
+        f"unit:      eps is per record: {report.privacy_unit}",
+        *(
+            f"           (a verified report states another unit: {unit})"
+            for unit in report.units_reported
+            if unit != report.privacy_unit
+        ),
         "",
         f"VIOLATIONS ({len(report.violations)})",
     ]
@@ -505,7 +539,7 @@ def render_table(report: BudgetReport) -> str:
     else:
         out.append("  none")
 
-    out += ["", "DEVICES AND BLOCKS (eps from verified reports only; unit: see each report)"]
+    out += ["", "DEVICES AND BLOCKS (eps from verified reports only, per record; see unit above)"]
     rows = []
     for d in report.devices:
         status = "revoked" if d.revoked_at else ("enrolled" if d.enrolled_at else "unknown")
@@ -588,6 +622,8 @@ def report_to_dict(report: BudgetReport) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "generated_at": report.generated_at,
+        "privacy_unit": report.privacy_unit,
+        "units_reported": list(report.units_reported),
         "ledger": report.ledger,
         "clean": report.clean,
         "summary": {

@@ -60,7 +60,8 @@ def _open(server_dir: Path) -> ServerLedger:
 @click.group(
     help=(
         "Privacy budgets, as the devices signed them.\n\n"
-        "Every device enforces its own budget (epsilon per employee-day block) and "
+        "Every device enforces its own budget (epsilon per employee-day block, per "
+        "record: 33 consecutive input events, each event in exactly one record) and "
         "sends, with each model update, a privacy report signed with its enrolled "
         "Ed25519 key. The server ledger stores each report with its exact bytes and "
         "signature and a verdict. These commands read that ledger: they never change "

@@ -378,7 +378,9 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
             "[policy]\n"
             f"raw_text = {'true' if raw_text else 'false'}\n"
             "min_block_age_days = 0\n"
-            "min_block_windows = 32\n"
+            # Records are non-overlapping 33-event windows: the canary's few
+            # hundred typed events make only a handful of them.
+            "min_block_windows = 1\n"
         )
         x11 = start_device("employee-x11", x11_dir,
                            device_env(tmp_path / "device-tmp" / "x11", xvfb.env()),
@@ -388,7 +390,7 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
         sim_dir = tmp_path / "devices" / "employee-sim"
         sim = start_device("employee-sim", sim_dir, device_env(tmp_path / "device-tmp" / "sim"),
                            proxy.address, "--source", "none", "--simulate-days", "1",
-                           "--events-per-day", "1500", "--employee-seed", "2")
+                           "--events-per-day", "3000", "--employee-seed", "2")
         devices.append(sim)
         stack.callback(stop_process, sim.process)
         started += [x11.process, sim.process]
@@ -435,7 +437,7 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
         # -- two federated rounds, the canary's block among the training data -------
         settings = RunSettings(
             server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
-            min_devices=2, local_steps=5, batch_size=16, round_timeout=300.0,
+            min_devices=2, local_steps=5, sample_rate=0.1, round_timeout=300.0,
         )
         outcome = start_run(federation.server_dir, settings)
         assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]

@@ -43,7 +43,7 @@ def test_two_rounds_two_devices(tmp_path: Path) -> None:
         federation.start()
         settings = RunSettings(
             server_dir=federation.server_dir, run_name="e2e", num_server_rounds=2,
-            min_devices=2, local_steps=10, batch_size=32, round_timeout=600.0,
+            min_devices=2, local_steps=10, sample_rate=0.1, round_timeout=600.0,
         )
         outcome = start_run(federation.server_dir, settings)
         assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]
@@ -89,7 +89,7 @@ def test_two_rounds_two_devices(tmp_path: Path) -> None:
         # The same federation, one more run with central DP on top.
         central = RunSettings(
             server_dir=federation.server_dir, run_name="e2e-central", num_server_rounds=1,
-            min_devices=2, local_steps=10, batch_size=32, round_timeout=600.0,
+            min_devices=2, local_steps=10, sample_rate=0.1, round_timeout=600.0,
             central_dp=True, central_noise_multiplier=0.5, central_clip=0.5,
         )
         central_outcome = start_run(federation.server_dir, central)

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 
 from keystay.client.ledger.accounting import Mechanism, enforced, epsilons
-from keystay.client.trainer.job import sample_rate_for
-from keystay.client.windows import WINDOW, make_windows, split_heldout
 from keystay.server.deploy.local import LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env
 from keystay.server.rounds import RunOutcome, start_run
@@ -27,16 +25,18 @@ from keystay.server.settings import RunSettings
 
 pytestmark = pytest.mark.e2e
 
-EVENTS_PER_DAY = 2000
-BATCH = 32
+# 75 non-overlapping records a day: above the default minimum of 64.
+EVENTS_PER_DAY = 2500
+SAMPLE_RATE = 0.1
 DELTA = 1e-5
 YESTERDAY = (date.today() - timedelta(days=1)).isoformat()
 
 
 def _strict_budget() -> float:
     """A budget one (σ=2, 5 steps) round on one block fits, and a second does not."""
-    train, _ = split_heldout(make_windows(np.zeros(EVENTS_PER_DAY, dtype=np.int64), WINDOW))
-    q = sample_rate_for(len(train), BATCH)
+    # The sampling rate is the run's, whatever the window count: the device
+    # charges exactly (σ, q, T) as asked.
+    q = SAMPLE_RATE
     once = enforced(epsilons([Mechanism(2.0, q, 5)], delta=DELTA))
     twice = enforced(epsilons([Mechanism(2.0, q, 5)] * 2, delta=DELTA))
     return round((once + twice) / 2, 6)
@@ -53,7 +53,7 @@ def _spent(data: Path) -> dict[str, float]:
 
 
 def _run(federation: LocalFederation, name: str, **asks: object) -> RunOutcome:
-    values = {"local_steps": 5, "batch_size": BATCH, "noise_multiplier": 2.0,
+    values = {"local_steps": 5, "sample_rate": SAMPLE_RATE, "noise_multiplier": 2.0,
               "max_grad_norm": 0.5, **asks}
     settings = RunSettings(server_dir=federation.server_dir, run_name=name,
                            num_server_rounds=1, min_devices=2, round_timeout=300.0,
@@ -97,6 +97,8 @@ def test_each_hostile_request_is_refused_and_the_round_goes_on(tmp_path: Path) -
             reasons = _refusals(outcome)
             assert len(reasons) == 1 and word in reasons[0].lower(), reasons
             assert row["heldout_accuracy"] is not None  # the server scored the round
+            # The code only: the full sentence stays on the device.
+            assert reasons[0].startswith("refused by device policy: "), reasons
             assert _spent(strict) == before, f"a refused '{name}' request changed the ledger"
 
         no_dp = _run(federation, "hostile-no-dp", dp=False)

@@ -42,7 +42,7 @@ DEVICES = 3
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     fed = LocalFederation(tmp_path_factory.mktemp("secagg") / "fed", devices=DEVICES,
-                          simulate_days=2, events_per_day=2000)
+                          simulate_days=2, events_per_day=2500)
     try:
         fed.start()
         yield fed
@@ -57,7 +57,7 @@ def _settings(federation: LocalFederation, run_name: str, **overrides: object) -
     # connected, so every round samples all three.
     values: dict[str, object] = dict(
         server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
-        min_devices=DEVICES, local_steps=5, batch_size=32, round_timeout=45.0,
+        min_devices=DEVICES, local_steps=5, sample_rate=0.1, round_timeout=45.0,
         secagg=True, secagg_num_shares=3, secagg_reconstruction_threshold=2,
     )
     values.update(overrides)

@@ -278,7 +278,7 @@ def test_a_multi_round_multi_block_device_history_matches_dp_accounting(tmp_path
             ledger.admit(
                 request=TrainingRequest(
                     noise_multiplier=m.noise_multiplier, max_grad_norm=1.0,
-                    local_steps=m.steps, batch_size=32, learning_rate=0.01, dp=True,
+                    local_steps=m.steps, sample_rate=0.05, learning_rate=0.01, dp=True,
                     blocks=blocks, run_id="run", server_round=n,
                 ),
                 policy=policy,

@@ -54,7 +54,6 @@ def make_report(device_id: str, **changes: object) -> PrivacyReport:
         epsilon_round_rdp=1.0,
         epsilon_total=3.35,
         max_grad_norm=1.0,
-        num_examples=640,
         created=1_741_000_000.25,
     )
     return dataclasses.replace(report, **changes)  # type: ignore[arg-type]
@@ -130,7 +129,9 @@ def test_signed_report_verifies_on_the_server_and_reads_back(tmp_path: Path) -> 
     payload, signature = sign_report(report, identity)
     fields = verified_report(payload, signature, identity.public_key_pem())
     assert fields["epsilon_total"] == 3.35
-    assert fields["unit"] == UNIT == "record = one token window within an employee-day block"
+    assert fields["unit"] == UNIT
+    assert UNIT.startswith("one training record = 33 consecutive input events")
+    assert "num_examples" not in fields  # no count of the device's data
     assert PrivacyReport.from_dict(fields) == report
 
 
@@ -187,7 +188,7 @@ def test_report_from_charge_and_failed_prv_figure(tmp_path: Path) -> None:
         epsilon_total=2.0,
     )
     report = report_from_charge(
-        charge, device_id=identity.device_id, max_grad_norm=0.5, num_examples=900
+        charge, device_id=identity.device_id, max_grad_norm=0.5
     )
     assert report.steps == 150 and report.epsilon_round == 0.95 and report.epsilon_round_rdp == 1.2
     payload, signature = sign_report(report, identity)
@@ -200,7 +201,7 @@ def test_report_from_charge_and_failed_prv_figure(tmp_path: Path) -> None:
 def test_build_report_from_a_real_charge_states_what_was_charged(tmp_path: Path) -> None:
     identity = DeviceIdentity.open(tmp_path)
     policy = DevicePolicy()
-    req = TrainingRequest(1.0, 0.7, 100, 16, 0.01, True, (), "run-z", 5)
+    req = TrainingRequest(1.0, 0.7, 100, 0.02, 0.01, True, (), "run-z", 5)
     mechanism = Mechanism(1.0, 0.02, 100)
 
     def additive(history: Sequence[Mechanism], delta: float) -> Epsilons:
@@ -221,7 +222,6 @@ def test_build_report_from_a_real_charge_states_what_was_charged(tmp_path: Path)
             mechanism=mechanism,
             delta=policy.delta,
             charge=charge,
-            num_examples=800,
             ledger=ledger,
         )
         with pytest.raises(ValueError, match="not the one charged"):
@@ -231,8 +231,7 @@ def test_build_report_from_a_real_charge_states_what_was_charged(tmp_path: Path)
                 mechanism=Mechanism(1.0, 0.03, 100),
                 delta=policy.delta,
                 charge=charge,
-                num_examples=800,
-            )
+                )
     assert [b.block for b in report.blocks] == ["2025-03-03", "2025-03-04"]
     assert report.epsilon_total == pytest.approx(2.0) and report.epsilon_round == pytest.approx(2.0)
     assert report.max_grad_norm == 0.7 and report.sample_rate == 0.02 and report.steps == 100

@@ -42,7 +42,7 @@ def request(sigma: float = 1.0, steps: int = 100, **changes: object) -> Training
         noise_multiplier=sigma,
         max_grad_norm=1.0,
         local_steps=steps,
-        batch_size=10,
+        sample_rate=0.05,
         learning_rate=0.01,
         dp=True,
         blocks=(),
@@ -348,7 +348,7 @@ def test_charge_survives_a_process_killed_before_answering(tmp_path: Path) -> No
             return Epsilons(rdp=t, prv=t, prv_upper=t)
 
         ledger = Ledger.open(Path({str(tmp_path)!r}))
-        req = TrainingRequest(1.0, 1.0, 100, 10, 0.01, True, (), "run-x", 3)
+        req = TrainingRequest(1.0, 1.0, 100, 0.04, 0.01, True, (), "run-x", 3)
         ledger.admit(request=req, policy=DevicePolicy(), blocks=["{DAY1}"],
                      mechanism=Mechanism(1.0, 0.04, 100), epsilon_fn=fake)
         os._exit(9)  # dies mid-round: no answer, no close

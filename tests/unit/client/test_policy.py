@@ -24,7 +24,7 @@ def request(**changes: object) -> TrainingRequest:
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         local_steps=100,
-        batch_size=32,
+        sample_rate=0.05,
         learning_rate=0.01,
         dp=True,
         blocks=(),
@@ -111,7 +111,11 @@ BAD_VALUES = [
     ("epsilon_per_block", '"8"', "a number"),
     ("noise_multiplier_min", "0", "a number > 0"),
     ("noise_multiplier_min", "inf", "a number > 0"),
+    ("noise_multiplier_max", "0", "> 0 and <= 1000"),
+    ("noise_multiplier_max", "1001.0", "> 0 and <= 1000"),
     ("max_grad_norm_max", "-0.5", "a number > 0"),
+    ("sample_rate_max", "0", "> 0 and <= 1"),
+    ("sample_rate_max", "1.5", "> 0 and <= 1"),
     ("max_grad_norm_max", "true", "a number > 0"),
     ("max_local_steps", "0", "from 1 to 100000"),
     ("max_local_steps", "12.5", "from 1 to 100000"),
@@ -199,8 +203,10 @@ def test_valid_request_passes_including_the_boundaries() -> None:
     policy = DevicePolicy()
     policy.check_request(request())
     policy.check_request(
-        request(noise_multiplier=0.8, max_grad_norm=1.0, local_steps=200, batch_size=1)
+        request(noise_multiplier=0.8, max_grad_norm=1.0, local_steps=200, sample_rate=0.25)
     )
+    policy.check_request(request(noise_multiplier=10.0, server_round=2**31 - 1,
+                                 run_id="a" * 128, blocks=("2025-01-01",)))
 
 
 @pytest.mark.parametrize(
@@ -213,13 +219,29 @@ def test_valid_request_passes_including_the_boundaries() -> None:
             "refused: run asks noise_multiplier 0.3 but this device's floor is 0.8 "
             "(policy.toml noise_multiplier_min)",
         ),
-        ({"noise_multiplier": math.nan}, "noise-below-floor", "floor is 0.8"),
+        ({"noise_multiplier": math.nan}, "bad-request", "noise_multiplier must be a finite number"),
+        ({"noise_multiplier": 1e6}, "noise-above-max", "ceiling is 10"),
+        ({"noise_multiplier": 10.01}, "noise-above-max", "policy.toml noise_multiplier_max"),
+        ({"sample_rate": 0.3}, "sample-rate-above-max", "policy.toml sample_rate_max"),
+        ({"sample_rate": 0.0}, "bad-request", "sample_rate must be"),
+        ({"sample_rate": math.nan}, "bad-request", "sample_rate must be"),
+        ({"learning_rate": 0.0}, "bad-request", "learning_rate"),
+        ({"learning_rate": -1.0}, "bad-request", "learning_rate"),
+        ({"learning_rate": math.inf}, "bad-request", "learning_rate"),
+        ({"server_round": 0}, "bad-request", "server_round"),
+        ({"server_round": 2**63}, "bad-request", "server_round"),
+        ({"run_id": ""}, "bad-request", "run_id"),
+        ({"run_id": "x" * 129}, "bad-request", "run_id"),
+        ({"run_id": "a b"}, "bad-request", "run_id"),
+        ({"run_id": "é"}, "bad-request", "run_id"),
+        ({"blocks": ("yesterday",)}, "bad-request", "YYYY-MM-DD"),
+        ({"blocks": ("2025-02-30",)}, "bad-request", "YYYY-MM-DD"),
+        ({"blocks": ("2025-01-01",) * 401}, "bad-request", "at most 400 blocks"),
         ({"max_grad_norm": 5.0}, "clip-above-max", "max_grad_norm 5 but"),
         ({"max_grad_norm": 0.0}, "clip-above-max", "> 0 and <= 1"),
-        ({"max_grad_norm": math.inf}, "clip-above-max", "policy.toml max_grad_norm_max"),
+        ({"max_grad_norm": math.inf}, "bad-request", "max_grad_norm must be a finite number"),
         ({"local_steps": 201}, "too-many-steps", "201 local steps but this device allows at most"),
         ({"local_steps": 0}, "bad-request", "at least 1"),
-        ({"batch_size": 0}, "bad-request", "batch_size 0"),
         ({"learning_rate": math.nan}, "bad-request", "learning_rate"),
     ],
 )
@@ -244,6 +266,23 @@ def test_refusal_codes_are_closed_and_map_to_grpc_status() -> None:
         Refusal("nope", "x")  # type: ignore[arg-type]
     assert Refusal("noise-below-floor", "x").grpc_status == "PERMISSION_DENIED"
     assert Refusal("budget-exceeded", "x").grpc_status == "FAILED_PRECONDITION"
+    assert Refusal("bad-request", "x").grpc_status == "INVALID_ARGUMENT"
+    assert Refusal("noise-above-max", "x").grpc_status == "PERMISSION_DENIED"
+
+
+def test_public_reason_names_only_the_code_except_for_malformed_requests() -> None:
+    # A state refusal's sentence names window counts and days held; the
+    # federation is told the code only.
+    thin = Refusal("block-excluded", "refused: block(s) 2025-01-02 (10) hold fewer ...")
+    assert thin.public_reason == "refused by device policy: block-excluded"
+    assert "10" not in thin.public_reason
+    bad = Refusal("bad-request", "invalid request: server_round must be ...")
+    assert bad.public_reason == bad.reason
+
+
+def test_sigma_ceiling_below_the_floor_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match="noise_multiplier_max"):
+        DevicePolicy(noise_multiplier_min=2.0, noise_multiplier_max=1.5)
     assert {"no-dp", "too-soon", "block-excluded", "no-data"} <= set(REFUSAL_CODES)
 
 

@@ -148,3 +148,27 @@ def test_doctests() -> None:
 def test_module_does_not_import_torch() -> None:
     code = "import keystay.client.windows, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_training_windows_at_the_train_stride_hold_each_token_once() -> None:
+    from keystay.client.windows import TRAIN_STRIDE, WINDOW
+
+    tokens = np.arange(5_000)
+    windows = make_windows(tokens, WINDOW, stride=TRAIN_STRIDE)
+    train, heldout = split_heldout(windows, 0.1, stride=TRAIN_STRIDE)
+    seen = np.concatenate([train.ravel(), heldout.ravel()])
+    # Every token in at most one record (exactly one, up to the ragged tail).
+    assert len(np.unique(seen)) == len(seen)
+    assert len(seen) == (len(tokens) // (WINDOW + 1)) * (WINDOW + 1)
+    # Non-overlapping windows need no gap at the seam: nothing is dropped.
+    assert len(train) + len(heldout) == len(windows)
+    assert int(train[-1, -1]) < int(heldout[0, 0])
+
+
+def test_the_seam_gap_is_the_number_of_windows_that_overlap_it() -> None:
+    # Width 3, stride 2: windows [2i, 2i+3]; only the one just before the seam
+    # shares a token with the first held-out window.
+    windows = make_windows(np.arange(41), 3, stride=2)
+    train, heldout = split_heldout(windows, 0.25, stride=2)
+    assert len(windows) - len(train) - len(heldout) == 1
+    assert not set(train.ravel()) & set(heldout.ravel())

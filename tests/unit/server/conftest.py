@@ -108,8 +108,8 @@ class FakeDevice:
             "epsilon_round_rdp": 0.5,
             "epsilon_total": total if total is not None else max(b[1] for b in blocks),
             "max_grad_norm": 1.0,
-            "num_examples": 512,
-            "unit": "record = one token window within an employee-day block",
+            "unit": "one training record = 33 consecutive input events of one employee-day; "
+                    "records do not overlap, so each event is in exactly one record",
             "created": 1_700_000_000.0,
         }
         fields.update(overrides)

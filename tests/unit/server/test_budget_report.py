@@ -21,6 +21,7 @@ from keystay.server.report.budget import (
     KIND_OVER_BUDGET,
     KIND_TAMPERED,
     KIND_UNVERIFIABLE,
+    PRIVACY_UNIT,
     SCHEMA,
     build_report,
     check,
@@ -114,8 +115,11 @@ def test_json_follows_the_documented_schema(tmp_path: Path, make_device: MakeDev
     assert data["schema"] == SCHEMA
     assert set(data) == {
         "schema", "generated_at", "ledger", "clean", "summary", "violations",
-        "unverifiable_reports", "devices", "central_dp", "refusals",
+        "unverifiable_reports", "devices", "central_dp", "refusals", "privacy_unit",
+        "units_reported",
     }
+    assert data["privacy_unit"] == PRIVACY_UNIT
+    assert data["units_reported"] == [PRIVACY_UNIT]  # what the verified reports state
     assert data["clean"] is False
     assert data["summary"] == {
         "devices": 1, "reports": 4, "verified_reports": 3, "flagged_reports": 2,
@@ -267,3 +271,24 @@ def test_server_side_imports_no_device_internals_and_no_torch() -> None:
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout.strip()
     assert out == ""
+
+
+def test_the_privacy_unit_is_stated_and_matches_the_devices(
+    tmp_path: Path, make_device: MakeDevice
+) -> None:
+    from keystay.client.windows import PRIVACY_UNIT as DEVICE_UNIT
+
+    # The server restates the device's unit (it does not import device code).
+    assert PRIVACY_UNIT == DEVICE_UNIT
+    led, device = clean_ledger(tmp_path, make_device)
+    table = render_table(build_report(led))
+    assert f"eps is per record: {PRIVACY_UNIT}" in table
+    assert "another unit" not in table
+    # A device on an older release (overlapping windows) is named, not hidden.
+    old = "record = one token window within an employee-day block"
+    led.record_report("run-old", 9, *device.report("run-old", 9, [(D1, 0.6, 8.0, False)],
+                                                   unit=old))
+    report = build_report(led)
+    assert old in report.units_reported
+    assert f"another unit: {old}" in render_table(report)
+    led.close()

@@ -124,6 +124,10 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
         # ... while the report it carries is the device's, in clear, and verifies.
         metrics = reply.content.config_records["fitres.metrics"]
         assert json.loads(str(metrics["payload-json"]))["run_id"] == RUN
+        # Nothing else in clear: every key is classified as a protocol constant.
+        from keystay.client.federation_fields import FIELDS
+
+        assert {f"clientapp.secagg.metrics.{k}" for k in metrics} <= FIELDS.keys(), metrics
     for device in row["devices"].values():
         if device["node"] in summed_ids:
             assert device["verified"] and device["epsilon_total"] == pytest.approx(0.5)
@@ -231,7 +235,7 @@ def test_strategy_refuses_individual_updates(tmp_path: Path, ledger: ServerLedge
     model = ModelConfig()
     start = initial_weights(model, 0)
     strategy = SecAggFedAvg(settings, ledger, model, start)
-    vector = [*(np.zeros_like(w) for w in start), np.zeros(1)]
+    vector = [np.zeros_like(w) for w in start]
 
     def fitres() -> FitRes:  # a fresh Parameters object each: individual updates
         return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), 1, {})
@@ -312,12 +316,13 @@ def test_device_clip_is_the_server_clip() -> None:
 def test_device_never_masks_a_non_finite_update() -> None:
     start = [np.zeros(3, np.float32)]
     with pytest.raises(ValueError, match="not finite"):
-        client_secagg.masked_vector(start, [np.array([0.0, np.nan, 0.0], np.float32)], 1.0, None)
+        client_secagg.masked_vector(start, [np.array([0.0, np.nan, 0.0], np.float32)], None)
     with pytest.raises(ValueError, match="not finite"):
-        client_secagg.masked_vector(start, [np.ones(3, np.float32)], float("inf"), None)
-    vector = client_secagg.masked_vector(start, [np.ones(3, np.float32)], 2.0, 1.0)
+        client_secagg.masked_vector(start, [np.array([0.0, np.inf, 0.0], np.float32)], None)
+    vector = client_secagg.masked_vector(start, [np.ones(3, np.float32)], 1.0)
+    # The clipped update and nothing else: no loss entry rides in the secure sum.
+    assert len(vector) == 1
     assert np.linalg.norm(vector[0]) == pytest.approx(1.0)
-    assert vector[1][0] == pytest.approx(2.0 / client_secagg.LOSS_SCALE)
 
 
 def test_wire_constants_agree() -> None:

@@ -190,9 +190,9 @@ def test_non_canonical_or_malformed_payload_is_unverifiable(
     verdict = ledger.record_report("run-1", 1, pretty.decode(), device.key.sign(pretty))
     assert verdict.flags == (FLAG_UNVERIFIABLE,) and "canonical" in verdict.reasons[0]
 
-    del fields["num_examples"]
+    del fields["unit"]
     verdict = ledger.record_report("run-1", 1, *device.sign(fields))
-    assert verdict.flags == (FLAG_UNVERIFIABLE,) and "num_examples" in verdict.reasons[0]
+    assert verdict.flags == (FLAG_UNVERIFIABLE,) and "unit" in verdict.reasons[0]
 
     verdict = ledger.record_report("run-1", 1, "not json", b"\x00" * 64)
     assert verdict.flags == (FLAG_UNVERIFIABLE,) and verdict.device_id == ""
@@ -373,7 +373,7 @@ def test_field_names_match_the_device_report() -> None:
         blocks=(ReportBlock(D1, 1.0, 0.9, 0.95, 8.0, False),),
         noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5,
         accountant="min(rdp, prv_upper)", epsilon_round=0.95, epsilon_round_rdp=1.0,
-        epsilon_total=0.95, max_grad_norm=1.0, num_examples=100,
+        epsilon_total=0.95, max_grad_norm=1.0,
     )
     fields = json.loads(canonical_bytes(report))
     assert set(REQUIRED_FIELDS) <= set(fields)
@@ -392,7 +392,7 @@ def test_report_signed_by_device_identity_verifies(tmp_path: Path, ledger: Serve
         blocks=(ReportBlock(D3, 1.1, 0.9, 0.95, 8.0, False),),
         noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5,
         accountant="min(rdp, prv_upper)", epsilon_round=0.95, epsilon_round_rdp=1.1,
-        epsilon_total=0.95, max_grad_norm=1.0, num_examples=100,
+        epsilon_total=0.95, max_grad_norm=1.0,
     )
     payload, signature = sign_report(report, identity)
     verdict = ledger.record_report("run-1", 2, payload.decode("ascii"), signature)

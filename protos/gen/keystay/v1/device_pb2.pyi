@@ -17,22 +17,22 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("noise_multiplier", "max_grad_norm", "local_steps", "batch_size", "learning_rate", "dp", "blocks")
+    __slots__ = ("noise_multiplier", "max_grad_norm", "local_steps", "learning_rate", "dp", "blocks", "sample_rate")
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     DP_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     noise_multiplier: float
     max_grad_norm: float
     local_steps: int
-    batch_size: int
     learning_rate: float
     dp: bool
     blocks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dp: _Optional[bool] = ..., blocks: _Optional[_Iterable[str]] = ...) -> None: ...
+    sample_rate: float
+    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dp: _Optional[bool] = ..., blocks: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("run_id", "server_round", "weights", "spec")
@@ -63,7 +63,7 @@ class BlockCharge(_message.Message):
     def __init__(self, block: _Optional[str] = ..., epsilon_rdp: _Optional[float] = ..., epsilon_prv: _Optional[float] = ..., epsilon: _Optional[float] = ..., budget: _Optional[float] = ..., retired: _Optional[bool] = ...) -> None: ...
 
 class PrivacyReport(_message.Message):
-    __slots__ = ("device_id", "run_id", "server_round", "noise_multiplier", "sample_rate", "steps", "delta", "accountant", "epsilon_round_rdp", "epsilon_total", "blocks", "max_grad_norm", "num_examples", "unit", "signature", "payload_json")
+    __slots__ = ("device_id", "run_id", "server_round", "noise_multiplier", "sample_rate", "steps", "delta", "accountant", "epsilon_round_rdp", "epsilon_total", "blocks", "max_grad_norm", "unit", "signature", "payload_json")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -76,7 +76,6 @@ class PrivacyReport(_message.Message):
     EPSILON_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
-    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     UNIT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -92,29 +91,18 @@ class PrivacyReport(_message.Message):
     epsilon_total: float
     blocks: _containers.RepeatedCompositeFieldContainer[BlockCharge]
     max_grad_norm: float
-    num_examples: int
     unit: str
     signature: bytes
     payload_json: str
-    def __init__(self, device_id: _Optional[str] = ..., run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ..., epsilon_round_rdp: _Optional[float] = ..., epsilon_total: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockCharge, _Mapping]]] = ..., max_grad_norm: _Optional[float] = ..., num_examples: _Optional[int] = ..., unit: _Optional[str] = ..., signature: _Optional[bytes] = ..., payload_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, device_id: _Optional[str] = ..., run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ..., epsilon_round_rdp: _Optional[float] = ..., epsilon_total: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockCharge, _Mapping]]] = ..., max_grad_norm: _Optional[float] = ..., unit: _Optional[str] = ..., signature: _Optional[bytes] = ..., payload_json: _Optional[str] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("weights", "num_examples", "train_loss", "heldout_accuracy", "heldout_loss", "report", "seconds")
+    __slots__ = ("weights", "report")
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
-    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
-    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
-    HELDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
-    HELDOUT_LOSS_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
-    SECONDS_FIELD_NUMBER: _ClassVar[int]
     weights: _containers.RepeatedCompositeFieldContainer[Tensor]
-    num_examples: int
-    train_loss: float
-    heldout_accuracy: float
-    heldout_loss: float
     report: PrivacyReport
-    seconds: float
-    def __init__(self, weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., heldout_accuracy: _Optional[float] = ..., heldout_loss: _Optional[float] = ..., report: _Optional[_Union[PrivacyReport, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., report: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("run_id", "server_round", "weights")
