@@ -41,9 +41,10 @@ from hypothesis import strategies as st
 
 from keystay.client import app as clientapp
 from keystay.client.capture.simulated import fill_store
-from keystay.client.daemon.controls import Controls
 from keystay.client.daemon.core import DeviceCore
-from keystay.client.daemon.service import DeviceServicer
+from keystay.client.daemon.control_service import ControlServicer
+from keystay.client.daemon.controls import Controls
+from keystay.client.daemon.service import FederationServicer
 from keystay.client.federation_fields import FEDERATION_RPCS, FIELDS
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Epsilons, Mechanism
@@ -93,7 +94,7 @@ class Daemon:
     core: DeviceCore
     trainer: FakeTrainer
     socket: Path
-    stub: device_pb2_grpc.DeviceStub
+    stub: device_pb2_grpc.FederationStub
 
     def ledger_rows(self) -> dict[str, list[tuple[object, ...]]]:
         conn = sqlite3.connect(self.core.data_dir / LEDGER_FILE)
@@ -118,14 +119,17 @@ def daemon() -> Iterator[Daemon]:
     core = DeviceCore(data, store, policy, Ledger.open(data), DeviceIdentity.open(data),
                       trainer)  # type: ignore[arg-type]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    device_pb2_grpc.add_DeviceServicer_to_server(
-        DeviceServicer(core, Controls(core, None, "none", "test")), server)
-    socket = data / "device.sock"
+    device_pb2_grpc.add_FederationServicer_to_server(FederationServicer(core), server)
+    socket = data / "federation.sock"
     server.add_insecure_port(f"unix://{socket}")
+    # The employee's side, for the CLI (the uid gate is tested in test_surfaces).
+    device_pb2_grpc.add_ControlServicer_to_server(
+        ControlServicer(Controls(core, None, "none", "test")), server)
+    server.add_insecure_port(f"unix://{data / 'control.sock'}")
     server.start()
     channel = grpc.insecure_channel(f"unix://{socket}")
     try:
-        yield Daemon(core, trainer, socket, device_pb2_grpc.DeviceStub(channel))
+        yield Daemon(core, trainer, socket, device_pb2_grpc.FederationStub(channel))
     finally:
         channel.close()
         server.stop(0)
@@ -365,8 +369,11 @@ def test_hostile_requests_are_refused_uncharged_and_never_unknown(
     else:
         assert present_fields(reply) <= FIELDS.keys()
         assert payload_keys(json.loads(reply.report.payload_json)) <= FIELDS.keys()
-    # Still serving.
-    assert daemon.stub.Status(device_pb2.StatusRequest(), timeout=10).device_id
+    # Still serving: a well-formed request below the noise floor gets the
+    # policy's refusal (and charges nothing), not a dead socket.
+    with pytest.raises(grpc.RpcError) as still:
+        daemon.stub.Train(good_request(server_round=1, noise_multiplier=0.2), timeout=30)
+    assert still.value.code() in REFUSED, still.value
 
 
 def test_security_md_carries_the_classification_table() -> None:

@@ -24,9 +24,10 @@ from keystay.server.ledger.ledger import ServerLedger
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
 
-def _request(run_id: str, server_round: int, sigma: float, steps: int) -> TrainingRequest:
+def _request(run_id: str, server_round: int, sigma: float, steps: int,
+             q: float = 0.05) -> TrainingRequest:
     return TrainingRequest(noise_multiplier=sigma, max_grad_norm=1.0, local_steps=steps,
-                           batch_size=64, learning_rate=0.01, dp=True, blocks=(),
+                           sample_rate=q, learning_rate=0.01, dp=True, blocks=(),
                            run_id=run_id, server_round=server_round)
 
 
@@ -38,7 +39,7 @@ def charge_device(data_dir: Path, rounds: list[tuple[list[str], float, float, in
     with Ledger.open(data_dir) as ledger:
         for i, (days, sigma, q, steps) in enumerate(rounds, start=1):
             charge = ledger.admit(
-                request=_request(run_id, i, sigma, steps), policy=policy, blocks=days,
+                request=_request(run_id, i, sigma, steps, q), policy=policy, blocks=days,
                 mechanism=Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps),
                 epsilon_fn=lambda h, d: accounting.epsilons(h, delta=d),
                 now=now + 3600 * i,
@@ -67,8 +68,7 @@ def server_ledger(server_dir: Path, keys_dir: Path) -> ServerLedger:
                     epsilon_fn=lambda h, d: accounting.epsilons(h, delta=d),
                     now=1_000.0 + rnd * 10,
                 )
-            report = report_from_charge(charge, device_id=device.device_id, max_grad_norm=1.0,
-                                        num_examples=4096)
+            report = report_from_charge(charge, device_id=device.device_id, max_grad_norm=1.0)
             payload, signature = sign_report(report, device)
             ledger.record_report("run-demo", rnd, payload, signature)
     for rnd, eps in ((1, 1.4), (2, 2.3), (3, 3.1)):
@@ -84,8 +84,7 @@ def server_ledger(server_dir: Path, keys_dir: Path) -> ServerLedger:
             mechanism=Mechanism(1.0, 0.05, 60),
             epsilon_fn=lambda h, d: accounting.epsilons(h, delta=d), now=2_000.0,
         )
-    report = report_from_charge(charge, device_id=stranger.device_id, max_grad_norm=1.0,
-                                num_examples=100)
+    report = report_from_charge(charge, device_id=stranger.device_id, max_grad_norm=1.0)
     ledger.record_report("run-demo", 3, *sign_report(report, stranger))
     ledger.record_refusal("run-demo", 2, "node-7", f"refused: noise below floor {HOSTILE}")
     return ledger

@@ -261,7 +261,7 @@ def test_rounds_and_days_come_from_the_ledger(tmp_path: Path) -> None:
     with Ledger.open(tmp_path) as ledger:
         for rnd, blocks in ((1, days), (2, days[1:])):
             request = TrainingRequest(noise_multiplier=2.0, max_grad_norm=1.0, local_steps=10,
-                                      batch_size=8, learning_rate=0.1, dp=True, blocks=(),
+                                      sample_rate=0.1, learning_rate=0.1, dp=True, blocks=(),
                                       run_id="r", server_round=rnd)
             charge = ledger.admit(request=request, policy=DevicePolicy(), blocks=blocks,
                                   mechanism=Mechanism(2.0, 0.1, 10), epsilon_fn=_additive,

@@ -163,13 +163,10 @@ class StubDaemon(device_pb2_grpc.FederationServicer):
         self.sent[server_round] = new
         payload, signature = self.device.report(
             request.run_id, server_round, [("2024-01-02", 0.5 * server_round, 8.0, False)],
-            num_examples=100 + self.index, update_sha256=weights_sha256(new),
+            update_sha256=weights_sha256(new),
         )
         return device_pb2.TrainReply(
             weights=weights_to_proto(new),
-            num_examples=100 + self.index,
-            train_loss=2.0 + self.index,
-            seconds=0.1,
             report=device_pb2.PrivacyReport(
                 device_id=self.device.device_id,
                 epsilon_total=0.5 * server_round,
@@ -202,6 +199,9 @@ class InProcessGrid(Grid):
     received: list[tuple[str, Message]] = field(default_factory=list)  # what the server got
     sent_types: list[str] = field(default_factory=list)  # message type of all it sent
     gone: set[int] = field(default_factory=set)
+    # Applied to each reply before the server sees it: what a modified
+    # ClientApp (server-shipped code is not trusted) could send instead.
+    tamper: Callable[[int, Message], None] | None = None
 
     def set_run(self, run: Run) -> None:
         raise NotImplementedError
@@ -245,6 +245,8 @@ class InProcessGrid(Grid):
             finally:
                 TaskIdentity.node_id = SUPERLINK_NODE_ID
             reply = copy.deepcopy(reply)
+            if self.tamper is not None:
+                self.tamper(node_id, reply)
             self.received.append((stage, reply))
             replies.append(reply)
         return replies

@@ -84,11 +84,18 @@ def test_round_is_scored_by_the_server_and_no_device_is_asked_to_evaluate(
 def test_devices_weigh_the_same_whatever_example_count_they_send(
     task_identity: None, make_nodes: Any, ledger: ServerLedger
 ) -> None:
-    # The stub daemons report 100, 101 and 102 examples; the ClientApp of this
-    # branch still forwards them. An example-weighted mean would differ from
-    # the equal mean by ~1e-5 here, far above float32 rounding.
+    # The ClientApp sends the constant 1, but its code comes from the server
+    # and is not trusted: replies claiming 100, 101 and 102 examples must not
+    # change the mean. An example-weighted mean would differ from the equal
+    # mean by ~1e-5 here, far above float32 rounding.
     nodes = make_nodes(3)
-    settings = _run(ledger, InProcessGrid(nodes), num_server_rounds=1)
+
+    def claim_examples(node_id: int, reply: Message) -> None:
+        if reply.has_content() and "metrics" in reply.content.metric_records:
+            reply.content.metric_records["metrics"]["num-examples"] = node_id
+
+    grid = InProcessGrid(nodes, tamper=claim_examples)
+    settings = _run(ledger, grid, num_server_rounds=1)
     start = initial_weights(ModelConfig(), settings.seed)
     final = read_checkpoint(settings.run_dir / "final.pt").weights
     for i, (s, f) in enumerate(zip(start, final, strict=True)):
