@@ -41,9 +41,9 @@ from hypothesis import strategies as st
 
 from keystay.client import app as clientapp
 from keystay.client.capture.simulated import fill_store
-from keystay.client.daemon.core import DeviceCore
 from keystay.client.daemon.control_service import ControlServicer
 from keystay.client.daemon.controls import Controls
+from keystay.client.daemon.core import DeviceCore
 from keystay.client.daemon.service import FederationServicer
 from keystay.client.federation_fields import FEDERATION_RPCS, FIELDS
 from keystay.client.identity import DeviceIdentity
