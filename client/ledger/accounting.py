@@ -54,15 +54,17 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from scipy import special
+
+from keystay.client.ledger import pld
 
 #: Name of the bound :func:`enforced` returns, as written in privacy reports.
-ACCOUNTANT = "min(rdp, prv_upper)"
+ACCOUNTANT = "min(rdp, pld)"
 
 #: RDP orders searched. Opacus's defaults (1.1 ... 10.9, 12 ... 63) extended to 256: small
 #: budgets (epsilon below ~0.5 at delta = 1e-5) have their best order above 63, where the
@@ -157,20 +159,113 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
+def _log_a_integer(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    r""":math:`\log A_\alpha` for integer orders (Mironov, Talwar, Zhang 2019, Sec. 3.3).
+
+    :math:`A_\alpha = \sum_{k=0}^{\alpha} \binom{\alpha}{k} q^k (1-q)^{\alpha-k}
+    e^{(k^2 - k) / (2\sigma^2)}`, all terms positive, summed in log space.
+    """
+    if len(alphas) == 0:
+        return np.zeros(0)
+    top = int(alphas.max())
+    k = np.arange(top + 1, dtype=float)
+    a = alphas[:, None]
+    with np.errstate(invalid="ignore"):
+        terms = (
+            special.gammaln(a + 1)
+            - special.gammaln(k + 1)
+            - special.gammaln(np.maximum(a - k, 0) + 1)
+            + k * math.log(q)
+            + (a - k) * math.log1p(-q)
+            + (k * k - k) / (2 * sigma**2)
+        )
+    terms = np.where(k <= a, terms, -np.inf)
+    return np.asarray(special.logsumexp(terms, axis=1), dtype=float)
+
+
+def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
+    r""":math:`\log A_\alpha` for a fractional order by the convergent series.
+
+    Mironov, Talwar, Zhang 2019, Sec. 3.3: with
+    :math:`z_0 = \sigma^2 \log(1/q - 1) + 1/2`, :math:`A_\alpha = A_0 + A_1`,
+
+    .. math:: A_0 = \sum_{i \ge 0} \binom{\alpha}{i} q^i (1-q)^{\alpha-i}
+              e^{(i^2 - i)/(2\sigma^2)}\, \Phi((z_0 - i)/\sigma),
+              \quad
+              A_1 = \sum_{i \ge 0} \binom{\alpha}{i} q^{\alpha-i} (1-q)^{i}
+              e^{(j^2 - j)/(2\sigma^2)}\, \Phi((j - z_0)/\sigma),\ j = \alpha - i.
+
+    The binomial coefficients alternate in sign past ``alpha``; the series is
+    summed until a term falls below ``e^-30`` (its tail is then negligible
+    against :math:`A_\alpha \ge 1`).
+    """
+    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
+    n = 128
+    while True:
+        i = np.arange(n, dtype=float)
+        j = alpha - i
+        log_binom = special.gammaln(alpha + 1) - special.gammaln(i + 1) - special.gammaln(j + 1)
+        sign = special.gammasgn(j + 1)
+        log_s0 = (
+            log_binom + i * math.log(q) + j * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
+            + special.log_ndtr((z0 - i) / sigma)
+        )
+        log_s1 = (
+            log_binom + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma**2)
+            + special.log_ndtr((j - z0) / sigma)
+        )
+        small = np.nonzero(np.maximum(log_s0, log_s1) < -30)[0]
+        if len(small) or n >= 1 << 20:
+            break
+        n *= 4
+    end = int(small[0]) + 1 if len(small) else n
+    terms = np.concatenate([log_s0[:end], log_s1[:end]])
+    signs = np.concatenate([sign[:end], sign[:end]])
+    top = float(terms.max())
+    total = float(np.sum(signs * np.exp(terms - top)))
+    if not total > 0:
+        raise FloatingPointError(f"RDP series lost its precision at order {alpha}")
+    return top + math.log(total)
+
+
 @functools.lru_cache(maxsize=4096)
 def _step_rdp(sigma: float, q: float, orders: tuple[float, ...]) -> np.ndarray:
-    """RDP of one sampled Gaussian step at each order (cached: the ledger asks often).
+    r"""RDP of one sampled Gaussian step at each order (cached: the ledger asks often).
 
-    ``compute_rdp`` is linear in ``steps``, so ``steps * _step_rdp(...)`` is exact.
+    :math:`\varepsilon(\alpha) = \log A_\alpha / (\alpha - 1)`; for ``q = 1``
+    the plain Gaussian mechanism's :math:`\alpha / (2\sigma^2)`. RDP is linear
+    in the number of steps, so ``steps * _step_rdp(...)`` is exact.
     """
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    curve = np.asarray(
-        rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)),
-        dtype=float,
-    )
+    alphas = np.asarray(orders, dtype=float)
+    if q == 1.0:
+        curve = alphas / (2 * sigma**2)
+    else:
+        integer = alphas == np.round(alphas)
+        log_a = np.empty(len(alphas))
+        log_a[integer] = _log_a_integer(q, sigma, alphas[integer])
+        for n in np.nonzero(~integer)[0]:
+            log_a[n] = _log_a_fractional(q, sigma, float(alphas[n]))
+        curve = log_a / (alphas - 1)
+    curve = np.asarray(curve, dtype=float)
     curve.setflags(write=False)
     return curve
+
+
+def _rdp_to_epsilon(curve: np.ndarray, orders: tuple[float, ...], delta: float) -> float:
+    r"""Balle et al. 2020, Thm. 21, minimised over ``orders`` (never below 0).
+
+    :math:`\varepsilon = \min_\alpha \varepsilon(\alpha) + \log((\alpha-1)/\alpha)
+    - (\log\delta + \log\alpha)/(\alpha-1)`.
+    """
+    alphas = np.asarray(orders, dtype=float)
+    eps = (
+        np.asarray(curve, dtype=float)
+        + np.log1p(-1 / alphas)
+        - (math.log(delta) + np.log(alphas)) / (alphas - 1)
+    )
+    if np.isnan(eps).all():
+        return math.inf
+    return max(0.0, float(np.nanmin(eps)))
 
 
 def _composed_rdp(merged: list[tuple[float, float, int]], orders: tuple[float, ...]) -> np.ndarray:
@@ -178,17 +273,6 @@ def _composed_rdp(merged: list[tuple[float, float, int]], orders: tuple[float, .
     for sigma, q, steps in merged:
         total = total + steps * _step_rdp(sigma, q, orders)
     return total
-
-
-def _rdp_to_epsilon(curve: np.ndarray, orders: tuple[float, ...], delta: float) -> float:
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    with warnings.catch_warnings():
-        # Opacus warns when the best order is at the edge of the grid; the bound is
-        # still valid (just not the tightest), and RDP_ORDERS is wide for that reason.
-        warnings.simplefilter("ignore", UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=curve, delta=delta)
-    return float(eps)
 
 
 def rdp_curve(
@@ -219,25 +303,41 @@ def epsilon_rdp(
     return _rdp_to_epsilon(_composed_rdp(merged, orders), orders, delta)
 
 
+@functools.lru_cache(maxsize=256)
+def _opacus_step_rdp(sigma: float, q: float, orders: tuple[float, ...]) -> np.ndarray:
+    """Opacus's own RDP of one step, for the Opacus PRV reference path only."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    curve = np.asarray(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)),
+        dtype=float,
+    )
+    curve.setflags(write=False)
+    return curve
+
+
 def _safe_half_width(
     merged: list[tuple[float, float, int]], eps_error: float, delta_error: float
 ) -> float:
     """Opacus's ``compute_safe_domain_size`` (Gopi et al. Remark 5.6), with cached RDP.
 
-    The same computation, on Opacus's default RDP orders, so the domain (and
-    the result) is identical to Opacus's ``PRVAccountant``; a unit test checks
-    that. Redone here only because Opacus recomputes every RDP curve per call.
+    The same computation, on Opacus's default RDP orders and with Opacus's
+    RDP, so the domain (and the result) is identical to Opacus's
+    ``PRVAccountant``; a unit test checks that.
     """
     from opacus.accountants import RDPAccountant
 
     orders = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
     total_steps = sum(steps for _, _, steps in merged)
-    half_width = _rdp_to_epsilon(_composed_rdp(merged, orders), orders, delta_error / 4)
+    composed = np.zeros(len(orders))
+    for sigma, q, steps in merged:
+        composed = composed + steps * _opacus_step_rdp(sigma, q, orders)
+    half_width = _rdp_to_epsilon(composed, orders, delta_error / 4)
     for sigma, q, _ in merged:
         half_width = max(
             half_width,
             _rdp_to_epsilon(
-                _step_rdp(sigma, q, orders), orders, delta_error / (8 * total_steps)
+                _opacus_step_rdp(sigma, q, orders), orders, delta_error / (8 * total_steps)
             ),
         )
     return max(half_width, eps_error) + 3
@@ -316,21 +416,112 @@ def epsilon_prv(
     return PrvEpsilon(float(estimate), float(lower), float(upper))
 
 
-def epsilons(history: Iterable[Mechanism], *, delta: float) -> Epsilons:
-    """Epsilon of ``history`` at ``delta`` under RDP and PRV.
+# -- the incremental state a ledger keeps per block ---------------------------
 
-    If the PRV computation fails (very long or extreme histories can exhaust
-    its floating-point range), ``prv`` and ``prv_upper`` are ``inf`` and the
-    enforced bound falls back to RDP; the failure is never hidden as a small
-    number.
+#: Names the maths a stored :class:`AccountantState` was built with; a state
+#: stored under another version is rebuilt from the block's history.
+STATE_VERSION = (
+    f"keystay-accountant-v1;orders={len(RDP_ORDERS)}:{RDP_ORDERS[0]!r}..{RDP_ORDERS[-1]!r};"
+    f"{pld.VERSION}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountantState:
+    """Everything needed to price the next round of one block, independent of delta.
+
+    Attributes
+    ----------
+    rdp : numpy.ndarray
+        The composed RDP curve over :data:`RDP_ORDERS` (RDP adds).
+    pld : keystay.client.ledger.pld.PldPair
+        The composed dominating privacy loss distributions (both directions).
     """
-    history = list(history)
-    rdp = epsilon_rdp(history, delta=delta)
-    try:
-        prv = epsilon_prv(history, delta=delta)
-    except (ValueError, RuntimeError, MemoryError, FloatingPointError):
-        return Epsilons(rdp=rdp, prv=math.inf, prv_upper=math.inf)
-    return Epsilons(rdp=rdp, prv=prv.estimate, prv_upper=prv.upper)
+
+    rdp: np.ndarray
+    pld: pld.PldPair
+
+    def __post_init__(self) -> None:
+        if len(self.rdp) != len(RDP_ORDERS):
+            raise ValueError(f"an RDP curve has {len(RDP_ORDERS)} orders, got {len(self.rdp)}")
+        self.rdp.setflags(write=False)
+
+
+#: The state of a block nothing has touched.
+EMPTY_STATE = AccountantState(np.zeros(len(RDP_ORDERS)), pld.IDENTITY_PAIR)
+
+
+def mechanism_state(mechanism: Mechanism) -> AccountantState:
+    """The state of ``mechanism`` alone (its PLD pair is cached by ``(sigma, q, steps)``)."""
+    if not isinstance(mechanism, Mechanism):
+        raise TypeError(f"a history holds Mechanism objects, got {type(mechanism).__name__}")
+    sigma, q, steps = (
+        float(mechanism.noise_multiplier), float(mechanism.sample_rate), int(mechanism.steps)
+    )
+    if steps == 0:
+        return EMPTY_STATE
+    return AccountantState(
+        np.asarray(steps * _step_rdp(sigma, q, RDP_ORDERS), dtype=float),
+        pld.gaussian_pair(sigma, q, steps),
+    )
+
+
+def compose_state(state: AccountantState, mechanism: Mechanism) -> AccountantState:
+    """``state`` followed by ``mechanism``: RDP curves add, PLDs convolve.
+
+    The cost depends on ``mechanism`` (cached) and on the width of the PLDs,
+    never on how many mechanisms ``state`` already holds.
+    """
+    new = mechanism_state(mechanism)
+    if new is EMPTY_STATE:
+        return state
+    return AccountantState(state.rdp + new.rdp, pld.compose_pair(state.pld, new.pld))
+
+
+def state_of(history: Iterable[Mechanism]) -> AccountantState:
+    """The state of a whole history, from scratch (identical mechanisms merged first)."""
+    state = EMPTY_STATE
+    for sigma, q, steps in _merged(history):
+        state = compose_state(state, Mechanism(sigma, q, steps))
+    return state
+
+
+def state_epsilons(state: AccountantState, *, delta: float) -> Epsilons:
+    """Epsilon of ``state`` at ``delta``: RDP, and the PLD bound in ``prv`` and ``prv_upper``.
+
+    The PLD bound is certified (see :mod:`keystay.client.ledger.pld`), so it
+    fills both the estimate and the upper-bound field; it is ``inf`` when the
+    PLD's mass at infinity alone reaches ``delta`` (then RDP is enforced).
+    """
+    _check_delta(delta)
+    rdp = _rdp_to_epsilon(state.rdp, RDP_ORDERS, delta) if state.rdp.any() else 0.0
+    tight = pld.epsilon_pair(state.pld, delta)
+    return Epsilons(rdp=rdp, prv=tight, prv_upper=tight)
+
+
+def state_to_bytes(state: AccountantState) -> bytes:
+    """Serialise a state (float64 RDP curve, then :func:`pld.to_bytes`)."""
+    return np.ascontiguousarray(state.rdp, dtype="<f8").tobytes() + pld.to_bytes(state.pld)
+
+
+def state_from_bytes(data: bytes) -> AccountantState:
+    """Inverse of :func:`state_to_bytes`; raises ``ValueError`` on a malformed blob."""
+    n = 8 * len(RDP_ORDERS)
+    if len(data) < n:
+        raise ValueError("truncated accountant state")
+    curve = np.frombuffer(data[:n], dtype="<f8").astype(float)
+    if not (np.all(np.isfinite(curve)) and np.all(curve >= 0)):
+        raise ValueError("accountant state holds an invalid RDP curve")
+    return AccountantState(curve, pld.from_bytes(data[n:]))
+
+
+def epsilons(history: Iterable[Mechanism], *, delta: float) -> Epsilons:
+    """Epsilon of ``history`` at ``delta`` under RDP and the PLD accountant.
+
+    The same maths the ledger runs incrementally (:func:`state_of`, then
+    :func:`state_epsilons`), here from scratch. numpy and scipy only.
+    """
+    return state_epsilons(state_of(history), delta=delta)
 
 
 def enforced(e: Epsilons) -> float:
