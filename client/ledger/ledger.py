@@ -960,10 +960,10 @@ class _StatePricer:
         self._states: dict[str, tuple[accounting.AccountantState, ...]] = {}
 
     def _chain(self, block: str) -> tuple[accounting.AccountantState, ...]:
-        """``(state, state + M)`` of the block, computed once per admit."""
+        """``(state, state + M, state + M + M)`` of the block, computed once per admit."""
         if block not in self._states:
             state = self._ledger._state(block)
-            self._states[block] = (state, accounting.compose_state(state, self._m))
+            self._states[block] = (state, *accounting.compose_state_twice(state, self._m))
         return self._states[block]
 
     def _eps(self, state: accounting.AccountantState, what: str) -> Epsilons:
@@ -981,8 +981,7 @@ class _StatePricer:
         return self._eps(self._chain(block)[1], f"block {block} after this round")
 
     def again(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
-        twice = accounting.compose_state(self._chain(block)[1], self._m)
-        return self._eps(twice, f"block {block} after this round twice")
+        return self._eps(self._chain(block)[2], f"block {block} after this round twice")
 
     def alone(self) -> Epsilons:
         return self._eps(accounting.mechanism_state(self._m), "this round alone")

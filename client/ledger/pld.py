@@ -88,7 +88,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import signal, special
+from scipy import fft, special
 
 #: Grid step of the privacy loss (nats). Part of :data:`VERSION`: a change rebuilds every state.
 GRID = 5e-4
@@ -267,22 +267,61 @@ def _fft_error_bound(a: np.ndarray, b: np.ndarray, n: int) -> float:
     return FFT_SLACK * math.sqrt(n) * u * math.log2(max(n, 2)) * norms
 
 
+def _join(a: float, b: float) -> float:
+    """Mass at infinity of a composition: ``1 - (1 - a)(1 - b)``, precise for tiny masses."""
+    return a + b - a * b
+
+
+def _from_spectrum(spectrum: np.ndarray, size: int, n: int) -> np.ndarray:
+    conv = fft.irfft(spectrum, size)[:n]
+    np.clip(conv, 0.0, None, out=conv)
+    return np.asarray(conv)
+
+
 def compose(a: Pld, b: Pld) -> Pld:
     """The PLD of running both mechanisms (independent losses add), truncated.
 
     ``infinity`` composes as ``1 - (1 - a)(1 - b)``: the loss is infinite when
     either one is.
     """
+    n = len(a.masses) + len(b.masses) - 1
     if len(a.masses) * len(b.masses) <= 4096:
         conv = np.convolve(a.masses, b.masses)
         slack = 0.0
     else:
-        conv = signal.fftconvolve(a.masses, b.masses)
-        np.clip(conv, 0.0, None, out=conv)
-        slack = _fft_error_bound(a.masses, b.masses, len(conv))
-    # 1 - (1 - a)(1 - b), written so tiny masses keep their precision.
-    infinity = a.infinity + b.infinity - a.infinity * b.infinity + slack
+        size = fft.next_fast_len(n, real=True)
+        fa = fft.rfft(a.masses, size)
+        # Squaring (repeated in self_compose) needs one forward transform, not two.
+        fb = fa if b is a else fft.rfft(b.masses, size)
+        conv = _from_spectrum(fa * fb, size, n)
+        slack = _fft_error_bound(a.masses, b.masses, n)
+    infinity = _join(a.infinity, b.infinity) + slack
     return _trim(Pld(a.offset + b.offset, conv, infinity))
+
+
+def compose_twice(a: Pld, b: Pld) -> tuple[Pld, Pld]:
+    """``(a + b, a + b + b)`` sharing the transforms (the ledger's charge and retirement check).
+
+    Both are computed from the untruncated spectra, so each is a valid
+    dominating PLD on its own; the second is not ``compose(compose(a, b), b)``
+    bit for bit (that one truncates in between), only at least as tight.
+    """
+    n1 = len(a.masses) + len(b.masses) - 1
+    n2 = n1 + len(b.masses) - 1
+    size = fft.next_fast_len(n2, real=True)
+    fa = fft.rfft(a.masses, size)
+    fb = fft.rfft(b.masses, size)
+    once = fa * fb
+    one = _from_spectrum(once, size, n1)
+    two = _from_spectrum(once * fb, size, n2)
+    slack1 = _fft_error_bound(a.masses, b.masses, n1)
+    # a * b * b: bound the two products in turn (the first's output feeds the second).
+    slack2 = slack1 + _fft_error_bound(one, b.masses, n2)
+    inf1 = _join(a.infinity, b.infinity)
+    return (
+        _trim(Pld(a.offset + b.offset, one, inf1 + slack1)),
+        _trim(Pld(a.offset + 2 * b.offset, two, _join(inf1, b.infinity) + slack2)),
+    )
 
 
 def self_compose(pld: Pld, times: int) -> Pld:
@@ -297,13 +336,20 @@ def self_compose(pld: Pld, times: int) -> Pld:
             result = compose(result, power)
         n >>= 1
         if n:
-            power = compose(power, power)
+            power = compose(power, power)  # same object: one forward transform
     return result
 
 
 def compose_pair(a: PldPair, b: PldPair) -> PldPair:
     """Compose two mechanisms in both directions."""
     return PldPair(compose(a.remove, b.remove), compose(a.add, b.add))
+
+
+def compose_pair_twice(a: PldPair, b: PldPair) -> tuple[PldPair, PldPair]:
+    """``(a + b, a + b + b)`` in both directions; see :func:`compose_twice`."""
+    r1, r2 = compose_twice(a.remove, b.remove)
+    d1, d2 = compose_twice(a.add, b.add)
+    return PldPair(r1, d1), PldPair(r2, d2)
 
 
 @functools.lru_cache(maxsize=256)
