@@ -153,9 +153,10 @@ def enforced_epsilon(eps: Epsilons, accountant: str) -> float:
     """The bound a block's budget is checked against, for the policy's ``accountant``.
 
     ``"prv"``: :func:`keystay.client.ledger.accounting.enforced`,
-    ``min(rdp, prv_upper)``: the PRV accountant's certified upper bound
-    (Gopi et al. 2021), or the RDP bound where that is lower or where PRV
-    failed (then ``prv_upper`` is inf). Both are valid upper bounds on the ε
+    ``min(rdp, prv_upper)``, where ``prv_upper`` holds the certified PLD
+    bound (:mod:`keystay.client.ledger.pld`; the PRV accountant of Gopi et
+    al. 2021 before it), or the RDP bound where that is lower or where the
+    PLD gave no finite bound (then ``prv_upper`` is inf). Both are valid upper bounds on the ε
     of the same history, so their minimum is one too. The PRV *estimate* is
     never enforced. ``"rdp"``: the RDP bound alone (Mironov 2017; Balle et
     al. 2020 conversion), looser, so budgets are spent sooner.
