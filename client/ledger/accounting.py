@@ -196,8 +196,8 @@ def _log_a_integer(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
     return np.asarray(special.logsumexp(terms, axis=1), dtype=float)
 
 
-def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
-    r""":math:`\log A_\alpha` for a fractional order by the convergent series.
+def _log_a_fractional(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
+    r""":math:`\log A_\alpha` for fractional orders by the convergent series (all at once).
 
     Mironov, Talwar, Zhang 2019, Sec. 3.3: with
     :math:`z_0 = \sigma^2 \log(1/q - 1) + 1/2`, :math:`A_\alpha = A_0 + A_1`,
@@ -208,37 +208,56 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
               A_1 = \sum_{i \ge 0} \binom{\alpha}{i} q^{\alpha-i} (1-q)^{i}
               e^{(j^2 - j)/(2\sigma^2)}\, \Phi((j - z_0)/\sigma),\ j = \alpha - i.
 
-    The binomial coefficients alternate in sign past ``alpha``; the series is
-    summed until a term falls below ``e^-30`` (its tail is then negligible
-    against :math:`A_\alpha \ge 1`).
+    The binomial coefficients alternate in sign past ``alpha``; each order's
+    series is summed up to and including its first term below ``e^-30`` (its
+    tail is then negligible against :math:`A_\alpha \ge 1`), as the
+    reference implementations do.
     """
+    if len(alphas) == 0:
+        return np.zeros(0)
+    return _log_a_fractional_rows(q, sigma, np.asarray(alphas, dtype=float), 128)
+
+
+def _log_a_fractional_rows(q: float, sigma: float, alphas: np.ndarray, n: int) -> np.ndarray:
+    """The series of :func:`_log_a_fractional` over ``n`` terms; longer for orders that need it."""
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    n = 128
-    while True:
-        i = np.arange(n, dtype=float)
-        j = alpha - i
-        log_binom = special.gammaln(alpha + 1) - special.gammaln(i + 1) - special.gammaln(j + 1)
-        sign = special.gammasgn(j + 1)
-        log_s0 = (
-            log_binom + i * math.log(q) + j * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
-            + special.log_ndtr((z0 - i) / sigma)
+    a = alphas[:, None]
+    i = np.arange(n, dtype=float)[None, :]
+    j = a - i
+    log_binom = special.gammaln(a + 1) - special.gammaln(i + 1) - special.gammaln(j + 1)
+    sign = special.gammasgn(j + 1)
+    log_s0 = (
+        log_binom + i * math.log(q) + j * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
+        + special.log_ndtr((z0 - i) / sigma)
+    )
+    log_s1 = (
+        log_binom + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma**2)
+        + special.log_ndtr((j - z0) / sigma)
+    )
+    small = np.maximum(log_s0, log_s1) < -30
+    done = small.any(axis=1)
+    if n >= 1 << 20:
+        done[:] = True  # give up growing: sum what there is (never reached in practice)
+    out = np.empty(len(alphas))
+    if not done.all():
+        out[~done] = _log_a_fractional_rows(q, sigma, alphas[~done], 4 * n)
+    if done.any():
+        # Each order's terms up to and including its first small one.
+        first = np.where(small[done].any(axis=1), small[done].argmax(axis=1), n - 1)
+        keep = np.arange(n)[None, :] <= first[:, None]
+        both = np.concatenate(
+            [np.where(keep, log_s0[done], -np.inf), np.where(keep, log_s1[done], -np.inf)],
+            axis=1,
         )
-        log_s1 = (
-            log_binom + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma**2)
-            + special.log_ndtr((j - z0) / sigma)
-        )
-        small = np.nonzero(np.maximum(log_s0, log_s1) < -30)[0]
-        if len(small) or n >= 1 << 20:
-            break
-        n *= 4
-    end = int(small[0]) + 1 if len(small) else n
-    terms = np.concatenate([log_s0[:end], log_s1[:end]])
-    signs = np.concatenate([sign[:end], sign[:end]])
-    top = float(terms.max())
-    total = float(np.sum(signs * np.exp(terms - top)))
-    if not total > 0:
-        raise FloatingPointError(f"RDP series lost its precision at order {alpha}")
-    return top + math.log(total)
+        signs = np.concatenate([sign[done], sign[done]], axis=1)
+        top = both.max(axis=1, keepdims=True)
+        total = np.sum(signs * np.exp(both - top), axis=1)
+        if not np.all(total > 0):
+            raise FloatingPointError(
+                f"RDP series lost its precision at q = {q}, sigma = {sigma}"
+            )
+        out[done] = top[:, 0] + np.log(total)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -256,8 +275,7 @@ def _step_rdp(sigma: float, q: float, orders: tuple[float, ...]) -> np.ndarray:
         integer = alphas == np.round(alphas)
         log_a = np.empty(len(alphas))
         log_a[integer] = _log_a_integer(q, sigma, alphas[integer])
-        for n in np.nonzero(~integer)[0]:
-            log_a[n] = _log_a_fractional(q, sigma, float(alphas[n]))
+        log_a[~integer] = _log_a_fractional(q, sigma, alphas[~integer])
         curve = log_a / (alphas - 1)
     curve = np.asarray(curve, dtype=float)
     curve.setflags(write=False)
