@@ -57,13 +57,17 @@ with every round (the PRV accountant took 23 s at 10 distinct mechanisms and
 :class:`~keystay.client.ledger.accounting.AccountantState`: the composed RDP
 curve (RDP adds) and the composed dominating privacy loss distributions
 (:mod:`keystay.client.ledger.pld`; a new round is one convolution). A charge
-composes only the new mechanism into the stored state, so its cost does not
-grow with the history. The state is δ-free, stored in table
+composes only the new mechanism into the stored state (and once more, in
+the same transforms, for the retirement check), so its cost does not grow
+with the number of charges: it depends on the new mechanism (its own PLD is
+cached by ``(σ, q, T)``) and on the width of the block's PLD, which the
+block's budget bounds. The state is δ-free, stored in table
 ``accountant_state`` in the same transaction as the charge rows, and tagged
 with :data:`~keystay.client.ledger.accounting.STATE_VERSION` and the id and
 count of the charge rows it covers; when it is missing, of another version
 (new grid or orders), or stale (rows written without it), it is rebuilt from
-the block's history, which stays the source of truth. The table was added
+the block's history, which stays the source of truth (once, at a cost of
+one composition per distinct mechanism). The table was added
 without changing the file format: a ledger written before it simply gets its
 states rebuilt on first use.
 
