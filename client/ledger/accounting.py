@@ -61,6 +61,16 @@ Abadi et al. 2016's example (q = 0.01, sigma = 4, 10,000 steps, delta = 1e-5)::
     >>> h = [Mechanism(noise_multiplier=4.0, sample_rate=0.01, steps=10_000)]
     >>> round(epsilon_rdp(h, delta=1e-5), 2)
     1.04
+
+The PLD bound the device enforces for it, and the same from a state that
+composes the steps in two rounds::
+
+    >>> round(epsilons(h, delta=1e-5).prv_upper, 2)
+    0.95
+    >>> half = Mechanism(noise_multiplier=4.0, sample_rate=0.01, steps=5_000)
+    >>> state = compose_state(compose_state(EMPTY_STATE, half), half)
+    >>> round(state_epsilons(state, delta=1e-5).prv_upper, 2)
+    0.95
 """
 
 from __future__ import annotations

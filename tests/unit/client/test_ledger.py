@@ -616,3 +616,14 @@ def test_a_thousand_mixed_rounds_on_one_block_stay_valid(tmp_path: Path) -> None
     assert truth * 0.99 <= previous <= truth * 1.02
     if folder != tmp_path:
         shutil.rmtree(folder)
+
+
+def test_a_refused_round_leaves_the_stored_state_alone(tmp_path: Path) -> None:
+    policy = DevicePolicy(epsilon_per_block=1.0)
+    with Ledger.open(tmp_path) as ledger:
+        _charge_real(ledger, [DAY1], Mechanism(1.5, 0.01, 100), 1, policy)
+        before = dump(ledger.path)
+        with pytest.raises(Refusal) as refused:
+            _charge_real(ledger, [DAY1], Mechanism(0.8, 0.2, 200), 2, policy)
+        assert refused.value.code == "budget-exceeded"
+        assert dump(ledger.path) == before
