@@ -138,9 +138,12 @@ class Epsilons:
     rdp : float
         RDP upper bound.
     prv : float
-        PRV estimate (not a bound; for display).
+        The tight accountant's figure for display: from :func:`epsilons` and
+        :func:`state_epsilons` the certified PLD bound (equal to
+        ``prv_upper``); from a PRV computation its estimate (not a bound).
+        The name is kept for the ledger columns and the report's wire field.
     prv_upper : float
-        PRV certified upper bound.
+        The tight accountant's certified upper bound (PLD; PRV's upper end before).
     """
 
     rdp: float
