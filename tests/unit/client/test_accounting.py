@@ -359,6 +359,19 @@ def _exact_remove_delta(sigma: float, q: float, eps: float) -> float:
     )
 
 
+def _exact_add_delta(sigma: float, q: float, eps: float) -> float:
+    """The same for addition: P = N(0, σ²), Q = (1 - q) N(0, σ²) + q N(1, σ²)."""
+    from scipy import special
+
+    inner = math.exp(-eps) - (1 - q)
+    if inner <= 0:
+        return 0.0  # the loss never exceeds -log(1 - q)
+    x = sigma**2 * math.log(inner / q) + 0.5  # loss > eps  <=>  X < x
+    p_mass = special.ndtr(x / sigma)
+    q_mass = (1 - q) * p_mass + q * special.ndtr((x - 1) / sigma)
+    return float(max(0.0, p_mass - math.exp(eps) * q_mass))
+
+
 def _pld_delta(p: pld.Pld, eps: float) -> float:
     losses = (p.offset + np.arange(len(p.masses))) * pld.GRID
     above = losses > eps
@@ -369,12 +382,34 @@ def _pld_delta(p: pld.Pld, eps: float) -> float:
 def test_one_step_pld_dominates_the_exact_mechanism(sigma: float, q: float) -> None:
     # The certified direction: at every epsilon the grid PLD's delta is at least the
     # mechanism's true delta (and only just: connect-the-dots is exact at grid points).
-    step = pld._step_direction(sigma, q, remove=True)
+    remove = pld._step_direction(sigma, q, remove=True)
+    add = pld._step_direction(sigma, q, remove=False)
     for eps in np.linspace(0.0, 3.0, 41):
-        exact = _exact_remove_delta(sigma, q, float(eps))
-        ours = _pld_delta(step, float(eps))
-        assert ours >= exact - 1e-15
-        assert ours <= exact + 1e-3 * max(exact, 1e-12) + 1e-14
+        for step, exact_delta in ((remove, _exact_remove_delta), (add, _exact_add_delta)):
+            exact = exact_delta(sigma, q, float(eps))
+            ours = _pld_delta(step, float(eps))
+            assert ours >= exact - 1e-15, (step is add, eps)
+            assert ours <= exact + 1e-3 * max(exact, 1e-12) + 1e-14, (step is add, eps)
+
+
+@pytest.mark.parametrize(("sigma", "steps"), [(2.0, 10), (5.0, 200), (1.0, 3)])
+def test_composed_gaussian_bound_is_never_below_the_exact_epsilon(sigma: float, steps: int) -> None:
+    # q = 1: T Gaussian steps are exactly one Gaussian mechanism with mu = sqrt(T) / sigma
+    # (Dong, Roth, Su 2019), whose delta(eps) has a closed form (Balle & Wang 2018).
+    from scipy import optimize, special
+
+    mu = math.sqrt(steps) / sigma
+
+    def excess(eps: float) -> float:
+        return float(
+            special.ndtr(-eps / mu + mu / 2)
+            - math.exp(eps) * special.ndtr(-eps / mu - mu / 2)
+            - DELTA
+        )
+
+    exact = optimize.brentq(excess, 0.0, 100.0, xtol=1e-12)
+    ours = epsilons([Mechanism(sigma, 1.0, steps)], delta=DELTA).prv_upper
+    assert exact <= ours <= exact * 1.002 + 1e-4
 
 
 def test_the_fft_round_off_slack_covers_the_measured_error() -> None:
