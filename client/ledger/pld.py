@@ -25,15 +25,17 @@ The object
     :math:`((1-q)N(0,\sigma^2) + qN(1,\sigma^2),\ N(0,\sigma^2))` for
     removal and the swapped pair for addition (Zhu, Dong, Wang 2022,
     "Optimal Accounting of Differential Privacy via Characteristic Function",
-    Thm. 11); a neighbouring pair of data sets is in one relation for every
-    step, so each direction is composed on its own and the epsilon is the
-    larger of the two (as dp-accounting does).
+    their result on Poisson subsampling); a neighbouring pair of data sets
+    is in one relation for every step, so each direction is composed on its
+    own and the epsilon is the larger of the two (as dp-accounting does).
 
 Why the bound is never below the true epsilon
     Every approximation moves probability towards a *dominating* pair, i.e.
     one whose hockey-stick divergence is at least as large at every
     :math:`\varepsilon`; dominance survives composition (Zhu, Dong, Wang
-    2022, Lemma 9, a consequence of Blackwell's theorem), so the composed
+    2022, their composition theorem for dominating pairs; it follows from
+    Blackwell's theorem: a dominated pair is a post-processing of the
+    dominating one, and products of post-processings are one), so the composed
     grid PLD dominates the true composition.
 
     1. *Discretisation* (one step): an atom of loss :math:`L` between grid
@@ -261,7 +263,7 @@ def _fft_error_bound(a: np.ndarray, b: np.ndarray, n: int) -> float:
 
     The error vector of an FFT convolution has 2-norm of order
     ``u log2(n) ||a||_2 ||b||_2`` (``u`` the unit round-off; Higham,
-    "Accuracy and Stability of Numerical Algorithms", Sec. 24.1), so its
+    "Accuracy and Stability of Numerical Algorithms", ch. on the FFT), so its
     1-norm is at most ``sqrt(n)`` times that; ``||a||_2^2 <= max(a) sum(a)``.
     Multiplied by :data:`FFT_SLACK`; a unit test checks the margin.
     """
