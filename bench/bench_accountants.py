@@ -1,7 +1,8 @@
 """Print keystay's ε next to Google's dp-accounting for the classic DP-SGD cases.
 
 Run: ``.venv/bin/python bench/bench_accountants.py``. keystay's figures come
-from :mod:`keystay.client.ledger.accounting` (Opacus RDP and PRV); the
+from :mod:`keystay.client.ledger.accounting` (its own RDP, the certified PLD
+bound the device enforces, and Opacus's PRV interval for reference); the
 independent ones from ``dp_accounting`` (RDP, and PLD at a 1e-4 grid).
 """
 
@@ -10,7 +11,13 @@ from __future__ import annotations
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from keystay.client.ledger.accounting import RDP_ORDERS, Mechanism, epsilon_prv, epsilon_rdp
+from keystay.client.ledger.accounting import (
+    RDP_ORDERS,
+    Mechanism,
+    epsilon_prv,
+    epsilon_rdp,
+    epsilons,
+)
 
 DELTA = 1e-5
 CASES = {
@@ -35,7 +42,7 @@ def _event(history: list[Mechanism]) -> dp_accounting.DpEvent:
 def main() -> None:
     print(f"δ = {DELTA:g}")
     print(f"{'case':<32}{'keystay RDP':>12}{'dp-acc RDP':>12}{'diff %':>8}"
-          f"{'PRV low':>9}{'PRV up':>9}{'dp-acc PLD':>12}")
+          f"{'PRV low':>9}{'PRV up':>9}{'PLD bound':>10}{'dp-acc PLD':>12}")
     for name, history in CASES.items():
         google_rdp = rdp.RdpAccountant(orders=list(RDP_ORDERS))
         google_rdp.compose(_event(history))
@@ -45,7 +52,9 @@ def main() -> None:
         google_pld = pld.PLDAccountant(value_discretization_interval=1e-4)
         google_pld.compose(_event(history))
         print(f"{name:<32}{ours:>12.4f}{g:>12.4f}{100 * (ours - g) / g:>8.3f}"
-              f"{prv.lower:>9.4f}{prv.upper:>9.4f}{google_pld.get_epsilon(DELTA):>12.4f}")
+              f"{prv.lower:>9.4f}{prv.upper:>9.4f}"
+              f"{epsilons(history, delta=DELTA).prv_upper:>10.4f}"
+              f"{google_pld.get_epsilon(DELTA):>12.4f}")
 
 
 if __name__ == "__main__":

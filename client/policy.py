@@ -430,11 +430,13 @@ class DevicePolicy:
         contents are not final would spend its budget on a moving target.
         0 allows training on today (tests and demos).
     accountant : {"prv", "rdp"}
-        Which ε bound is enforced against the budget. Default ``"prv"``: the
-        PRV accountant's certified upper bound (Gopi et al. 2021), or the RDP
-        bound wherever that is lower or PRV fails, i.e. ``min(rdp,
-        prv_upper)``; both are valid upper bounds, so their minimum is one
-        too, and it is the tightest the device can certify. ``"rdp"``: the
+        Which ε bound is enforced against the budget. Default ``"prv"`` (the
+        name is kept for existing policy files): the tight numerical bound,
+        now a certified privacy loss distribution (PLD) bound kept per block
+        (:mod:`keystay.client.ledger.pld`; it replaced the PRV accountant of
+        Gopi et al. 2021), or the RDP bound wherever that is lower, i.e.
+        ``min(rdp, pld)``; both are valid upper bounds, so their minimum is
+        one too, and it is the tightest the device can certify. ``"rdp"``: the
         RDP bound alone (Mironov 2017), looser, so budgets are spent sooner.
         Both are always computed and recorded.
     """
@@ -575,7 +577,7 @@ class DevicePolicy:
             else f"at least {self.min_participation_gap_seconds:g} seconds between two rounds."
         )
         accountant = {
-            "prv": "the PRV accountant's certified upper bound (or RDP's, where lower)",
+            "prv": "a certified privacy-loss-distribution bound (or RDP's, where lower)",
             "rdp": "the RDP accountant's bound (looser: a day's budget is spent sooner)",
         }[self.accountant]
         items = [

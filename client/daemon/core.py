@@ -22,7 +22,10 @@ Order of a training request, and why:
    unknown or too-small block is refused.
 4. ``ledger.admit`` — per-block ε after this round (composed over every
    earlier charge), refuse over budget, else write the charge (write-ahead:
-   a crash after this point never refunds).
+   a crash after this point never refunds). The ledger prices it itself,
+   in this process, by composing the round into each block's stored
+   accountant state (numpy/scipy, bounded time): the warm trainer is not
+   needed to charge.
 5. Train in the warm trainer process (torch lives there, not here).
 6. Sign the report, mark the charge answered, reply.
 
@@ -211,7 +214,6 @@ class DeviceCore:
                 policy=self.policy,
                 blocks=blocks,
                 mechanism=mechanism,
-                epsilon_fn=self.trainer.epsilons,  # (history, delta) -> Epsilons
             )
             outcome = self.trainer.train(
                 _job(weights, train, heldout, request, mechanism)

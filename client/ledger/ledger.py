@@ -50,8 +50,31 @@ and training must stop (never start a fresh ledger next to a broken one:
 that would be a silent refund). An accountant returning NaN or a negative ε
 raises :class:`LedgerError` (never admit on an unknown ε).
 
-This module never imports torch: ``epsilon_fn`` is passed in (in the daemon,
-the warm trainer process computes it).
+Accounting in bounded time
+--------------------------
+Re-running an accountant over a block's whole history makes a charge slower
+with every round (the PRV accountant took 23 s at 10 distinct mechanisms and
+482 s at 50). Instead the ledger keeps, per block, an
+:class:`~keystay.client.ledger.accounting.AccountantState`: the composed RDP
+curve (RDP adds) and the composed dominating privacy loss distributions
+(:mod:`keystay.client.ledger.pld`; a new round is one convolution). A charge
+composes only the new mechanism into the stored state (and once more, in
+the same transforms, for the retirement check), so its cost does not grow
+with the number of charges: it depends on the new mechanism (its own PLD is
+cached by ``(σ, q, T)``) and on the width of the block's PLD, which the
+block's budget bounds. The state is δ-free, stored in table
+``accountant_state`` in the same transaction as the charge rows, and tagged
+with :data:`~keystay.client.ledger.accounting.STATE_VERSION` and the id and
+count of the charge rows it covers; when it is missing, of another version
+(new grid or orders), or stale (rows written without it), it is rebuilt from
+the block's history, which stays the source of truth (once, at a cost of
+one composition per distinct mechanism). The table was added
+without changing the file format: a ledger written before it simply gets its
+states rebuilt on first use.
+
+The maths is numpy and scipy only (no torch), so the daemon charges without
+the warm trainer. ``admit(epsilon_fn=...)`` still accepts a function of the
+whole history (tests; comparisons) and then prices from scratch.
 """
 
 from __future__ import annotations
@@ -66,6 +89,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
@@ -113,6 +137,18 @@ CREATE TABLE participation (
 );
 """
 
+# Added after format 1 shipped; created on open when missing (older ledgers, older
+# keystay versions ignore it). A cache of the history: rebuilt, never trusted blindly.
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accountant_state (
+    block TEXT PRIMARY KEY,
+    version TEXT NOT NULL,            -- accounting.STATE_VERSION it was built with
+    last_charge INTEGER NOT NULL,     -- id of the newest charge row composed into it
+    charges INTEGER NOT NULL,         -- how many charge rows of the block it composes
+    state BLOB NOT NULL               -- accounting.state_to_bytes
+)
+"""
+
 
 class LedgerError(RuntimeError):
     """The ledger cannot be trusted or written; training must stop."""
@@ -122,9 +158,10 @@ def enforced_epsilon(eps: Epsilons, accountant: str) -> float:
     """The bound a block's budget is checked against, for the policy's ``accountant``.
 
     ``"prv"``: :func:`keystay.client.ledger.accounting.enforced`,
-    ``min(rdp, prv_upper)``: the PRV accountant's certified upper bound
-    (Gopi et al. 2021), or the RDP bound where that is lower or where PRV
-    failed (then ``prv_upper`` is inf). Both are valid upper bounds on the ε
+    ``min(rdp, prv_upper)``, where ``prv_upper`` holds the certified PLD
+    bound (:mod:`keystay.client.ledger.pld`; the PRV accountant of Gopi et
+    al. 2021 before it), or the RDP bound where that is lower or where the
+    PLD gave no finite bound (then ``prv_upper`` is inf). Both are valid upper bounds on the ε
     of the same history, so their minimum is one too. The PRV *estimate* is
     never enforced. ``"rdp"``: the RDP bound alone (Mironov 2017; Balle et
     al. 2020 conversion), looser, so budgets are spent sooner.
@@ -338,12 +375,15 @@ class Ledger:
                         if statement.strip():
                             conn.execute(statement)
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    conn.execute(_STATE_SCHEMA)
                 elif version != SCHEMA_VERSION:
                     raise LedgerError(
                         f"{path} is ledger format {version}; this keystay reads format "
                         f"{SCHEMA_VERSION}. Upgrade keystay; never delete the ledger (that "
                         "would reset spent budgets)"
                     )
+                else:
+                    conn.execute(_STATE_SCHEMA)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -493,7 +533,7 @@ class Ledger:
         policy: DevicePolicy,
         blocks: Sequence[str],
         mechanism: Mechanism,
-        epsilon_fn: EpsilonFn,
+        epsilon_fn: EpsilonFn | None = None,
         now: float | None = None,
     ) -> Charge:
         """Check a round against the policy and the budgets; charge it durably or refuse.
@@ -514,9 +554,13 @@ class Ledger:
             ``(σ, q, T)`` the trainer will run: σ and T must equal the
             request's, ``q`` is the Poisson rate over the union of the blocks'
             training windows.
-        epsilon_fn : callable
-            ``epsilon_fn(history, delta) -> Epsilons`` for a composed history.
-            Called for ``history_b + [M]`` and ``history_b + [M, M]`` per
+        epsilon_fn : callable, optional
+            ``None`` (the default, and what the daemon uses): price with the
+            block's stored :class:`~keystay.client.ledger.accounting.AccountantState`,
+            composing only ``M`` into it (bounded time; see the module
+            docstring), and store the new state with the charge. Otherwise
+            ``epsilon_fn(history, delta) -> Epsilons`` for a composed history,
+            called for ``history_b + [M]`` and ``history_b + [M, M]`` per
             distinct block history, and for ``[M]`` (memoised within a call).
         now : float, optional
             Unix seconds (tests); default ``time.time()``.
@@ -544,29 +588,18 @@ class Ledger:
             raise Refusal("no-data", "refused: the round has no blocks to train on")
         self._check_mechanism(mechanism, request)
         now = time.time() if now is None else float(now)
-        delta = policy.delta
-        cache: dict[tuple[tuple[float, float, int], ...], Epsilons] = {}
-
-        def eps(history: Sequence[Mechanism]) -> Epsilons:
-            key = _key(history)
-            if key not in cache:
-                value = epsilon_fn(list(history), delta)
-                for name in ("rdp", "prv", "prv_upper"):
-                    x = float(getattr(value, name))
-                    if math.isnan(x) or x < 0:
-                        raise LedgerError(
-                            f"accountant returned {name} = {x!r} for a history of "
-                            f"{len(history)} mechanism(s); nothing was charged"
-                        )
-                cache[key] = value
-            return cache[key]
+        pricer: _Pricer
+        if epsilon_fn is None:
+            pricer = _StatePricer(self, mechanism, policy.delta)
+        else:
+            pricer = _HistoryPricer(epsilon_fn, mechanism, policy.delta)
 
         with self._lock:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    charge = self._admit_locked(request, policy, wanted, mechanism, eps, now)
+                    charge = self._admit_locked(request, policy, wanted, mechanism, pricer, now)
                     conn.execute("COMMIT")
                 except BaseException:
                     # A failed COMMIT may already have ended the transaction.
@@ -604,7 +637,7 @@ class Ledger:
         policy: DevicePolicy,
         wanted: tuple[str, ...],
         mechanism: Mechanism,
-        eps: Callable[[Sequence[Mechanism]], Epsilons],
+        pricer: _Pricer,
         now: float,
     ) -> Charge:
         conn = self._conn
@@ -646,8 +679,8 @@ class Ledger:
         over: list[str] = []
         for block in wanted:
             history = self._history(block)
-            before = self._spent(block, history, policy, eps)
-            after = eps([*history, mechanism])
+            before = self._spent(block, history, policy, pricer)
+            after = pricer.after(block, history)
             planned.append((block, history, before, after))
             if enforced_epsilon(after, accountant) > budget:
                 over.append(block)
@@ -660,7 +693,7 @@ class Ledger:
         results: list[BlockCharge] = []
         for block, history, before, after in planned:
             # Retire when the same round could not be afforded once more (rule 6).
-            again = eps([*history, mechanism, mechanism])
+            again = pricer.again(block, history)
             retire = enforced_epsilon(again, accountant) > budget
             eps_after = enforced_epsilon(after, accountant)
             conn.execute(
@@ -691,6 +724,7 @@ class Ledger:
                 "retired_at = coalesce(retired_at, excluded.retired_at)",
                 (block, budget, int(retire), now if retire else None),
             )
+            pricer.store(block, charge_id)
             results.append(
                 BlockCharge(
                     block=block,
@@ -717,8 +751,8 @@ class Ledger:
             delta=policy.delta,
             accountant=accountant_name(accountant),
             blocks=tuple(results),
-            epsilon_round=eps([mechanism]),
-            epsilon_round_enforced=enforced_epsilon(eps([mechanism]), accountant),
+            epsilon_round=pricer.alone(),
+            epsilon_round_enforced=enforced_epsilon(pricer.alone(), accountant),
             epsilon_total=self._device_epsilon(),
         )
 
@@ -727,7 +761,7 @@ class Ledger:
         block: str,
         history: Sequence[Mechanism],
         policy: DevicePolicy,
-        eps: Callable[[Sequence[Mechanism]], Epsilons],
+        pricer: _Pricer,
     ) -> float:
         """The block's enforced ε now: from its last row if δ is unchanged, else recomputed."""
         if not history:
@@ -741,7 +775,7 @@ class Ledger:
             # The last row holds the ε of the whole history at this δ.
             stored = Epsilons(rdp=row[1], prv=row[2], prv_upper=row[3])
             return enforced_epsilon(stored, policy.accountant)
-        return enforced_epsilon(eps(history), policy.accountant)
+        return enforced_epsilon(pricer.now(block, history), policy.accountant)
 
     @staticmethod
     def _over_reason(
@@ -766,6 +800,57 @@ class Ledger:
             f"ε bound {accountant_name(policy.accountant)}; budget: {POLICY_FILE} "
             "epsilon_per_block). Nothing "
             "was trained or charged; ask for more noise or fewer steps, or leave these blocks out"
+        )
+
+    # --- accountant state --------------------------------------------------------
+
+    def accountant_state(self, block: str) -> accounting.AccountantState:
+        """The block's composed accountant state, rebuilt from its history if need be.
+
+        Read-only: a rebuilt state is stored by the next charge of the block.
+        """
+        with self._lock:
+            return self._state(block)
+
+    def _state(self, block: str) -> accounting.AccountantState:
+        """The stored state if it is of this version and covers every charge row, else rebuilt.
+
+        The history is the source of truth: a state written by another grid
+        or order set, or missing rows written without it (an older keystay,
+        ``epsilon_fn`` charges), is recomputed from it (cost: once per
+        distinct mechanism, then stored again with the next charge).
+        """
+        last, count = self._conn.execute(
+            "SELECT coalesce(max(id), 0), count(*) FROM charges WHERE block = ?", (block,)
+        ).fetchone()
+        if count == 0:
+            return accounting.EMPTY_STATE
+        row = self._conn.execute(
+            "SELECT version, last_charge, charges, state FROM accountant_state WHERE block = ?",
+            (block,),
+        ).fetchone()
+        if row is not None and (row[0], row[1], row[2]) == (
+            accounting.STATE_VERSION, last, count
+        ):
+            try:
+                return accounting.state_from_bytes(bytes(row[3]))
+            except ValueError:
+                pass  # a damaged cache: rebuild it from the history below
+        return accounting.state_of(self._history(block))
+
+    def _store_state(
+        self, block: str, state: accounting.AccountantState, charge_id: int
+    ) -> None:
+        count = self._conn.execute(
+            "SELECT count(*) FROM charges WHERE block = ?", (block,)
+        ).fetchone()[0]
+        self._conn.execute(
+            "INSERT INTO accountant_state (block, version, last_charge, charges, state) "
+            "VALUES (?,?,?,?,?) ON CONFLICT(block) DO UPDATE SET version = excluded.version, "
+            "last_charge = excluded.last_charge, charges = excluded.charges, "
+            "state = excluded.state",
+            (block, accounting.STATE_VERSION, charge_id, count,
+             accounting.state_to_bytes(state)),
         )
 
     def mark_answered(self, charge: Charge | int) -> None:
@@ -799,3 +884,113 @@ class Ledger:
                 (stamp, block),
             )
             return cursor.rowcount > 0
+
+
+# --- pricing a round -------------------------------------------------------------------
+
+
+def _checked(value: Epsilons, what: str) -> Epsilons:
+    """``value`` if every figure is a number >= 0; never admit on an unknown ε."""
+    for name in ("rdp", "prv", "prv_upper"):
+        x = float(getattr(value, name))
+        if math.isnan(x) or x < 0:
+            raise LedgerError(
+                f"accountant returned {name} = {x!r} for {what}; nothing was charged"
+            )
+    return value
+
+
+class _Pricer(Protocol):
+    """What :meth:`Ledger._admit_locked` asks about a round's mechanism ``M``.
+
+    Every method is called inside the admit transaction.
+    """
+
+    def now(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        """ε of the block as it stands."""
+
+    def after(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        """ε of the block after ``M``."""
+
+    def again(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        """ε of the block after ``M`` twice (the retirement check)."""
+
+    def alone(self) -> Epsilons:
+        """ε of ``M`` alone."""
+
+    def store(self, block: str, charge_id: int) -> None:
+        """Persist whatever the block's next charge needs (called after its row is written)."""
+
+
+class _HistoryPricer:
+    """Prices with ``epsilon_fn`` over whole histories (memoised within one admit)."""
+
+    def __init__(self, epsilon_fn: EpsilonFn, mechanism: Mechanism, delta: float) -> None:
+        self._fn = epsilon_fn
+        self._m = mechanism
+        self._delta = delta
+        self._cache: dict[tuple[tuple[float, float, int], ...], Epsilons] = {}
+
+    def _eps(self, history: Sequence[Mechanism]) -> Epsilons:
+        key = _key(history)
+        if key not in self._cache:
+            self._cache[key] = _checked(
+                self._fn(list(history), self._delta),
+                f"a history of {len(history)} mechanism(s)",
+            )
+        return self._cache[key]
+
+    def now(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        return self._eps(history)
+
+    def after(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        return self._eps([*history, self._m])
+
+    def again(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        return self._eps([*history, self._m, self._m])
+
+    def alone(self) -> Epsilons:
+        return self._eps([self._m])
+
+    def store(self, block: str, charge_id: int) -> None:
+        """Nothing: the block's stored state (if any) is now stale and will be rebuilt."""
+
+
+class _StatePricer:
+    """Prices by composing ``M`` into each block's stored accountant state (bounded time)."""
+
+    def __init__(self, ledger: Ledger, mechanism: Mechanism, delta: float) -> None:
+        self._ledger = ledger
+        self._m = mechanism
+        self._delta = delta
+        self._states: dict[str, tuple[accounting.AccountantState, ...]] = {}
+
+    def _chain(self, block: str) -> tuple[accounting.AccountantState, ...]:
+        """``(state, state + M, state + M + M)`` of the block, computed once per admit."""
+        if block not in self._states:
+            state = self._ledger._state(block)
+            self._states[block] = (state, *accounting.compose_state_twice(state, self._m))
+        return self._states[block]
+
+    def _eps(self, state: accounting.AccountantState, what: str) -> Epsilons:
+        try:
+            value = accounting.state_epsilons(state, delta=self._delta)
+        except (ValueError, FloatingPointError) as error:
+            raise LedgerError(f"cannot compute ε for {what} ({error}); nothing was charged") \
+                from error
+        return _checked(value, what)
+
+    def now(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        return self._eps(self._chain(block)[0], f"block {block}")
+
+    def after(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        return self._eps(self._chain(block)[1], f"block {block} after this round")
+
+    def again(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
+        return self._eps(self._chain(block)[2], f"block {block} after this round twice")
+
+    def alone(self) -> Epsilons:
+        return self._eps(accounting.mechanism_state(self._m), "this round alone")
+
+    def store(self, block: str, charge_id: int) -> None:
+        self._ledger._store_state(block, self._chain(block)[1], charge_id)

@@ -43,9 +43,11 @@ UNIT = PRIVACY_UNIT
 class ReportBlock:
     """A block's ε after the round's charge (proto ``BlockCharge``).
 
-    ``epsilon`` is the enforced bound; ``epsilon_prv`` is the PRV estimate,
-    shown for comparison only. ``epsilon_rdp`` / ``epsilon_prv`` are inf
-    (``null`` in the payload) when that accountant failed for the history.
+    ``epsilon`` is the enforced bound; ``epsilon_prv`` is the tight
+    numerical accountant's figure (the wire name is kept: since the ledger
+    became incremental it is the certified PLD bound, before that the PRV
+    estimate). ``epsilon_rdp`` / ``epsilon_prv`` are inf (``null`` in the
+    payload) when that accountant gave no finite bound for the history.
     """
 
     block: str
@@ -73,7 +75,7 @@ class PrivacyReport:
         The mechanism ``(σ, q, T)`` of this round.
     delta : float
     accountant : str
-        Name of the enforced bound (e.g. ``"min(rdp, prv_upper)"``).
+        Name of the enforced bound (e.g. ``"min(rdp, pld)"``).
     epsilon_round : float
         Enforced ε of this round's mechanism alone.
     epsilon_round_rdp : float

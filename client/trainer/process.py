@@ -506,7 +506,11 @@ class WarmTrainer:
     def epsilons(
         self, history: Sequence[Mechanism], delta: float, *, timeout: float = CALL_TIMEOUT_S
     ) -> Epsilons:
-        """:func:`keystay.client.ledger.accounting.epsilons` of ``history``, in the child."""
+        """:func:`keystay.client.ledger.accounting.epsilons` of ``history``, in the child.
+
+        The daemon no longer charges through this (the ledger prices rounds
+        itself, incrementally, without torch); kept for tools and tests.
+        """
         result: Epsilons = self._call("epsilons", (list(history), float(delta)), timeout)
         return result
 
