@@ -115,17 +115,36 @@ class PerExampleClipper:
         self.model = model
         self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         self._layers: list[nn.Module] = []
-        owned: set[int] = set()
+        owner: dict[int, str] = {}
         for name, layer in model.named_modules():
+            if not isinstance(layer, SUPPORTED_LAYERS):
+                continue
             mine = [p for p in layer.parameters(recurse=False) if p.requires_grad]
             if not mine:
                 continue
             _check_layer(name or type(model).__name__, layer)
             self._layers.append(layer)
-            owned.update(id(p) for p in mine)
-        missing = [p for p in self.params if id(p) not in owned]
-        if missing:  # a parameter registered twice, or shared oddly: refuse, never skip
-            raise ValueError("some trainable parameters are not owned by any layer")
+            for p in mine:
+                if id(p) in owner:
+                    # Tied weights: the per-example gradient is the sum over both layers,
+                    # whose norm is not the sum of the two layers' squared norms.
+                    raise ValueError(
+                        f"layers {owner[id(p)]!r} and {name!r} share a parameter; "
+                        "per-example clipping does not support tied weights"
+                    )
+                owner[id(p)] = name
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in owner:
+                # Found under a module that is not a supported layer (a container that
+                # only aliases a supported child's parameter is fine: it is owned).
+                holder = name.rpartition(".")[0] or type(model).__name__
+                layer = model.get_submodule(name.rpartition(".")[0])
+                raise ValueError(
+                    f"layer {holder!r} ({type(layer).__name__}) has trainable parameters, "
+                    "but per-example clipping supports only "
+                    f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)}; freeze it or "
+                    "rebuild the model from those layers"
+                )
 
     def clipped_sum(
         self, inputs: torch.Tensor, targets: torch.Tensor, max_grad_norm: float
@@ -188,13 +207,6 @@ class PerExampleClipper:
 
 
 def _check_layer(name: str, layer: nn.Module) -> None:
-    if not isinstance(layer, SUPPORTED_LAYERS):
-        raise ValueError(
-            f"layer {name!r} ({type(layer).__name__}) has trainable parameters, but "
-            "per-example clipping supports only "
-            f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)}; freeze it or rebuild the "
-            "model from those layers"
-        )
     if isinstance(layer, nn.Conv1d) and (
         layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros"
     ):
