@@ -9,12 +9,13 @@ after the other in one process, so the speed ratios are measured side by side:
 (a) the window conv model (``NextEventModel``, the product's model) under DP-SGD
 (b) the same model without DP (shuffled batches, no clipping, no noise)
 (c) the MLP-over-the-window variant (``ModelConfig(arch="mlp")``) under DP-SGD
-(d) a GRU built from ``opacus.layers.DPGRU`` under DP-SGD
+(d) a GRU built from ``opacus.layers.DPGRU`` under DP-SGD (its cells are
+    ``nn.Linear`` layers called once per position, which the clipper supports)
 plus the non-DP runs of (c) and (d) (``nn.GRU``), so every DP row has its own
 non-private baseline.
 
-Columns: seconds per epoch (training steps, including Opacus's per-sample
-gradients, clipping and noise; one epoch = ``1/q`` steps), its ratio to the
+Columns: seconds per epoch (training steps, including per-example clipping
+by book-keeping and the noise; one epoch = ``1/q`` steps), its ratio to the
 same architecture without DP and to (b), top-1 held-out accuracy and loss on
 the tail of each day (never trained on), and the epsilon spent (delta 1e-5,
 the enforced bound ``min(RDP, PRV upper)``; non-DP rows spend infinity).

@@ -29,7 +29,8 @@ the ghost-norm trick is Goodfellow 2015 and Li et al. 2022):
      ``sum(a_i a_i^T * g_i g_i^T)``.
    * ``Embedding``: ghost norm ``sum_{s,t} [x_s = x_t] g_s . g_t`` (the
      per-example gradient would be a ``vocab x dim`` matrix per example).
-   * ``LayerNorm``: the per-example gradients, ``(B, dim)``, are formed directly.
+   * ``LayerNorm``: the per-example gradients, ``(B, dim)``, are formed
+     directly, the normalised input recovered from the output.
 
    The example's norm is the root of the sum over layers, and its clip factor
    ``min(1, C / (norm + 1e-6))``, exactly Opacus's formula.
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -67,8 +69,19 @@ __all__ = ["SUPPORTED_LAYERS", "ClippedSum", "PerExampleClipper"]
 #: Layer types whose parameters this module can clip per example.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Embedding, nn.LayerNorm)
 
-# One layer's (input, output gradient) pairs, one per call in the forward.
-_Calls = list[tuple[torch.Tensor, torch.Tensor]]
+class _Call(NamedTuple):
+    """One call of a layer in the forward: its input, output, and the output's gradient."""
+
+    inp: torch.Tensor
+    out: torch.Tensor
+    grad: torch.Tensor
+
+
+_Calls = list[_Call]
+
+# LayerNorm weights at least this large in magnitude let xhat be recovered from the
+# output (see _LayerNormPart); the shipped model's start at 1.
+_LN_RECOVER_MIN = 0.05
 
 # Opacus's per-sample clip factor is C / (norm + 1e-6), capped at 1; the same here, so
 # the clipped sums agree with Opacus's to floating-point tolerance.
@@ -182,10 +195,10 @@ class PerExampleClipper:
             for p, flag in zip(self.params, flags, strict=True):
                 p.requires_grad_(flag)
 
-        by_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        by_layer: dict[int, _Calls] = {}
         for (layer, inp, out), grad in zip(records, grads, strict=True):
             by_layer.setdefault(id(layer), []).append(
-                (inp, grad if grad is not None else torch.zeros_like(out))
+                _Call(inp, out.detach(), grad if grad is not None else torch.zeros_like(out))
             )
         parts = [
             _PARTS[_base(layer)](layer, by_layer[id(layer)])
@@ -284,8 +297,8 @@ class _LinearPart(_Part):
         assert isinstance(layer, nn.Linear)
         self.layer = layer
         batch = calls[0][0].shape[0]
-        self.a = _cat([inp.reshape(batch, -1, inp.shape[-1]) for inp, _ in calls], 1)
-        self.g = _cat([grad.reshape(batch, -1, grad.shape[-1]) for _, grad in calls], 1)
+        self.a = _cat([inp.reshape(batch, -1, inp.shape[-1]) for inp, _, _ in calls], 1)
+        self.g = _cat([grad.reshape(batch, -1, grad.shape[-1]) for _, _, grad in calls], 1)
         self.per_example: torch.Tensor | None = None  # (B, out, in) once formed
         self.weight_trainable = layer.weight.requires_grad
         self.bias_trainable = layer.bias is not None and layer.bias.requires_grad
@@ -338,7 +351,7 @@ class _Conv1dPart(_Part):
         pad = int(layer.padding[0])  # type: ignore[index]
         self.taps: list[torch.Tensor] = []  # kernel_size tensors (B, out, in)
         bias_grad: torch.Tensor | None = None
-        for inp, grad in calls:
+        for inp, _, grad in calls:
             if inp.dim() != 3:  # an unbatched (C, T) call cannot be per-example
                 raise ValueError("per-example clipping needs batched Conv1d inputs (B, C, T)")
             x = functional.pad(inp, (pad, pad)) if pad else inp
@@ -382,8 +395,8 @@ class _EmbeddingPart(_Part):
         assert isinstance(layer, nn.Embedding)
         self.layer = layer
         batch = calls[0][0].shape[0]
-        self.ids = torch.cat([ids.reshape(batch, -1) for ids, _ in calls], 1)
-        self.g = torch.cat([g.reshape(batch, -1, layer.embedding_dim) for _, g in calls], 1)
+        self.ids = torch.cat([ids.reshape(batch, -1) for ids, _, _ in calls], 1)
+        self.g = torch.cat([g.reshape(batch, -1, layer.embedding_dim) for _, _, g in calls], 1)
         if layer.padding_idx is not None:
             # torch gives the padding row no gradient; neither may the clipped sum.
             self.g = self.g * (self.ids != layer.padding_idx).unsqueeze(-1).to(self.g.dtype)
@@ -401,25 +414,42 @@ class _EmbeddingPart(_Part):
 
 
 class _LayerNormPart(_Part):
+    """``out = xhat * w + b``: per-example gradients ``sum_t g xhat`` and ``sum_t g``.
+
+    ``xhat`` is recovered from the output as ``(out - b) / w`` when every
+    ``|w|`` is at least :data:`_LN_RECOVER_MIN`: that is one subtraction,
+    where normalising the input again costs a second layer norm over a
+    strided tensor. Below that the division would amplify rounding, so the
+    input is normalised again. Either way the norm and the clipped sum use the
+    same per-example gradient, so clipping bounds what is summed.
+    """
+
     def __init__(self, layer: nn.Module, calls: _Calls) -> None:
         assert isinstance(layer, nn.LayerNorm)
         self.layer = layer
         shape = tuple(layer.normalized_shape)
+        weight, bias = layer.weight, layer.bias
+        recover = weight is not None and bool(weight.detach().abs().min() >= _LN_RECOVER_MIN)
         weight_grad = bias_grad = None
-        for inp, g in calls:
+        for inp, out, g in calls:
             batch = inp.shape[0]
-            normalised = functional.layer_norm(inp, shape, None, None, layer.eps)
-            # Per-example: sum over every axis between the batch and the normalised ones.
-            w = (g * normalised).reshape(batch, -1, *shape).sum(1)
             b = g.reshape(batch, -1, *shape).sum(1)
+            if recover:
+                assert weight is not None
+                shifted = out if bias is None else out - bias.detach()
+                # sum_t g (out - b) / w: divide once per example, after the sum.
+                w = (g * shifted).reshape(batch, -1, *shape).sum(1) / weight.detach()
+            else:
+                normalised = functional.layer_norm(inp, shape, None, None, layer.eps)
+                w = (g * normalised).reshape(batch, -1, *shape).sum(1)
             weight_grad = w if weight_grad is None else weight_grad + w
             bias_grad = b if bias_grad is None else bias_grad + b
         assert weight_grad is not None and bias_grad is not None
         self.grads: dict[int, torch.Tensor] = {}
-        if layer.weight is not None and layer.weight.requires_grad:
-            self.grads[id(layer.weight)] = weight_grad.reshape(batch, -1)
-        if layer.bias is not None and layer.bias.requires_grad:
-            self.grads[id(layer.bias)] = bias_grad.reshape(batch, -1)
+        if weight is not None and weight.requires_grad:
+            self.grads[id(weight)] = weight_grad.reshape(batch, -1)
+        if bias is not None and bias.requires_grad:
+            self.grads[id(bias)] = bias_grad.reshape(batch, -1)
         self.shapes = {id(p): p.shape for p in layer.parameters(recurse=False)}
 
     def squared_norms(self) -> torch.Tensor:

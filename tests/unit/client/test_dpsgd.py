@@ -205,12 +205,17 @@ class _Mixed(nn.Module):
     sequence and one called twice, LayerNorm over 3-D input, a frozen layer, and
     optionally an Embedding with a padding index."""
 
-    def __init__(self, vocab: int = 20, padding_idx: int | None = None) -> None:
+    def __init__(
+        self, vocab: int = 20, padding_idx: int | None = None, tiny_norm: bool = False
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, 8, padding_idx=padding_idx)
         self.conv = nn.Conv1d(8, 6, kernel_size=3, padding=2, dilation=2)
         self.strided = nn.Conv1d(6, 6, kernel_size=2, stride=2, bias=False)
         self.norm = nn.LayerNorm(6)
+        if tiny_norm:  # too small to divide by: the clipper normalises the input again
+            with torch.no_grad():
+                self.norm.weight[0] = 1e-4
         self.seq = nn.Linear(6, 6)  # on (B, T, 6): ghost or per-example path
         self.twice = nn.Linear(6, 6)  # called on two positions: a "recurrent" layer
         self.frozen = nn.Linear(6, 6)
@@ -246,8 +251,9 @@ def _opacus_clipped_sums(
         lambda: NextEventModel(ModelConfig()),
         lambda: NextEventModel(ModelConfig(vocab_size=32, arch="mlp")),
         lambda: _Mixed(),
+        lambda: _Mixed(tiny_norm=True),
     ],
-    ids=["conv-small", "conv-shipped", "mlp", "mixed"],
+    ids=["conv-small", "conv-shipped", "mlp", "mixed", "mixed-tiny-layernorm-weight"],
 )
 @pytest.mark.parametrize("clip", [0.05, 1e3])  # every example clipped / none clipped
 def test_clipped_sums_match_opacus(make: Callable[[], nn.Module], clip: float) -> None:
