@@ -47,7 +47,11 @@ Supported layers are ``nn.Linear``, ``nn.Conv1d`` (``groups=1``, zero or no
 padding), ``nn.Embedding`` (without ``max_norm`` or ``scale_grad_by_freq``)
 and ``nn.LayerNorm``. A model with trainable parameters anywhere else is
 refused with a message naming the layer: an unsupported parameter would
-otherwise go unclipped. ``tests/unit/client/test_dpsgd.py`` checks the clipped
+otherwise go unclipped. Gradients are taken through each layer's own
+forward only: a parameter a model also uses outside its layer (a functional
+call on ``layer.weight``) would miss that part of its gradient. That costs
+accuracy, not privacy: each example's summed contribution is the clip factor
+times exactly the gradient whose norm was measured. ``tests/unit/client/test_dpsgd.py`` checks the clipped
 sums against Opacus's ``GradSampleModule`` on random inputs.
 
 The loss is cross-entropy summed over the batch, so ``g`` holds each
@@ -68,6 +72,7 @@ __all__ = ["SUPPORTED_LAYERS", "ClippedSum", "PerExampleClipper"]
 
 #: Layer types whose parameters this module can clip per example.
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Embedding, nn.LayerNorm)
+
 
 class _Call(NamedTuple):
     """One call of a layer in the forward: its input, output, and the output's gradient."""
