@@ -51,8 +51,9 @@ otherwise go unclipped. Gradients are taken through each layer's own
 forward only: a parameter a model also uses outside its layer (a functional
 call on ``layer.weight``) would miss that part of its gradient. That costs
 accuracy, not privacy: each example's summed contribution is the clip factor
-times exactly the gradient whose norm was measured. ``tests/unit/client/test_dpsgd.py`` checks the clipped
-sums against Opacus's ``GradSampleModule`` on random inputs.
+times exactly the gradient whose norm was measured.
+``tests/unit/client/test_dpsgd.py`` checks the clipped sums against Opacus's
+``GradSampleModule`` on random inputs.
 
 The loss is cross-entropy summed over the batch, so ``g`` holds each
 example's own loss gradient (a mean would scale every example by ``1/B``).
@@ -346,7 +347,9 @@ class _Conv1dPart(_Part):
     Tap ``j``'s per-example weight gradient is ``g_i x_i[:, j d + s t]^T``, an
     ``(out, in)`` matrix from one batched matmul over a strided view of the
     input; forming the ``(B, in * k, L)`` patch matrix (``unfold``) instead
-    measured several times slower than the matmuls themselves.
+    measured several times slower than the matmuls themselves. The taps are
+    written into one ``(k, B, out, in)`` tensor, so the norms and the clipped
+    sum are one reduction and one matmul for the whole layer.
     """
 
     def __init__(self, layer: nn.Module, calls: _Calls) -> None:
@@ -354,23 +357,21 @@ class _Conv1dPart(_Part):
         self.layer = layer
         (kernel,), (dilation,), (stride,) = layer.kernel_size, layer.dilation, layer.stride
         pad = int(layer.padding[0])  # type: ignore[index]
-        self.taps: list[torch.Tensor] = []  # kernel_size tensors (B, out, in)
+        self.taps: torch.Tensor | None = None  # (kernel, B, out, in)
         bias_grad: torch.Tensor | None = None
         for inp, _, grad in calls:
             if inp.dim() != 3:  # an unbatched (C, T) call cannot be per-example
                 raise ValueError("per-example clipping needs batched Conv1d inputs (B, C, T)")
             x = functional.pad(inp, (pad, pad)) if pad else inp
-            length = grad.shape[2]
+            batch, length = grad.shape[0], grad.shape[2]
+            taps = grad.new_empty((kernel, batch, grad.shape[1], x.shape[1]))
             for j in range(kernel):
                 start = j * dilation
                 shifted = x[:, :, start : start + (length - 1) * stride + 1 : stride]
-                tap = torch.bmm(grad, shifted.transpose(1, 2))
-                if len(self.taps) < kernel:
-                    self.taps.append(tap)
-                else:
-                    self.taps[j] = self.taps[j] + tap
+                torch.bmm(grad, shifted.transpose(1, 2), out=taps[j])
+            self.taps = taps if self.taps is None else self.taps + taps
             bias_grad = grad.sum(2) if bias_grad is None else bias_grad + grad.sum(2)
-        assert bias_grad is not None
+        assert bias_grad is not None and self.taps is not None
         self.bias_grad = bias_grad
         self.weight_trainable = layer.weight.requires_grad
         self.bias_trainable = layer.bias is not None and layer.bias.requires_grad
@@ -378,8 +379,10 @@ class _Conv1dPart(_Part):
     def squared_norms(self) -> torch.Tensor:
         total = torch.zeros(self.bias_grad.shape[0], dtype=self.bias_grad.dtype)
         if self.weight_trainable:
-            for tap in self.taps:
-                total += _squared(tap)
+            assert self.taps is not None
+            kernel, batch = self.taps.shape[:2]
+            per_tap = torch.linalg.vector_norm(self.taps.view(kernel, batch, -1), dim=2)
+            total += per_tap.square().sum(0)
         if self.bias_trainable:
             total += _squared(self.bias_grad)
         return total
@@ -388,8 +391,10 @@ class _Conv1dPart(_Part):
         layer = self.layer
         sums: dict[int, torch.Tensor] = {}
         if self.weight_trainable:
-            taps = [torch.einsum("b,boi->oi", factor, tap) for tap in self.taps]
-            sums[id(layer.weight)] = torch.stack(taps, dim=-1)
+            assert self.taps is not None
+            kernel, batch, fan_out, fan_in = self.taps.shape
+            per_tap = torch.matmul(factor, self.taps.view(kernel, batch, -1))  # (k, out * in)
+            sums[id(layer.weight)] = per_tap.view(kernel, fan_out, fan_in).permute(1, 2, 0)
         if self.bias_trainable:
             sums[id(layer.bias)] = factor @ self.bias_grad
         return sums
