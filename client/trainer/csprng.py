@@ -53,6 +53,7 @@ From bytes to numbers
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 import numpy as np
@@ -147,7 +148,10 @@ class CryptoRandom:
         """``n`` independent booleans, each ``True`` with probability ``p``."""
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"a probability must be in [0, 1], got {p}")
-        return self.uniform(n) < p
+        # u = k * 2**-53 < p  <=>  k < p * 2**53 (exact: a power-of-two scaling)
+        # <=>  k < ceil(p * 2**53); compared as integers, without forming u.
+        words = np.frombuffer(self.bytes(8 * n), dtype="<u8") >> np.uint64(11)
+        return words < np.uint64(math.ceil(p * 2.0**53))
 
     def normal(self, n: int) -> np.ndarray:
         """``n`` float64 standard Gaussians (Box-Muller, see the module docstring)."""

@@ -194,6 +194,8 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     noise_std = job.noise_multiplier * job.max_grad_norm
     params = clipper.params
     sizes = [p.numel() for p in params]
+    total_size = sum(sizes)
+    dtype = params[0].dtype if params else torch.float32
     recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=_LOSS_WINDOW)
     empty = 0
     for _ in range(job.steps):
@@ -207,10 +209,10 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
             result = clipper.clipped_sum(batch[:, :-1], batch[:, -1], job.max_grad_norm)
             sums = result.grads
             recent.append((result.loss_sum, len(chosen)))
-        # One draw for all parameters: fewer calls into the generator.
-        draws = torch.from_numpy(noise.normal(sum(sizes))).split(sizes)
-        for p, total, z in zip(params, sums, draws, strict=True):
-            p.grad = (total + noise_std * z.view_as(p).to(p.dtype)) / expected_batch
+        # One draw for all parameters: fewer calls into the generator and fewer ops.
+        draws = torch.from_numpy(noise.normal(total_size)).to(dtype).mul_(noise_std)
+        for p, total, z in zip(params, sums, draws.split(sizes), strict=True):
+            p.grad = torch.add(total, z.view_as(p).to(p.dtype)).div_(expected_batch)
         optimizer.step()
     return _outcome(
         job,

@@ -116,3 +116,10 @@ def test_bernoulli_rate() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(csprng)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 1 / 3, 0.5, 0.006, 1 - 2**-53, 1.0])
+def test_bernoulli_is_exactly_a_uniform_below_p(p: float) -> None:
+    # The integer comparison must decide exactly as "53-bit uniform < p" would.
+    hits = CryptoRandom.from_seed(9).bernoulli(50_000, p)
+    assert np.array_equal(hits, CryptoRandom.from_seed(9).uniform(50_000) < p)
