@@ -210,7 +210,7 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
             sums = result.grads
             recent.append((result.loss_sum, len(chosen)))
         # One draw for all parameters: fewer calls into the generator and fewer ops.
-        draws = torch.from_numpy(noise.normal(total_size)).to(dtype).mul_(noise_std)
+        draws = torch.from_numpy(noise.normal(total_size, np.float32)).to(dtype).mul_(noise_std)
         for p, total, z in zip(params, sums, draws.split(sizes), strict=True):
             p.grad = torch.add(total, z.view_as(p).to(p.dtype)).div_(expected_batch)
         optimizer.step()

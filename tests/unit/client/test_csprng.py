@@ -123,3 +123,26 @@ def test_bernoulli_is_exactly_a_uniform_below_p(p: float) -> None:
     # The integer comparison must decide exactly as "53-bit uniform < p" would.
     hits = CryptoRandom.from_seed(9).bernoulli(50_000, p)
     assert np.array_equal(hits, CryptoRandom.from_seed(9).uniform(50_000) < p)
+
+
+def test_float32_gaussians_match_the_float64_ones() -> None:
+    # Same keystream, same transform: float32 samples are the float64 ones rounded
+    # (up to float32 trigonometry), with the same moments.
+    wide = CryptoRandom.from_seed(6).normal(100_001)
+    narrow = CryptoRandom.from_seed(6).normal(100_001, np.float32)
+    assert narrow.dtype == np.float32 and narrow.shape == wide.shape
+    np.testing.assert_allclose(narrow, wide, rtol=0, atol=1e-5)
+    assert abs(narrow.std() - 1) < 5 / np.sqrt(2 * narrow.size)
+    with pytest.raises(ValueError, match="float64 or float32"):
+        CryptoRandom.from_seed(6).normal(3, np.float16)  # type: ignore[arg-type]
+
+
+def test_buffers_are_not_shared_between_draws() -> None:
+    # The keystream buffer is reused; what a draw returned must not change after.
+    rng = CryptoRandom.from_seed(8)
+    first = rng.uniform(1000)
+    kept = first.copy()
+    rng.uniform(1000)
+    rng.bernoulli(5000, 0.5)
+    assert np.array_equal(first, kept)
+    assert rng.bytes(10) != rng.bytes(10)
