@@ -244,6 +244,7 @@ def _opacus_clipped_sums(
         sampled._close()
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus's hooks, token ids in
 @pytest.mark.parametrize(
     "make",
     [
