@@ -201,8 +201,8 @@ def test_job_module_does_not_import_torch() -> None:
 
 
 class _Mixed(nn.Module):
-    """Every code path of the clipper: padded and strided convs, a Linear over a
-    sequence and one called twice, LayerNorm over 3-D input, a frozen layer, and
+    """Every code path of the clipper: padded and strided convs (one called twice),
+    a Linear over a sequence and one called twice, LayerNorm over 3-D input, a frozen layer, and
     optionally an Embedding with a padding index."""
 
     def __init__(
@@ -223,7 +223,8 @@ class _Mixed(nn.Module):
         self.head = nn.Linear(6, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.strided(torch.relu(self.conv(self.embed(tokens).transpose(1, 2))))
+        h = torch.relu(self.conv(self.embed(tokens).transpose(1, 2)))
+        x = self.strided(h) + self.strided(h.flip(-1))  # a conv called twice
         h = self.seq(self.norm(x.transpose(1, 2)))
         first, last = self.twice(h[:, 0]), self.twice(h[:, -1])
         return self.head(torch.tanh(first + last) + self.frozen(h[:, 1]))
