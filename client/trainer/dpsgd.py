@@ -1,4 +1,4 @@
-"""DP-SGD on the device's token windows, with Opacus.
+"""DP-SGD on the device's token windows: Poisson sampling, per-example clipping, Gaussian noise.
 
 :func:`train_dp` is one federated round of local training: the model starts
 from the job's weights, takes exactly ``job.steps`` DP-SGD steps, and returns
@@ -7,18 +7,32 @@ its new weights. Each step
 1. samples a batch by Poisson sampling: every training window joins
    independently with probability ``q`` (:attr:`TrainJob.sample_rate`: the run's
    rate when the daemon asks, never derived from ``n``), so batch sizes vary
-   around ``q * n`` and may be 0 (Opacus's ``DPDataLoader``);
-2. computes each window's gradient separately and clips it to L2 norm ``C``
-   (``max_grad_norm``);
-3. sums the clipped gradients, adds Gaussian noise of std ``sigma * C``
-   (``noise_multiplier``), divides by the expected batch size ``q * n``;
+   around ``q * n`` and may be 0;
+2. computes each window's gradient norm and the sum of the gradients each
+   clipped to L2 norm ``C`` (``max_grad_norm``), by book-keeping
+   (:mod:`keystay.client.trainer.clipping`: one forward, one backward);
+3. adds Gaussian noise of std ``sigma * C`` (``noise_multiplier``) to every
+   coordinate of that SUM, then divides by the *expected* batch size
+   ``q * n`` (not the drawn one, whose size depends on the data), exactly as
+   Opacus's ``DPOptimizer`` does; an empty batch still gets the noise;
 4. lets the optimizer (Adam or SGD) post-process the noised gradient.
 
-That is the Poisson-subsampled Gaussian mechanism the ledger's accountants
-analyse (:mod:`keystay.client.ledger.accounting`); batches are never drawn by
-shuffling, which the accountants do not cover. Accounting is not done here:
-the device ledger composes every round's :class:`~keystay.client.ledger.accounting.Mechanism`
-``(sigma, q, steps)``; this module only trains.
+That is the Poisson-subsampled Gaussian mechanism ``(sigma, q, steps)`` the
+ledger's accountants analyse (:mod:`keystay.client.ledger.accounting`); batches
+are never drawn by shuffling, which the accountants do not cover. Accounting is
+not done here: the device ledger composes every round's
+:class:`~keystay.client.ledger.accounting.Mechanism`; this module only trains.
+
+The batch draws and the noise come from ChaCha20 keyed with 256 bits of
+``os.urandom`` (:mod:`keystay.client.trainer.csprng`), never from torch's
+generator, which keeps only 32 bits of its seed (the noise of a round could be
+found by trying every seed). Opacus is no longer on this path (its per-sample
+hooks made a DP epoch cost 2.4-4x a non-private one; see
+``bench/bench_dpsgd.py``); it stays the reference the clipping is tested
+against. With book-keeping, a DP step of the shipped model costs about 1.35-1.4x
+a non-private one at batch 64-256 on one thread, noise and sampling included.
+So that per-step buffers are not page-faulted back from the kernel every step,
+the trainer process keeps freed memory (:func:`_keep_freed_memory`).
 
 Everything here runs in the warm trainer process
 (:mod:`keystay.client.trainer.process`), never in the daemon.
@@ -27,17 +41,19 @@ Everything here runs in the warm trainer process
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
+import platform
 import time
-import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn import functional
 
 from keystay.client.model import ModelConfig, NextEventModel, evaluate, get_weights, set_weights
+from keystay.client.trainer.clipping import PerExampleClipper
+from keystay.client.trainer.csprng import CryptoRandom
 from keystay.client.trainer.job import TrainJob, TrainOutcome
 
 __all__ = ["TRAIN_THREADS", "TrainJob", "TrainOutcome", "train_dp", "train_nondp"]
@@ -52,21 +68,30 @@ TRAIN_THREADS = int(os.environ.get("KEYSTAY_TRAIN_THREADS", "1"))
 _LOSS_WINDOW = 10
 
 
-def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
-    """Independent generators for batch sampling and for noise.
+_memory_kept = False
 
-    ``None`` seeds both from ``os.urandom``: the server must not be able to
-    predict which windows were sampled or what noise was added.
+
+def _keep_freed_memory() -> None:
+    """Stop glibc returning each step's large buffers to the OS (Linux only; once).
+
+    A DP step allocates and frees tens of MB of per-example tensors. Blocks
+    over glibc's mmap threshold are unmapped on free and page-faulted back
+    (zeroed by the kernel) on the next step, which measured 20-40% of a step at
+    batch 256. Raising the mmap threshold to 32 MiB and the trim threshold to
+    256 MiB keeps those pages in the trainer process, which exists only to
+    train; the daemon is another process and is unaffected.
     """
-    if seed is None:
-        entropy: int | list[int] = int.from_bytes(os.urandom(16), "little")
-    else:
-        entropy = seed
-    sample_seed, noise_seed = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
-    return (
-        torch.Generator().manual_seed(int(sample_seed)),
-        torch.Generator().manual_seed(int(noise_seed)),
-    )
+    global _memory_kept
+    if _memory_kept or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    _memory_kept = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc after all; nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 256 * 2**20)
 
 
 def _model(job: TrainJob, module: nn.Module | None) -> nn.Module:
@@ -89,9 +114,10 @@ def _model(job: TrainJob, module: nn.Module | None) -> nn.Module:
     return model
 
 
-def _dataset(windows: np.ndarray) -> TensorDataset:
-    data = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
-    return TensorDataset(data[:, :-1], data[:, -1])
+def _windows(windows: np.ndarray) -> torch.Tensor:
+    # One tensor indexed per step: a DataLoader over a TensorDataset would fetch and
+    # collate window by window, which costs more than a small model's step.
+    return torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
 
 
 def _optimizer(job: TrainJob, model: nn.Module) -> torch.optim.Optimizer:
@@ -100,54 +126,9 @@ def _optimizer(job: TrainJob, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=job.learning_rate, momentum=0.9)
 
 
-def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's batches, forever: one pass is about ``1/q`` steps, a round may want more."""
-    while True:
-        yield from loader
-
-
-def _run(
-    job: TrainJob, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader
-) -> tuple[float, int]:
-    """Take exactly ``job.steps`` optimizer steps; return (recent train loss, empty batches)."""
-    criterion = nn.CrossEntropyLoss()
-    recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=_LOSS_WINDOW)
-    empty = 0
-    batches = _batches(loader)
-    with warnings.catch_warnings():
-        # The model's input is token ids (no gradient), so torch notes that Opacus's full
-        # backward hooks fire on module outputs only; that is what Opacus needs.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(job.steps):
-            empty += _step(model, optimizer, criterion, next(batches), recent)
+def _mean_loss(recent: collections.deque[tuple[float, int]]) -> float:
     total = sum(n for _, n in recent)
-    return (sum(s for s, _ in recent) / total if total else float("nan")), empty
-
-
-def _step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    recent: collections.deque[tuple[float, int]],
-) -> int:
-    """One optimizer step; returns 1 if the batch was empty."""
-    x, y = batch
-    optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
-    if len(y) == 0:
-        # An empty Poisson batch is still a step of the mechanism (the accountant
-        # counts it): Opacus's optimizer adds noise to a zero sum of clipped gradients.
-        # It needs the backward pass to have run (for empty per-sample gradients), and
-        # the mean loss of zero examples is NaN, so backpropagate an exact zero instead.
-        logits.sum().backward()
-        optimizer.step()
-        return 1
-    loss = criterion(logits, y)
-    loss.backward()
-    recent.append((float(loss.detach()) * len(y), len(y)))
-    optimizer.step()
-    return 0
+    return sum(s for s, _ in recent) / total if total else float("nan")
 
 
 def _outcome(
@@ -160,8 +141,6 @@ def _outcome(
     started: float,
     dp: bool,
 ) -> TrainOutcome:
-    # Opacus's hooks stay on the trained module but record nothing in eval mode
-    # without gradients, which is how evaluate() runs it.
     heldout_loss, accuracy = evaluate(trained, job.heldout)
     return TrainOutcome(
         weights=get_weights(trained),
@@ -181,84 +160,69 @@ def _outcome(
 def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     """Train with DP-SGD: Poisson sampling, per-example clipping, Gaussian noise.
 
-    Uses ``opacus.PrivacyEngine.make_private`` on an Opacus ``DPDataLoader``
-    (Poisson sampling) with rate ``q = job.sample_rate`` (the daemon's jobs
-    carry the run's rate; otherwise ``batch_size / n``, see
-    :func:`~keystay.client.trainer.job.sample_rate_for`), returned in the
-    outcome. Raises ``RuntimeError`` rather than return a round whose
-    mechanism differs from ``(noise_multiplier, q, steps)``.
+    Every step draws its batch with rate ``q = job.sample_rate`` (the run's
+    rate when the daemon asks, else ``batch_size / n``; returned in the outcome,
+    the rate the ledger charged) and noises the sum of
+    clipped gradients with std ``noise_multiplier * max_grad_norm`` before
+    dividing by ``q * n``; exactly ``job.steps`` steps, empty batches included.
 
     Parameters
     ----------
     job : TrainJob
+        ``job.seed is None`` (the device) keys the sampling and noise generator
+        from ``os.urandom``; an integer keys it reproducibly (tests, benchmarks).
     module : torch.nn.Module or None
         Train this module instead of ``NextEventModel(job.config)`` (for the
-        architecture benchmark; it must take ``(batch, window)`` token ids and
-        return logits, and ``job.weights`` must be its state). The device
-        never passes one.
+        architecture benchmark; it must take ``(batch, window)`` token ids,
+        return logits, be built from the layers
+        :mod:`~keystay.client.trainer.clipping` supports, and ``job.weights``
+        must be its state). The device never passes one.
 
     Returns
     -------
     TrainOutcome
         With ``steps == job.steps`` and the sampling rate to charge.
     """
-    from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
-
     started = time.perf_counter()
     torch.set_num_threads(TRAIN_THREADS)
+    _keep_freed_memory()
     model = _model(job, module)
-    sample_gen, noise_gen = _generators(job.seed)
-    n = int(job.train.shape[0])
-    # The job's rate: the run's q when the daemon set it (data-independent),
-    # else B / n for benchmarks and tests.
+    clipper = PerExampleClipper(model)
+    optimizer = _optimizer(job, model)
+    sampler, noise = CryptoRandom.pair(job.seed)
+    data = _windows(job.train)
+    n = int(data.shape[0])
     sample_rate = job.sample_rate
-    # Poisson sampling at exactly that q. make_private(poisson_sampling=True) would
-    # derive q = 1 / ceil(n / B) from a batched loader instead, which is not the rate
-    # the ledger charged; so the DPDataLoader is built here and handed over as is.
-    loader = DPDataLoader(_dataset(job.train), sample_rate=sample_rate, generator=sample_gen)
-    with warnings.catch_warnings():
-        # Opacus warns that its secure RNG is off: noise comes from torch's Mersenne
-        # Twister seeded from os.urandom (see _generators); torchcsprng, which secure_mode
-        # needs, is not maintained for current torch.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        # The accountant inside the engine is not used for reporting (the ledger composes
-        # the whole history); here it only counts the noisy steps, checked below.
-        engine = PrivacyEngine(accountant="rdp")
-        private_model, optimizer, private_loader = engine.make_private(
-            module=model,
-            optimizer=_optimizer(job, model),
-            data_loader=loader,
-            noise_multiplier=job.noise_multiplier,
-            max_grad_norm=job.max_grad_norm,
-            poisson_sampling=False,  # the loader above already samples by Poisson
-            noise_generator=noise_gen,
-        )
-    # What make_private(poisson_sampling=True) would also do: one batch per step, never
-    # gradients accumulated across batches (that would change the mechanism).
-    private_model.forbid_grad_accumulation()
-    # make_private infers the expected batch size from the loader's length (int(1 / q)
-    # batches per pass); the noised sum must be divided by q * n exactly. This only
-    # scales the update: the privacy guarantee depends on sigma and q alone.
-    optimizer.expected_batch_size = sample_rate * n
-    if private_loader is not loader or float(private_loader.sample_rate) != sample_rate:
-        raise RuntimeError(
-            "Opacus replaced the Poisson loader; the sampling rate the ledger charged "
-            "would not be the one used, so this round must not be reported"
-        )
-    train_loss, empty = _run(job, private_model, optimizer, private_loader)
-    # Opacus's own accountant saw every optimizer step that added noise; it must have
-    # seen exactly the steps the ledger charges for.
-    counted = sum(steps for _, _, steps in engine.accountant.history)
-    if counted != job.steps:
-        raise RuntimeError(
-            f"Opacus recorded {counted} noisy steps but the job asked for {job.steps}; "
-            "do not report this round"
-        )
+    # Opacus's convention: the noised sum is divided by the expected batch size, a
+    # public constant; dividing by the drawn size would make the scale data-dependent.
+    expected_batch = sample_rate * n
+    noise_std = job.noise_multiplier * job.max_grad_norm
+    params = clipper.params
+    sizes = [p.numel() for p in params]
+    total_size = sum(sizes)
+    dtype = params[0].dtype if params else torch.float32
+    recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=_LOSS_WINDOW)
+    empty = 0
+    for _ in range(job.steps):
+        chosen = torch.from_numpy(np.flatnonzero(sampler.bernoulli(n, sample_rate)))
+        if len(chosen) == 0:
+            # Still a step of the mechanism (the accountant counts it): noise alone.
+            sums = [torch.zeros_like(p) for p in params]
+            empty += 1
+        else:
+            batch = data[chosen]
+            result = clipper.clipped_sum(batch[:, :-1], batch[:, -1], job.max_grad_norm)
+            sums = result.grads
+            recent.append((result.loss_sum, len(chosen)))
+        # One draw for all parameters: fewer calls into the generator and fewer ops.
+        draws = torch.from_numpy(noise.normal(total_size, np.float32)).to(dtype).mul_(noise_std)
+        for p, total, z in zip(params, sums, draws.split(sizes), strict=True):
+            p.grad = torch.add(total, z.view_as(p).to(p.dtype)).div_(expected_batch)
+        optimizer.step()
     return _outcome(
         job,
         model,
-        train_loss=train_loss,
+        train_loss=_mean_loss(recent),
         empty=empty,
         sample_rate=sample_rate,
         started=started,
@@ -269,24 +233,39 @@ def train_dp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
 def train_nondp(job: TrainJob, *, module: nn.Module | None = None) -> TrainOutcome:
     """The same training without privacy: shuffled batches, no clipping, no noise.
 
-    For the architecture benchmark only (``bench/bench_models.py``): the
-    device daemon never calls it. ``noise_multiplier`` and ``max_grad_norm``
-    are ignored; ``sample_rate`` is reported as ``batch_size / n``.
+    For benchmarks only (``bench/bench_models.py``, ``bench/bench_dpsgd.py``):
+    the device daemon never calls it. ``noise_multiplier`` and
+    ``max_grad_norm`` are ignored; ``sample_rate`` is reported as
+    ``batch_size / n``. Its shuffling protects nothing, so it uses torch's
+    generator.
     """
     started = time.perf_counter()
     torch.set_num_threads(TRAIN_THREADS)
+    _keep_freed_memory()  # as train_dp does, so the two are timed alike
     model = _model(job, module)
-    sample_gen, _ = _generators(job.seed)
-    loader = DataLoader(
-        _dataset(job.train), batch_size=job.batch_size, shuffle=True, generator=sample_gen
-    )
-    train_loss, _ = _run(job, model, _optimizer(job, model), loader)
+    optimizer = _optimizer(job, model)
+    data = _windows(job.train)
+    n = int(data.shape[0])
+    shuffle = torch.Generator().manual_seed((job.seed or 0) % 2**63)
+    recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=_LOSS_WINDOW)
+    order = torch.randperm(n, generator=shuffle)
+    position = 0
+    for _ in range(job.steps):
+        if position >= n:  # a new epoch
+            order, position = torch.randperm(n, generator=shuffle), 0
+        batch = data[order[position : position + job.batch_size]]
+        position += job.batch_size
+        optimizer.zero_grad(set_to_none=True)
+        loss = functional.cross_entropy(model(batch[:, :-1]), batch[:, -1])
+        loss.backward()
+        optimizer.step()
+        recent.append((float(loss.detach()) * len(batch), len(batch)))
     return _outcome(
         job,
         model,
-        train_loss=train_loss,
+        train_loss=_mean_loss(recent),
         empty=0,
-        sample_rate=min(1.0, job.batch_size / job.train.shape[0]),
+        sample_rate=min(1.0, job.batch_size / n),
         started=started,
         dp=False,
     )
