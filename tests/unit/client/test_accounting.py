@@ -481,7 +481,7 @@ def test_a_many_round_multi_block_stateful_ledger_matches_dp_accounting(tmp_path
             ledger.admit(
                 request=TrainingRequest(
                     noise_multiplier=m.noise_multiplier, max_grad_norm=1.0,
-                    local_steps=m.steps, batch_size=32, learning_rate=0.01, dp=True,
+                    local_steps=m.steps, sample_rate=m.sample_rate, learning_rate=0.01, dp=True,
                     blocks=blocks, run_id="run", server_round=n,
                 ),
                 policy=policy, blocks=list(blocks), mechanism=m, now=1_000.0 + n,
