@@ -237,9 +237,23 @@ class DeviceCore:
             )
 
     def evaluate(self, weights: list[np.ndarray]) -> EvalResult:
-        """Score weights on the held-out windows of the eligible blocks."""
-        blocks = self.eligible_blocks()
-        heldout = np.concatenate([d.heldout for d in self._load(blocks)])
+        """Score weights on the held-out records of every kept day, for the employee.
+
+        Only the control surface calls this: the figure is exact and uncharged,
+        so it never goes to the federation. That is also why it reads every day
+        kept, not just the days a round may train on (training eligibility is
+        a privacy rule for what leaves; this leaves nothing).
+
+        Raises
+        ------
+        Refusal
+            ``no-data`` when no day has a held-out record yet.
+        """
+        blocks = [info.block for info in self.store.blocks()]
+        parts = [d.heldout for d in self._load(blocks) if len(d.heldout)]
+        if not parts:
+            raise Refusal("no-data", "no day kept has a held-out record yet; record longer")
+        heldout = np.concatenate(parts)
         scored = self.trainer.evaluate(weights, heldout)
         return EvalResult(num_examples=len(heldout), loss=scored.loss, accuracy=scored.accuracy)
 
