@@ -23,6 +23,7 @@ them. Per round it writes a checkpoint and one line of ``rounds.jsonl`` that
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -184,8 +185,11 @@ def score_and_write(
             round_log.server_round, error)
     round_log.heldout_population = evaluator.population.describe()
     line = round_log.as_json()
-    with rounds_file.open("a", encoding="utf-8") as out:
-        out.write(line + "\n")
+    with rounds_file.open("a+b") as out:
+        # A ServerApp killed mid-append leaves a line without its newline;
+        # start on a fresh line so this row is not glued to the torn one.
+        torn = out.tell() > 0 and (out.seek(-1, os.SEEK_END), out.read(1))[1] != b"\n"
+        out.write((("\n" if torn else "") + line + "\n").encode())
     log(INFO, "round %s: %s", round_log.server_round, line)
     return round_log.heldout
 
@@ -404,9 +408,11 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of keystay federated training."""
     settings = RunSettings.from_run_config(dict(context.run_config))
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    (settings.run_dir / "settings.json").write_text(
-        json.dumps(settings.as_run_config(), indent=2, sort_keys=True)
-    )
+    # Beside and renamed over: a ServerApp killed here leaves the old file or
+    # the new one, never half of one.
+    settings_tmp = settings.run_dir / ".settings.json.tmp"
+    settings_tmp.write_text(json.dumps(settings.as_run_config(), indent=2, sort_keys=True))
+    os.replace(settings_tmp, settings.run_dir / "settings.json")
     if settings.secagg:
         # Imported here: keystay.server.secagg builds on this module's RoundLog.
         from keystay.server.secagg import run_secagg
