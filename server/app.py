@@ -259,6 +259,7 @@ class KeystayFedAvg(FedAvg):
         self.checkpoints = self.run_dir / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self._current: RoundLog | None = None
+        self._sampled: set[int] = set()  # node ids the current round was sent to
         self._global: list[np.ndarray] | None = None
         # OS entropy, never the run's seed: the seed travels in the run config,
         # and whoever knows it could regenerate the noise and subtract it.
@@ -280,6 +281,7 @@ class KeystayFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._current = RoundLog(server_round=server_round, started=time.time())
         self._current.devices_sampled = len(messages)
+        self._sampled = {m.metadata.dst_node_id for m in messages}
         return messages
 
     def aggregate_train(
@@ -339,6 +341,16 @@ class KeystayFedAvg(FedAvg):
                 continue
             accepted.append(msg)
 
+        # A sampled device that never replied (its daemon, SuperNode or
+        # ClientApp died mid-round; a laptop went to sleep) is unavailable:
+        # without this it would be in no list, and the row would not add up.
+        replied = {msg.metadata.src_node_id for msg in replies}
+        for node in sorted(self._sampled - replied):
+            round_log.unavailable.append({
+                "node": node, "code": None,
+                "reason": f"no reply within the round timeout ({self.settings.round_timeout:g} s)",
+            })
+            log(WARNING, "round %s: device on node %s unavailable: no reply", server_round, node)
         round_log.devices_reported = len(accepted)
         if not accepted:
             return None, None

@@ -29,6 +29,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,8 +200,11 @@ def _check_checkpoints(server_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    # The largest budget a policy may set: about ten rounds run here, and a
+    # device whose days retire would refuse, which is another test's subject.
     fed = LocalFederation(tmp_path_factory.mktemp("faults") / "fed", devices=2,
-                          simulate_days=2, events_per_day=2500)
+                          simulate_days=2, events_per_day=2500,
+                          policy_toml="epsilon_per_block = 32.0\n")
     try:
         fed.start()
         fed.wait_online(2)
@@ -217,7 +221,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
 def _settings(federation: LocalFederation, run_name: str, **overrides: object) -> RunSettings:
     values: dict[str, object] = dict(
         server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
-        min_devices=2, local_steps=40, sample_rate=0.1, round_timeout=30.0,
+        min_devices=2, local_steps=40, sample_rate=0.05, round_timeout=30.0,
     )
     values.update(overrides)
     return RunSettings(**values)  # type: ignore[arg-type]
@@ -280,25 +284,36 @@ def test_trainer_killed_mid_training(federation: LocalFederation) -> None:
 
 
 def test_clientapp_killed_mid_training(federation: LocalFederation) -> None:
-    """ClientApp x mid-training: the round goes on without it; the next round has it back."""
+    """ClientApp x mid-training: the device is out for the rest of the run, back for the next.
+
+    Flower's SuperNode starts one ClientApp per run and does not replace it:
+    the run's later messages to that node go unanswered, and the server lists
+    the device as unavailable (no reply within the round timeout).
+    """
     victim = federation.device_list[0]
     assert victim.part is not None
     before = Snapshot.take(federation)
-    settings = _settings(federation, "fault-clientapp")
+    settings = _settings(federation, "fault-clientapp", num_server_rounds=1)
     run = Background(federation, settings)
     _when_charged(victim, settings.run_name)
     apps = _descendants(victim.part.process.pid)
     os.kill(_one(apps, "flwr-clientapp"), signal.SIGKILL)
     outcome = run.wait()
     tail = outcome.log_file.read_text(errors="replace")[-3000:]
-    assert outcome.returncode == 0 and len(outcome.rounds) == 2, tail
-    first, second = outcome.rounds
+    assert outcome.returncode == 0 and len(outcome.rounds) == 1, tail
+    (first,) = outcome.rounds
     victim_id = before.ids[victim.name]
-    assert victim_id not in first["devices"], first
-    assert second["devices_reported"] == 2 and victim_id in second["devices"], second
-    # The daemon trained on (the charge came first) and stays charged.
-    assert {row[2] for row in _charges(victim, settings.run_name)} == {1, 2}
+    assert victim_id not in first["devices"] and first["devices_reported"] == 1, first
+    assert len(first["unavailable"]) == 1, first
+    assert "no reply" in first["unavailable"][0]["reason"]
+    # The daemon charged first, so the round stays charged on the device.
+    assert {row[2] for row in _charges(victim, settings.run_name)} == {1}
     _check_invariants(federation, before)
+    # The next run gets a new ClientApp on the victim's node.
+    again = start_run(federation.server_dir, _settings(federation, "fault-clientapp-next",
+                                                       num_server_rounds=1))
+    assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
+    assert victim_id in again.rounds[0]["devices"], again.rounds[0]
 
 
 def test_round_start_killed_after_a_round(federation: LocalFederation) -> None:
@@ -311,7 +326,7 @@ def test_round_start_killed_after_a_round(federation: LocalFederation) -> None:
         cli = subprocess.Popen(
             [executable("keystay"), "round", "start", "--server-dir",
              str(federation.server_dir), "--name", name, "--rounds", "2",
-             "--min-devices", "2", "--local-steps", "40", "--sample-rate", "0.1"],
+             "--min-devices", "2", "--local-steps", "40", "--sample-rate", "0.05"],
             stdout=out, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True)
     try:
         rounds = run_dir / "rounds.jsonl"
@@ -382,3 +397,45 @@ def test_daemon_killed_mid_training(federation: LocalFederation) -> None:
     assert len([c for c in _descendants(victim.part.process.pid).values()
                 if "flower-supernode" in c and "reaper" not in c]) == 1
     _check_invariants(federation, before)
+
+
+_WRITER = """
+import sys
+from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
+config = ModelConfig()
+weights = initial_weights(config, 0)
+i = 0
+print("ready", flush=True)
+while True:
+    i += 1
+    save_checkpoint(sys.argv[1], [w + i for w in weights], config, {"i": i})
+"""
+
+
+def test_checkpoint_write_killed_midway(tmp_path: Path) -> None:
+    """ServerApp x checkpoint write: a writer SIGKILLed mid-write leaves the last whole file.
+
+    The ServerApp (plain and SecAgg+) writes every checkpoint with
+    ``save_checkpoint``; here a process does nothing else, and is killed the
+    moment its temporary file exists, i.e. while ``torch.save`` writes it.
+    """
+    from keystay.client.model import read_checkpoint
+
+    path = tmp_path / "checkpoints" / "round-001.pt"
+    for attempt in range(2):  # each attempt imports torch: seconds
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE,
+            env=flower_env())
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == b"ready\n"
+            _wait_for("a checkpoint being written",
+                      lambda: any(path.parent.glob(".round-001.pt.*")) and path.exists(),
+                      60, every=0.001)
+            writer.kill()
+            writer.wait(10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                writer.kill()
+        # The name holds a whole checkpoint, never the half being written.
+        meta = read_checkpoint(path).meta
+        assert meta["i"] >= 1, (attempt, meta)
