@@ -8,7 +8,10 @@ user-level central DP on top), records every report in the server ledger
 (verifying its signature), and sorts every device that sent no update into
 *refused* (its policy said no: recorded in the ledger with its reason),
 *unavailable* (its daemon or node could not be reached) or *failed*
-(anything else), using the ClientApp's error codes.
+(anything else), using the ClientApp's error codes. A device sent the round
+that sends nothing back before the round timeout (its daemon, SuperNode or
+ClientApp was killed, or the laptop slept) is *unavailable* too, so the
+lists always add up to the devices sampled.
 
 It asks devices nothing else. No evaluate message is sent: a device's exact
 held-out loss for weights the server picks is an unpaid query on its data.
@@ -18,6 +21,13 @@ model on its own held-out set, simulated employees that never train
 time or example count: devices stop sending them, and nothing here needs
 them. Per round it writes a checkpoint and one line of ``rounds.jsonl`` that
 ``keystay round start`` turns into the table an ML engineer reads.
+
+Crash safety (docs/faults.md): checkpoints and ``settings.json`` are written
+beside and renamed over (fsynced), so a SIGKILL leaves the old file or the
+new one; a row torn by a SIGKILL mid-append is skipped by readers and the
+next row starts on a fresh line. A killed ServerApp is not resumed: its run
+is failed, and the operator starts a new run; what devices were charged for
+it stays charged.
 """
 
 from __future__ import annotations

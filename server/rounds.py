@@ -6,6 +6,11 @@ runs), and while the run goes, prints each round's row as the ServerApp
 appends it to ``rounds.jsonl``. The CLI shows the run's progress
 (:mod:`keystay.server.progress`) and copies each row's numbers to
 ``rounds.csv`` and TensorBoard (:mod:`keystay.server.metrics`).
+
+The follower reads only newline-ended lines (:func:`complete_rows`), so a
+row being written, or one torn by a ServerApp killed mid-append, is never
+half-parsed. Killing ``keystay round start`` itself loses nothing: the run
+lives in the SuperLink and its ServerApp goes on writing ``rounds.jsonl``.
 """
 
 from __future__ import annotations

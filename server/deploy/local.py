@@ -4,7 +4,9 @@ Used by ``keystay demo`` and by the end-to-end tests. Every part is a real
 process started through the ``keystay`` command a person would type, on free
 loopback ports, each with its own folder and log. :meth:`LocalFederation.stop`
 stops every process it started, by PID (and process group, which takes the
-SuperExec and ClientApp children with it).
+SuperExec and ClientApp children with it); :meth:`LocalFederation.restart_device`
+starts a dead device's daemon again, as systemd would (the fault matrix,
+tests/e2e/test_fault_matrix.py).
 
 Secure by default, exactly as a real deployment: ``keystay server init``
 creates the CA and a TLS certificate for 127.0.0.1, the SuperLink admits

@@ -133,7 +133,7 @@ def _status(device: LocalDevice, timeout: float = 60.0) -> tuple[str, dict[str, 
             with ControlClient(device.control_socket) as client:
                 status = client.status()
             return status.device_id, {b.block: int(b.events) for b in status.blocks}
-        except Exception:  # noqa: BLE001  (a restarting daemon: refused, not yet bound)
+        except Exception:  # a restarting daemon: refused, not yet bound
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
@@ -204,7 +204,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     # device whose days retire would refuse, which is another test's subject.
     fed = LocalFederation(tmp_path_factory.mktemp("faults") / "fed", devices=2,
                           simulate_days=2, events_per_day=2500,
-                          policy_toml="epsilon_per_block = 32.0\n")
+                          policy_toml="[policy]\nepsilon_per_block = 32.0\n")
     try:
         fed.start()
         fed.wait_online(2)
@@ -221,7 +221,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
 def _settings(federation: LocalFederation, run_name: str, **overrides: object) -> RunSettings:
     values: dict[str, object] = dict(
         server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
-        min_devices=2, local_steps=40, sample_rate=0.05, round_timeout=30.0,
+        min_devices=2, local_steps=40, sample_rate=0.05, round_timeout=120.0,
     )
     values.update(overrides)
     return RunSettings(**values)  # type: ignore[arg-type]
@@ -293,7 +293,10 @@ def test_clientapp_killed_mid_training(federation: LocalFederation) -> None:
     victim = federation.device_list[0]
     assert victim.part is not None
     before = Snapshot.take(federation)
-    settings = _settings(federation, "fault-clientapp", num_server_rounds=1)
+    # The round waits out its timeout for the victim: short, but long enough
+    # for the other device on a loaded machine.
+    settings = _settings(federation, "fault-clientapp", num_server_rounds=1,
+                         round_timeout=45.0)
     run = Background(federation, settings)
     _when_charged(victim, settings.run_name)
     apps = _descendants(victim.part.process.pid)
@@ -353,7 +356,7 @@ def test_serverapp_killed_after_replies(federation: LocalFederation) -> None:
     weights if wanted); the killed run's charges stay on the devices.
     """
     before = Snapshot.take(federation)
-    settings = _settings(federation, "fault-serverapp", num_server_rounds=1, round_timeout=60.0)
+    settings = _settings(federation, "fault-serverapp", num_server_rounds=1)
     run = Background(federation, settings)
     for device in federation.device_list:
         _when_charged(device, settings.run_name, answered=True)
@@ -368,6 +371,51 @@ def test_serverapp_killed_after_replies(federation: LocalFederation) -> None:
         assert _charges(device, settings.run_name)
     _check_invariants(federation, before)
     again = start_run(federation.server_dir, _settings(federation, "fault-serverapp-again",
+                                                       num_server_rounds=1))
+    assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
+
+
+def _group(pgid: int) -> dict[int, str]:
+    """Live processes in process group ``pgid``."""
+    found = {}
+    for pid, (_, cmd) in _proc_table().items():
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pgid:
+                found[pid] = cmd
+    return found
+
+
+def test_superlink_killed_mid_training(federation: LocalFederation) -> None:
+    """SuperLink x after the charges: the run fails, nothing outlives it, restarted it serves.
+
+    ``keystay server start`` is what systemd supervises: it exits when its
+    SuperLink dies, taking the SuperLink's SuperExec and ServerApp with it,
+    and is started again on the same folder (same SQLite state, same enrolled
+    devices).
+    """
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-superlink", num_server_rounds=1)
+    run = Background(federation, settings)
+    for device in federation.device_list:
+        _when_charged(device, settings.run_name)
+    link = next(p for p in federation.parts if p.name == "SuperLink")
+    superlink = _one(_descendants(link.process.pid), "flower-superlink")
+    assert _one(_group(superlink), "flwr-serverapp")  # the run's ServerApp is in its group
+    os.kill(superlink, signal.SIGKILL)
+    link.process.wait(30)
+    assert link.process.returncode != 0  # systemd sees the failure and restarts
+    _wait_for("the dead SuperLink's SuperExec and ServerApp to go",
+              lambda: not _group(superlink), 20, every=0.2)
+    outcome = run.wait(240)
+    assert not outcome.ok
+    federation.stop_server()  # forget the dead part
+    federation.start_server()
+    federation.wait_online(2, timeout=180)
+    # The devices' charges for the killed run stay.
+    for device in federation.device_list:
+        assert _charges(device, settings.run_name)
+    _check_invariants(federation, before)
+    again = start_run(federation.server_dir, _settings(federation, "fault-superlink-again",
                                                        num_server_rounds=1))
     assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
 
