@@ -228,11 +228,6 @@ def start(server_dir: Path) -> None:
     sys.stdout.flush()
     code = process.wait()
     if not stopping:
-        # The SuperLink died on its own (killed, crashed). Its SuperExec and a
-        # running ServerApp are in its process group and would go on polling
-        # a dead link, orphaned: stop them before systemd starts us again.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
         click.echo(f"keystay server: the SuperLink exited ({code}); see {log_path}", err=True)
         sys.exit(ServerExit.SUPERLINK_DOWN)
 
