@@ -8,7 +8,10 @@ user-level central DP on top), records every report in the server ledger
 (verifying its signature), and sorts every device that sent no update into
 *refused* (its policy said no: recorded in the ledger with its reason),
 *unavailable* (its daemon or node could not be reached) or *failed*
-(anything else), using the ClientApp's error codes.
+(anything else), using the ClientApp's error codes. A device sent the round
+that sends nothing back before the round timeout (its daemon, SuperNode or
+ClientApp was killed, or the laptop slept) is *unavailable* too, so the
+lists always add up to the devices sampled.
 
 It asks devices nothing else. No evaluate message is sent: a device's exact
 held-out loss for weights the server picks is an unpaid query on its data.
@@ -18,11 +21,19 @@ model on its own held-out set, simulated employees that never train
 time or example count: devices stop sending them, and nothing here needs
 them. Per round it writes a checkpoint and one line of ``rounds.jsonl`` that
 ``keystay round start`` turns into the table an ML engineer reads.
+
+Crash safety (docs/faults.md): checkpoints and ``settings.json`` are written
+beside and renamed over (fsynced), so a SIGKILL leaves the old file or the
+new one; a row torn by a SIGKILL mid-append is skipped by readers and the
+next row starts on a fresh line. A killed ServerApp is not resumed: its run
+is failed, and the operator starts a new run; what devices were charged for
+it stays charged.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -184,8 +195,11 @@ def score_and_write(
             round_log.server_round, error)
     round_log.heldout_population = evaluator.population.describe()
     line = round_log.as_json()
-    with rounds_file.open("a", encoding="utf-8") as out:
-        out.write(line + "\n")
+    with rounds_file.open("a+b") as out:
+        # A ServerApp killed mid-append leaves a line without its newline;
+        # start on a fresh line so this row is not glued to the torn one.
+        torn = out.tell() > 0 and (out.seek(-1, os.SEEK_END), out.read(1))[1] != b"\n"
+        out.write((("\n" if torn else "") + line + "\n").encode())
     log(INFO, "round %s: %s", round_log.server_round, line)
     return round_log.heldout
 
@@ -255,6 +269,7 @@ class KeystayFedAvg(FedAvg):
         self.checkpoints = self.run_dir / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self._current: RoundLog | None = None
+        self._sampled: set[int] = set()  # node ids the current round was sent to
         self._global: list[np.ndarray] | None = None
         # OS entropy, never the run's seed: the seed travels in the run config,
         # and whoever knows it could regenerate the noise and subtract it.
@@ -276,6 +291,7 @@ class KeystayFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._current = RoundLog(server_round=server_round, started=time.time())
         self._current.devices_sampled = len(messages)
+        self._sampled = {m.metadata.dst_node_id for m in messages}
         return messages
 
     def aggregate_train(
@@ -335,6 +351,16 @@ class KeystayFedAvg(FedAvg):
                 continue
             accepted.append(msg)
 
+        # A sampled device that never replied (its daemon, SuperNode or
+        # ClientApp died mid-round; a laptop went to sleep) is unavailable:
+        # without this it would be in no list, and the row would not add up.
+        replied = {msg.metadata.src_node_id for msg in replies}
+        for node in sorted(self._sampled - replied):
+            round_log.unavailable.append({
+                "node": node, "code": None,
+                "reason": f"no reply within the round timeout ({self.settings.round_timeout:g} s)",
+            })
+            log(WARNING, "round %s: device on node %s unavailable: no reply", server_round, node)
         round_log.devices_reported = len(accepted)
         if not accepted:
             return None, None
@@ -404,9 +430,11 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of keystay federated training."""
     settings = RunSettings.from_run_config(dict(context.run_config))
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    (settings.run_dir / "settings.json").write_text(
-        json.dumps(settings.as_run_config(), indent=2, sort_keys=True)
-    )
+    # Beside and renamed over: a ServerApp killed here leaves the old file or
+    # the new one, never half of one.
+    settings_tmp = settings.run_dir / ".settings.json.tmp"
+    settings_tmp.write_text(json.dumps(settings.as_run_config(), indent=2, sort_keys=True))
+    os.replace(settings_tmp, settings.run_dir / "settings.json")
     if settings.secagg:
         # Imported here: keystay.server.secagg builds on this module's RoundLog.
         from keystay.server.secagg import run_secagg

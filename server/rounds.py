@@ -6,6 +6,11 @@ runs), and while the run goes, prints each round's row as the ServerApp
 appends it to ``rounds.jsonl``. The CLI shows the run's progress
 (:mod:`keystay.server.progress`) and copies each row's numbers to
 ``rounds.csv`` and TensorBoard (:mod:`keystay.server.metrics`).
+
+The follower reads only newline-ended lines (:func:`complete_rows`), so a
+row being written, or one torn by a ServerApp killed mid-append, is never
+half-parsed. Killing ``keystay round start`` itself loses nothing: the run
+lives in the SuperLink and its ServerApp goes on writing ``rounds.jsonl``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,29 @@ def run_config_arg(config: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={_toml_value(value)}" for key, value in config.items())
 
 
+def complete_rows(text: str) -> list[dict[str, Any] | None]:
+    r"""The rows of a ``rounds.jsonl`` text, one per complete (newline-ended) line.
+
+    The last line is left out until its newline lands: the ServerApp may be
+    writing it right now. A line that is not a JSON object (a ServerApp
+    SIGKILLed mid-append, then the file appended to again) is ``None``, so
+    that line numbers stay stable between reads.
+
+    >>> complete_rows('{"round": 1}\n{"round"')
+    [{'round': 1}]
+    >>> complete_rows('{"rou\n{"round": 2}\n')
+    [None, {'round': 2}]
+    """
+    rows: list[dict[str, Any] | None] = []
+    for line in text[: text.rfind("\n") + 1].splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        rows.append(row if isinstance(row, dict) else None)
+    return rows
+
+
 def start_run(
     server_dir: Path,
     settings: RunSettings,
@@ -81,13 +109,13 @@ def start_run(
         while True:
             finished = done.is_set()
             if rounds_path.exists():
-                lines = rounds_path.read_text().splitlines()
-                for line in lines[seen:]:
-                    row = json.loads(line)
+                for row in complete_rows(rounds_path.read_text(errors="replace"))[seen:]:
+                    seen += 1
+                    if row is None:
+                        continue  # a torn line: its writer was killed mid-append
                     rows.append(row)
                     if on_round is not None:
                         on_round(row)
-                seen = len(lines)
             if finished:
                 return
             time.sleep(poll)

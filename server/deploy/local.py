@@ -4,7 +4,9 @@ Used by ``keystay demo`` and by the end-to-end tests. Every part is a real
 process started through the ``keystay`` command a person would type, on free
 loopback ports, each with its own folder and log. :meth:`LocalFederation.stop`
 stops every process it started, by PID (and process group, which takes the
-SuperExec and ClientApp children with it).
+SuperExec and ClientApp children with it); :meth:`LocalFederation.restart_device`
+starts a dead device's daemon again, as systemd would (the fault matrix,
+tests/e2e/test_fault_matrix.py).
 
 Secure by default, exactly as a real deployment: ``keystay server init``
 creates the CA and a TLS certificate for 127.0.0.1, the SuperLink admits
@@ -76,6 +78,7 @@ class LocalDevice:
     seed: int
     part: Part | None = None
     fingerprint: str | None = None
+    transport: list[str] = field(default_factory=list)  # daemon flags for TLS/node auth
 
     @property
     def socket(self) -> Path:
@@ -263,18 +266,8 @@ class LocalFederation:
                              "--auth-key", str(device.auth_key)]
             say(f"starting device {device.name} (simulated employee {device.seed}, "
                 f"{self.simulate_days} days of history)")
-            device.part = self._spawn(
-                device.name,
-                self._keystay(
-                    "device", "run", "--data", str(device.data_dir), "--source", "none",
-                    "--simulate-days", str(self.simulate_days),
-                    "--events-per-day", str(self.events_per_day),
-                    "--employee-seed", str(device.seed),
-                    "--superlink", self.fleet, "--accept-server-code-access", *transport,
-                    "--supernode-port", str(device.supernode_port),
-                ),
-                device.data_dir / "logs" / "daemon.out",
-            )
+            device.transport = transport
+            self._spawn_device(device)
             self.device_list.append(device)
 
         for device in self.device_list:
@@ -284,6 +277,33 @@ class LocalFederation:
                           str(self.server_dir), str(device.data_dir / LEGACY_REQUEST_FILE),
                           "--name", device.name)
             say(f"device {device.name} is up")
+
+    def _spawn_device(self, device: LocalDevice) -> None:
+        device.part = self._spawn(
+            device.name,
+            self._keystay(
+                "device", "run", "--data", str(device.data_dir), "--source", "none",
+                "--simulate-days", str(self.simulate_days),
+                "--events-per-day", str(self.events_per_day),
+                "--employee-seed", str(device.seed),
+                "--superlink", self.fleet, "--accept-server-code-access", *device.transport,
+                "--supernode-port", str(device.supernode_port),
+            ),
+            device.data_dir / "logs" / "daemon.out",
+        )
+
+    def restart_device(self, device: LocalDevice) -> None:
+        """Start a device's daemon again, as systemd would after it died.
+
+        Same folder, same command line: the store, ledger and keys it finds
+        are the ones the dead daemon left. Returns once its sockets are up.
+        """
+        if device.part is not None:
+            if device.part.alive:
+                raise RuntimeError(f"device {device.name} is still running")
+            self.parts.remove(device.part)
+        self._spawn_device(device)
+        self._wait_device(device)
 
     def _wait_device(self, device: LocalDevice) -> None:
         assert device.part is not None

@@ -198,3 +198,23 @@ def test_a_reply_without_a_report_is_a_failure_not_a_crash(
     assert [(f["node"], f["code"]) for f in row["failed"]] == [(42, server_app.ERROR_FAILED)]
     assert "report" in row["failed"][0]["reason"]
     assert row["devices_answered"] == 0 and ledger.refusals() == []
+
+
+def test_a_sampled_device_that_never_replies_is_unavailable(
+    task_identity: None, ledger: ServerLedger
+) -> None:
+    # A ClientApp, SuperNode or daemon SIGKILLed mid-round sends nothing at all
+    # (tests/e2e/test_fault_matrix.py); before, the row listed it nowhere.
+    settings = RunSettings(server_dir=Path(ledger.path).parent, run_name=RUN,
+                           round_timeout=30.0)
+    strategy = server_app.KeystayFedAvg(settings, ledger, ModelConfig())
+    strategy._sampled = {42, 43}  # what configure_train sent this round
+    sent = Message(RecordDict({}), dst_node_id=42, message_type=MessageType.TRAIN)
+    sent.metadata.__dict__["_message_id"] = "m1"
+    reply = Message(RecordDict({"arrays": ArrayRecord(initial_weights())}), reply_to=sent)
+    strategy.aggregate_train(1, [reply])
+    row = json.loads(strategy._round(1).as_json())
+    assert [f["node"] for f in row["failed"]] == [42]
+    assert [u["node"] for u in row["unavailable"]] == [43]
+    assert "no reply within the round timeout (30 s)" in row["unavailable"][0]["reason"]
+    assert "node 43 unavailable: no reply" in "\n".join(format_round(row))

@@ -1,0 +1,485 @@
+"""The fault matrix: SIGKILL a process at a phase of a round, restart it, check nothing is lost.
+
+docs/faults.md holds the whole matrix (process x phase) with, per cell, the
+test that covers it or why the cell cannot exist. This module runs the cells
+that need a federation, on ONE federation (a SuperLink and two device
+daemons) shared by every test: starting one costs more than a round.
+
+Phases are observed from outside, with no test-only hook in the code:
+
+- *after the ledger charge / mid-training*: a row of the device ledger's
+  ``charges`` table for the run appears (the daemon charges before it trains,
+  write-ahead), read through a read-only SQLite connection;
+- *after the reply is sent*: that row's ``answered`` flag is set;
+- *after a round*: the round's row lands in the run's ``rounds.jsonl``.
+
+After each kill the test restarts what a supervisor would (the daemon
+restarts its trainer and SuperNode; systemd restarts the daemon) and checks
+the invariants of issue 13 with :func:`_check_invariants`: the store lost no
+batch, no block's ε went down, every report the server holds matches a
+device charge, every checkpoint on disk loads, and nothing outlived its
+parent. The tests run in file order: the ones that leave a device's node
+unable to re-activate for a minute (its daemon killed) run last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from keystay.client.control_client import ControlClient
+from keystay.server.deploy.local import LocalDevice, LocalFederation
+from keystay.server.deploy.superlink import executable, flower_env
+from keystay.server.ledger.ledger import ServerLedger
+from keystay.server.rounds import RunOutcome, complete_rows, start_run
+from keystay.server.settings import RunSettings
+
+pytestmark = pytest.mark.e2e
+
+
+# ----------------------------------------------------------------- processes
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live, non-zombie process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if stat[0] != "Z":
+            table[int(entry)] = (int(stat[1]), cmdline.decode(errors="replace"))
+    return table
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    table = _proc_table()
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, cmdline) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = cmdline
+                frontier.append(child)
+    return found
+
+
+def _mentioning(marker: str) -> dict[int, str]:
+    return {pid: cmd for pid, (_, cmd) in _proc_table().items() if marker in cmd}
+
+
+def _wait_for(what: str, predicate: Callable[[], object], timeout: float,
+              every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def _one(processes: dict[int, str], name: str) -> int:
+    matching = [pid for pid, cmd in processes.items() if name in cmd and "reaper" not in cmd]
+    assert len(matching) == 1, f"expected one {name}: {processes}"
+    return matching[0]
+
+
+# ----------------------------------------------------------------- device state
+
+
+def _ledger(device: LocalDevice) -> sqlite3.Connection:
+    """The device ledger, read-only: the test reads what the daemon wrote, never writes."""
+    uri = f"file:{device.data_dir / 'ledger.v1.sqlite'}?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=10)
+
+
+def _charges(device: LocalDevice, run_id: str) -> list[tuple[int, str, int, float, int]]:
+    """(charge id, block, server round, ε enforced after it, answered) for a run."""
+    with contextlib.closing(_ledger(device)) as conn:
+        return conn.execute(
+            "SELECT id, block, server_round, eps_enforced, answered FROM charges "
+            "WHERE run_id = ? ORDER BY id, block", (run_id,)).fetchall()
+
+
+def _block_epsilons(device: LocalDevice) -> dict[str, float]:
+    """Each block's ε after its newest charge: what the daemon enforces."""
+    with contextlib.closing(_ledger(device)) as conn:
+        rows = conn.execute(
+            "SELECT block, eps_enforced FROM charges c WHERE id = "
+            "(SELECT MAX(id) FROM charges WHERE block = c.block)").fetchall()
+    return {block: float(eps) for block, eps in rows}
+
+
+def _status(device: LocalDevice, timeout: float = 60.0) -> tuple[str, dict[str, int]]:
+    """(device id, events per block) from the employee's control socket, once it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with ControlClient(device.control_socket) as client:
+                status = client.status()
+            return status.device_id, {b.block: int(b.events) for b in status.blocks}
+        except Exception:  # a restarting daemon: refused, not yet bound
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@dataclass
+class Snapshot:
+    """What must survive a fault: per device, the stored events and each block's ε."""
+
+    events: dict[str, dict[str, int]] = field(default_factory=dict)
+    epsilons: dict[str, dict[str, float]] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)  # device name -> device id
+
+    @classmethod
+    def take(cls, federation: LocalFederation) -> Snapshot:
+        snap = cls()
+        for device in federation.device_list:
+            device_id, events = _status(device)
+            snap.ids[device.name] = device_id
+            snap.events[device.name] = events
+            snap.epsilons[device.name] = _block_epsilons(device)
+        return snap
+
+
+def _check_invariants(federation: LocalFederation, before: Snapshot) -> None:
+    """The four promises of issue 13, checked after a fault and its restart."""
+    after = Snapshot.take(federation)
+    for device in federation.device_list:
+        # No store batch lost (these daemons record nothing new: --source none).
+        assert after.events[device.name] == before.events[device.name], device.name
+        # No ε refunded: every block's ε is what it was, or more.
+        for block, eps in before.epsilons[device.name].items():
+            assert after.epsilons[device.name][block] >= eps, (device.name, block)
+    # Device and server reconcile: every report the server holds is a charge
+    # the device made, with the same ε per block.
+    by_id = {after.ids[d.name]: d for d in federation.device_list}
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        reports = ledger.reports()
+    assert reports, "the server holds no report at all"
+    for report in reports:
+        payload = report.payload()
+        assert payload is not None and report.verified, report
+        device = by_id[report.device_id]
+        charged = {(block, rnd): eps for _, block, rnd, eps, _ in
+                   _charges(device, report.run_id)}
+        for block in payload["blocks"]:
+            key = (block["block"], report.server_round)
+            assert key in charged, f"report with no device charge: {report.run_id} {key}"
+            assert charged[key] == pytest.approx(block["epsilon"], rel=1e-9), key
+    # Every checkpoint on disk loads: none is half-written.
+    _check_checkpoints(federation.server_dir)
+
+
+def _check_checkpoints(server_dir: Path) -> None:
+    from keystay.client.model import read_checkpoint
+
+    for path in server_dir.rglob("*.pt"):
+        if not path.name.startswith("."):  # temp files a killed writer left
+            read_checkpoint(path)
+
+
+# ----------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    # The largest budget a policy may set: about ten rounds run here, and a
+    # device whose days retire would refuse, which is another test's subject.
+    fed = LocalFederation(tmp_path_factory.mktemp("faults") / "fed", devices=2,
+                          simulate_days=2, events_per_day=2500,
+                          policy_toml="[policy]\nepsilon_per_block = 32.0\n")
+    try:
+        fed.start()
+        fed.wait_online(2)
+        yield fed
+    finally:
+        started = [part.process for part in fed.parts]
+        fed.stop()
+    assert started and all(process.poll() is not None for process in started)
+    # No process of the federation outlived it (SuperNodes, SuperExecs, apps, trainers).
+    _wait_for("every process of the federation to end",
+              lambda: not _mentioning(str(fed.root)), 20, every=0.2)
+
+
+def _settings(federation: LocalFederation, run_name: str, **overrides: object) -> RunSettings:
+    values: dict[str, object] = dict(
+        server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
+        min_devices=2, local_steps=40, sample_rate=0.05, round_timeout=120.0,
+    )
+    values.update(overrides)
+    return RunSettings(**values)  # type: ignore[arg-type]
+
+
+class Background:
+    """``start_run`` in a thread, so the test can kill something while it goes."""
+
+    def __init__(self, federation: LocalFederation, settings: RunSettings) -> None:
+        self.outcome: RunOutcome | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(federation.server_dir, settings), daemon=True)
+        self._thread.start()
+
+    def _run(self, server_dir: Path, settings: RunSettings) -> None:
+        self.outcome = start_run(server_dir, settings)
+
+    def wait(self, timeout: float = 300.0) -> RunOutcome:
+        self._thread.join(timeout)
+        assert self.outcome is not None, "the run did not end"
+        return self.outcome
+
+
+def _when_charged(device: LocalDevice, run_id: str, answered: bool = False,
+                  timeout: float = 180.0) -> None:
+    _wait_for(f"{device.name} to charge run {run_id}",
+              lambda: any(row[4] or not answered for row in _charges(device, run_id)),
+              timeout)
+
+
+# ----------------------------------------------------------------- cells
+
+
+def test_trainer_killed_mid_training(federation: LocalFederation) -> None:
+    """Warm trainer x (after charge, mid-training): the round goes on; the daemon restarts it."""
+    victim = federation.device_list[0]
+    assert victim.part is not None
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-trainer")
+    run = Background(federation, settings)
+    _when_charged(victim, settings.run_name)
+    trainer = [pid for pid, cmd in _descendants(victim.part.process.pid).items()
+               if "spawn_main" in cmd]
+    assert len(trainer) == 1, _descendants(victim.part.process.pid)
+    os.kill(trainer[0], signal.SIGKILL)
+    outcome = run.wait()
+    tail = outcome.log_file.read_text(errors="replace")[-3000:]
+    assert outcome.returncode == 0 and len(outcome.rounds) == 2, tail
+    first, second = outcome.rounds
+    victim_id = before.ids[victim.name]
+    assert victim_id not in first["devices"], first  # its round-1 update never came
+    assert len(first["failed"]) == 1 and first["devices_reported"] == 1, first
+    # The daemon started a new trainer, and the victim trained in round 2.
+    assert second["devices_reported"] == 2 and victim_id in second["devices"], second
+    assert victim.part.alive
+    # The round-1 charge stays: unanswered, never refunded.
+    rounds_charged = {row[2]: row[4] for row in _charges(victim, settings.run_name)}
+    assert rounds_charged == {1: 0, 2: 1}, rounds_charged
+    _check_invariants(federation, before)
+
+
+def test_clientapp_killed_mid_training(federation: LocalFederation) -> None:
+    """ClientApp x mid-training: the device is out for the rest of the run, back for the next.
+
+    Flower's SuperNode starts one ClientApp per run and does not replace it:
+    the run's later messages to that node go unanswered, and the server lists
+    the device as unavailable (no reply within the round timeout).
+    """
+    victim = federation.device_list[0]
+    assert victim.part is not None
+    before = Snapshot.take(federation)
+    # The round waits out its timeout for the victim: short, but long enough
+    # for the other device on a loaded machine.
+    settings = _settings(federation, "fault-clientapp", num_server_rounds=1,
+                         round_timeout=45.0)
+    run = Background(federation, settings)
+    _when_charged(victim, settings.run_name)
+    apps = _descendants(victim.part.process.pid)
+    os.kill(_one(apps, "flwr-clientapp"), signal.SIGKILL)
+    outcome = run.wait()
+    tail = outcome.log_file.read_text(errors="replace")[-3000:]
+    assert outcome.returncode == 0 and len(outcome.rounds) == 1, tail
+    (first,) = outcome.rounds
+    victim_id = before.ids[victim.name]
+    assert victim_id not in first["devices"] and first["devices_reported"] == 1, first
+    assert len(first["unavailable"]) == 1, first
+    assert "no reply" in first["unavailable"][0]["reason"]
+    # The daemon charged first, so the round stays charged on the device.
+    assert {row[2] for row in _charges(victim, settings.run_name)} == {1}
+    _check_invariants(federation, before)
+    # The next run gets a new ClientApp on the victim's node.
+    again = start_run(federation.server_dir, _settings(federation, "fault-clientapp-next",
+                                                       num_server_rounds=1))
+    assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
+    assert victim_id in again.rounds[0]["devices"], again.rounds[0]
+
+
+def test_round_start_killed_after_a_round(federation: LocalFederation) -> None:
+    """``keystay round start`` x after round 1: the run goes on without its follower."""
+    before = Snapshot.take(federation)
+    name = "fault-round-start"
+    run_dir = federation.server_dir / "runs" / name
+    log = federation.root / "round-start.log"
+    with log.open("wb") as out:
+        cli = subprocess.Popen(
+            [executable("keystay"), "round", "start", "--server-dir",
+             str(federation.server_dir), "--name", name, "--rounds", "2",
+             "--min-devices", "2", "--local-steps", "40", "--sample-rate", "0.05"],
+            stdout=out, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True)
+    try:
+        rounds = run_dir / "rounds.jsonl"
+        _wait_for("round 1's row", lambda: rounds.exists() and complete_rows(
+            rounds.read_text()), 240, every=0.2)
+        os.killpg(cli.pid, signal.SIGKILL)  # the command and its `flwr run`
+        cli.wait(10)
+        # The ServerApp runs in the SuperLink: it finishes the run by itself.
+        _wait_for("the run's final model", (run_dir / "final.pt").exists, 240, every=0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(cli.pid, signal.SIGKILL)
+    rows = complete_rows(rounds.read_text())
+    assert [r["round"] for r in rows if r is not None] == [1, 2]
+    assert not _descendants(cli.pid)
+    _check_invariants(federation, before)
+
+
+def test_serverapp_killed_after_replies(federation: LocalFederation) -> None:
+    """ServerApp x after the replies are sent: the run fails; a new run starts over.
+
+    Restarted, not resumed: the ServerApp keeps no round state outside its
+    process, so the operator starts a new run (from the last checkpoint's
+    weights if wanted); the killed run's charges stay on the devices.
+    """
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-serverapp", num_server_rounds=1)
+    run = Background(federation, settings)
+    for device in federation.device_list:
+        _when_charged(device, settings.run_name, answered=True)
+    link = next(p for p in federation.parts if p.name == "SuperLink")
+    serverapp = _one(_descendants(link.process.pid), "flwr-serverapp")
+    os.kill(serverapp, signal.SIGKILL)
+    outcome = run.wait(240)
+    assert outcome.returncode != 0 or not outcome.ok
+    assert not (settings.run_dir / "final.pt").exists()
+    # The charges stay; the devices' answers were paid for.
+    for device in federation.device_list:
+        assert _charges(device, settings.run_name)
+    _check_invariants(federation, before)
+    again = start_run(federation.server_dir, _settings(federation, "fault-serverapp-again",
+                                                       num_server_rounds=1))
+    assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
+
+
+def test_superlink_killed_mid_training(federation: LocalFederation) -> None:
+    """SuperLink x after the charges: the run fails, nothing outlives it, restarted it serves.
+
+    ``keystay server start`` is what systemd supervises: it exits when its
+    SuperLink dies, and is started again on the same folder (same SQLite
+    state, same enrolled devices). The SuperLink's SuperExec runs in a
+    session of its own, so a process group kill would miss it: Flower hands
+    it ``--parent-pid`` and it exits when the SuperLink is gone, with the
+    run's ServerApp. That is checked here, by pid.
+    """
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-superlink", num_server_rounds=1)
+    run = Background(federation, settings)
+    for device in federation.device_list:
+        _when_charged(device, settings.run_name)
+    link = next(p for p in federation.parts if p.name == "SuperLink")
+    superlink = _one(_descendants(link.process.pid), "flower-superlink")
+    children = _descendants(superlink)
+    assert _one(children, "flwr-serverapp") and _one(children, "flower-superexec")
+    os.kill(superlink, signal.SIGKILL)
+    link.process.wait(30)
+    assert link.process.returncode != 0  # systemd sees the failure and restarts
+    _wait_for("the dead SuperLink's SuperExec and ServerApp to go",
+              lambda: not set(children) & set(_proc_table()), 30, every=0.2)
+    outcome = run.wait(240)
+    assert not outcome.ok
+    federation.stop_server()  # forget the dead part
+    federation.start_server()
+    federation.wait_online(2, timeout=180)
+    # The devices' charges for the killed run stay.
+    for device in federation.device_list:
+        assert _charges(device, settings.run_name)
+    _check_invariants(federation, before)
+    again = start_run(federation.server_dir, _settings(federation, "fault-superlink-again",
+                                                       num_server_rounds=1))
+    assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
+
+
+def test_daemon_killed_mid_training(federation: LocalFederation) -> None:
+    """Daemon x mid-training: its SuperNode and trainer die with it; restarted, it lost nothing."""
+    victim = federation.device_list[1]
+    assert victim.part is not None
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-daemon", num_server_rounds=1)
+    run = Background(federation, settings)
+    _when_charged(victim, settings.run_name)
+    charged = _block_epsilons(victim)
+    os.kill(victim.part.process.pid, signal.SIGKILL)
+    victim.part.process.wait(10)
+    # Supervision: nothing the daemon started outlives it.
+    _wait_for("the dead daemon's children to go",
+              lambda: not _mentioning(str(victim.data_dir)), 20, every=0.2)
+    outcome = run.wait()
+    tail = outcome.log_file.read_text(errors="replace")[-3000:]
+    assert outcome.returncode == 0 and len(outcome.rounds) == 1, tail
+    assert before.ids[victim.name] not in outcome.rounds[0]["devices"]
+    federation.restart_device(victim)
+    # The restarted daemon enforces what was charged before the kill.
+    after = _block_epsilons(victim)
+    assert all(after[b] >= eps for b, eps in charged.items())
+    supernodes = lambda: [c for c in _descendants(victim.part.process.pid).values()  # noqa: E731
+                          if "flower-supernode" in c and "reaper" not in c]
+    _wait_for("the restarted daemon's SuperNode", supernodes, 60, every=0.2)
+    time.sleep(1)
+    assert len(supernodes()) == 1
+    _check_invariants(federation, before)
+
+
+_WRITER = """
+import sys
+from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
+config = ModelConfig()
+weights = initial_weights(config, 0)
+i = 0
+print("ready", flush=True)
+while True:
+    i += 1
+    save_checkpoint(sys.argv[1], [w + i for w in weights], config, {"i": i})
+"""
+
+
+def test_checkpoint_write_killed_midway(tmp_path: Path) -> None:
+    """ServerApp x checkpoint write: a writer SIGKILLed mid-write leaves the last whole file.
+
+    The ServerApp (plain and SecAgg+) writes every checkpoint with
+    ``save_checkpoint``; here a process does nothing else, and is killed the
+    moment its temporary file exists, i.e. while ``torch.save`` writes it.
+    """
+    from keystay.client.model import read_checkpoint
+
+    path = tmp_path / "checkpoints" / "round-001.pt"
+    for attempt in range(2):  # each attempt imports torch: seconds
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE,
+            env=flower_env())
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == b"ready\n"
+            _wait_for("a checkpoint being written",
+                      lambda: any(path.parent.glob(".round-001.pt.*")) and path.exists(),
+                      60, every=0.001)
+            writer.kill()
+            writer.wait(10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                writer.kill()
+        # The name holds a whole checkpoint, never the half being written.
+        meta = read_checkpoint(path).meta
+        assert meta["i"] >= 1, (attempt, meta)
