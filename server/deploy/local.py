@@ -118,6 +118,10 @@ class LocalFederation:
     insecure : bool
         Plain-text loopback federation without node authentication. Default
         False: TLS, enrolled devices only, as in production.
+    source : str
+        Each daemon's ``--source``: ``"none"`` (train on the simulated
+        history only) or ``"simulated"`` (also record live, so that a pause
+        shows in ``keystay device status``; the hostile-app test uses it).
     """
 
     root: Path
@@ -127,6 +131,7 @@ class LocalFederation:
     policy_toml: str | None = None
     startup_timeout: float = 180.0
     insecure: bool = False
+    source: str = "none"
     parts: list[Part] = field(default_factory=list)
     device_list: list[LocalDevice] = field(default_factory=list)
     fleet: str = ""
@@ -282,7 +287,7 @@ class LocalFederation:
         device.part = self._spawn(
             device.name,
             self._keystay(
-                "device", "run", "--data", str(device.data_dir), "--source", "none",
+                "device", "run", "--data", str(device.data_dir), "--source", self.source,
                 "--simulate-days", str(self.simulate_days),
                 "--events-per-day", str(self.events_per_day),
                 "--employee-seed", str(device.seed),
