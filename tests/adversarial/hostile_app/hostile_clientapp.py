@@ -218,7 +218,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                                          weights=_tensors(weights)).SerializeToString()
     tried: dict[str, str] = {}
     for service in SERVICES:
-        code, details, raw = _call(socket, f"/{service}/Evaluate", request, 60.0)
+        code, _details, raw = _call(socket, f"/{service}/Evaluate", request, 60.0)
         tried[service] = code
         if code == "OK":
             reply = device_pb2.EvaluateReply.FromString(raw)
