@@ -180,6 +180,11 @@ class RunSettings:
         }
 
 
+#: The defaults of every run setting (``keystay round start``'s option defaults
+#: read them; ``server/flwr_app/pyproject.toml`` repeats them, checked by a test).
+RUN_DEFAULTS = RunSettings(server_dir=Path("/"), run_name="defaults")
+
+
 def _key(name: str) -> str:
     return name.replace("_", "-")
 
