@@ -15,7 +15,13 @@ from pathlib import Path
 import click
 import pytest
 
-from keystay.client.ledger.accounting import Mechanism, enforced, epsilons
+from keystay.client.ledger.accounting import (
+    EMPTY_STATE,
+    Mechanism,
+    compose_state,
+    enforced,
+    state_epsilons,
+)
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.server.cli import round_start
 from keystay.server.demo import demo
@@ -67,12 +73,17 @@ def test_a_default_device_accepts_every_round_of_a_default_run() -> None:
         policy.check_request(_request(RUN_DEFAULTS, server_round))
     # Every round charges every day the device trains on: the day's ε after the
     # run is the composition of all rounds, and it must fit the day's budget.
+    # Composed charge by charge, as the device ledger prices them.
     per_round = Mechanism(RUN_DEFAULTS.noise_multiplier, RUN_DEFAULTS.sample_rate,
                           RUN_DEFAULTS.local_steps)
-    spent = enforced(epsilons([per_round] * rounds, delta=policy.delta))
-    assert spent <= policy.epsilon_per_block
-    # ...and one more round would not (the defaults use the budget, not a sliver of it).
-    more = enforced(epsilons([per_round] * (rounds + 1), delta=policy.delta))
+    state = EMPTY_STATE
+    for _ in range(rounds):
+        state = compose_state(state, per_round)
+        spent = enforced(state_epsilons(state, delta=policy.delta))
+        assert spent <= policy.epsilon_per_block
+    # The defaults use the budget rather than a sliver of it: one more round
+    # would bring a day past half of it.
+    more = enforced(state_epsilons(compose_state(state, per_round), delta=policy.delta))
     assert more > policy.epsilon_per_block / 2
 
 
