@@ -35,7 +35,8 @@ The budget the tuning spent: nothing of a real person. Every figure here is
 computed on simulated employees; the ε column is what each simulated day
 would have been charged.
 
-Default run (about 15 minutes on two shared cores, at the demo's data size):
+Default run, at the demo's data size: 10 CPU-minutes (measured 36 minutes of
+wall time on the 2-core machine at load average 8-11, shared with other jobs):
 ε ∈ {1, 2, 4, 8}, q ∈ {0.1, 0.25}, steps ∈ {30, 60}, lr ∈ {0.005, 0.02}
 (Adam, constant). Bigger sweeps: ``--eps``, ``--rates``, ``--steps``,
 ``--lrs``, ``--optimizers sgd,adam``, ``--schedule`` ``cosine`` (per-round
