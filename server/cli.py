@@ -24,6 +24,7 @@ from keystay.server.deploy.superlink import (
 )
 from keystay.server.ledger.ledger import EnrollmentError as LedgerEnrollmentError
 from keystay.server.ledger.ledger import LedgerError
+from keystay.server.settings import RUN_DEFAULTS
 
 server_dir_option = click.option(
     "--dir",
@@ -410,21 +411,23 @@ def round_() -> None:
 
 @round_.command("start")
 @server_dir_option
-@click.option("--rounds", type=int, default=3, show_default=True, help="Number of rounds.")
+@click.option("--rounds", type=int, default=RUN_DEFAULTS.num_server_rounds, show_default=True,
+              help="Number of rounds (each charges every day a device trains on).")
 @click.option("--name", help="Run name (default: run-YYYYmmdd-HHMMSS).")
 @click.option("--min-devices", type=int, default=2, show_default=True,
               help="Wait for this many connected devices before each round.")
-@click.option("--noise-multiplier", type=float, default=1.0, show_default=True,
+@click.option("--noise-multiplier", type=float, default=RUN_DEFAULTS.noise_multiplier,
+              show_default=True,
               help="DP-SGD σ asked of devices (each enforces its own floor).")
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
+@click.option("--max-grad-norm", type=float, default=RUN_DEFAULTS.max_grad_norm, show_default=True,
               help="Per-sample clip asked of devices (each enforces its own maximum).")
-@click.option("--local-steps", type=int, default=60, show_default=True,
+@click.option("--local-steps", type=int, default=RUN_DEFAULTS.local_steps, show_default=True,
               help="DP-SGD steps per device per round.")
-@click.option("--sample-rate", type=float, default=0.05, show_default=True,
+@click.option("--sample-rate", type=float, default=RUN_DEFAULTS.sample_rate, show_default=True,
               help="Poisson sampling rate q: each of a device's training records joins a "
                    "step's batch with probability q (expected batch q x records). The same "
                    "for every device; devices refuse a q above their policy's ceiling.")
-@click.option("--learning-rate", type=float, default=0.01, show_default=True,
+@click.option("--learning-rate", type=float, default=RUN_DEFAULTS.learning_rate, show_default=True,
               help="Adam step size on each device (not a privacy parameter).")
 @click.option("--central-dp", is_flag=True,
               help="Also clip each device update and noise the sum on the server.")

@@ -21,17 +21,20 @@ import click
 
 from keystay.server.deploy.local import LocalFederation, PartFailed
 from keystay.server.deploy.superlink import executable, flower_env
+from keystay.server.settings import RUN_DEFAULTS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--devices", type=int, default=3, show_default=True,
               help="Simulated employees, each with its own daemon and SuperNode.")
-@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--rounds", type=int, default=RUN_DEFAULTS.num_server_rounds, show_default=True,
+              help="Rounds; each charges every simulated day (the defaults spend most of a "
+                   "day's budget in this many).")
 @click.option("--days", type=int, default=3, show_default=True,
               help="Days of simulated history per employee (one privacy block per day).")
 @click.option("--events-per-day", type=int, default=12000, show_default=True,
               help="Simulated input events per day; 33 make one training record.")
-@click.option("--local-steps", type=int, default=60, show_default=True,
+@click.option("--local-steps", type=int, default=RUN_DEFAULTS.local_steps, show_default=True,
               help="DP-SGD steps per device per round.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for this demo's server, devices and logs (default: runs/demo-TIME).")

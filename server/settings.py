@@ -9,6 +9,16 @@ instead of in round three.
 What a run *asks* of devices (noise, clip, steps, blocks) is only a request:
 each device checks it against its own ``DevicePolicy`` and refuses what would
 weaken it.
+
+The training defaults (σ, q, steps, learning rate, for ``num_server_rounds``
+rounds) come from ``bench/bench_tuning.py``: on simulated employees, the
+setting with the best held-out accuracy at a target ε per day, σ solved from
+that target over all the run's rounds (every round charges every day a device
+trains on). :data:`RUN_DEFAULTS` holds them for ``keystay round start`` and
+``keystay demo``; ``server/flwr_app/pyproject.toml`` repeats them (a test keeps
+the two equal, and checks a default device accepts every round of a default
+run within its per-day budget). A run with more rounds must raise σ or lower
+q or steps, or devices refuse its last rounds once a day's budget is spent.
 """
 
 from __future__ import annotations
@@ -31,11 +41,13 @@ class RunSettings:
     run_name: str
     num_server_rounds: int = 3
     min_devices: int = 2
-    noise_multiplier: float = 1.0
+    # Tuned by bench/bench_tuning.py (README, Performance): ε ≈ 8 per day after
+    # the 3 default rounds; see the module docstring.
+    noise_multiplier: float = 2.19
     max_grad_norm: float = 1.0
     local_steps: int = 60
-    sample_rate: float = 0.05
-    learning_rate: float = 0.01
+    sample_rate: float = 0.25
+    learning_rate: float = 0.005
     dp: bool = True
     blocks: str = ""
     seed: int = 0
@@ -178,6 +190,11 @@ class RunSettings:
         return {
             _key(k): (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
         }
+
+
+#: The defaults of every run setting (``keystay round start``'s option defaults
+#: read them; ``server/flwr_app/pyproject.toml`` repeats them, checked by a test).
+RUN_DEFAULTS = RunSettings(server_dir=Path("/"), run_name="defaults")
 
 
 def _key(name: str) -> str:

@@ -1,0 +1,94 @@
+"""The shipped run defaults: one set of numbers everywhere, and one a default device accepts.
+
+The defaults were chosen by ``bench/bench_tuning.py``; these tests keep every
+place that states them in agreement and check that a default run passes every
+privacy check of a default device for all of its rounds: the σ bounds, the
+rate and step ceilings, and the per-day budget its charges compose to.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import pytest
+
+from keystay.client.ledger.accounting import (
+    EMPTY_STATE,
+    Mechanism,
+    compose_state,
+    enforced,
+    state_epsilons,
+)
+from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
+from keystay.server.cli import round_start
+from keystay.server.demo import demo
+from keystay.server.settings import RUN_DEFAULTS, RunSettings
+
+APP_TOML = Path(__file__).parents[3] / "server" / "flwr_app" / "pyproject.toml"
+
+
+def _request(settings: RunSettings, server_round: int = 1) -> TrainingRequest:
+    return TrainingRequest(
+        noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+        local_steps=settings.local_steps, sample_rate=settings.sample_rate,
+        learning_rate=settings.learning_rate, dp=settings.dp, blocks=(),
+        run_id="defaults", server_round=server_round,
+    )
+
+
+def _option_defaults(command: click.Command) -> dict[str, object]:
+    return {p.name: p.default for p in command.params if p.name}
+
+
+def test_flower_app_config_repeats_the_run_defaults() -> None:
+    config = tomllib.loads(APP_TOML.read_text())["tool"]["flwr"]["app"]["config"]
+    expected = RUN_DEFAULTS.as_run_config()
+    for key in ("server-dir", "run-name"):  # set per run by `keystay round start`
+        expected.pop(key)
+        config.pop(key)
+    assert config == expected
+
+
+def test_round_start_options_default_to_the_run_defaults() -> None:
+    options = _option_defaults(round_start)
+    assert options["rounds"] == RUN_DEFAULTS.num_server_rounds
+    for name in ("noise_multiplier", "max_grad_norm", "local_steps", "sample_rate",
+                 "learning_rate"):
+        assert options[name] == getattr(RUN_DEFAULTS, name), name
+
+
+def test_demo_runs_the_default_rounds_and_steps() -> None:
+    options = _option_defaults(demo)
+    assert options["rounds"] == RUN_DEFAULTS.num_server_rounds
+    assert options["local_steps"] == RUN_DEFAULTS.local_steps
+
+
+def test_a_default_device_accepts_every_round_of_a_default_run() -> None:
+    policy = DevicePolicy()
+    rounds = RUN_DEFAULTS.num_server_rounds
+    for server_round in range(1, rounds + 1):
+        policy.check_request(_request(RUN_DEFAULTS, server_round))
+    # Every round charges every day the device trains on: the day's ε after the
+    # run is the composition of all rounds, and it must fit the day's budget.
+    # Composed charge by charge, as the device ledger prices them.
+    per_round = Mechanism(RUN_DEFAULTS.noise_multiplier, RUN_DEFAULTS.sample_rate,
+                          RUN_DEFAULTS.local_steps)
+    state = EMPTY_STATE
+    for _ in range(rounds):
+        state = compose_state(state, per_round)
+        spent = enforced(state_epsilons(state, delta=policy.delta))
+        assert spent <= policy.epsilon_per_block
+    # The defaults use the budget rather than a sliver of it: one more round
+    # would bring a day past half of it.
+    more = enforced(state_epsilons(compose_state(state, per_round), delta=policy.delta))
+    assert more > policy.epsilon_per_block / 2
+
+
+def test_the_check_above_can_fail() -> None:
+    # A σ under the floor is refused: the test above is not vacuous.
+    below = replace(RUN_DEFAULTS, noise_multiplier=DevicePolicy().noise_multiplier_min / 2)
+    with pytest.raises(Refusal):
+        DevicePolicy().check_request(_request(below))
