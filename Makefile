@@ -39,8 +39,8 @@ demo: $(VENV)/.installed
 	$(BIN)/keystay demo
 
 test: $(VENV)/.test-installed apt-deps
-	$(BIN)/ruff check client server tests bench
-	$(BIN)/mypy client server
+	$(BIN)/ruff check cli client common server sim tests bench
+	$(BIN)/mypy cli client common server sim
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 protos: $(VENV)/.test-installed

@@ -255,7 +255,7 @@ def status(data_dir: Path, as_json: bool) -> None:
     overlap, so each event is in exactly one; the JSON says so in
     ``privacy_unit``.
     """
-    from keystay.client.windows import PRIVACY_UNIT, PRIVACY_UNIT_SENTENCE
+    from keystay.common.windows import PRIVACY_UNIT, PRIVACY_UNIT_SENTENCE
 
     reply = _call(data_dir, "Status", device_pb2.StatusRequest())
     assert isinstance(reply, device_pb2.StatusReply)
@@ -420,8 +420,8 @@ def evaluate(data_dir: Path, model_file: Path) -> None:
     and tells you its next-event accuracy and loss. The federation cannot ask
     for this: the figure is not paid for from your privacy budget.
     """
-    from keystay.client.model import read_checkpoint
     from keystay.client.serde import weights_to_proto
+    from keystay.common.model import read_checkpoint
 
     try:
         checkpoint = read_checkpoint(model_file)

@@ -45,7 +45,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from keystay.client.windows import PRIVACY_UNIT_SENTENCE, WINDOW
+from keystay.common.windows import PRIVACY_UNIT_SENTENCE, WINDOW
 
 POLICY_FILE = "policy.toml"
 """The policy's file name inside the device data folder."""
@@ -420,7 +420,7 @@ class DevicePolicy:
         Blocks older than this many days are deleted. Default 30.
     min_block_windows : int
         A block needs at least this many training windows (non-overlapping
-        runs of ``WINDOW + 1`` events, see :mod:`keystay.client.windows`) to
+        runs of ``WINDOW + 1`` events, see :mod:`keystay.common.windows`) to
         be trained on. Default 64 (about 2,100 events, an hour or two of
         work): with fewer, the expected batch q·n is a handful of windows, so
         the noise drowns each step, and there is too little to learn from.

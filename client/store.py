@@ -1,7 +1,7 @@
 """Encrypted event store: token records at rest, grouped into daily blocks.
 
 Only the device daemon opens this store. It holds what the tokenizer produced
-(:class:`keystay.client.tokens.TokenRecord`), never raw events, encrypted with
+(:class:`keystay.common.tokens.TokenRecord`), never raw events, encrypted with
 a key that lives beside it in a 0600 file.
 
 On-disk format (version 1)
@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keystay.client.tokens import VOCAB_SIZE, TokenRecord
+from keystay.common.tokens import VOCAB_SIZE, TokenRecord
 
 if TYPE_CHECKING:
     import numpy as np

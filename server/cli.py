@@ -520,7 +520,7 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
     click.echo(f"round figures: {metrics.csv_path}"
                + (f"; TensorBoard: {metrics.tensorboard_dir}" if metrics.tensorboard_dir else ""))
     click.echo(f"final model: {outcome.final_checkpoint}\n"
-               "load it with: keystay.client.model.load_checkpoint("
+               "load it with: keystay.common.model.load_checkpoint("
                f"\"{outcome.final_checkpoint}\")")
 
 

@@ -2,7 +2,7 @@
 
 Two threads feed one ``submit`` callable (normally
 :meth:`keystay.client.capture.recorder.Recorder.submit`) with the raw events
-of :mod:`keystay.client.capture.events`; neither does anything but build the
+of :mod:`keystay.common.events`; neither does anything but build the
 event object and call ``submit``:
 
 - **Input** comes from one pynput X listener (the X RECORD extension, which
@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from keystay.client.capture.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
+from keystay.common.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
 
 log = logging.getLogger(__name__)
 
@@ -649,7 +649,7 @@ class PynputBackend:
     Parameters
     ----------
     submit
-        Called with every :data:`~keystay.client.capture.events.RawEvent`, from
+        Called with every :data:`~keystay.common.events.RawEvent`, from
         the backend's threads. It must return quickly and never raise
         (:meth:`Recorder.submit` only enqueues).
     window_titles

@@ -146,7 +146,7 @@ def _open_store(options: DaemonOptions) -> EventStore:
     except StoreError as error:
         raise DaemonError(DaemonExit.STORE, str(error)) from error
     if options.simulate_days and not store.blocks():
-        from keystay.client.capture.simulated import fill_store
+        from keystay.sim.employees import fill_store
 
         end = date.today() - timedelta(days=1)
         written = fill_store(
@@ -163,7 +163,7 @@ def _open_store(options: DaemonOptions) -> EventStore:
 
 def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePolicy) -> object:
     from keystay.client.capture.recorder import Recorder
-    from keystay.client.tokens import Tokenizer
+    from keystay.common.tokens import Tokenizer
 
     tokenizer = Tokenizer(raw_text=policy.raw_text, excluded_apps=policy.excluded_apps)
     recorder = Recorder(core, tokenizer)
@@ -186,7 +186,7 @@ def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePoli
             raise DaemonError(DaemonExit.NO_DISPLAY, str(error)) from error
         backend: object = pynput_backend
     else:
-        from keystay.client.capture.simulated import SimulatedSource
+        from keystay.sim.employees import SimulatedSource
 
         simulated = SimulatedSource(options.employee_seed)
         recorder.start()
@@ -265,7 +265,7 @@ def _serve_control(
 
 def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> DaemonExit:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code."""
-    from keystay.client import __version__
+    from keystay.common import __version__
 
     if options.superlink and not options.accept_server_code_access:
         # Before anything is created or opened: a refused start changes nothing.

@@ -4,7 +4,7 @@ Privacy model
 -------------
 The device's data is split into disjoint *blocks*, one per employee-day
 (``YYYY-MM-DD``). DP-SGD is record-level within a block: a record is one
-non-overlapping window of 33 events (:data:`keystay.client.windows.PRIVACY_UNIT`),
+non-overlapping window of 33 events (:data:`keystay.common.windows.PRIVACY_UNIT`),
 so each event is in exactly one record. A training round on blocks ``B₁ … Bₖ`` runs one mechanism
 ``M = (σ, q, T)`` (noise multiplier, Poisson sample rate over the union of
 the blocks' windows, steps); every record of every ``Bᵢ`` sees exactly that

@@ -33,7 +33,7 @@ from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Charge, Ledger
 from keystay.client.policy import TrainingRequest
-from keystay.client.windows import PRIVACY_UNIT
+from keystay.common.windows import PRIVACY_UNIT
 
 REPORT_FORMAT = "keystay.privacy-report.v1"
 UNIT = PRIVACY_UNIT
@@ -89,7 +89,7 @@ class PrivacyReport:
     created : float
         Unix seconds when the charge was written.
     update_sha256 : str
-        :func:`keystay.client.digest.weights_sha256` of the update this report
+        :func:`keystay.common.digest.weights_sha256` of the update this report
         accounts for, binding the two (empty if the report was built without
         an update).
     """

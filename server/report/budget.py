@@ -92,7 +92,7 @@ from keystay.server.ledger.ledger import (
 )
 
 SCHEMA = "keystay.budget-report/v1"
-#: The unit devices sign into their reports (``keystay.client.windows.PRIVACY_UNIT``;
+#: The unit devices sign into their reports (``keystay.common.windows.PRIVACY_UNIT``;
 #: restated here because the server does not import device code, and a unit
 #: test holds the two equal).
 PRIVACY_UNIT = (

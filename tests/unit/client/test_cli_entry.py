@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from keystay.client import cli
+from keystay.cli import main as cli
 
 
 @click.command()

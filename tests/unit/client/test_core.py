@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from keystay.client.capture.simulated import fill_store
 from keystay.client.daemon.core import DeviceCore, check_weights, window_count
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Epsilons, Mechanism
@@ -27,7 +26,8 @@ from keystay.client.ledger.ledger import LEDGER_FILE, Ledger
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.client.store import EventStore
 from keystay.client.trainer.job import TrainJob, TrainOutcome
-from keystay.client.windows import TRAIN_STRIDE, WINDOW, make_windows
+from keystay.common.windows import TRAIN_STRIDE, WINDOW, make_windows
+from keystay.sim.employees import fill_store
 
 SPEC = (((4, 3), "<f4"), ((3,), "<f4"))
 YESTERDAY = date.today() - timedelta(days=1)

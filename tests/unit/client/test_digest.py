@@ -6,8 +6,8 @@ import doctest
 
 import numpy as np
 
-import keystay.client.digest as digest_module
-from keystay.client.digest import weights_sha256
+import keystay.common.digest as digest_module
+from keystay.common.digest import weights_sha256
 
 
 def test_docstring_example_holds() -> None:

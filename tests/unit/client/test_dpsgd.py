@@ -16,12 +16,12 @@ from scipy import stats
 from torch import nn
 from torch.nn import functional
 
-from keystay.client.model import ModelConfig, NextEventModel, evaluate, initial_weights, set_weights
 from keystay.client.trainer import job as job_module
 from keystay.client.trainer.clipping import PerExampleClipper
 from keystay.client.trainer.dpsgd import train_dp, train_nondp
 from keystay.client.trainer.job import TrainJob, sample_rate_for
-from keystay.client.windows import WINDOW, make_windows, split_heldout
+from keystay.common.model import ModelConfig, NextEventModel, evaluate, initial_weights, set_weights
+from keystay.common.windows import WINDOW, make_windows, split_heldout
 
 # Small enough that a step takes milliseconds.
 SMALL = ModelConfig(vocab_size=32, embed_dim=16, channels=16, layers=5)

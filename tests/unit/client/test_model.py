@@ -1,4 +1,4 @@
-"""The shared next-event model (keystay.client.model)."""
+"""The shared next-event model (keystay.common.model)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from keystay.client import tokens
-from keystay.client.model import (
+from keystay.common import tokens
+from keystay.common.model import (
     PAD_ID,
     ModelConfig,
     NextEventModel,
@@ -25,7 +25,7 @@ from keystay.client.model import (
     save_checkpoint,
     set_weights,
 )
-from keystay.client.windows import WINDOW
+from keystay.common.windows import WINDOW
 
 ARCHS = ["conv", "mlp"]
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import time
 
-from keystay.client.capture.events import AppFocus, KeyEvent
 from keystay.client.capture.recorder import Recorder
 from keystay.client.store import StoreError
-from keystay.client.tokens import Tokenizer, TokenRecord, token_name
+from keystay.common.events import AppFocus, KeyEvent
+from keystay.common.tokens import Tokenizer, TokenRecord, token_name
 
 
 class FlakyStore:

@@ -9,15 +9,15 @@ from collections import Counter
 from datetime import date
 from pathlib import Path
 
-from keystay.client.capture.events import AppFocus, KeyEvent, RawEvent
-from keystay.client.capture.simulated import (
+from keystay.client.store import EventStore
+from keystay.common.events import AppFocus, KeyEvent, RawEvent
+from keystay.common.tokens import Tokenizer, token_name
+from keystay.sim.employees import (
     EmployeeStyle,
     SimulatedEmployee,
     SimulatedSource,
     fill_store,
 )
-from keystay.client.store import EventStore
-from keystay.client.tokens import Tokenizer, token_name
 
 DAY = date(2024, 3, 4)
 

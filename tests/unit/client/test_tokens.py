@@ -9,8 +9,8 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keystay.client.capture.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
-from keystay.client.tokens import (
+from keystay.common.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
+from keystay.common.tokens import (
     IDLE_GAP_S,
     VOCAB,
     VOCAB_SIZE,
@@ -87,7 +87,7 @@ def test_unknown_names_and_ids_are_refused_with_the_value() -> None:
 
 def test_tokens_module_stays_light() -> None:
     # The always-on recorder imports this module: no torch, not even numpy.
-    code = ("import sys, keystay.client.tokens; "
+    code = ("import sys, keystay.common.tokens; "
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60)

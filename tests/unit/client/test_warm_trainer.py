@@ -22,7 +22,6 @@ import pytest
 
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Mechanism
-from keystay.client.tokens import VOCAB_SIZE
 from keystay.client.trainer.job import TrainJob
 from keystay.client.trainer.process import (
     RemoteTraceback,
@@ -31,11 +30,12 @@ from keystay.client.trainer.process import (
     TrainerTimeoutError,
     WarmTrainer,
 )
-from keystay.client.windows import WINDOW
+from keystay.common.tokens import VOCAB_SIZE
+from keystay.common.windows import WINDOW
 
 
 def _weights() -> list[np.ndarray]:
-    from keystay.client.model import initial_weights
+    from keystay.common.model import initial_weights
 
     return initial_weights(seed=0)
 
@@ -101,7 +101,7 @@ PARENT = textwrap.dedent(
     import json, sys
     import numpy as np
     from keystay.client.ledger.accounting import Mechanism
-    from keystay.client.tokens import VOCAB_SIZE
+    from keystay.common.tokens import VOCAB_SIZE
     from keystay.client.trainer.job import TrainJob
     from keystay.client.trainer.process import WarmTrainer
 

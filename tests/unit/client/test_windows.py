@@ -1,4 +1,4 @@
-"""Token windows and the train/held-out split (keystay.client.windows)."""
+"""Token windows and the train/held-out split (keystay.common.windows)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keystay.client import windows as windows_module
-from keystay.client.windows import WINDOW, make_windows, split_heldout, windows_for_blocks
+from keystay.common import windows as windows_module
+from keystay.common.windows import WINDOW, make_windows, split_heldout, windows_for_blocks
 
 
 def test_make_windows_shape_dtype_and_content() -> None:
@@ -146,12 +146,12 @@ def test_doctests() -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import keystay.client.windows, sys; assert 'torch' not in sys.modules"
+    code = "import keystay.common.windows, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_training_windows_at_the_train_stride_hold_each_token_once() -> None:
-    from keystay.client.windows import TRAIN_STRIDE, WINDOW
+    from keystay.common.windows import TRAIN_STRIDE, WINDOW
 
     tokens = np.arange(5_000)
     windows = make_windows(tokens, WINDOW, stride=TRAIN_STRIDE)

@@ -276,7 +276,7 @@ def test_server_side_imports_no_device_internals_and_no_torch() -> None:
 def test_the_privacy_unit_is_stated_and_matches_the_devices(
     tmp_path: Path, make_device: MakeDevice
 ) -> None:
-    from keystay.client.windows import PRIVACY_UNIT as DEVICE_UNIT
+    from keystay.common.windows import PRIVACY_UNIT as DEVICE_UNIT
 
     # The server restates the device's unit (it does not import device code).
     assert PRIVACY_UNIT == DEVICE_UNIT

@@ -14,7 +14,7 @@ from keystay.server.ledger.ledger import LEDGER_FILE
 def _keystay(*args: str) -> subprocess.CompletedProcess[str]:
     # The console script's own entry point, as a user runs it.
     return subprocess.run(
-        [sys.executable, "-c", "from keystay.client.cli import run; run()", *args],
+        [sys.executable, "-c", "from keystay.cli.main import run; run()", *args],
         capture_output=True, text=True, timeout=120,
     )
 

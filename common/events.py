@@ -1,7 +1,7 @@
 """Raw input events, as a recorder backend sees them.
 
 These objects live only in memory, between an OS callback and the tokenizer
-(:mod:`keystay.client.tokens`). They are never written anywhere: the capture
+(:mod:`keystay.common.tokens`). They are never written anywhere: the capture
 boundary turns them into tokens before anything touches the disk.
 
 Timestamps ``t`` are :func:`time.monotonic` seconds, so intervals (dwell,

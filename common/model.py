@@ -1,7 +1,7 @@
 """The next-event model, shared by the device (training) and the server (aggregation).
 
 Given the last ``window`` interaction tokens (ids from
-:mod:`keystay.client.tokens`), predict the next one. The model is a stand-in
+:mod:`keystay.common.tokens`), predict the next one. The model is a stand-in
 for "a model of how people use computers": small on purpose, so DP-SGD's
 per-example gradients stay cheap on a laptop CPU.
 
@@ -23,7 +23,7 @@ Two architectures share one config:
 
 The one call a user of a trained model makes::
 
-    from keystay.client.model import load_checkpoint, predict_next
+    from keystay.common.model import load_checkpoint, predict_next
     model = load_checkpoint("runs/demo/final.pt")  # written by the ServerApp
     probs = predict_next(model, last_tokens)   # shape (vocab_size,)
 """
@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from keystay.client.tokens import VOCAB_SIZE, VOCAB_VERSION, token_id
-from keystay.client.trainer.job import Evaluation
-from keystay.client.windows import WINDOW
+from keystay.common.evaluation import Evaluation
+from keystay.common.tokens import VOCAB_SIZE, VOCAB_VERSION, token_id
+from keystay.common.windows import WINDOW
 
 CHECKPOINT_FORMAT = "keystay.next-event-model"
 CHECKPOINT_VERSION = 1
@@ -62,9 +62,9 @@ class ModelConfig:
     ----------
     vocab_size : int
         Number of token ids; defaults to the shared vocabulary's size
-        (``keystay.client.tokens.VOCAB_SIZE``).
+        (``keystay.common.tokens.VOCAB_SIZE``).
     window : int
-        Context length in tokens (``keystay.client.windows.WINDOW``); the model
+        Context length in tokens (``keystay.common.windows.WINDOW``); the model
         predicts token ``window + 1``.
     embed_dim : int
         Token embedding width.

@@ -30,13 +30,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from keystay.client.capture.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
-from keystay.client.tokens import Tokenizer, TokenRecord, app_category
+from keystay.common.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
+from keystay.common.tokens import Tokenizer, TokenRecord, app_category
 
-if TYPE_CHECKING:
-    from keystay.client.store import EventStore
+
+class BlockSink(Protocol):
+    """Where :func:`fill_store` writes: the device's encrypted ``EventStore`` fits.
+
+    A protocol rather than the class itself, so this package does not import
+    device code (the server runs the generator too).
+    """
+
+    def append(self, block: str, records: list[TokenRecord]) -> object:
+        """Append token records to the named daily block."""
+        ...
 
 __all__ = [
     "APPS",
@@ -704,14 +713,14 @@ class SimulatedEmployee:
 _EPOCH = date(2000, 1, 1).toordinal()
 
 
-def fill_store(store: EventStore, *, seed: int, days: int, events_per_day: int, end_day: date,
+def fill_store(store: BlockSink, *, seed: int, days: int, events_per_day: int, end_day: date,
                tokenizer: Tokenizer | None = None, batch_size: int = 1000) -> int:
     """Write ``days`` daily blocks of one simulated employee into ``store``.
 
     Parameters
     ----------
-    store : EventStore
-        Destination.
+    store : BlockSink
+        Destination (the device's ``EventStore``).
     seed : int
         The employee.
     days : int

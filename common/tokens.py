@@ -1,7 +1,7 @@
 """Event -> token vocabulary and the streaming tokenizer.
 
 This module is the capture boundary's first step: raw OS events
-(:mod:`keystay.client.capture.events`) become *tokens* here, in memory, before
+(:mod:`keystay.common.events`) become *tokens* here, in memory, before
 anything is written. It is shared with the model (the vocabulary fixes the
 embedding size), so it must stay pure Python: no torch, no numpy.
 
@@ -71,7 +71,7 @@ on another.
 Examples
 --------
 >>> tok = Tokenizer()
->>> from keystay.client.capture.events import KeyEvent
+>>> from keystay.common.events import KeyEvent
 >>> [token_name(r.token) for r in tok.feed(KeyEvent(0.0, True, vk=43, char="h"))]
 ['timing:flight:2000ms+', 'key:letter']
 >>> [token_name(r.token) for r in tok.feed(KeyEvent(0.09, False, vk=43, char="h"))]
@@ -86,7 +86,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from keystay.client.capture.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
+from keystay.common.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
 
 __all__ = [
     "APP_CATEGORIES",

@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from keystay.client import __version__
+from keystay.common import __version__
 
 # name -> (module, attribute, one-line help shown in `keystay --help`)
 _GROUPS: dict[str, tuple[str, str, str]] = {
