@@ -10,10 +10,12 @@ Groups are imported only when used, so ``keystay device run`` never loads the
 server side (or torch).
 
 :func:`run` is the console entry point. Each command maps the errors it
-expects to its own documented exit code; ``run`` is the last net under all of
-them, so that no command ends in a Python traceback: anything unexpected is
-one sentence on stderr and exit code 1 (``KEYSTAY_DEBUG=1`` shows the
-traceback, for a bug report).
+expects to its own documented exit code; ``run`` is the net under all of
+them, so that no command ends in a Python traceback: a
+:class:`~keystay.common.errors.KeystayError` that escapes a command is its
+sentence on stderr and its class's exit code
+(:mod:`keystay.common.exitcodes`); anything else is unexpected, one sentence
+and exit code 1 (``KEYSTAY_DEBUG=1`` shows the traceback, for a bug report).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 import click
 
 from keystay.common import __version__
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 
 # name -> (module, attribute, one-line help shown in `keystay --help`)
 _GROUPS: dict[str, tuple[str, str, str]] = {
@@ -78,13 +82,19 @@ def main(**_: Any) -> None:
 
 
 #: Exit code for an error no command expected (a bug): see :func:`run`.
-EXIT_UNEXPECTED = 1
 
 
 def run() -> None:
     """The ``keystay`` console script: :func:`main`, with no traceback reaching a user."""
     try:
         main.main(prog_name="keystay")
+    except KeystayError as error:
+        # An expected kind of error a command did not catch: its sentence and
+        # its own documented code, never a traceback.
+        if os.environ.get("KEYSTAY_DEBUG"):
+            raise
+        click.echo(f"keystay: {error}", err=True)
+        sys.exit(int(error.exit_code))
     except Exception as error:  # the last net: every expected error has its own code
         if os.environ.get("KEYSTAY_DEBUG"):
             raise
@@ -94,4 +104,4 @@ def run() -> None:
             "happened, and report that.",
             err=True,
         )
-        sys.exit(EXIT_UNEXPECTED)
+        sys.exit(ExitCode.UNEXPECTED)

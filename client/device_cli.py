@@ -23,6 +23,7 @@ import grpc
 
 from keystay.client.control_client import CALL_TIMEOUT_S, EVALUATE_TIMEOUT_S, ControlClient
 from keystay.client.device_client import DeviceUnavailableError, control_socket_path
+from keystay.common.exitcodes import ExitCode
 from keystay.v1 import device_pb2
 
 DEFAULT_DATA = Path(os.environ.get("KEYSTAY_DATA", "~/.local/share/keystay")).expanduser()
@@ -158,7 +159,6 @@ def run(
     from keystay.client.daemon.main import (
         SINGLE_USER_REFUSAL,
         DaemonError,
-        DaemonExit,
         DaemonOptions,
         run_daemon,
     )
@@ -180,7 +180,7 @@ def run(
     if superlink and not accept_server_code_access:
         # Before the data folder or its log is touched: a refusal changes nothing.
         click.echo(f"keystay device: {SINGLE_USER_REFUSAL}", err=True)
-        sys.exit(int(DaemonExit.SERVER_CODE_ACCESS))
+        sys.exit(int(ExitCode.DEVICE_SERVER_CODE_ACCESS))
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "logs").mkdir(exist_ok=True)
     logging.basicConfig(
@@ -459,20 +459,20 @@ def ui(data_dir: Path, port: int, no_browser: bool, refresh: int) -> None:
     import webbrowser
 
     from keystay.client.ui.access import AccessError, DaemonAccess
-    from keystay.client.ui.server import EXIT_CANNOT_LISTEN, EXIT_NO_DAEMON, PageServer
+    from keystay.client.ui.server import PageServer
 
     access = DaemonAccess(data_dir)
     try:
         access.status()  # refuse to serve a page about a daemon that is not there
     except AccessError as error:
         click.echo(f"keystay device ui: {error}", err=True)
-        sys.exit(EXIT_NO_DAEMON)
+        sys.exit(ExitCode.PAGE_NO_DAEMON)
     try:
         server = PageServer(access, port=port, refresh=refresh)
     except OSError as error:
         click.echo(f"keystay device ui: cannot listen on 127.0.0.1:{port}: {error.strerror}; "
                    "pick another --port or leave it at 0", err=True)
-        sys.exit(EXIT_CANNOT_LISTEN)
+        sys.exit(ExitCode.PAGE_CANNOT_LISTEN)
     click.echo(f"your keystay page: {server.url}\n(only this link opens it; Ctrl-C stops it)",
                nl=True)
     sys.stdout.flush()

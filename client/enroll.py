@@ -35,7 +35,6 @@ import ssl
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import IntEnum
 from pathlib import Path
 
 from cryptography import x509
@@ -43,6 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keystay.client.identity import DeviceIdentity
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 
 REQUEST_FORMAT = "keystay-enrollment/2"
 REQUEST_FILE = "enrollment-request.json"
@@ -54,22 +55,13 @@ FINGERPRINT_HEX = 20
 _CURVE = ec.SECP384R1()
 
 
-class EnrollExit(IntEnum):
-    """Exit codes of ``keystay device enroll``."""
-
-    OK = 0
-    USAGE = 2
-    SERVER_UNREACHABLE = 30
-    SERVER_UNTRUSTED = 31
-    KEYS = 32
-
-
-class EnrollError(RuntimeError):
+class EnrollError(KeystayError, RuntimeError):
     """Enrollment cannot go on; ``code`` is the exit code, the message says what to do."""
 
-    def __init__(self, code: EnrollExit, message: str) -> None:
+    def __init__(self, code: ExitCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.exit_code = code
 
 
 # --------------------------------------------------------------------------- keys
@@ -103,17 +95,18 @@ def load_or_create_supernode_key(key_dir: Path, *, new: bool = False) -> ec.Elli
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise EnrollError(
-                EnrollExit.KEYS,
+                ExitCode.ENROLL_KEYS,
                 f"{path} has mode {mode:04o}; whoever can read it can connect as this device. "
                 f"Check who could have, then 'chmod 600 {path}', or re-run with --new-key",
             )
         try:
             key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError) as error:
-            raise EnrollError(EnrollExit.KEYS, f"{path} is not an OpenSSH private key "
+            raise EnrollError(ExitCode.ENROLL_KEYS, f"{path} is not an OpenSSH private key "
                               f"({error}); re-run with --new-key") from error
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise EnrollError(EnrollExit.KEYS, f"{path} is not an EC key; re-run with --new-key")
+            raise EnrollError(ExitCode.ENROLL_KEYS,
+                              f"{path} is not an EC key; re-run with --new-key")
     else:
         key = ec.generate_private_key(_CURVE)
         _write_private(path, key.private_bytes(serialization.Encoding.PEM,
@@ -180,7 +173,7 @@ class ServerCheck:
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise EnrollError(EnrollExit.USAGE, f"--server {address!r}: expected HOST:PORT, "
+        raise EnrollError(ExitCode.USAGE, f"--server {address!r}: expected HOST:PORT, "
                           "e.g. fl.example.com:9092")
     return host.strip("[]"), int(port)
 
@@ -200,7 +193,7 @@ def check_server(address: str, ca_pem: bytes, timeout: float = 10.0) -> ServerCh
     try:
         context.load_verify_locations(cadata=ca_pem.decode("ascii"))
     except (ssl.SSLError, ValueError, UnicodeDecodeError) as error:
-        raise EnrollError(EnrollExit.USAGE, f"--ca does not hold a PEM certificate ({error})") \
+        raise EnrollError(ExitCode.USAGE, f"--ca does not hold a PEM certificate ({error})") \
             from error
     context.set_alpn_protocols(["h2"])  # what gRPC speaks
     try:
@@ -219,14 +212,14 @@ def check_server(address: str, ca_pem: bytes, timeout: float = 10.0) -> ServerCh
             hint = ("it was not issued by the CA you were given (--ca): either the CA file is "
                     "not this server's, or something else answers at this address. Do not "
                     "enroll; ask the operator for the CA file over a trusted channel")
-        raise EnrollError(EnrollExit.SERVER_UNTRUSTED,
+        raise EnrollError(ExitCode.ENROLL_SERVER_UNTRUSTED,
                           f"{address} refused: {reason}; {hint}") from error
     except ssl.SSLError as error:
-        raise EnrollError(EnrollExit.SERVER_UNTRUSTED,
+        raise EnrollError(ExitCode.ENROLL_SERVER_UNTRUSTED,
                           f"{address}: TLS failed ({error}); is this the SuperLink's Fleet "
                           "API with TLS on?") from error
     except OSError as error:
-        raise EnrollError(EnrollExit.SERVER_UNREACHABLE,
+        raise EnrollError(ExitCode.ENROLL_SERVER_UNREACHABLE,
                           f"cannot reach {address} ({error}); check the address and that the "
                           "server runs, or use --offline to enroll without checking") from error
     cert = x509.load_der_x509_certificate(der or b"")
@@ -261,7 +254,7 @@ class FederationSettings:
                        root_certificates=Path(data["root_certificates"]),
                        auth_private_key=Path(data["auth_private_key"]))
         except KeyError as error:
-            raise EnrollError(EnrollExit.USAGE, f"{path}: missing {error}; run "
+            raise EnrollError(ExitCode.USAGE, f"{path}: missing {error}; run "
                               "'keystay device enroll' again") from error
 
     def save(self, data_dir: Path) -> Path:
@@ -322,14 +315,14 @@ def enroll(data_dir: Path, server: str, ca_file: Path, *, key_dir: Path | None =
         ca_pem = ca_file.read_bytes()
         ca = x509.load_pem_x509_certificate(ca_pem)
     except (OSError, ValueError) as error:
-        raise EnrollError(EnrollExit.USAGE, f"--ca {ca_file}: not a readable PEM certificate "
+        raise EnrollError(ExitCode.USAGE, f"--ca {ca_file}: not a readable PEM certificate "
                           f"({error})") from error
     try:
         is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         is_ca = False
     if not is_ca:
-        raise EnrollError(EnrollExit.USAGE, f"--ca {ca_file} is not a CA certificate; use the "
+        raise EnrollError(ExitCode.USAGE, f"--ca {ca_file} is not a CA certificate; use the "
                           "server folder's tls/ca.pem, not its server.pem")
     result = check_server(server, ca_pem, timeout) if check else None
 

@@ -29,12 +29,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from keystay.common.errors import KeystayError
+
 KEY_FILE = "signing.key"
 DEVICE_ID_PREFIX = "dev-"
 DEVICE_ID_HEX = 12  # 48 bits: unique among any realistic fleet, short enough to read aloud
 
 
-class IdentityError(RuntimeError):
+class IdentityError(KeystayError, RuntimeError):
     """The signing key cannot be used (unreadable, wrong kind, or readable by others)."""
 
 

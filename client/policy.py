@@ -45,6 +45,8 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.common.windows import PRIVACY_UNIT_SENTENCE, WINDOW
 
 POLICY_FILE = "policy.toml"
@@ -119,13 +121,15 @@ DEFAULT_EXCLUDED_APPS: tuple[str, ...] = (
 )
 
 
-class PolicyError(ValueError):
+class PolicyError(KeystayError, ValueError):
     """The policy file (or a value given in code) is not a valid policy.
 
     The message names the file and key, the value given and what is allowed,
     e.g. ``policy.toml: noise_multiplier_min = -1 is out of range; allowed:
     a number > 0 (typical 0.5–2.0)``.
     """
+
+    exit_code = ExitCode.DEVICE_POLICY
 
 
 # The name is the interface's (a refusal is a decision, not an error).

@@ -81,6 +81,8 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.common.tokens import VOCAB_SIZE, TokenRecord
 
 if TYPE_CHECKING:
@@ -131,8 +133,10 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 
-class StoreError(Exception):
+class StoreError(KeystayError):
     """Base class of event store errors."""
+
+    exit_code = ExitCode.DEVICE_STORE
 
 
 class KeyFileError(StoreError):

@@ -82,6 +82,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.common.flatclip import clip_update
 
 SAMPLING_ALL = "all"
@@ -105,8 +107,10 @@ RDP_ORDERS: tuple[float, ...] = (
 )
 
 
-class CentralDPError(ValueError):
+class CentralDPError(KeystayError, ValueError):
     """A central-DP parameter or input is outside what the mechanism supports."""
+
+    exit_code = ExitCode.SERVER_CONFIG
 
 
 def central_epsilon(

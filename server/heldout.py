@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.common.model import ModelConfig, NextEventModel, evaluate, set_weights
 from keystay.common.windows import WINDOW, make_windows
 from keystay.sim.employees import SimulatedEmployee
@@ -62,8 +64,10 @@ FIRST_DAY = date(2001, 1, 1)
 STRIDE = 4
 
 
-class HeldoutError(ValueError):
+class HeldoutError(KeystayError, ValueError):
     """The held-out population is configured outside what the server can build."""
+
+    exit_code = ExitCode.SERVER_CONFIG
 
 
 @dataclass(frozen=True)

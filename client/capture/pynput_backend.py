@@ -46,7 +46,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from keystay.common.errors import KeystayError
 from keystay.common.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
+from keystay.common.exitcodes import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,10 @@ _READ_PAUSE_S = 0.04
 _BUTTON_NAMES = {1: "left", 2: "middle", 3: "right"}
 
 
-class CaptureUnavailableError(RuntimeError):
+class CaptureUnavailableError(KeystayError, RuntimeError):
     """Input capture cannot start; the message says why and what to do."""
+
+    exit_code = ExitCode.DEVICE_NO_DISPLAY
 
 
 def display_problem(display: str | None = None) -> str | None:

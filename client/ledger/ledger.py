@@ -45,10 +45,10 @@ Storage
 holds mechanisms and ε figures only: never an event, token or window. That is
 all that is needed to prove, later, that budgets were respected.
 
-Errors: an unreadable or unknown-version ledger raises :class:`LedgerError`
+Errors: an unreadable or unknown-version ledger raises :class:`DeviceLedgerError`
 and training must stop (never start a fresh ledger next to a broken one:
 that would be a silent refund). An accountant returning NaN or a negative ε
-raises :class:`LedgerError` (never admit on an unknown ε).
+raises :class:`DeviceLedgerError` (never admit on an unknown ε).
 
 Accounting in bounded time
 --------------------------
@@ -94,6 +94,7 @@ from typing import Protocol
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
 from keystay.client.policy import POLICY_FILE, DevicePolicy, Refusal, TrainingRequest
+from keystay.common.errors import KeystayError
 
 LEDGER_FILE = "ledger.v1.sqlite"
 SCHEMA_VERSION = 1
@@ -150,7 +151,7 @@ CREATE TABLE IF NOT EXISTS accountant_state (
 """
 
 
-class LedgerError(RuntimeError):
+class DeviceLedgerError(KeystayError, RuntimeError):
     """The ledger cannot be trusted or written; training must stop."""
 
 
@@ -341,7 +342,7 @@ class Ledger:
 
         Raises
         ------
-        LedgerError
+        DeviceLedgerError
             If the file is unreadable or of another format version.
         """
         data_dir = Path(data_dir)
@@ -367,7 +368,7 @@ class Ledger:
                 if version == 0:
                     tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
                     if tables:
-                        raise LedgerError(
+                        raise DeviceLedgerError(
                             f"{path} has tables but no format version; it is not a keystay "
                             "ledger. Training stays stopped until it is moved aside"
                         )
@@ -377,7 +378,7 @@ class Ledger:
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                     conn.execute(_STATE_SCHEMA)
                 elif version != SCHEMA_VERSION:
-                    raise LedgerError(
+                    raise DeviceLedgerError(
                         f"{path} is ledger format {version}; this keystay reads format "
                         f"{SCHEMA_VERSION}. Upgrade keystay; never delete the ledger (that "
                         "would reset spent budgets)"
@@ -393,7 +394,7 @@ class Ledger:
                 conn.close()
             if not isinstance(error, sqlite3.DatabaseError):
                 raise
-            raise LedgerError(
+            raise DeviceLedgerError(
                 f"{path} cannot be read ({error}). Training stays stopped: restore the "
                 "ledger from a backup; never delete it (that would reset spent budgets)"
             ) from error
@@ -576,7 +577,7 @@ class Ledger:
             ``too-many-steps``, ``bad-request`` (from the policy),
             ``no-data`` (no blocks), ``block-retired``, ``too-soon``,
             ``budget-exceeded``. The ledger is unchanged.
-        LedgerError
+        DeviceLedgerError
             If ``epsilon_fn`` gives NaN or a negative ε, or the write fails.
             The ledger is unchanged.
         ValueError
@@ -609,7 +610,7 @@ class Ledger:
             except sqlite3.Error as error:
                 # Nothing was committed, so nothing was charged: the round must
                 # not train (the daemon answers with an error, not an update).
-                raise LedgerError(
+                raise DeviceLedgerError(
                     f"cannot write the charge to {self.path} ({error}); nothing was charged "
                     "and the round must not train"
                 ) from error
@@ -861,7 +862,7 @@ class Ledger:
                 "UPDATE charges SET answered = 1 WHERE id = ?", (charge_id,)
             )
             if cursor.rowcount == 0:
-                raise LedgerError(f"no charge with id {charge_id} in {self.path}")
+                raise DeviceLedgerError(f"no charge with id {charge_id} in {self.path}")
 
     def forget_block_data(self, block: str, *, now: float | None = None) -> bool:
         """Note that the store's data for ``block`` was deleted; keep every ledger row.
@@ -894,7 +895,7 @@ def _checked(value: Epsilons, what: str) -> Epsilons:
     for name in ("rdp", "prv", "prv_upper"):
         x = float(getattr(value, name))
         if math.isnan(x) or x < 0:
-            raise LedgerError(
+            raise DeviceLedgerError(
                 f"accountant returned {name} = {x!r} for {what}; nothing was charged"
             )
     return value
@@ -976,7 +977,7 @@ class _StatePricer:
         try:
             value = accounting.state_epsilons(state, delta=self._delta)
         except (ValueError, FloatingPointError) as error:
-            raise LedgerError(f"cannot compute ε for {what} ({error}); nothing was charged") \
+            raise DeviceLedgerError(f"cannot compute ε for {what} ({error}); nothing was charged") \
                 from error
         return _checked(value, what)
 

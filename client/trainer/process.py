@@ -59,7 +59,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from keystay.client.trainer.job import TrainJob, TrainOutcome
+from keystay.common.errors import KeystayError
 from keystay.common.evaluation import Evaluation
+from keystay.common.exitcodes import ExitCode
 
 if TYPE_CHECKING:
     import numpy as np
@@ -79,8 +81,10 @@ CALL_TIMEOUT_S = 600.0
 _PARENT_POLL_S = 1.0
 
 
-class TrainerError(RuntimeError):
+class TrainerError(KeystayError, RuntimeError):
     """The warm trainer could not do what was asked."""
+
+    exit_code = ExitCode.DEVICE_TRAINER
 
 
 class TrainerCrashedError(TrainerError):

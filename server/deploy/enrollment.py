@@ -56,6 +56,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.server.deploy.superlink import (
     FEDERATION_NAME,
     ServerConfig,
@@ -73,12 +75,16 @@ _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 FLWR_TIMEOUT_S = 60.0
 
 
-class EnrollmentError(ValueError):
+class EnrollmentError(KeystayError, ValueError):
     """A request or an operation the server refuses; the message says why and what to do."""
 
+    exit_code = ExitCode.SERVER_ENROLL_REFUSED
 
-class SuperLinkUnavailableError(RuntimeError):
+
+class SuperLinkUnavailableError(KeystayError, RuntimeError):
     """The flwr CLI could not reach the SuperLink's Control API."""
+
+    exit_code = ExitCode.SERVER_SUPERLINK_DOWN
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -384,12 +390,12 @@ def _last_json(text: str) -> dict[str, Any] | None:
 
 def _ledger_enroll(server_dir: Path, device_id: str, signing_pem: str, name: str) -> None:
     """Trust the signing key in the server ledger (it refuses revoked ids and key changes)."""
-    from keystay.server.ledger.ledger import LedgerError, ServerLedger
+    from keystay.server.ledger.ledger import ServerLedger, ServerLedgerError
 
     try:
         with ServerLedger.open(server_dir) as ledger:
             ledger.enroll_device(device_id, signing_pem, name)
-    except LedgerError as error:
+    except ServerLedgerError as error:
         raise EnrollmentError(f"the server ledger refused {device_id}: {error}") from error
 
 

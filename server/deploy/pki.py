@@ -34,6 +34,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+
 TLS_DIR = "tls"
 CA_KEY = "ca.key"
 CA_CERT = "ca.pem"
@@ -47,8 +50,10 @@ RENEW_WARNING_DAYS = 30
 _CURVE = ec.SECP384R1()
 
 
-class PKIError(ValueError):
+class PKIError(KeystayError, ValueError):
     """A host name, key or certificate keystay cannot use; the message says which and why."""
+
+    exit_code = ExitCode.SERVER_CONFIG
 
 
 Host = x509.DNSName | x509.IPAddress

@@ -28,12 +28,17 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+
 CONFIG_FILE = "server.toml"
 FEDERATION_NAME = "keystay"
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(KeystayError, ValueError):
     """server.toml is missing a key or holds a value keystay cannot use."""
+
+    exit_code = ExitCode.SERVER_CONFIG
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeGuard
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.server.ledger.verify import (
     ReportVerificationError,
     device_id_from_public_key,
@@ -177,16 +179,20 @@ CREATE TABLE central_dp (
 """
 
 
-class LedgerError(RuntimeError):
+class ServerLedgerError(KeystayError, RuntimeError):
     """The server ledger cannot be opened or a write is not allowed."""
 
+    exit_code = ExitCode.SERVER_LEDGER
 
-class LedgerNotFoundError(LedgerError):
+
+class LedgerNotFoundError(ServerLedgerError):
     """No ledger exists in the folder given (and the caller asked not to create one)."""
 
 
-class EnrollmentError(LedgerError):
+class LedgerEnrollmentError(ServerLedgerError):
     """A device cannot be enrolled or revoked as asked."""
+
+    exit_code = ExitCode.SERVER_ENROLL_REFUSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,7 +453,7 @@ class ServerLedger:
         ------
         LedgerNotFoundError
             ``create`` is False and there is no ledger.
-        LedgerError
+        ServerLedgerError
             The file is not a keystay server ledger of this format version.
         """
         server_dir = Path(server_dir)
@@ -472,7 +478,7 @@ class ServerLedger:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version == 0:
                     if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                        raise LedgerError(
+                        raise ServerLedgerError(
                             f"{path} has tables but no format version; it is not a keystay "
                             "server ledger. Move it aside and point --server-dir at the "
                             "right folder"
@@ -482,7 +488,7 @@ class ServerLedger:
                             conn.execute(statement)
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:
-                    raise LedgerError(
+                    raise ServerLedgerError(
                         f"{path} is server ledger format {version}; this keystay reads format "
                         f"{SCHEMA_VERSION}. Upgrade keystay; do not delete the ledger (it is "
                         "the audit record)"
@@ -494,7 +500,9 @@ class ServerLedger:
         except sqlite3.DatabaseError as error:
             if conn is not None:
                 conn.close()
-            raise LedgerError(f"{path} cannot be read as a server ledger ({error})") from error
+            raise ServerLedgerError(
+                f"{path} cannot be read as a server ledger ({error})"
+            ) from error
         except BaseException:
             if conn is not None:
                 conn.close()
@@ -529,7 +537,7 @@ class ServerLedger:
 
         Raises
         ------
-        EnrollmentError
+        LedgerEnrollmentError
             The PEM is not an Ed25519 public key; ``device_id`` is not the id
             of that key (ids are derived from keys, so a mismatch means the
             wrong key or a typo); the device is enrolled with another key; or
@@ -540,12 +548,12 @@ class ServerLedger:
             load_public_key(public_key_pem)
             expected = device_id_from_public_key(public_key_pem)
         except (ValueError, TypeError) as error:
-            raise EnrollmentError(
+            raise LedgerEnrollmentError(
                 f"cannot enroll {device_id!r}: the key given is not an Ed25519 public key in "
                 f"PEM form ({error}); copy it from 'keystay device status' on the device"
             ) from error
         if device_id != expected:
-            raise EnrollmentError(
+            raise LedgerEnrollmentError(
                 f"cannot enroll {device_id!r}: that key belongs to device id {expected!r}. "
                 "Device ids are derived from the key; enroll the id the device shows"
             )
@@ -553,13 +561,13 @@ class ServerLedger:
             existing = self.device(device_id)
             if existing is not None:
                 if existing.revoked:
-                    raise EnrollmentError(
+                    raise LedgerEnrollmentError(
                         f"device {device_id} was revoked at {existing.revoked_at}; a revoked "
                         "key is never trusted again. Delete the device's signing.key so it "
                         "creates a new identity, then enroll that"
                     )
                 if existing.signing_public_key_pem.strip() != public_key_pem.strip():
-                    raise EnrollmentError(
+                    raise LedgerEnrollmentError(
                         f"device {device_id} is already enrolled with a different key; "
                         "revoke it first"
                     )
@@ -584,7 +592,7 @@ class ServerLedger:
 
         Raises
         ------
-        EnrollmentError
+        LedgerEnrollmentError
             No such device is enrolled.
         """
         with self._lock:
@@ -593,7 +601,7 @@ class ServerLedger:
                 (self._now(), device_id),
             )
             if cursor.rowcount == 0:
-                raise EnrollmentError(
+                raise LedgerEnrollmentError(
                     f"no enrolled device {device_id!r}; list devices with ServerLedger.devices()"
                 )
             device = self.device(device_id)
@@ -1048,14 +1056,14 @@ class ServerLedger:
 
         Raises
         ------
-        LedgerError
+        ServerLedgerError
             The round is already recorded for this run (its ε would be
             ambiguous), or a figure is out of range.
         """
         if math.isnan(epsilon) or epsilon < 0:
-            raise LedgerError(f"central ε must be >= 0 (inf allowed), got {epsilon!r}")
+            raise ServerLedgerError(f"central ε must be >= 0 (inf allowed), got {epsilon!r}")
         if not (0 < delta < 1) or not (0 < sample_rate <= 1) or clip <= 0 or noise_multiplier < 0:
-            raise LedgerError(
+            raise ServerLedgerError(
                 "central DP figures out of range: need 0 < delta < 1, 0 < sample_rate <= 1, "
                 f"clip > 0, noise_multiplier >= 0; got delta={delta!r}, "
                 f"sample_rate={sample_rate!r}, clip={clip!r}, noise_multiplier={noise_multiplier!r}"
@@ -1077,7 +1085,7 @@ class ServerLedger:
                     ),
                 )
             except sqlite3.IntegrityError as error:
-                raise LedgerError(
+                raise ServerLedgerError(
                     f"central DP for run {run_id} round {int(server_round)} is already "
                     "recorded; each round is released once"
                 ) from error

@@ -25,10 +25,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keystay.common.errors import KeystayError
+
 REPORT_FORMAT = "keystay.privacy-report.v1"
 
 
-class ReportVerificationError(ValueError):
+class ReportVerificationError(KeystayError, ValueError):
     """A report is not what its device signed, or not in canonical form."""
 
 

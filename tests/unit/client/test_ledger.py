@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
-from keystay.client.ledger.ledger import LEDGER_FILE, Ledger, LedgerError
+from keystay.client.ledger.ledger import LEDGER_FILE, DeviceLedgerError, Ledger
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 
 DAY1, DAY2, DAY3 = "2025-03-03", "2025-03-04", "2025-03-05"
@@ -216,7 +216,7 @@ def test_nan_epsilon_is_an_error_not_an_admission(tmp_path: Path) -> None:
 
     with Ledger.open(tmp_path) as ledger:
         before = dump(tmp_path / LEDGER_FILE)
-        with pytest.raises(LedgerError, match="nothing was charged"):
+        with pytest.raises(DeviceLedgerError, match="nothing was charged"):
             ledger.admit(
                 request=request(),
                 policy=DevicePolicy(),
@@ -400,12 +400,12 @@ def test_unknown_format_or_garbage_stops_with_an_error(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / LEDGER_FILE)
     conn.execute("PRAGMA user_version=7")
     conn.close()
-    with pytest.raises(LedgerError, match="ledger format 7"):
+    with pytest.raises(DeviceLedgerError, match="ledger format 7"):
         Ledger.open(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     (other / LEDGER_FILE).write_bytes(b"not a database at all" * 100)
-    with pytest.raises(LedgerError, match="never delete it"):
+    with pytest.raises(DeviceLedgerError, match="never delete it"):
         Ledger.open(other)
 
 

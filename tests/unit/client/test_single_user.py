@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from keystay.client.daemon.main import DaemonError, DaemonExit, DaemonOptions, run_daemon
+from keystay.client.daemon.main import DaemonError, DaemonOptions, run_daemon
 from keystay.client.device_cli import device
+from keystay.common.exitcodes import ExitCode
 
 
 def test_daemon_refuses_superlink_without_acceptance(tmp_path: Path) -> None:
     data = tmp_path / "device"
     with pytest.raises(DaemonError) as refused:
         run_daemon(DaemonOptions(data_dir=data, superlink="127.0.0.1:9"))
-    assert refused.value.code == DaemonExit.SERVER_CODE_ACCESS
+    assert refused.value.code == ExitCode.DEVICE_SERVER_CODE_ACCESS
     assert "--accept-server-code-access" in str(refused.value)
     assert not data.exists()  # refused before anything was created
 

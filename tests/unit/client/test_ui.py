@@ -318,11 +318,11 @@ def test_ui_without_a_daemon_exits_40_with_the_fix(tmp_path: Path,
     from click.testing import CliRunner
 
     from keystay.client.device_cli import device
-    from keystay.client.ui.server import EXIT_NO_DAEMON
+    from keystay.common.exitcodes import ExitCode
 
     monkeypatch.delenv("KEYSTAY_SOCKET", raising=False)
     result = CliRunner().invoke(device, ["ui", "--data", str(tmp_path), "--no-browser"])
-    assert result.exit_code == EXIT_NO_DAEMON == 40
+    assert result.exit_code == ExitCode.PAGE_NO_DAEMON == 40
     assert "keystay device run" in result.output
     # A socket file with nobody behind it is no daemon either.
     (tmp_path / "control.sock").touch()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from keystay.common.exitcodes import ExitCode
 from keystay.server.ledger.ledger import LEDGER_FILE, ServerLedger
 from keystay.server.report.budget import (
     KIND_CENTRAL_NO_PRIVACY,
@@ -30,10 +31,6 @@ from keystay.server.report.budget import (
     render_table,
 )
 from keystay.server.report.cli import (
-    EXIT_LEDGER_UNREADABLE,
-    EXIT_OK,
-    EXIT_USAGE,
-    EXIT_VIOLATIONS,
     budget,
 )
 
@@ -174,7 +171,7 @@ def test_plot_is_a_png(tmp_path: Path, make_device: MakeDevice) -> None:
 def test_check_exits_zero_when_clean(tmp_path: Path, make_device: MakeDevice) -> None:
     clean_ledger(tmp_path, make_device)[0].close()
     result = CliRunner().invoke(budget, ["check", "--server-dir", str(tmp_path)])
-    assert result.exit_code == EXIT_OK, result.output
+    assert result.exit_code == ExitCode.OK, result.output
     assert "clean" in result.output
 
 
@@ -183,7 +180,7 @@ def test_check_exits_three_on_violations(tmp_path: Path, make_device: MakeDevice
     add_violations(led, device, make_device)
     led.close()
     result = CliRunner().invoke(budget, ["check", "--server-dir", str(tmp_path)])
-    assert result.exit_code == EXIT_VIOLATIONS == 3
+    assert result.exit_code == ExitCode.BUDGET_VIOLATIONS == 3
     assert "2 violation(s)" in result.output and "over-budget" in result.output
 
 
@@ -196,7 +193,7 @@ def test_check_exits_three_on_ledger_edited_at_rest(
     conn.commit()
     conn.close()
     result = CliRunner().invoke(budget, ["check", "--server-dir", str(tmp_path)])
-    assert result.exit_code == EXIT_VIOLATIONS
+    assert result.exit_code == ExitCode.BUDGET_VIOLATIONS
     assert KIND_TAMPERED in result.output
 
 
@@ -204,8 +201,8 @@ def test_check_max_central_epsilon_option(tmp_path: Path, make_device: MakeDevic
     clean_ledger(tmp_path, make_device)[0].close()
     runner = CliRunner()
     args = ["check", "--server-dir", str(tmp_path), "--max-central-epsilon"]
-    assert runner.invoke(budget, [*args, "1.5"]).exit_code == EXIT_VIOLATIONS
-    assert runner.invoke(budget, [*args, "5"]).exit_code == EXIT_OK
+    assert runner.invoke(budget, [*args, "1.5"]).exit_code == ExitCode.BUDGET_VIOLATIONS
+    assert runner.invoke(budget, [*args, "5"]).exit_code == ExitCode.OK
 
 
 @pytest.mark.parametrize(
@@ -221,13 +218,13 @@ def test_usage_errors_exit_two(tmp_path: Path, make_device: MakeDevice, args: li
     clean_ledger(tmp_path, make_device)[0].close()
     filled = [a.format(tmp=tmp_path, missing=tmp_path / "nope") for a in args]
     result = CliRunner().invoke(budget, filled)
-    assert result.exit_code == EXIT_USAGE == 2, result.output
+    assert result.exit_code == ExitCode.USAGE == 2, result.output
 
 
 def test_unreadable_ledger_exits_one(tmp_path: Path) -> None:
     (tmp_path / LEDGER_FILE).write_bytes(b"this is not sqlite" * 100)
     result = CliRunner().invoke(budget, ["check", "--server-dir", str(tmp_path)])
-    assert result.exit_code == EXIT_LEDGER_UNREADABLE == 1
+    assert result.exit_code == ExitCode.BUDGET_LEDGER_UNREADABLE == 1
     assert LEDGER_FILE in result.output
 
 
@@ -240,7 +237,7 @@ def test_report_command_json_and_plot(tmp_path: Path, make_device: MakeDevice) -
         budget, ["report", "--server-dir", str(tmp_path), "--json", "--plot", str(plot)]
     )
     # 'report' describes; only 'check' gates.
-    assert result.exit_code == EXIT_OK, result.output
+    assert result.exit_code == ExitCode.OK, result.output
     data = json.loads(result.stdout)
     assert data["schema"] == SCHEMA and data["violations"][0]["kind"] == KIND_OVER_BUDGET
     assert plot.read_bytes()[:4] == b"\x89PNG"

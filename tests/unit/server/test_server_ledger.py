@@ -22,10 +22,10 @@ from keystay.server.ledger.ledger import (
     LEDGER_FILE,
     REQUIRED_BLOCK_FIELDS,
     REQUIRED_FIELDS,
-    EnrollmentError,
-    LedgerError,
+    LedgerEnrollmentError,
     LedgerNotFoundError,
     ServerLedger,
+    ServerLedgerError,
 )
 
 D1, D2, D3 = "2025-03-03", "2025-03-04", "2025-03-05"
@@ -62,7 +62,7 @@ def test_open_refuses_foreign_sqlite(tmp_path: Path) -> None:
     conn.execute("CREATE TABLE other (x)")
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerError, match="not a keystay server ledger"):
+    with pytest.raises(ServerLedgerError, match="not a keystay server ledger"):
         ServerLedger.open(tmp_path)
 
 
@@ -82,22 +82,22 @@ def test_enroll_refuses_id_that_is_not_the_keys(
     ledger: ServerLedger, make_device: MakeDevice
 ) -> None:
     a, b = make_device(), make_device()
-    with pytest.raises(EnrollmentError, match=b.device_id):
+    with pytest.raises(LedgerEnrollmentError, match=b.device_id):
         ledger.enroll_device(a.device_id, b.pem)
     assert ledger.devices() == []
 
 
 def test_enroll_refuses_non_key(ledger: ServerLedger) -> None:
-    with pytest.raises(EnrollmentError, match="not an Ed25519 public key"):
+    with pytest.raises(LedgerEnrollmentError, match="not an Ed25519 public key"):
         ledger.enroll_device("dev-000000000000", "not a pem")
 
 
 def test_revoked_device_cannot_be_reenrolled(ledger: ServerLedger, make_device: MakeDevice) -> None:
     device = enrolled(ledger, make_device)
     ledger.revoke_device(device.device_id)
-    with pytest.raises(EnrollmentError, match="revoked"):
+    with pytest.raises(LedgerEnrollmentError, match="revoked"):
         ledger.enroll_device(device.device_id, device.pem)
-    with pytest.raises(EnrollmentError, match="no enrolled device"):
+    with pytest.raises(LedgerEnrollmentError, match="no enrolled device"):
         ledger.revoke_device("dev-ffffffffffff")
 
 
@@ -328,12 +328,12 @@ def test_refusals_and_central_dp_are_stored(ledger: ServerLedger) -> None:
         sampling="all devices every round, no amplification", epsilon=4.7, delta=1e-5,
     )
     assert ledger.central_dp() == [row]
-    with pytest.raises(LedgerError, match="already recorded"):
+    with pytest.raises(ServerLedgerError, match="already recorded"):
         ledger.record_central_dp(
             run_id="run-1", server_round=1, noise_multiplier=1.0, clip=0.5, sample_rate=1.0,
             sampling="all", epsilon=4.7, delta=1e-5,
         )
-    with pytest.raises(LedgerError, match="delta"):
+    with pytest.raises(ServerLedgerError, match="delta"):
         ledger.record_central_dp(
             run_id="run-1", server_round=2, noise_multiplier=1.0, clip=0.5, sample_rate=1.0,
             sampling="all", epsilon=5.0, delta=0.0,
