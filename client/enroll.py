@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import socket
 import ssl
 import tomllib
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keystay.client.identity import DeviceIdentity
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
+from keystay.common.files import write_private
 
 REQUEST_FORMAT = "keystay-enrollment/2"
 REQUEST_FILE = "enrollment-request.json"
@@ -65,21 +65,6 @@ class EnrollError(KeystayError, RuntimeError):
 
 
 # --------------------------------------------------------------------------- keys
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Mode 0600 from the first byte; replaced atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_or_create_supernode_key(key_dir: Path, *, new: bool = False) -> ec.EllipticCurvePrivateKey:
@@ -109,7 +94,7 @@ def load_or_create_supernode_key(key_dir: Path, *, new: bool = False) -> ec.Elli
                               f"{path} is not an EC key; re-run with --new-key")
     else:
         key = ec.generate_private_key(_CURVE)
-        _write_private(path, key.private_bytes(serialization.Encoding.PEM,
+        write_private(path, key.private_bytes(serialization.Encoding.PEM,
                                                serialization.PrivateFormat.OpenSSH,
                                                serialization.NoEncryption()))
     (key_dir / SUPERNODE_PUB).write_text(supernode_public_openssh(key) + "\n")

@@ -17,9 +17,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import stat
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from keystay.common.errors import KeystayError
+from keystay.common.files import create_private
 
 KEY_FILE = "signing.key"
 DEVICE_ID_PREFIX = "dev-"
@@ -66,23 +65,8 @@ def _write_new_key(path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # Another process won the race: keep its key, drop ours.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # Another process may win the race: its key is kept and ours dropped.
+    create_private(path, pem)
 
 
 class DeviceIdentity:

@@ -83,6 +83,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
+from keystay.common.files import create_private, fsync_dir
 from keystay.common.tokens import VOCAB_SIZE, TokenRecord
 
 if TYPE_CHECKING:
@@ -483,7 +484,7 @@ class EventStore:
                 self._key_path.unlink()
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{self._db_path}{suffix}").unlink(missing_ok=True)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
 
     # -- misc ---------------------------------------------------------------------
 
@@ -558,26 +559,9 @@ def _read_key(key_path: Path) -> bytes:
 
 def _create_key(key_path: Path) -> bytes:
     key = AESGCM.generate_key(bit_length=8 * KEY_BYTES)
-    try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
+    if not create_private(key_path, key):
         return _read_key(key_path)  # another process created it first
-    try:
-        os.fchmod(fd, 0o600)  # in case the umask was unusual; os.open masks the mode
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(key_path.parent)
     return key
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _init_schema(conn: sqlite3.Connection, db_path: Path, key_path: Path, key: bytes) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import nn
 from torch.nn import functional
 
 from keystay.common.evaluation import Evaluation
+from keystay.common.files import private_writer
 from keystay.common.tokens import VOCAB_SIZE, VOCAB_VERSION, token_id
 from keystay.common.windows import WINDOW
 
@@ -256,18 +256,9 @@ def save_checkpoint(
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "meta": meta,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: a reader never sees half a checkpoint.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with private_writer(path) as f:
+        torch.save(payload, f)
     return path
 
 
