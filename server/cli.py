@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +15,7 @@ from typing import Any
 import click
 
 from keystay.common.exitcodes import ExitCode
+from keystay.common.processes import signal_group, terminate_group
 from keystay.server.deploy.superlink import (
     ServerConfig,
     ServerConfigError,
@@ -196,8 +195,8 @@ def start(server_dir: Path) -> None:
         if stopping:
             return
         stopping = True
-        _signal_group(process, signal.SIGTERM)
-        killer = threading.Timer(15.0, _signal_group, (process, signal.SIGKILL))
+        signal_group(process, signal.SIGTERM)
+        killer = threading.Timer(15.0, signal_group, (process, signal.SIGKILL))
         killer.daemon = True
         killer.start()
 
@@ -206,7 +205,8 @@ def start(server_dir: Path) -> None:
     alive = lambda: process.poll() is None  # noqa: E731
     if not (wait_for_port(config.fleet_address, 60, alive)
             and wait_for_port(config.control_address, 60, alive)):
-        _terminate_group(process)
+        # The SuperLink and its SuperExec: the whole group.
+        terminate_group(process, 15.0)
         click.echo(f"keystay server: the SuperLink did not come up; see {log_path}", err=True)
         sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
     click.echo(f"ready: fleet {config.fleet_address}, control {config.control_address}"
@@ -227,28 +227,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-
-
-def _terminate_group(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the SuperLink's process group (it and its SuperExec), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)
 
 
 @server.command()
