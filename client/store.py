@@ -83,7 +83,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
-from keystay.common.files import create_private, fsync_dir
+from keystay.common.files import create_private, ensure_private, fsync_dir
 from keystay.common.tokens import VOCAB_SIZE, TokenRecord
 
 if TYPE_CHECKING:
@@ -305,7 +305,7 @@ class EventStore:
             key = _create_key(key_path)
         # Create the database file 0600 ourselves: SQLite would use the umask,
         # and it gives the -wal/-shm files the database file's mode.
-        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+        ensure_private(db_path)
         conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
                                timeout=30.0)
         try:

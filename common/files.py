@@ -112,3 +112,13 @@ def create_private(path: Path, data: bytes) -> bool:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
     return True
+
+
+def ensure_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it is missing; an existing file is kept.
+
+    For SQLite files: SQLite would create the file with the umask's mode, and
+    it gives the ``-wal`` and ``-shm`` files the database file's mode.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_MODE)
+    os.close(fd)

@@ -80,7 +80,6 @@ whole history (tests; comparisons) and then prices from scratch.
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -95,6 +94,8 @@ from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
 from keystay.client.policy import POLICY_FILE, DevicePolicy, Refusal, TrainingRequest
 from keystay.common.errors import KeystayError
+from keystay.common.files import ensure_private
+from keystay.common.sqlite import ForeignFileError, FormatVersionError, open_versioned
 
 LEDGER_FILE = "ledger.v1.sqlite"
 SCHEMA_VERSION = 1
@@ -308,18 +309,6 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _open_private(path: Path) -> None:
-    """Create ``path`` empty with mode 0600 if missing (SQLite would use the umask).
-
-    The ledger holds no event data, but when and how much this device trained
-    is still nobody else's business; SQLite gives its -wal and -shm files the
-    database file's mode.
-    """
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.close(fd)
-
-
 class Ledger:
     """The device's privacy ledger (one SQLite file). Thread-safe.
 
@@ -348,52 +337,28 @@ class Ledger:
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = data_dir / LEDGER_FILE
-        _open_private(path)
-        conn: sqlite3.Connection | None = None
+        # The ledger holds no event data, but when and how much this device
+        # trained is still nobody else's business: 0600.
+        ensure_private(path)
+        # WAL, synchronous=FULL (a committed charge survives power loss),
+        # autocommit (admit() issues BEGIN IMMEDIATE itself so the check and
+        # the write are one unit), version check and creation in one
+        # transaction: see keystay.common.sqlite.
         try:
-            # isolation_level=None: no implicit transactions; admit() issues
-            # BEGIN IMMEDIATE itself so the check and the write are one unit.
-            conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=60.0
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: the WAL is fsync'd at every commit, so a committed charge
-            # survives power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
-            # The check and the creation are one write transaction, so two
-            # processes opening a new ledger at once cannot both create it.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                    if tables:
-                        raise DeviceLedgerError(
-                            f"{path} has tables but no format version; it is not a keystay "
-                            "ledger. Training stays stopped until it is moved aside"
-                        )
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                    conn.execute(_STATE_SCHEMA)
-                elif version != SCHEMA_VERSION:
-                    raise DeviceLedgerError(
-                        f"{path} is ledger format {version}; this keystay reads format "
-                        f"{SCHEMA_VERSION}. Upgrade keystay; never delete the ledger (that "
-                        "would reset spent budgets)"
-                    )
-                else:
-                    conn.execute(_STATE_SCHEMA)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except BaseException as error:
-            if conn is not None:
-                conn.close()
-            if not isinstance(error, sqlite3.DatabaseError):
-                raise
+            conn = open_versioned(path, version=SCHEMA_VERSION, schema=_SCHEMA,
+                                  always=_STATE_SCHEMA)
+        except ForeignFileError as error:
+            raise DeviceLedgerError(
+                f"{path} has tables but no format version; it is not a keystay "
+                "ledger. Training stays stopped until it is moved aside"
+            ) from error
+        except FormatVersionError as error:
+            raise DeviceLedgerError(
+                f"{path} is ledger format {error.found}; this keystay reads format "
+                f"{SCHEMA_VERSION}. Upgrade keystay; never delete the ledger (that "
+                "would reset spent budgets)"
+            ) from error
+        except sqlite3.DatabaseError as error:
             raise DeviceLedgerError(
                 f"{path} cannot be read ({error}). Training stays stopped: restore the "
                 "ledger from a backup; never delete it (that would reset spent budgets)"

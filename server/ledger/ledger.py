@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -69,6 +68,8 @@ from typing import Any, TypeGuard
 
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
+from keystay.common.files import ensure_private
+from keystay.common.sqlite import ForeignFileError, FormatVersionError, open_versioned
 from keystay.server.ledger.verify import (
     ReportVerificationError,
     device_id_from_public_key,
@@ -366,12 +367,6 @@ def _bigger(a: float, b: float) -> bool:
     return a > b + _REL_TOL * max(1.0, abs(b))
 
 
-def _create_private(path: Path) -> None:
-    # SQLite would create the file with the umask; the -wal/-shm files copy its mode.
-    if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-
-
 def _check_fields(payload: Mapping[str, Any]) -> list[str]:
     """Problems with the payload's shape, as sentences (empty when well-formed)."""
     problems = []
@@ -465,48 +460,25 @@ class ServerLedger:
                     "'keystay round start' used, which holds ledger.v1.sqlite)"
                 )
             server_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _create_private(path)
-        conn: sqlite3.Connection | None = None
+            ensure_private(path)
         try:
-            conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=60.0
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                        raise ServerLedgerError(
-                            f"{path} has tables but no format version; it is not a keystay "
-                            "server ledger. Move it aside and point --server-dir at the "
-                            "right folder"
-                        )
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise ServerLedgerError(
-                        f"{path} is server ledger format {version}; this keystay reads format "
-                        f"{SCHEMA_VERSION}. Upgrade keystay; do not delete the ledger (it is "
-                        "the audit record)"
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            conn = open_versioned(path, version=SCHEMA_VERSION, schema=_SCHEMA)
+        except ForeignFileError as error:
+            raise ServerLedgerError(
+                f"{path} has tables but no format version; it is not a keystay "
+                "server ledger. Move it aside and point --server-dir at the "
+                "right folder"
+            ) from error
+        except FormatVersionError as error:
+            raise ServerLedgerError(
+                f"{path} is server ledger format {error.found}; this keystay reads format "
+                f"{SCHEMA_VERSION}. Upgrade keystay; do not delete the ledger (it is "
+                "the audit record)"
+            ) from error
         except sqlite3.DatabaseError as error:
-            if conn is not None:
-                conn.close()
             raise ServerLedgerError(
                 f"{path} cannot be read as a server ledger ({error})"
             ) from error
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
         return cls(conn, path, clock)
 
     def close(self) -> None:
