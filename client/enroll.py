@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keystay.client.identity import DeviceIdentity
+from keystay.common.canonical import canonical_json
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
 from keystay.common.files import write_private
@@ -108,12 +109,6 @@ def supernode_public_openssh(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 # --------------------------------------------------------------------------- request
-
-
-def canonical_json(obj: object) -> bytes:
-    """Sorted keys, no spaces, ASCII: the bytes both proofs sign (the server restates this)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("utf-8")
 
 
 def fingerprint(payload: bytes) -> str:

@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keystay.common.canonical import canonical_json
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
 from keystay.server.deploy.superlink import (
@@ -85,12 +86,6 @@ class SuperLinkUnavailableError(KeystayError, RuntimeError):
     """The flwr CLI could not reach the SuperLink's Control API."""
 
     exit_code = ExitCode.SERVER_SUPERLINK_DOWN
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The bytes both proofs sign: sorted keys, no spaces, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("utf-8")
 
 
 def fingerprint(payload: bytes) -> str:

@@ -5,12 +5,10 @@ key (``keystay.client.identity``); the server keeps the payload and the
 signature, so anyone holding the device's enrolled public key can check later
 that no figure was altered in transit or at rest.
 
-This module needs only ``cryptography`` and ``json``: the server never imports
-the device's ledger or store. The canonical form is restated here on purpose,
-and a unit test checks that both sides agree:
+This module needs only ``cryptography`` and :mod:`keystay.common`: the
+server never imports the device's ledger or store. The contract:
 
-* payload = UTF-8 JSON, keys sorted, separators ``","`` and ``":"``, ASCII
-  escapes, floats as Python ``repr`` (shortest round-trip), no NaN/Infinity;
+* payload = :func:`keystay.common.canonical.canonical_json` of the report;
 * signature = Ed25519 (RFC 8032) over the payload bytes exactly as sent;
 * device id = ``"dev-"`` + first 12 hex digits of SHA-256 of the raw public key.
 """
@@ -25,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keystay.common.canonical import canonical_json
 from keystay.common.errors import KeystayError
 
 REPORT_FORMAT = "keystay.privacy-report.v1"
@@ -56,13 +55,6 @@ def device_id_from_public_key(public_key_pem: str | bytes) -> str:
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
     return "dev-" + hashlib.sha256(raw).hexdigest()[:12]
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The canonical bytes of a JSON value (the form devices sign)."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("utf-8")
 
 
 def verify_report(payload: bytes, signature: bytes, public_key_pem: str | bytes) -> bool:
