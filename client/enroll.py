@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -238,16 +239,15 @@ class FederationSettings:
                               "'keystay device enroll' again") from error
 
     def save(self, data_dir: Path) -> Path:
-        def q(value: object) -> str:
-            return json.dumps(str(value))  # a TOML basic string is a JSON string
-
         path = data_dir / FEDERATION_FILE
+        table = {
+            "superlink": str(self.superlink),
+            "root_certificates": str(self.root_certificates),
+            "auth_private_key": str(self.auth_private_key),
+        }
         path.write_text(
             "# written by `keystay device enroll`; the daemon joins with these\n"
-            "[federation]\n"
-            f"superlink = {q(self.superlink)}\n"
-            f"root_certificates = {q(self.root_certificates)}\n"
-            f"auth_private_key = {q(self.auth_private_key)}\n"
+            + tomli_w.dumps({"federation": table})
         )
         return path
 

@@ -45,6 +45,8 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import tomli_w
+
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
 from keystay.common.windows import PRIVACY_UNIT_SENTENCE, WINDOW
@@ -546,22 +548,9 @@ class DevicePolicy:
 
     def to_toml(self) -> str:
         """The policy as a ``policy.toml`` document that :meth:`load` reads back equal."""
-        lines = ["[policy]"]
-        for key in self.key_names():
-            value = getattr(self, key)
-            if isinstance(value, tuple):
-                # One item a line: the list an employee is most likely to edit.
-                items = "".join(f"    {json.dumps(v)},\n" for v in value)
-                rendered = f"[\n{items}]" if value else "[]"
-            elif isinstance(value, bool):
-                rendered = "true" if value else "false"
-            elif isinstance(value, str):
-                rendered = json.dumps(value)
-            else:
-                # repr round-trips floats exactly and is valid TOML (1e-05, 8.0).
-                rendered = repr(value)
-            lines.append(f"{key} = {rendered}")
-        return "\n".join(lines) + "\n"
+        # tomli-w writes a list one item a line (the list an employee is most
+        # likely to edit) and floats by repr, which round-trips exactly.
+        return tomli_w.dumps({"policy": {key: getattr(self, key) for key in self.key_names()}})
 
     def save(self, path: Path) -> None:
         """Write :meth:`to_toml` to ``path`` (replacing it atomically)."""
