@@ -15,11 +15,11 @@ $(BIN)/python:
 # multi-GB CUDA build; 2.13.0 is the CPU build this machine keeps on disk.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[device,server]'
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[device,server,test]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -107,11 +107,12 @@ def display_problem(display: str | None = None) -> str | None:
             "inside your desktop session, " + _SIMULATED_HINT + "."
         )
     try:
+        import pynput  # noqa: F401  (only whether it is installed)
         from Xlib.display import Display
-    except ImportError:  # pragma: no cover - python-xlib is a pynput dependency
+    except ImportError:  # a server install, or keystay without its device extra
         return (
-            "python-xlib is not installed; it comes with pynput. Reinstall keystay "
-            "(`make venv`), " + _SIMULATED_HINT + "."
+            "pynput or python-xlib is not installed: they come with keystay's device "
+            "extra (pip install 'keystay[device]', or `make venv`), " + _SIMULATED_HINT + "."
         )
     try:
         conn = Display(name)

@@ -137,6 +137,11 @@ def report_command(
     if plot is not None:
         try:
             render_plot(report, plot)
+        except ImportError as error:  # a device install, without the server extra
+            raise click.BadParameter(
+                "matplotlib is not installed: it comes with keystay's server extra "
+                "(pip install 'keystay[server]')", param_hint="--plot"
+            ) from error
         except OSError as error:
             raise click.BadParameter(
                 f"cannot write {plot}: {error}", param_hint="--plot"
