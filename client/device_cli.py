@@ -147,7 +147,7 @@ def run(
     connects this device to the server. That SuperNode, and the code the
     server ships to it, then run as YOUR user: they could read your data
     folder. This is refused unless you add --accept-server-code-access; on
-    real machines use the two-user systemd units instead (README).
+    real machines use the two-user systemd units instead (docs/deployment.md).
 
     \b
     Exit codes: 0 stopped cleanly, 2 usage, 10 invalid policy, 11 store
@@ -545,7 +545,7 @@ def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | Non
                "they run: keystay server enroll --dir SERVER_DIR --fingerprint "
                f"{result.fingerprint} {result.request_file.name}")
     settings = result.settings
-    click.echo("\nOnce enrolled, start the two-user systemd units (README, 'Device install'), "
+    click.echo("\nOnce enrolled, start the two-user systemd units (docs/deployment.md, 'Device install'), "
                "or, accepting that the server's code runs as you and can read your data, "
                f"join with: keystay device run --data {data_dir} --superlink "
                f"{settings.superlink} --root-certificates {settings.root_certificates} "

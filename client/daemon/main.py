@@ -78,7 +78,7 @@ SINGLE_USER_REFUSAL = (
     "refusing to join a federation in single-user mode: with --superlink the daemon runs "
     "the Flower SuperNode as your own OS user, and the code the server ships to it (the "
     "ClientApp) could then read and write your data folder and use your controls. Use "
-    "the two-user systemd units (README, 'Device install'), or, if you accept that the "
+    "the two-user systemd units (docs/deployment.md, 'Device install'), or, if you accept that the "
     "server's code can access your data (a demo, a machine with no real data), add "
     "--accept-server-code-access"
 )
