@@ -545,7 +545,8 @@ def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | Non
                "they run: keystay server enroll --dir SERVER_DIR --fingerprint "
                f"{result.fingerprint} {result.request_file.name}")
     settings = result.settings
-    click.echo("\nOnce enrolled, start the two-user systemd units (docs/deployment.md, 'Device install'), "
+    click.echo("\nOnce enrolled, start the two-user systemd units (docs/deployment.md, "
+               "'Device install'), "
                "or, accepting that the server's code runs as you and can read your data, "
                f"join with: keystay device run --data {data_dir} --superlink "
                f"{settings.superlink} --root-certificates {settings.root_certificates} "

@@ -27,7 +27,6 @@ This module never imports torch, and nothing from the server side.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import socket
 import ssl
@@ -46,6 +45,7 @@ from keystay.common.canonical import canonical_json
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
 from keystay.common.files import write_private
+from keystay.common.fingerprints import fingerprint
 
 REQUEST_FORMAT = "keystay-enrollment/2"
 REQUEST_FILE = "enrollment-request.json"
@@ -53,7 +53,6 @@ SUPERNODE_KEY = "supernode.key"
 SUPERNODE_PUB = "supernode.pub"
 CA_FILE = Path("tls") / "ca.pem"
 FEDERATION_FILE = "federation.toml"
-FINGERPRINT_HEX = 20
 _CURVE = ec.SECP384R1()
 
 
@@ -110,12 +109,6 @@ def supernode_public_openssh(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 # --------------------------------------------------------------------------- request
-
-
-def fingerprint(payload: bytes) -> str:
-    """80 bits of SHA-256 over the signed bytes, as ``"1a2b-3c4d-5e6f-7a8b-9c0d"``."""
-    digest = hashlib.sha256(payload).hexdigest()[:FINGERPRINT_HEX]
-    return "-".join(digest[i:i + 4] for i in range(0, FINGERPRINT_HEX, 4))
 
 
 def build_request(identity: DeviceIdentity, supernode_key: ec.EllipticCurvePrivateKey,

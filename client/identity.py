@@ -17,39 +17,23 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
-    Ed25519PublicKey,
 )
 
 from keystay.common.errors import KeystayError
 from keystay.common.files import create_private
+from keystay.common.fingerprints import device_id_for
 
 KEY_FILE = "signing.key"
-DEVICE_ID_PREFIX = "dev-"
-DEVICE_ID_HEX = 12  # 48 bits: unique among any realistic fleet, short enough to read aloud
 
 
 class IdentityError(KeystayError, RuntimeError):
     """The signing key cannot be used (unreadable, wrong kind, or readable by others)."""
-
-
-def device_id_for(public_key: Ed25519PublicKey) -> str:
-    """``"dev-"`` + first 12 hex digits of SHA-256(raw public key).
-
-    Examples
-    --------
-    >>> key = Ed25519PrivateKey.from_private_bytes(bytes(32)).public_key()
-    >>> device_id_for(key)
-    'dev-139e3940e64b'
-    """
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return DEVICE_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:DEVICE_ID_HEX]
 
 
 def _write_new_key(path: Path) -> None:

@@ -40,7 +40,6 @@ record of privacy reports.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import sqlite3
 import subprocess
@@ -59,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from keystay.common.canonical import canonical_json
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
+from keystay.common.fingerprints import device_id_for, fingerprint
 from keystay.server.deploy.superlink import (
     FEDERATION_NAME,
     ServerConfig,
@@ -70,7 +70,6 @@ FORMAT_V1 = "keystay-enrollment/1"
 FORMAT_V2 = "keystay-enrollment/2"
 REGISTRY_FILE = "enrollments.v1.sqlite"
 KEYS_DIR = "enrolled"
-FINGERPRINT_HEX = 20
 # The NIST curves Flower accepts for node authentication.
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 FLWR_TIMEOUT_S = 60.0
@@ -86,24 +85,6 @@ class SuperLinkUnavailableError(KeystayError, RuntimeError):
     """The flwr CLI could not reach the SuperLink's Control API."""
 
     exit_code = ExitCode.SERVER_SUPERLINK_DOWN
-
-
-def fingerprint(payload: bytes) -> str:
-    """``"1a2b-3c4d-…"``: SHA-256 of the signed bytes, 80 bits in groups of four.
-
-    Examples
-    --------
-    >>> fingerprint(b"{}")
-    '4413-6fa3-55b3-678a-1146'
-    """
-    digest = hashlib.sha256(payload).hexdigest()[:FINGERPRINT_HEX]
-    return "-".join(digest[i:i + 4] for i in range(0, FINGERPRINT_HEX, 4))
-
-
-def device_id_for(signing_key: Ed25519PublicKey) -> str:
-    """``"dev-"`` + 12 hex of SHA-256(raw key), as the device computes it."""
-    raw = signing_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "dev-" + hashlib.sha256(raw).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

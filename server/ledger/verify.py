@@ -15,7 +15,6 @@ server never imports the device's ledger or store. The contract:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from keystay.common.canonical import canonical_json
 from keystay.common.errors import KeystayError
+from keystay.common.fingerprints import device_id_for
 
 REPORT_FORMAT = "keystay.privacy-report.v1"
 
@@ -51,10 +51,7 @@ def load_public_key(public_key_pem: str | bytes) -> Ed25519PublicKey:
 
 def device_id_from_public_key(public_key_pem: str | bytes) -> str:
     """The pseudonymous device id a public key stands for."""
-    raw = load_public_key(public_key_pem).public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    return "dev-" + hashlib.sha256(raw).hexdigest()[:12]
+    return device_id_for(load_public_key(public_key_pem))
 
 
 def verify_report(payload: bytes, signature: bytes, public_key_pem: str | bytes) -> bool:
