@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from keystay.common.digest import weights_sha256
 from keystay.common.model import ModelConfig, initial_weights, save_checkpoint
+from keystay.common.wire import ERROR_FAILED, ERROR_REFUSED, ERROR_UNAVAILABLE
 from keystay.server.central_dp import (
     CentralDPAccountant,
     aggregate_with_central_dp,
@@ -45,9 +46,6 @@ from keystay.server.heldout import (
 )
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.runlog import (
-    ERROR_FAILED,
-    ERROR_REFUSED,
-    ERROR_UNAVAILABLE,
     FAILED,
     FINAL_CHECKPOINT,
     REFUSED,

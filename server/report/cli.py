@@ -11,13 +11,8 @@ import click
 
 from keystay.common.exitcodes import ExitCode
 from keystay.server.ledger.ledger import LedgerNotFoundError, ServerLedger, ServerLedgerError
-from keystay.server.report.budget import (
-    build_report,
-    check,
-    render_json,
-    render_plot,
-    render_table,
-)
+from keystay.server.report.budget import build_report, check
+from keystay.server.report.render import render_json, render_plot, render_table
 
 _EXIT_CODES_HELP = (
     "\b\nExit codes:\n"

@@ -5,7 +5,7 @@ Design note
 ``keystay budget report --html FILE`` writes a single file that opens in any
 browser, offline, without the CLI: inline CSS, inline SVG charts, no script,
 no external asset of any kind (not even a font). It is built from
-:func:`keystay.server.report.budget.report_to_dict`, the same dictionary
+:func:`keystay.server.report.render.report_to_dict`, the same dictionary
 ``--json`` prints, so every figure on the page *is* a ``--json`` figure; each
 is also written exactly (``repr``) in a ``data-`` attribute, so a test (or a
 reviewer's script) can compare the two without parsing prose.
@@ -31,7 +31,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from keystay.server.report.budget import KIND_UNVERIFIABLE, BudgetReport, report_to_dict
+from keystay.server.report.budget import KIND_UNVERIFIABLE, BudgetReport
+from keystay.server.report.render import report_to_dict
 
 STATUS_CLEAN = "clean"
 STATUS_VIOLATIONS = "violations"

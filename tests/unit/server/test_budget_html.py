@@ -13,7 +13,7 @@ from typing import Any
 from click.testing import CliRunner
 
 from keystay.server.ledger.ledger import ServerLedger
-from keystay.server.report.budget import build_report, report_to_dict
+from keystay.server.report.budget import build_report
 from keystay.server.report.cli import budget
 from keystay.server.report.html import (
     STATUS_CLEAN,
@@ -22,6 +22,7 @@ from keystay.server.report.html import (
     render_html,
     report_status,
 )
+from keystay.server.report.render import report_to_dict
 
 D1, D2 = "2025-03-03", "2025-03-04"
 HOSTILE = '"><script>alert(1)</script>'

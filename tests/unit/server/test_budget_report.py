@@ -26,13 +26,11 @@ from keystay.server.report.budget import (
     SCHEMA,
     build_report,
     check,
-    render_json,
-    render_plot,
-    render_table,
 )
 from keystay.server.report.cli import (
     budget,
 )
+from keystay.server.report.render import render_json, render_plot, render_table
 
 D1, D2 = "2025-03-03", "2025-03-04"
 MakeDevice = Callable[[], Any]  # the conftest's FakeDevice factory
