@@ -52,3 +52,15 @@ def test_make_installs_both_extras() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "-e '.[device,server]'" in makefile
     assert "-e '.[device,server,test]'" in makefile
+
+
+def test_unit_tests_mirror_the_packages() -> None:
+    # tests/unit/<package>/<sub>/test_x.py tests a module of <package>/<sub>/.
+    unit = ROOT / "tests" / "unit"
+    strays = [
+        str(path.relative_to(unit))
+        for path in unit.rglob("test_*.py")
+        if path.parent != unit and not (ROOT / path.parent.relative_to(unit)).is_dir()
+    ]
+    assert not strays, f"test files in folders that mirror no package: {strays}"
+    assert (unit / "client" / "daemon" / "test_core.py").exists()
