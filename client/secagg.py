@@ -175,7 +175,7 @@ def _fit_handler(original: Message) -> ClientAppCallable:
 
     def fit(msg: Message, context: Context) -> Message:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        config = ConfigRecord(dict(fitins.config))  # type: ignore[arg-type]
+        config = ConfigRecord(dict(fitins.config))
         weights = parameters_to_ndarrays(fitins.parameters)
         try:
             request = train_request(config, weights, context)

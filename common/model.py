@@ -136,7 +136,8 @@ class CausalConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, channels, time)
         h = self.norm(x.transpose(1, 2)).transpose(1, 2)
         h = self.conv(functional.pad(functional.relu(h), (self.left_pad, 0)))
-        return x + h
+        out: torch.Tensor = x + h
+        return out
 
 
 class NextEventModel(nn.Module):
@@ -178,7 +179,8 @@ class NextEventModel(nn.Module):
             h = x[:, :, -1]  # the last position has seen the whole window
         else:
             h = functional.relu(self.fc(e.flatten(1)))
-        return self.head(self.out_norm(h))
+        logits: torch.Tensor = self.head(self.out_norm(h))
+        return logits
 
 
 def initial_weights(config: ModelConfig | None = None, seed: int = 0) -> list[np.ndarray]:

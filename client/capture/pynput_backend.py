@@ -203,7 +203,7 @@ def _listener_class() -> type:
     from Xlib.display import Display
     from Xlib.ext import record
 
-    class _InputListener(XorgKeyListener):  # type: ignore[misc,valid-type]
+    class _InputListener(XorgKeyListener):  # type: ignore[misc]
         """pynput's X keyboard listener, widened to buttons and motion, reading
         the RECORD stream itself.
 

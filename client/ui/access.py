@@ -151,7 +151,8 @@ class DaemonAccess:
         from google.protobuf.json_format import MessageToDict
 
         reply = self._call(lambda s: s.Status(device_pb2.StatusRequest(), timeout=CALL_TIMEOUT_S))
-        return MessageToDict(reply, always_print_fields_with_no_presence=True)
+        fields: dict[str, Any] = MessageToDict(reply, always_print_fields_with_no_presence=True)
+        return fields
 
     def show(self, day: str | None) -> dict[str, Any]:
         """Per kept day: events, token counts by kind, apps seen, ε (never text)."""

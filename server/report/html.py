@@ -254,16 +254,16 @@ def _chart(report: BudgetReport, data: Mapping[str, Any]) -> str:
                    f"{_e(text)}</text>")
     out.append(f'<text x="{left}" y="{height - 4}">time each report was received</text>'
                if timed_axis else f'<text x="{left}" y="{height - 4}">report order</text>')
-    for i, (device_id, points) in enumerate(series.items()):
+    for i, (device_id, drawn) in enumerate(series.items()):
         color = _PALETTE[i % len(_PALETTE)]
         path = []
-        for j, (x, y, _) in enumerate(points):
+        for j, (x, y, _) in enumerate(drawn):
             # A step: the ε holds until the next report, then moves to its value.
             path.append(f"M{px(x):.1f},{py(y):.1f}" if j == 0
                         else f"H{px(x):.1f} V{py(y):.1f}")
         out.append(f'<path class="series" data-device="{_e(device_id)}" d="{" ".join(path)}" '
                    f'fill="none" stroke="{color}" stroke-width="2"/>')
-        for x, y, flagged in points:
+        for x, y, flagged in drawn:
             if flagged:
                 out.append(f'<text x="{px(x):.1f}" y="{py(y) + 4:.1f}" text-anchor="middle" '
                            'fill="#b42318">✕</text>')
