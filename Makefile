@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROTO_SRC := protos/keystay/v1/device.proto
 PROTO_OUT := protos/gen
 
-.PHONY: demo test lint protos venv test-deps apt-deps clean
+.PHONY: demo test lint protos venv test-deps apt-deps clean typecheck
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,11 @@ $(BIN)/python:
 # multi-GB CUDA build; 2.13.0 is the CPU build this machine keeps on disk.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[device,server]'
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[device,server,test]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -38,9 +38,18 @@ apt-deps:
 demo: $(VENV)/.installed
 	$(BIN)/keystay demo
 
-test: $(VENV)/.test-installed apt-deps
-	$(BIN)/ruff check client server tests bench
-	$(BIN)/mypy client server
+# mypy --strict over the packages by their import names: the folders are
+# mapped to keystay.* in a tree of symlinks (see [tool.mypy] in pyproject.toml).
+MYPY_TREE := $(VENV)/mypy-tree
+typecheck: $(VENV)/.test-installed
+	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)/keystay
+	for d in cli client common server sim; do ln -s $(CURDIR)/$$d $(MYPY_TREE)/keystay/$$d; done
+	ln -s $(CURDIR)/protos/gen/keystay/v1 $(MYPY_TREE)/keystay/v1
+	cd $(MYPY_TREE) && MYPYPATH=$(CURDIR)/$(MYPY_TREE) $(CURDIR)/$(BIN)/mypy \
+	  --config-file $(CURDIR)/pyproject.toml -p keystay
+
+test: $(VENV)/.test-installed apt-deps typecheck
+	$(BIN)/ruff check cli client common server sim tests bench
 	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 protos: $(VENV)/.test-installed

@@ -43,13 +43,13 @@ import torch
 from opacus import GradSampleModule
 from torch.nn import functional
 
-from keystay.client.capture.simulated import fill_store
-from keystay.client.model import ModelConfig, NextEventModel, initial_weights, set_weights
 from keystay.client.store import EventStore
 from keystay.client.trainer.csprng import CryptoRandom
 from keystay.client.trainer.dpsgd import TRAIN_THREADS, train_dp, train_nondp
 from keystay.client.trainer.job import TrainJob
-from keystay.client.windows import WINDOW, windows_for_blocks
+from keystay.common.model import ModelConfig, NextEventModel, initial_weights, set_weights
+from keystay.common.windows import WINDOW, windows_for_blocks
+from keystay.sim.employees import fill_store
 
 GOAL = 1.5
 MOONSHOT = 1.1

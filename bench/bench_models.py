@@ -1,7 +1,7 @@
 """Next-event model architectures on a privacy-utility-speed table.
 
 Trains each architecture on the same simulated employee's data (written to an
-encrypted store by ``keystay.client.capture.simulated.fill_store`` and read
+encrypted store by ``keystay.sim.employees.fill_store`` and read
 back as the daemon reads it), with the same training loop
 (``keystay.client.trainer.dpsgd``), hyperparameters and number of epochs, one
 after the other in one process, so the speed ratios are measured side by side:
@@ -41,14 +41,14 @@ import torch
 from opacus.layers import DPGRU
 from torch import nn
 
-from keystay.client.capture.simulated import fill_store
 from keystay.client.ledger.accounting import Mechanism, enforced, epsilons
-from keystay.client.model import ModelConfig, NextEventModel, get_weights
 from keystay.client.store import EventStore
-from keystay.client.tokens import VOCAB_SIZE
 from keystay.client.trainer.dpsgd import TRAIN_THREADS, TrainJob, train_dp, train_nondp
 from keystay.client.trainer.job import sample_rate_for
-from keystay.client.windows import WINDOW, windows_for_blocks
+from keystay.common.model import ModelConfig, NextEventModel, get_weights
+from keystay.common.tokens import VOCAB_SIZE
+from keystay.common.windows import WINDOW, windows_for_blocks
+from keystay.sim.employees import fill_store
 
 DELTA = 1e-5
 

@@ -69,7 +69,7 @@ def child(data_dir: str) -> None:
     from keystay.client.capture.pynput_backend import PynputBackend
     from keystay.client.capture.recorder import Recorder
     from keystay.client.store import EventStore
-    from keystay.client.tokens import Tokenizer, token_name
+    from keystay.common.tokens import Tokenizer, token_name
 
     store = EventStore.open(data_dir)
     recorder = Recorder(store, Tokenizer())
@@ -301,10 +301,10 @@ def run_rate(server: Any, rate: int, duration: float, idle_s: float) -> dict[str
 
 def stage_costs() -> list[tuple[str, float, str]]:
     """Microseconds per call of each stage, in this process (no X needed)."""
-    from keystay.client.capture.events import KeyEvent, MouseMove
     from keystay.client.capture.recorder import Recorder
     from keystay.client.store import EventStore
-    from keystay.client.tokens import Tokenizer
+    from keystay.common.events import KeyEvent, MouseMove
+    from keystay.common.tokens import Tokenizer
 
     def per_call(fn: Any, n: int) -> float:
         start = time.perf_counter()

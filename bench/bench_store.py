@@ -17,9 +17,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-from keystay.client.capture.simulated import SimulatedEmployee
 from keystay.client.store import EventStore
-from keystay.client.tokens import Tokenizer
+from keystay.common.tokens import Tokenizer
+from keystay.sim.employees import SimulatedEmployee
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Simulates keystay's federated rounds in one process, the way the shipped
 parts compute them, on simulated employees
-(:class:`keystay.client.capture.simulated.SimulatedEmployee`):
+(:class:`keystay.sim.employees.SimulatedEmployee`):
 
 * each device holds ``--days`` employee-days of ``--events`` input events, cut
   into non-overlapping 33-token training records with the daemon's own
@@ -63,14 +63,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keystay.client.capture.simulated import SimulatedEmployee
 from keystay.client.ledger.accounting import Mechanism, enforced, epsilons
-from keystay.client.model import ModelConfig, NextEventModel, evaluate, get_weights, set_weights
 from keystay.client.policy import DevicePolicy
 from keystay.client.trainer.dpsgd import TrainJob, train_dp, train_nondp
-from keystay.client.windows import TRAIN_STRIDE, WINDOW, make_windows, split_heldout
+from keystay.common.model import ModelConfig, NextEventModel, evaluate, get_weights, set_weights
+from keystay.common.windows import TRAIN_STRIDE, WINDOW, make_windows, split_heldout
 from keystay.server.heldout import HeldoutPopulation, heldout_windows
 from keystay.server.settings import RunSettings
+from keystay.sim.employees import SimulatedEmployee
 
 DELTA = 1e-5
 CLIP = 1.0

@@ -23,10 +23,10 @@ import time
 import numpy as np
 
 from keystay.client.ledger.accounting import Mechanism
-from keystay.client.tokens import VOCAB_SIZE
 from keystay.client.trainer.job import TrainJob
 from keystay.client.trainer.process import WarmTrainer
-from keystay.client.windows import WINDOW
+from keystay.common.tokens import VOCAB_SIZE
+from keystay.common.windows import WINDOW
 
 N_TRAIN, N_HELDOUT, BATCH, STEPS = 3000, 300, 64, 50
 
@@ -35,7 +35,7 @@ import time
 t0 = time.perf_counter()
 import numpy as np
 import opacus
-from keystay.client.model import initial_weights
+from keystay.common.model import initial_weights
 from keystay.client.trainer.dpsgd import train_dp
 from keystay.client.trainer.job import TrainJob
 imported = time.perf_counter() - t0
@@ -52,7 +52,7 @@ print(imported, outcome.seconds)
 def _weights() -> list[np.ndarray]:
     # Made in a throwaway interpreter so this process never imports torch.
     code = (
-        "import sys, numpy as np; from keystay.client.model import initial_weights; "
+        "import sys, numpy as np; from keystay.common.model import initial_weights; "
         "np.savez(sys.stdout.buffer, *initial_weights(seed=0))"
     )
     raw = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout

@@ -1,3 +1,5 @@
-"""keystay's employee-machine side: capture, tokens, store, policy, ledger, trainer, daemon."""
+"""keystay's employee-machine side: capture, store, policy, ledger, trainer, daemon."""
 
-__version__ = "0.1.0"
+from keystay.common import __version__
+
+__all__ = ["__version__"]

@@ -57,7 +57,9 @@ class ControlClient:
         self.stub = device_pb2_grpc.ControlStub(self._channel)
 
     def status(self) -> device_pb2.StatusReply:
-        return self.stub.Status(device_pb2.StatusRequest(), timeout=CALL_TIMEOUT_S)
+        reply: device_pb2.StatusReply = self.stub.Status(device_pb2.StatusRequest(),
+                                                         timeout=CALL_TIMEOUT_S)
+        return reply
 
     def close(self) -> None:
         self._channel.close()

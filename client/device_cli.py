@@ -23,6 +23,7 @@ import grpc
 
 from keystay.client.control_client import CALL_TIMEOUT_S, EVALUATE_TIMEOUT_S, ControlClient
 from keystay.client.device_client import DeviceUnavailableError, control_socket_path
+from keystay.common.exitcodes import ExitCode
 from keystay.v1 import device_pb2
 
 DEFAULT_DATA = Path(os.environ.get("KEYSTAY_DATA", "~/.local/share/keystay")).expanduser()
@@ -146,7 +147,7 @@ def run(
     connects this device to the server. That SuperNode, and the code the
     server ships to it, then run as YOUR user: they could read your data
     folder. This is refused unless you add --accept-server-code-access; on
-    real machines use the two-user systemd units instead (README).
+    real machines use the two-user systemd units instead (docs/deployment.md).
 
     \b
     Exit codes: 0 stopped cleanly, 2 usage, 10 invalid policy, 11 store
@@ -158,7 +159,6 @@ def run(
     from keystay.client.daemon.main import (
         SINGLE_USER_REFUSAL,
         DaemonError,
-        DaemonExit,
         DaemonOptions,
         run_daemon,
     )
@@ -180,7 +180,7 @@ def run(
     if superlink and not accept_server_code_access:
         # Before the data folder or its log is touched: a refusal changes nothing.
         click.echo(f"keystay device: {SINGLE_USER_REFUSAL}", err=True)
-        sys.exit(int(DaemonExit.SERVER_CODE_ACCESS))
+        sys.exit(int(ExitCode.DEVICE_SERVER_CODE_ACCESS))
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "logs").mkdir(exist_ok=True)
     logging.basicConfig(
@@ -255,7 +255,7 @@ def status(data_dir: Path, as_json: bool) -> None:
     overlap, so each event is in exactly one; the JSON says so in
     ``privacy_unit``.
     """
-    from keystay.client.windows import PRIVACY_UNIT, PRIVACY_UNIT_SENTENCE
+    from keystay.common.windows import PRIVACY_UNIT, PRIVACY_UNIT_SENTENCE
 
     reply = _call(data_dir, "Status", device_pb2.StatusRequest())
     assert isinstance(reply, device_pb2.StatusReply)
@@ -420,8 +420,8 @@ def evaluate(data_dir: Path, model_file: Path) -> None:
     and tells you its next-event accuracy and loss. The federation cannot ask
     for this: the figure is not paid for from your privacy budget.
     """
-    from keystay.client.model import read_checkpoint
     from keystay.client.serde import weights_to_proto
+    from keystay.common.model import read_checkpoint
 
     try:
         checkpoint = read_checkpoint(model_file)
@@ -459,20 +459,20 @@ def ui(data_dir: Path, port: int, no_browser: bool, refresh: int) -> None:
     import webbrowser
 
     from keystay.client.ui.access import AccessError, DaemonAccess
-    from keystay.client.ui.server import EXIT_CANNOT_LISTEN, EXIT_NO_DAEMON, PageServer
+    from keystay.client.ui.server import PageServer
 
     access = DaemonAccess(data_dir)
     try:
         access.status()  # refuse to serve a page about a daemon that is not there
     except AccessError as error:
         click.echo(f"keystay device ui: {error}", err=True)
-        sys.exit(EXIT_NO_DAEMON)
+        sys.exit(ExitCode.PAGE_NO_DAEMON)
     try:
         server = PageServer(access, port=port, refresh=refresh)
     except OSError as error:
         click.echo(f"keystay device ui: cannot listen on 127.0.0.1:{port}: {error.strerror}; "
                    "pick another --port or leave it at 0", err=True)
-        sys.exit(EXIT_CANNOT_LISTEN)
+        sys.exit(ExitCode.PAGE_CANNOT_LISTEN)
     click.echo(f"your keystay page: {server.url}\n(only this link opens it; Ctrl-C stops it)",
                nl=True)
     sys.stdout.flush()
@@ -545,7 +545,8 @@ def enroll(data_dir: Path, server: str, ca_file: Path, supernode_dir: Path | Non
                "they run: keystay server enroll --dir SERVER_DIR --fingerprint "
                f"{result.fingerprint} {result.request_file.name}")
     settings = result.settings
-    click.echo("\nOnce enrolled, start the two-user systemd units (README, 'Device install'), "
+    click.echo("\nOnce enrolled, start the two-user systemd units (docs/deployment.md, "
+               "'Device install'), "
                "or, accepting that the server's code runs as you and can read your data, "
                f"join with: keystay device run --data {data_dir} --superlink "
                f"{settings.superlink} --root-certificates {settings.root_certificates} "

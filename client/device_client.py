@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from keystay.common.errors import KeystayError
+
 FEDERATION_SOCKET = "federation.sock"
 CONTROL_SOCKET = "control.sock"
 
@@ -31,7 +33,7 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class DeviceUnavailableError(RuntimeError):
+class DeviceUnavailableError(KeystayError, RuntimeError):
     """The daemon's socket is missing, refuses this caller, or nobody answers on it."""
 
 

@@ -27,22 +27,25 @@ This module never imports torch, and nothing from the server side.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
 import socket
 import ssl
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import IntEnum
 from pathlib import Path
 
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keystay.client.identity import DeviceIdentity
+from keystay.common.canonical import canonical_json
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+from keystay.common.files import write_private
+from keystay.common.fingerprints import fingerprint
 
 REQUEST_FORMAT = "keystay-enrollment/2"
 REQUEST_FILE = "enrollment-request.json"
@@ -50,44 +53,19 @@ SUPERNODE_KEY = "supernode.key"
 SUPERNODE_PUB = "supernode.pub"
 CA_FILE = Path("tls") / "ca.pem"
 FEDERATION_FILE = "federation.toml"
-FINGERPRINT_HEX = 20
 _CURVE = ec.SECP384R1()
 
 
-class EnrollExit(IntEnum):
-    """Exit codes of ``keystay device enroll``."""
-
-    OK = 0
-    USAGE = 2
-    SERVER_UNREACHABLE = 30
-    SERVER_UNTRUSTED = 31
-    KEYS = 32
-
-
-class EnrollError(RuntimeError):
+class EnrollError(KeystayError, RuntimeError):
     """Enrollment cannot go on; ``code`` is the exit code, the message says what to do."""
 
-    def __init__(self, code: EnrollExit, message: str) -> None:
+    def __init__(self, code: ExitCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.exit_code = code
 
 
 # --------------------------------------------------------------------------- keys
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Mode 0600 from the first byte; replaced atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_or_create_supernode_key(key_dir: Path, *, new: bool = False) -> ec.EllipticCurvePrivateKey:
@@ -103,20 +81,21 @@ def load_or_create_supernode_key(key_dir: Path, *, new: bool = False) -> ec.Elli
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise EnrollError(
-                EnrollExit.KEYS,
+                ExitCode.ENROLL_KEYS,
                 f"{path} has mode {mode:04o}; whoever can read it can connect as this device. "
                 f"Check who could have, then 'chmod 600 {path}', or re-run with --new-key",
             )
         try:
             key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError) as error:
-            raise EnrollError(EnrollExit.KEYS, f"{path} is not an OpenSSH private key "
+            raise EnrollError(ExitCode.ENROLL_KEYS, f"{path} is not an OpenSSH private key "
                               f"({error}); re-run with --new-key") from error
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise EnrollError(EnrollExit.KEYS, f"{path} is not an EC key; re-run with --new-key")
+            raise EnrollError(ExitCode.ENROLL_KEYS,
+                              f"{path} is not an EC key; re-run with --new-key")
     else:
         key = ec.generate_private_key(_CURVE)
-        _write_private(path, key.private_bytes(serialization.Encoding.PEM,
+        write_private(path, key.private_bytes(serialization.Encoding.PEM,
                                                serialization.PrivateFormat.OpenSSH,
                                                serialization.NoEncryption()))
     (key_dir / SUPERNODE_PUB).write_text(supernode_public_openssh(key) + "\n")
@@ -130,18 +109,6 @@ def supernode_public_openssh(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 # --------------------------------------------------------------------------- request
-
-
-def canonical_json(obj: object) -> bytes:
-    """Sorted keys, no spaces, ASCII: the bytes both proofs sign (the server restates this)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("utf-8")
-
-
-def fingerprint(payload: bytes) -> str:
-    """80 bits of SHA-256 over the signed bytes, as ``"1a2b-3c4d-5e6f-7a8b-9c0d"``."""
-    digest = hashlib.sha256(payload).hexdigest()[:FINGERPRINT_HEX]
-    return "-".join(digest[i:i + 4] for i in range(0, FINGERPRINT_HEX, 4))
 
 
 def build_request(identity: DeviceIdentity, supernode_key: ec.EllipticCurvePrivateKey,
@@ -180,7 +147,7 @@ class ServerCheck:
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise EnrollError(EnrollExit.USAGE, f"--server {address!r}: expected HOST:PORT, "
+        raise EnrollError(ExitCode.USAGE, f"--server {address!r}: expected HOST:PORT, "
                           "e.g. fl.example.com:9092")
     return host.strip("[]"), int(port)
 
@@ -200,7 +167,7 @@ def check_server(address: str, ca_pem: bytes, timeout: float = 10.0) -> ServerCh
     try:
         context.load_verify_locations(cadata=ca_pem.decode("ascii"))
     except (ssl.SSLError, ValueError, UnicodeDecodeError) as error:
-        raise EnrollError(EnrollExit.USAGE, f"--ca does not hold a PEM certificate ({error})") \
+        raise EnrollError(ExitCode.USAGE, f"--ca does not hold a PEM certificate ({error})") \
             from error
     context.set_alpn_protocols(["h2"])  # what gRPC speaks
     try:
@@ -219,14 +186,14 @@ def check_server(address: str, ca_pem: bytes, timeout: float = 10.0) -> ServerCh
             hint = ("it was not issued by the CA you were given (--ca): either the CA file is "
                     "not this server's, or something else answers at this address. Do not "
                     "enroll; ask the operator for the CA file over a trusted channel")
-        raise EnrollError(EnrollExit.SERVER_UNTRUSTED,
+        raise EnrollError(ExitCode.ENROLL_SERVER_UNTRUSTED,
                           f"{address} refused: {reason}; {hint}") from error
     except ssl.SSLError as error:
-        raise EnrollError(EnrollExit.SERVER_UNTRUSTED,
+        raise EnrollError(ExitCode.ENROLL_SERVER_UNTRUSTED,
                           f"{address}: TLS failed ({error}); is this the SuperLink's Fleet "
                           "API with TLS on?") from error
     except OSError as error:
-        raise EnrollError(EnrollExit.SERVER_UNREACHABLE,
+        raise EnrollError(ExitCode.ENROLL_SERVER_UNREACHABLE,
                           f"cannot reach {address} ({error}); check the address and that the "
                           "server runs, or use --offline to enroll without checking") from error
     cert = x509.load_der_x509_certificate(der or b"")
@@ -261,20 +228,19 @@ class FederationSettings:
                        root_certificates=Path(data["root_certificates"]),
                        auth_private_key=Path(data["auth_private_key"]))
         except KeyError as error:
-            raise EnrollError(EnrollExit.USAGE, f"{path}: missing {error}; run "
+            raise EnrollError(ExitCode.USAGE, f"{path}: missing {error}; run "
                               "'keystay device enroll' again") from error
 
     def save(self, data_dir: Path) -> Path:
-        def q(value: object) -> str:
-            return json.dumps(str(value))  # a TOML basic string is a JSON string
-
         path = data_dir / FEDERATION_FILE
+        table = {
+            "superlink": str(self.superlink),
+            "root_certificates": str(self.root_certificates),
+            "auth_private_key": str(self.auth_private_key),
+        }
         path.write_text(
             "# written by `keystay device enroll`; the daemon joins with these\n"
-            "[federation]\n"
-            f"superlink = {q(self.superlink)}\n"
-            f"root_certificates = {q(self.root_certificates)}\n"
-            f"auth_private_key = {q(self.auth_private_key)}\n"
+            + tomli_w.dumps({"federation": table})
         )
         return path
 
@@ -322,14 +288,14 @@ def enroll(data_dir: Path, server: str, ca_file: Path, *, key_dir: Path | None =
         ca_pem = ca_file.read_bytes()
         ca = x509.load_pem_x509_certificate(ca_pem)
     except (OSError, ValueError) as error:
-        raise EnrollError(EnrollExit.USAGE, f"--ca {ca_file}: not a readable PEM certificate "
+        raise EnrollError(ExitCode.USAGE, f"--ca {ca_file}: not a readable PEM certificate "
                           f"({error})") from error
     try:
         is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         is_ca = False
     if not is_ca:
-        raise EnrollError(EnrollExit.USAGE, f"--ca {ca_file} is not a CA certificate; use the "
+        raise EnrollError(ExitCode.USAGE, f"--ca {ca_file} is not a CA certificate; use the "
                           "server folder's tls/ca.pem, not its server.pem")
     result = check_server(server, ca_pem, timeout) if check else None
 

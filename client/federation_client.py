@@ -41,7 +41,8 @@ class FederationClient:
         self.stub = device_pb2_grpc.FederationStub(self._channel)
 
     def train(self, request: device_pb2.TrainRequest) -> device_pb2.TrainReply:
-        return self.stub.Train(request, timeout=TRAIN_TIMEOUT_S)
+        reply: device_pb2.TrainReply = self.stub.Train(request, timeout=TRAIN_TIMEOUT_S)
+        return reply
 
     def close(self) -> None:
         self._channel.close()

@@ -17,38 +17,23 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
-    Ed25519PublicKey,
 )
 
+from keystay.common.errors import KeystayError
+from keystay.common.files import create_private
+from keystay.common.fingerprints import device_id_for
+
 KEY_FILE = "signing.key"
-DEVICE_ID_PREFIX = "dev-"
-DEVICE_ID_HEX = 12  # 48 bits: unique among any realistic fleet, short enough to read aloud
 
 
-class IdentityError(RuntimeError):
+class IdentityError(KeystayError, RuntimeError):
     """The signing key cannot be used (unreadable, wrong kind, or readable by others)."""
-
-
-def device_id_for(public_key: Ed25519PublicKey) -> str:
-    """``"dev-"`` + first 12 hex digits of SHA-256(raw public key).
-
-    Examples
-    --------
-    >>> key = Ed25519PrivateKey.from_private_bytes(bytes(32)).public_key()
-    >>> device_id_for(key)
-    'dev-139e3940e64b'
-    """
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return DEVICE_ID_PREFIX + hashlib.sha256(raw).hexdigest()[:DEVICE_ID_HEX]
 
 
 def _write_new_key(path: Path) -> None:
@@ -64,23 +49,8 @@ def _write_new_key(path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # Another process won the race: keep its key, drop ours.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # Another process may win the race: its key is kept and ours dropped.
+    create_private(path, pem)
 
 
 class DeviceIdentity:

@@ -45,7 +45,11 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from keystay.client.windows import PRIVACY_UNIT_SENTENCE, WINDOW
+import tomli_w
+
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+from keystay.common.windows import PRIVACY_UNIT_SENTENCE, WINDOW
 
 POLICY_FILE = "policy.toml"
 """The policy's file name inside the device data folder."""
@@ -119,13 +123,15 @@ DEFAULT_EXCLUDED_APPS: tuple[str, ...] = (
 )
 
 
-class PolicyError(ValueError):
+class PolicyError(KeystayError, ValueError):
     """The policy file (or a value given in code) is not a valid policy.
 
     The message names the file and key, the value given and what is allowed,
     e.g. ``policy.toml: noise_multiplier_min = -1 is out of range; allowed:
     a number > 0 (typical 0.5–2.0)``.
     """
+
+    exit_code = ExitCode.DEVICE_POLICY
 
 
 # The name is the interface's (a refusal is a decision, not an error).
@@ -420,7 +426,7 @@ class DevicePolicy:
         Blocks older than this many days are deleted. Default 30.
     min_block_windows : int
         A block needs at least this many training windows (non-overlapping
-        runs of ``WINDOW + 1`` events, see :mod:`keystay.client.windows`) to
+        runs of ``WINDOW + 1`` events, see :mod:`keystay.common.windows`) to
         be trained on. Default 64 (about 2,100 events, an hour or two of
         work): with fewer, the expected batch q·n is a handful of windows, so
         the noise drowns each step, and there is too little to learn from.
@@ -542,22 +548,9 @@ class DevicePolicy:
 
     def to_toml(self) -> str:
         """The policy as a ``policy.toml`` document that :meth:`load` reads back equal."""
-        lines = ["[policy]"]
-        for key in self.key_names():
-            value = getattr(self, key)
-            if isinstance(value, tuple):
-                # One item a line: the list an employee is most likely to edit.
-                items = "".join(f"    {json.dumps(v)},\n" for v in value)
-                rendered = f"[\n{items}]" if value else "[]"
-            elif isinstance(value, bool):
-                rendered = "true" if value else "false"
-            elif isinstance(value, str):
-                rendered = json.dumps(value)
-            else:
-                # repr round-trips floats exactly and is valid TOML (1e-05, 8.0).
-                rendered = repr(value)
-            lines.append(f"{key} = {rendered}")
-        return "\n".join(lines) + "\n"
+        # tomli-w writes a list one item a line (the list an employee is most
+        # likely to edit) and floats by repr, which round-trips exactly.
+        return tomli_w.dumps({"policy": {key: getattr(self, key) for key in self.key_names()}})
 
     def save(self, path: Path) -> None:
         """Write :meth:`to_toml` to ``path`` (replacing it atomically)."""

@@ -42,7 +42,6 @@ otherwise ask for the secrets that unmask one device.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -66,13 +65,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 
 from keystay.client.federation_client import DeviceUnavailableError, FederationClient
+from keystay.client.requests import device_socket, error_reply, train_request
 from keystay.client.serde import weights_from_proto
+from keystay.common.flatclip import clip_update
+from keystay.common.wire import CONFIG_UPDATE_CLIP, ERROR_REFUSED, SECAGG_WEIGHT
 
-#: Fit-config key carrying the central-DP clip norm S the device applies to its
-#: update before masking (absent: no central DP, no clip).
-CONFIG_UPDATE_CLIP = "secagg-update-clip"
-#: Each device's weight in the secure average (see module docstring).
-SECAGG_WEIGHT = 1
+__all__ = ["CONFIG_UPDATE_CLIP", "SECAGG_WEIGHT", "is_secagg_message", "secagg_train"]
+
 #: Fewest key shares the device accepts; Flower itself needs more than 2.
 MIN_SHARES = 3
 
@@ -140,18 +139,6 @@ def check_protocol(configs: ConfigRecord, own_node_id: int) -> str | None:
     return None
 
 
-def clip_update(update: Sequence[np.ndarray], clip_norm: float) -> list[np.ndarray]:
-    """Scale ``update`` to L2 norm at most ``clip_norm`` (FlatClip, float64).
-
-    The same clip as :func:`keystay.server.central_dp.clip_update` (a unit
-    test holds them together); written here because device code does not
-    import the server package.
-    """
-    norm = math.sqrt(sum(float(np.sum(np.square(u, dtype=np.float64))) for u in update))
-    scale = 1.0 if norm <= clip_norm else clip_norm / norm
-    return [np.asarray(u, dtype=np.float64) * scale for u in update]
-
-
 def masked_vector(
     global_weights: Sequence[np.ndarray],
     new_weights: Sequence[np.ndarray],
@@ -179,7 +166,7 @@ def masked_vector(
     if not all(np.all(np.isfinite(u)) for u in update):
         raise ValueError("the daemon's update is not finite; not sending it")
     if clip_norm is not None:
-        update = clip_update(update, clip_norm)
+        update, _ = clip_update(update, clip_norm)
     return update
 
 
@@ -187,15 +174,12 @@ def _fit_handler(original: Message) -> ClientAppCallable:
     """The legacy fit handler ``secaggplus_mod`` calls in its masking stage."""
 
     def fit(msg: Message, context: Context) -> Message:
-        # Imported here: keystay.client.app imports this module for its hook.
-        from keystay.client.app import _error_reply, _socket, train_request
-
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        config = ConfigRecord(dict(fitins.config))  # type: ignore[arg-type]
+        config = ConfigRecord(dict(fitins.config))
         weights = parameters_to_ndarrays(fitins.parameters)
         try:
             request = train_request(config, weights, context)
-            with FederationClient(_socket(context)) as device:
+            with FederationClient(device_socket(context)) as device:
                 reply = device.train(request)
             clip = config.get(CONFIG_UPDATE_CLIP)
             vector = masked_vector(
@@ -206,7 +190,7 @@ def _fit_handler(original: Message) -> ClientAppCallable:
         except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
             # Answer the server's message, not the mod's: the mod has not
             # saved its state, so this device simply drops out of the round.
-            raise _Declined(_error_reply(original, error)) from error
+            raise _Declined(error_reply(original, error)) from error
         report = reply.report
         fitres = FitRes(
             status=Status(code=Code.OK, message=""),
@@ -241,8 +225,6 @@ def secagg_train(msg: Message, context: Context) -> Message:
         with the signed privacy report, or key shares), or an error reply when
         the device refuses or cannot train.
     """
-    from keystay.client.app import ERROR_REFUSED  # see _fit_handler
-
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     reason = check_protocol(configs, msg.metadata.dst_node_id)
     if reason is not None:

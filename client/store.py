@@ -1,7 +1,7 @@
 """Encrypted event store: token records at rest, grouped into daily blocks.
 
 Only the device daemon opens this store. It holds what the tokenizer produced
-(:class:`keystay.client.tokens.TokenRecord`), never raw events, encrypted with
+(:class:`keystay.common.tokens.TokenRecord`), never raw events, encrypted with
 a key that lives beside it in a 0600 file.
 
 On-disk format (version 1)
@@ -81,7 +81,10 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keystay.client.tokens import VOCAB_SIZE, TokenRecord
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+from keystay.common.files import create_private, ensure_private, fsync_dir
+from keystay.common.tokens import VOCAB_SIZE, TokenRecord
 
 if TYPE_CHECKING:
     import numpy as np
@@ -131,8 +134,10 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 
-class StoreError(Exception):
+class StoreError(KeystayError):
     """Base class of event store errors."""
+
+    exit_code = ExitCode.DEVICE_STORE
 
 
 class KeyFileError(StoreError):
@@ -300,7 +305,7 @@ class EventStore:
             key = _create_key(key_path)
         # Create the database file 0600 ourselves: SQLite would use the umask,
         # and it gives the -wal/-shm files the database file's mode.
-        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
+        ensure_private(db_path)
         conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
                                timeout=30.0)
         try:
@@ -479,7 +484,7 @@ class EventStore:
                 self._key_path.unlink()
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{self._db_path}{suffix}").unlink(missing_ok=True)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
 
     # -- misc ---------------------------------------------------------------------
 
@@ -554,26 +559,9 @@ def _read_key(key_path: Path) -> bytes:
 
 def _create_key(key_path: Path) -> bytes:
     key = AESGCM.generate_key(bit_length=8 * KEY_BYTES)
-    try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
+    if not create_private(key_path, key):
         return _read_key(key_path)  # another process created it first
-    try:
-        os.fchmod(fd, 0o600)  # in case the umask was unusual; os.open masks the mode
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(key_path.parent)
     return key
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _init_schema(conn: sqlite3.Connection, db_path: Path, key_path: Path, key: bytes) -> None:

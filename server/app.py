@@ -33,188 +33,54 @@ it stays charged.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from keystay.client.digest import weights_sha256
-from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
+from keystay.common.digest import weights_sha256
+from keystay.common.files import write_private
+from keystay.common.model import ModelConfig, initial_weights, save_checkpoint
+from keystay.common.wire import ERROR_FAILED, ERROR_REFUSED, ERROR_UNAVAILABLE
 from keystay.server.central_dp import (
-    SAMPLING_DESCRIPTIONS,
     CentralDPAccountant,
     aggregate_with_central_dp,
 )
 from keystay.server.heldout import (
-    HELDOUT_SET,
     HeldoutEvaluator,
-    HeldoutPopulation,
-    HeldoutScore,
 )
 from keystay.server.ledger.ledger import ServerLedger
+from keystay.server.runlog import (
+    FAILED,
+    FINAL_CHECKPOINT,
+    REFUSED,
+    ROUNDS_FILE,
+    UNAVAILABLE,
+    RoundLog,
+    account_central_round,
+    error_kind,
+    heldout_evaluator,
+    record_error_reply,
+    score_and_write,
+)
+from keystay.server.secagg import run_secagg
 from keystay.server.settings import RunSettings
 
+# Re-exported: the rounds file, its row and the error kinds are this module's
+# public face for the CLI and the tests (they live in keystay.server.runlog).
+__all__ = [
+    "ERROR_FAILED", "ERROR_REFUSED", "ERROR_UNAVAILABLE", "FAILED", "FINAL_CHECKPOINT",
+    "REFUSED", "ROUNDS_FILE", "UNAVAILABLE", "RoundLog", "account_central_round", "app",
+    "error_kind", "heldout_evaluator", "record_error_reply", "score_and_write",
+]
+
 app = ServerApp()
-
-ROUNDS_FILE = "rounds.jsonl"
-FINAL_CHECKPOINT = "final.pt"
-
-
-# The ClientApp's Flower Error codes (keystay.client.app; a test holds the two
-# sides together, the server does not import device code).
-ERROR_REFUSED = 4001
-ERROR_UNAVAILABLE = 4002
-ERROR_FAILED = 4003
-# Flower's own codes for a message or node that could not be reached.
-_FLOWER_UNAVAILABLE = frozenset({
-    ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-    ErrorCode.NODE_UNAVAILABLE,
-})
-
-REFUSED, UNAVAILABLE, FAILED = "refused", "unavailable", "failed"
-
-
-def error_kind(code: int) -> str:
-    """What an error reply means: ``refused``, ``unavailable`` or ``failed``.
-
-    Only :data:`ERROR_REFUSED` is a device's policy declining the round. A
-    daemon that is down (``Stream removed``, ``Socket closed``) or a node Flower
-    cannot reach is *unavailable*; every other code, known or not, is
-    *failed*, so nothing is counted as a policy decision that was not one.
-    """
-    if code == ERROR_REFUSED:
-        return REFUSED
-    if code == ERROR_UNAVAILABLE or code in _FLOWER_UNAVAILABLE:
-        return UNAVAILABLE
-    return FAILED
-
-
-@dataclass
-class RoundLog:
-    """What one round produced, as written to ``rounds.jsonl``.
-
-    ``devices_answered`` counts devices that sent an update with a report;
-    ``devices_reported`` those whose update was aggregated (report verified,
-    update matching it). ``refusals``, ``unavailable`` and ``failed`` list
-    the devices that sent no update, by :func:`error_kind`.
-    """
-
-    server_round: int
-    started: float
-    devices_sampled: int = 0
-    devices_answered: int = 0
-    devices_reported: int = 0
-    refusals: list[dict[str, Any]] = field(default_factory=list)
-    unavailable: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
-    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
-    central_epsilon: float | None = None
-    delta: float | None = None
-    checkpoint: str = ""
-    heldout: HeldoutScore | None = None
-    heldout_population: dict[str, Any] = field(default_factory=dict)
-
-    def record_error(self, node: int, code: int, reason: str) -> str:
-        """File an error reply under its kind; returns the kind."""
-        kind = error_kind(code)
-        entry = {"node": node, "code": code, "reason": reason}
-        {REFUSED: self.refusals, UNAVAILABLE: self.unavailable, FAILED: self.failed}[
-            kind
-        ].append(entry)
-        return kind
-
-    def as_dict(self) -> dict[str, Any]:
-        """The row, as ``rounds.jsonl`` holds it."""
-        heldout = self.heldout.as_row() if self.heldout is not None else {
-            "heldout_accuracy": None, "heldout_loss": None, "heldout_windows": 0,
-        }
-        return {
-            "round": self.server_round,
-            "seconds": round(time.time() - self.started, 3),
-            "devices_sampled": self.devices_sampled,
-            "devices_answered": self.devices_answered,
-            "devices_reported": self.devices_reported,
-            "refusals": self.refusals,
-            "unavailable": self.unavailable,
-            "failed": self.failed,
-            "devices": self.devices,
-            "central_epsilon": self.central_epsilon,
-            "delta": self.delta,
-            "checkpoint": self.checkpoint,
-            **heldout,
-            "heldout_set": HELDOUT_SET,
-            "heldout_population": self.heldout_population,
-        }
-
-    def as_json(self) -> str:
-        return json.dumps(self.as_dict(), sort_keys=True)
-
-
-def record_error_reply(
-    ledger: ServerLedger, run_name: str, round_log: RoundLog, node: int, code: int, reason: str
-) -> None:
-    """File a device's error reply in the round row, and a policy refusal in the ledger.
-
-    Only refusals go to the ledger: they are the device's policy at work, which
-    a security reviewer reads there. An unavailable or failed device is an
-    operational fact, kept in the round row and the log.
-    """
-    kind = round_log.record_error(node, code, reason)
-    if kind == REFUSED:
-        ledger.record_refusal(run_name, round_log.server_round, str(node), reason)
-    log(WARNING, "round %s: device on node %s %s: %s", round_log.server_round, node, kind,
-        reason)
-
-
-def score_and_write(
-    evaluator: HeldoutEvaluator,
-    weights: list[np.ndarray],
-    round_log: RoundLog,
-    rounds_file: Path,
-) -> HeldoutScore | None:
-    """Score the global model on the server's held-out set and append the round's row.
-
-    A model the evaluator cannot load (NaN weights, say) gets no figures; the
-    row is written all the same, so the table never skips a round.
-    """
-    try:
-        round_log.heldout = evaluator.score(weights)
-    except ValueError as error:
-        round_log.heldout = None
-        log(WARNING, "round %s: the global model could not be scored: %s",
-            round_log.server_round, error)
-    round_log.heldout_population = evaluator.population.describe()
-    line = round_log.as_json()
-    with rounds_file.open("a+b") as out:
-        # A ServerApp killed mid-append leaves a line without its newline;
-        # start on a fresh line so this row is not glued to the torn one.
-        torn = out.tell() > 0 and (out.seek(-1, os.SEEK_END), out.read(1))[1] != b"\n"
-        out.write((("\n" if torn else "") + line + "\n").encode())
-    log(INFO, "round %s: %s", round_log.server_round, line)
-    return round_log.heldout
-
-
-def heldout_evaluator(settings: RunSettings, model_config: ModelConfig) -> HeldoutEvaluator:
-    """The run's evaluator, for the population its settings name."""
-    return HeldoutEvaluator(
-        HeldoutPopulation(
-            employees=settings.heldout_employees,
-            days=settings.heldout_days,
-            events_per_day=settings.heldout_events_per_day,
-        ),
-        model_config,
-    )
-
 
 def equal_mean(updates: list[list[np.ndarray]]) -> list[np.ndarray]:
     """The element-wise mean of the devices' arrays, every device weighing 1.
@@ -432,13 +298,9 @@ def main(grid: Grid, context: Context) -> None:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     # Beside and renamed over: a ServerApp killed here leaves the old file or
     # the new one, never half of one.
-    settings_tmp = settings.run_dir / ".settings.json.tmp"
-    settings_tmp.write_text(json.dumps(settings.as_run_config(), indent=2, sort_keys=True))
-    os.replace(settings_tmp, settings.run_dir / "settings.json")
+    write_private(settings.run_dir / "settings.json",
+                  json.dumps(settings.as_run_config(), indent=2, sort_keys=True).encode())
     if settings.secagg:
-        # Imported here: keystay.server.secagg builds on this module's RoundLog.
-        from keystay.server.secagg import run_secagg
-
         run_secagg(grid, context, settings)
         return
     model_config = ModelConfig()
@@ -464,32 +326,6 @@ def main(grid: Grid, context: Context) -> None:
         {"run": settings.run_name, "rounds": settings.num_server_rounds},
     )
     log(INFO, "keystay run %s finished; final model: %s", settings.run_name, final)
-
-
-def account_central_round(
-    ledger: ServerLedger,
-    settings: RunSettings,
-    accountant: CentralDPAccountant,
-    server_round: int,
-) -> float:
-    """Compose one more central-DP round and record it; returns the run's ε so far.
-
-    Every round goes to every connected device (no subsampling), so the
-    accountant runs at q = 1 and the ledger says so.
-    """
-    accountant.step()
-    epsilon = accountant.epsilon()
-    ledger.record_central_dp(
-        run_id=settings.run_name,
-        server_round=server_round,
-        noise_multiplier=settings.central_noise_multiplier,
-        clip=settings.central_clip,
-        sample_rate=1.0,
-        sampling=SAMPLING_DESCRIPTIONS["all"],
-        epsilon=epsilon,
-        delta=accountant.delta,
-    )
-    return epsilon
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,14 +14,15 @@ from typing import Any
 
 import click
 
+from keystay.common.exitcodes import ExitCode
+from keystay.common.processes import signal_group, terminate_group
 from keystay.server.deploy.superlink import (
     ServerConfig,
     ServerConfigError,
     flower_env,
     wait_for_port,
 )
-from keystay.server.ledger.ledger import EnrollmentError as LedgerEnrollmentError
-from keystay.server.ledger.ledger import LedgerError
+from keystay.server.ledger.ledger import LedgerEnrollmentError, ServerLedgerError
 from keystay.server.settings import RUN_DEFAULTS
 
 server_dir_option = click.option(
@@ -34,20 +33,6 @@ server_dir_option = click.option(
     required=True,
     help="The server folder (made by `keystay server init`).",
 )
-
-
-class ServerExit:
-    """Exit codes of ``keystay server`` / ``keystay round``."""
-
-    OK = 0
-    USAGE = 2
-    CONFIG = 20
-    SUPERLINK_DOWN = 21
-    RUN_FAILED = 22
-    ENROLL_REFUSED = 23
-    #: The server ledger cannot be opened or read (unreadable, corrupt, another
-    #: format): nothing was changed.
-    LEDGER = 24
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,7 +120,7 @@ def init(server_dir: Path, hosts: tuple[str, ...], fleet_address: str, control_p
             cert, _key = issue_server_cert(tls, names)
         except PKIError as error:
             click.echo(f"keystay server init: {error}", err=True)
-            sys.exit(ServerExit.CONFIG)
+            sys.exit(ExitCode.SERVER_CONFIG)
         info = cert_info(cert)
         ca = cert_info(tls / "ca.pem")
         click.echo(f"issued {cert} for {', '.join(info.dns_names + info.ip_addresses)}; "
@@ -175,12 +160,12 @@ def start(server_dir: Path) -> None:
         config = ServerConfig.load(server_dir)
     except ServerConfigError as error:
         click.echo(f"keystay server: {error}", err=True)
-        sys.exit(ServerExit.CONFIG)
+        sys.exit(ExitCode.SERVER_CONFIG)
     errors, warnings = config.tls_problems(server_dir)
     for message in errors:
         click.echo(f"keystay server: {message}", err=True)
     if errors:
-        sys.exit(ServerExit.CONFIG)
+        sys.exit(ExitCode.SERVER_CONFIG)
     for message in warnings:
         click.echo(f"WARNING: {message}", err=True)
     if config.insecure:
@@ -211,8 +196,8 @@ def start(server_dir: Path) -> None:
         if stopping:
             return
         stopping = True
-        _signal_group(process, signal.SIGTERM)
-        killer = threading.Timer(15.0, _signal_group, (process, signal.SIGKILL))
+        signal_group(process, signal.SIGTERM)
+        killer = threading.Timer(15.0, signal_group, (process, signal.SIGKILL))
         killer.daemon = True
         killer.start()
 
@@ -221,16 +206,17 @@ def start(server_dir: Path) -> None:
     alive = lambda: process.poll() is None  # noqa: E731
     if not (wait_for_port(config.fleet_address, 60, alive)
             and wait_for_port(config.control_address, 60, alive)):
-        _terminate_group(process)
+        # The SuperLink and its SuperExec: the whole group.
+        terminate_group(process, 15.0)
         click.echo(f"keystay server: the SuperLink did not come up; see {log_path}", err=True)
-        sys.exit(ServerExit.SUPERLINK_DOWN)
+        sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
     click.echo(f"ready: fleet {config.fleet_address}, control {config.control_address}"
                f"{' (INSECURE)' if config.insecure else ' (TLS, enrolled devices only)'}")
     sys.stdout.flush()
     code = process.wait()
     if not stopping:
         click.echo(f"keystay server: the SuperLink exited ({code}); see {log_path}", err=True)
-        sys.exit(ServerExit.SUPERLINK_DOWN)
+        sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
 
 
 def _die_with_parent() -> None:
@@ -242,28 +228,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-
-
-def _terminate_group(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the SuperLink's process group (it and its SuperExec), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)
 
 
 @server.command()
@@ -302,16 +266,16 @@ def enroll(server_dir: Path, request: Path, name: str | None,
         outcome = do_enroll(server_dir, parsed, name=name, expect_fingerprint=expect_fingerprint)
     except ServerConfigError as error:
         click.echo(f"keystay server enroll: {error}", err=True)
-        sys.exit(ServerExit.CONFIG)
+        sys.exit(ExitCode.SERVER_CONFIG)
     except SuperLinkUnavailableError as error:
         click.echo(f"keystay server enroll: {error}", err=True)
-        sys.exit(ServerExit.SUPERLINK_DOWN)
+        sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
     except (EnrollmentError, LedgerEnrollmentError) as error:
         click.echo(f"keystay server enroll: refused: {error}", err=True)
-        sys.exit(ServerExit.ENROLL_REFUSED)
-    except LedgerError as error:
+        sys.exit(ExitCode.SERVER_ENROLL_REFUSED)
+    except ServerLedgerError as error:
         click.echo(f"keystay server enroll: nothing enrolled: {error}", err=True)
-        sys.exit(ServerExit.LEDGER)
+        sys.exit(ExitCode.SERVER_LEDGER)
     entry = outcome.entry
     node = f", SuperLink node {entry.node_id}" if entry.node_id is not None else ""
     if outcome.already:
@@ -339,10 +303,10 @@ def devices(server_dir: Path, as_json: bool) -> None:
         rows, problem = device_states(server_dir)
     except ServerConfigError as error:
         click.echo(f"keystay server devices: {error}", err=True)
-        sys.exit(ServerExit.CONFIG)
-    except LedgerError as error:
+        sys.exit(ExitCode.SERVER_CONFIG)
+    except ServerLedgerError as error:
         click.echo(f"keystay server devices: {error}", err=True)
-        sys.exit(ServerExit.LEDGER)
+        sys.exit(ExitCode.SERVER_LEDGER)
     if problem:
         click.echo(f"note: live status unknown: {problem}", err=True)
     if as_json:
@@ -387,17 +351,17 @@ def revoke(server_dir: Path, device: str) -> None:
         outcome = do_revoke(server_dir, device)
     except ServerConfigError as error:
         click.echo(f"keystay server revoke: {error}", err=True)
-        sys.exit(ServerExit.CONFIG)
+        sys.exit(ExitCode.SERVER_CONFIG)
     except SuperLinkUnavailableError as error:
         click.echo(f"keystay server revoke: marked revoked in the ledger, but the SuperLink "
                    f"still admits it: {error}", err=True)
-        sys.exit(ServerExit.SUPERLINK_DOWN)
+        sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
     except (EnrollmentError, LedgerEnrollmentError) as error:
         click.echo(f"keystay server revoke: {error}", err=True)
-        sys.exit(ServerExit.ENROLL_REFUSED)
-    except LedgerError as error:
+        sys.exit(ExitCode.SERVER_ENROLL_REFUSED)
+    except ServerLedgerError as error:
         click.echo(f"keystay server revoke: nothing revoked: {error}", err=True)
-        sys.exit(ServerExit.LEDGER)
+        sys.exit(ExitCode.SERVER_LEDGER)
     entry = outcome.entry
     click.echo(f"revoked {entry.device_id} ({entry.name}) at {entry.revoked_at}"
                + (f"; SuperLink node {entry.node_id} unregistered" if outcome.unregistered
@@ -494,7 +458,7 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
         settings = RunSettings.from_run_config(values)
     except SettingsError as error:
         click.echo(f"keystay round: {error}", err=True)
-        sys.exit(ServerExit.CONFIG)
+        sys.exit(ExitCode.SERVER_CONFIG)
     click.echo(f"run {settings.run_name}: {settings.num_server_rounds} rounds, "
                f"waiting for {settings.min_devices} devices; folder {settings.run_dir}")
     click.echo(TABLE_HEADER)
@@ -516,14 +480,14 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
         click.echo(f"keystay round: run {settings.run_name} ended after {len(outcome.rounds)} "
                    f"of {settings.num_server_rounds} rounds (flwr exit {outcome.returncode}); "
                    f"see {outcome.log_file}", err=True)
-        sys.exit(ServerExit.RUN_FAILED)
+        sys.exit(ExitCode.SERVER_RUN_FAILED)
     delta = next((r["delta"] for r in outcome.rounds if r.get("delta")), None)
     click.echo(f"\n{len(outcome.rounds)} rounds in {seconds:.1f} s. ε is each device's "
                f"cumulative per-block bound" + (f" at δ = {delta:g}." if delta else "."))
     click.echo(f"round figures: {metrics.csv_path}"
                + (f"; TensorBoard: {metrics.tensorboard_dir}" if metrics.tensorboard_dir else ""))
     click.echo(f"final model: {outcome.final_checkpoint}\n"
-               "load it with: keystay.client.model.load_checkpoint("
+               "load it with: keystay.common.model.load_checkpoint("
                f"\"{outcome.final_checkpoint}\")")
 
 

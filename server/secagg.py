@@ -76,8 +76,12 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
-from keystay.server.app import (
+from keystay.common.model import ModelConfig, initial_weights, save_checkpoint
+from keystay.common.wire import CONFIG_UPDATE_CLIP
+from keystay.server.central_dp import CentralDP, CentralDPAccountant
+from keystay.server.heldout import HeldoutEvaluator
+from keystay.server.ledger.ledger import ServerLedger
+from keystay.server.runlog import (
     FINAL_CHECKPOINT,
     ROUNDS_FILE,
     RoundLog,
@@ -86,14 +90,8 @@ from keystay.server.app import (
     record_error_reply,
     score_and_write,
 )
-from keystay.server.central_dp import CentralDP, CentralDPAccountant
-from keystay.server.heldout import HeldoutEvaluator
-from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.settings import RunSettings
 
-# The wire contract with keystay.client.secagg (a unit test holds the two
-# sides together; the server does not import device code).
-CONFIG_UPDATE_CLIP = "secagg-update-clip"
 #: Flower's quantisation range: every entry of a device's vector is clipped to
 #: [-8, 8] before masking. Updates are orders of magnitude smaller.
 CLIPPING_RANGE = 8.0

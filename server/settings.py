@@ -28,9 +28,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 
-class SettingsError(ValueError):
+
+class SettingsError(KeystayError, ValueError):
     """A run configuration value is missing or outside what keystay accepts."""
+
+    exit_code = ExitCode.SERVER_CONFIG
 
 
 @dataclass(frozen=True)

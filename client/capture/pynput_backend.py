@@ -2,7 +2,7 @@
 
 Two threads feed one ``submit`` callable (normally
 :meth:`keystay.client.capture.recorder.Recorder.submit`) with the raw events
-of :mod:`keystay.client.capture.events`; neither does anything but build the
+of :mod:`keystay.common.events`; neither does anything but build the
 event object and call ``submit``:
 
 - **Input** comes from one pynput X listener (the X RECORD extension, which
@@ -46,7 +46,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from keystay.client.capture.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
+from keystay.common.errors import KeystayError
+from keystay.common.events import AppFocus, Click, KeyEvent, MouseMove, RawEvent, Scroll
+from keystay.common.exitcodes import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,10 @@ _READ_PAUSE_S = 0.04
 _BUTTON_NAMES = {1: "left", 2: "middle", 3: "right"}
 
 
-class CaptureUnavailableError(RuntimeError):
+class CaptureUnavailableError(KeystayError, RuntimeError):
     """Input capture cannot start; the message says why and what to do."""
+
+    exit_code = ExitCode.DEVICE_NO_DISPLAY
 
 
 def display_problem(display: str | None = None) -> str | None:
@@ -103,11 +107,12 @@ def display_problem(display: str | None = None) -> str | None:
             "inside your desktop session, " + _SIMULATED_HINT + "."
         )
     try:
+        import pynput  # noqa: F401  (only whether it is installed)
         from Xlib.display import Display
-    except ImportError:  # pragma: no cover - python-xlib is a pynput dependency
+    except ImportError:  # a server install, or keystay without its device extra
         return (
-            "python-xlib is not installed; it comes with pynput. Reinstall keystay "
-            "(`make venv`), " + _SIMULATED_HINT + "."
+            "pynput or python-xlib is not installed: they come with keystay's device "
+            "extra (pip install 'keystay[device]', or `make venv`), " + _SIMULATED_HINT + "."
         )
     try:
         conn = Display(name)
@@ -198,7 +203,7 @@ def _listener_class() -> type:
     from Xlib.display import Display
     from Xlib.ext import record
 
-    class _InputListener(XorgKeyListener):  # type: ignore[misc,valid-type]
+    class _InputListener(XorgKeyListener):  # type: ignore[misc]
         """pynput's X keyboard listener, widened to buttons and motion, reading
         the RECORD stream itself.
 
@@ -649,7 +654,7 @@ class PynputBackend:
     Parameters
     ----------
     submit
-        Called with every :data:`~keystay.client.capture.events.RawEvent`, from
+        Called with every :data:`~keystay.common.events.RawEvent`, from
         the backend's threads. It must return quickly and never raise
         (:meth:`Recorder.submit` only enqueues).
     window_titles

@@ -6,7 +6,7 @@ writer thread wakes every ``flush_interval`` seconds, takes what is queued,
 puts it in time order (input and focus events come from different threads and
 connections; events younger than ``REORDER_S`` wait for the next tick in case
 an earlier one is still on its way), turns the events into tokens with the
-:class:`~keystay.client.tokens.Tokenizer` (which applies the excluded-app list),
+:class:`~keystay.common.tokens.Tokenizer` (which applies the excluded-app list),
 groups the tokens by block (the employee-day of their wall-clock time) and
 appends them to the :class:`~keystay.client.store.EventStore` in batches of up
 to ``batch_size`` records. Tokens reach the store about ``flush_interval +
@@ -54,9 +54,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from keystay.client.capture.events import AppFocus, RawEvent
 from keystay.client.store import StoreError, block_for
-from keystay.client.tokens import MOVE_GAP_S, Tokenizer, TokenRecord
+from keystay.common.events import AppFocus, RawEvent
+from keystay.common.tokens import MOVE_GAP_S, Tokenizer, TokenRecord
 
 log = logging.getLogger(__name__)
 

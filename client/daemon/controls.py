@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from keystay.client.daemon.core import DeviceCore
 from keystay.client.store import EventStore
-from keystay.client.tokens import token_kind, token_name
+from keystay.common.tokens import token_kind, token_name
 from keystay.v1 import device_pb2
 
 EXPORT_FORMAT = "keystay-export/1"

@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 
 from keystay.client.daemon.refusals import REFUSALS_FILE, RefusalLog
-from keystay.client.digest import weights_sha256
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Ledger
@@ -59,7 +58,8 @@ from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.client.store import EventStore, block_for
 from keystay.client.trainer.job import TrainJob
 from keystay.client.trainer.process import WarmTrainer
-from keystay.client.windows import TRAIN_STRIDE, WINDOW, make_windows, split_heldout
+from keystay.common.digest import weights_sha256
+from keystay.common.windows import TRAIN_STRIDE, WINDOW, make_windows, split_heldout
 
 HELDOUT_FRACTION = 0.1
 

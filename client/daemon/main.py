@@ -19,7 +19,7 @@ ships:
 Single-user mode (``--superlink``: the daemon supervises the SuperNode, which
 then runs as this same user, and so does the ClientApp code the server ships)
 hands server code the data folder and the control socket. The daemon refuses
-it (exit :attr:`DaemonExit.SERVER_CODE_ACCESS`, before touching anything)
+it (exit :attr:`ExitCode.DEVICE_SERVER_CODE_ACCESS`, before touching anything)
 unless ``accept_server_code_access`` says the employee accepts that.
 """
 
@@ -35,7 +35,6 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import date, timedelta
-from enum import IntEnum
 from pathlib import Path
 
 import grpc
@@ -61,6 +60,8 @@ from keystay.client.ledger.ledger import Ledger
 from keystay.client.policy import DevicePolicy, PolicyError
 from keystay.client.store import EventStore, StoreError
 from keystay.client.trainer.process import WarmTrainer
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.v1 import device_pb2_grpc
 
 logger = logging.getLogger("keystay.device")
@@ -77,23 +78,10 @@ SINGLE_USER_REFUSAL = (
     "refusing to join a federation in single-user mode: with --superlink the daemon runs "
     "the Flower SuperNode as your own OS user, and the code the server ships to it (the "
     "ClientApp) could then read and write your data folder and use your controls. Use "
-    "the two-user systemd units (README, 'Device install'), or, if you accept that the "
+    "the two-user systemd units (docs/deployment.md, 'Device install'), or, if you accept that the "
     "server's code can access your data (a demo, a machine with no real data), add "
     "--accept-server-code-access"
 )
-
-
-class DaemonExit(IntEnum):
-    """Exit codes of ``keystay device run``, one per part that can fail."""
-
-    OK = 0
-    USAGE = 2
-    POLICY = 10
-    STORE = 11
-    NO_DISPLAY = 12
-    TRAINER = 13
-    SOCKET = 14
-    SERVER_CODE_ACCESS = 15
 
 
 @dataclass(frozen=True)
@@ -118,10 +106,11 @@ class DaemonOptions:
     accept_server_code_access: bool = False
 
 
-class DaemonError(Exception):
-    def __init__(self, code: DaemonExit, message: str) -> None:
+class DaemonError(KeystayError):
+    def __init__(self, code: ExitCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+        self.exit_code = code
 
 
 def write_enrollment(data_dir: Path, identity: DeviceIdentity) -> Path:
@@ -144,9 +133,9 @@ def _open_store(options: DaemonOptions) -> EventStore:
     try:
         store = EventStore.open(options.data_dir)
     except StoreError as error:
-        raise DaemonError(DaemonExit.STORE, str(error)) from error
+        raise DaemonError(ExitCode.DEVICE_STORE, str(error)) from error
     if options.simulate_days and not store.blocks():
-        from keystay.client.capture.simulated import fill_store
+        from keystay.sim.employees import fill_store
 
         end = date.today() - timedelta(days=1)
         written = fill_store(
@@ -163,7 +152,7 @@ def _open_store(options: DaemonOptions) -> EventStore:
 
 def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePolicy) -> object:
     from keystay.client.capture.recorder import Recorder
-    from keystay.client.tokens import Tokenizer
+    from keystay.common.tokens import Tokenizer
 
     tokenizer = Tokenizer(raw_text=policy.raw_text, excluded_apps=policy.excluded_apps)
     recorder = Recorder(core, tokenizer)
@@ -176,17 +165,17 @@ def _start_recorder(options: DaemonOptions, core: DeviceCore, policy: DevicePoli
 
         problem = display_problem()
         if problem is not None:
-            raise DaemonError(DaemonExit.NO_DISPLAY, problem)
+            raise DaemonError(ExitCode.DEVICE_NO_DISPLAY, problem)
         pynput_backend = PynputBackend(recorder.submit, window_titles=policy.window_titles)
         recorder.start()
         try:
             pynput_backend.start()
         except CaptureUnavailableError as error:
             recorder.stop()
-            raise DaemonError(DaemonExit.NO_DISPLAY, str(error)) from error
+            raise DaemonError(ExitCode.DEVICE_NO_DISPLAY, str(error)) from error
         backend: object = pynput_backend
     else:
-        from keystay.client.capture.simulated import SimulatedSource
+        from keystay.sim.employees import SimulatedSource
 
         simulated = SimulatedSource(options.employee_seed)
         recorder.start()
@@ -207,10 +196,11 @@ def _claim(sock: Path) -> None:
         sock.unlink(missing_ok=True)  # a daemon that died left its file behind
         return
     except OSError as error:
-        raise DaemonError(DaemonExit.SOCKET, f"cannot use {sock}: {error}") from error
+        raise DaemonError(ExitCode.DEVICE_SOCKET, f"cannot use {sock}: {error}") from error
     finally:
         probe.close()
-    raise DaemonError(DaemonExit.SOCKET, f"another daemon is already serving {sock}; stop it first")
+    raise DaemonError(ExitCode.DEVICE_SOCKET,
+                      f"another daemon is already serving {sock}; stop it first")
 
 
 def _grpc_server(workers: int) -> grpc.Server:
@@ -233,7 +223,7 @@ def _serve_federation(servicer: FederationServicer, sock: Path, group: str | Non
         apply_socket_access(sock, group)
     except SocketAccessError as error:
         server.stop(0)
-        raise DaemonError(DaemonExit.SOCKET, str(error)) from error
+        raise DaemonError(ExitCode.DEVICE_SOCKET, str(error)) from error
     return server
 
 
@@ -259,17 +249,17 @@ def _serve_control(
         gate.start()
     except OSError as error:
         server.stop(0)
-        raise DaemonError(DaemonExit.SOCKET, f"cannot serve {sock}: {error}") from error
+        raise DaemonError(ExitCode.DEVICE_SOCKET, f"cannot serve {sock}: {error}") from error
     return server, gate
 
 
-def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> DaemonExit:
+def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> ExitCode:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code."""
-    from keystay.client import __version__
+    from keystay.common import __version__
 
     if options.superlink and not options.accept_server_code_access:
         # Before anything is created or opened: a refused start changes nothing.
-        raise DaemonError(DaemonExit.SERVER_CODE_ACCESS, SINGLE_USER_REFUSAL)
+        raise DaemonError(ExitCode.DEVICE_SERVER_CODE_ACCESS, SINGLE_USER_REFUSAL)
     stop = stop or threading.Event()
     data_dir = options.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +268,7 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
     try:
         policy = DevicePolicy.load(policy_path)
     except PolicyError as error:
-        raise DaemonError(DaemonExit.POLICY, str(error)) from error
+        raise DaemonError(ExitCode.DEVICE_POLICY, str(error)) from error
     policy_source = (
         str(policy_path) if policy_path.exists() else "built-in defaults (no policy.toml)"
     )
@@ -293,7 +283,8 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
     try:
         trainer.start()
     except Exception as error:  # the child's own traceback is in the log
-        raise DaemonError(DaemonExit.TRAINER, f"the warm trainer did not start: {error}") from error
+        raise DaemonError(ExitCode.DEVICE_TRAINER,
+                          f"the warm trainer did not start: {error}") from error
     core = DeviceCore(data_dir, store, policy, ledger, identity, trainer)
     if policy.retention_days:
         dropped = store.apply_retention(policy.retention_days, date.today())
@@ -337,7 +328,7 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
                     auth_private_key=options.auth_private_key,
                 )
             except ValueError as error:
-                raise DaemonError(DaemonExit.USAGE, str(error)) from error
+                raise DaemonError(ExitCode.USAGE, str(error)) from error
             supervisor = SuperNodeSupervisor(supernode_config)
             supervisor.start()
         logger.info("device %s: federation on %s, controls on %s (uid %d only); source: %s",
@@ -345,7 +336,7 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> D
         _install_signal_handlers(stop)
         stop.wait()
         logger.info("device %s stopping", identity.device_id)
-        return DaemonExit.OK
+        return ExitCode.OK
     finally:
         if supervisor is not None:
             supervisor.stop()

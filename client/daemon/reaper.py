@@ -46,6 +46,8 @@ import sys
 import time
 from types import FrameType
 
+from keystay.common.exitcodes import ExitCode
+
 #: From <linux/prctl.h>.
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -54,7 +56,6 @@ PR_SET_CHILD_SUBREAPER = 36
 GRACE_S = 5.0
 
 #: Exit status when the parent was already gone before the reaper could watch it.
-EXIT_PARENT_GONE = 75
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -123,7 +124,7 @@ def main(argv: list[str]) -> int:
     parent = os.getppid()
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the signal was armed
-        return EXIT_PARENT_GONE
+        return ExitCode.REAPER_PARENT_GONE
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     if os.getpgrp() != os.getpid():
         # Not started as a group leader: make a group, so stop_group reaches

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from keystay.client.policy import Refusal
+from keystay.common.files import write_private
 
 REFUSALS_FILE = "refusals.v1.jsonl"
 #: Entries kept after a trim.
@@ -95,9 +96,5 @@ class RefusalLog:
 
     def _trim(self) -> None:
         keep = self._read_lines()[-KEEP:]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write("".join(f"{line}\n" for line in keep))
-        tmp.replace(self.path)
+        write_private(self.path, "".join(f"{line}\n" for line in keep).encode("ascii"))
         self._lines = len(keep)

@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 
 from keystay.client.daemon.core import DeviceCore
-from keystay.client.ledger.ledger import LedgerError
+from keystay.client.ledger.ledger import DeviceLedgerError
 from keystay.client.ledger.report import PrivacyReport
 from keystay.client.policy import Refusal, TrainingRequest
 from keystay.client.serde import weights_from_proto, weights_to_proto
@@ -133,7 +133,7 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
                            request.server_round, refusal.reason)
             code = getattr(grpc.StatusCode, refusal.grpc_status)
             message = refusal.public_reason
-        except LedgerError:
+        except DeviceLedgerError:
             # Never train past a ledger that cannot be written: that would be
             # spending budget nobody recorded.
             logger.exception("ledger failure")

@@ -26,9 +26,14 @@ import os
 import stat
 from pathlib import Path
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 
-class SocketAccessError(ValueError):
+
+class SocketAccessError(KeystayError, ValueError):
     """The socket group cannot be used; the message says what to do."""
+
+    exit_code = ExitCode.DEVICE_SOCKET
 
 
 def resolve_group(name: str) -> int:

@@ -27,17 +27,17 @@ serving rounds through its socket.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from keystay.common.processes import terminate_group
 
 logger = logging.getLogger("keystay.device.supernode")
 
@@ -211,20 +211,9 @@ class SuperNodeSupervisor:
         self._stop.set()
         process = self._process
         if process is not None and process.poll() is None:
-            _terminate_group(process, timeout)
+            # The SuperNode, its SuperExec and ClientApps: the whole group.
+            terminate_group(process, timeout)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
 
-def _terminate_group(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the process group (SuperNode + its SuperExec + ClientApps), then SIGKILL."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)

@@ -4,7 +4,7 @@ Privacy model
 -------------
 The device's data is split into disjoint *blocks*, one per employee-day
 (``YYYY-MM-DD``). DP-SGD is record-level within a block: a record is one
-non-overlapping window of 33 events (:data:`keystay.client.windows.PRIVACY_UNIT`),
+non-overlapping window of 33 events (:data:`keystay.common.windows.PRIVACY_UNIT`),
 so each event is in exactly one record. A training round on blocks ``B₁ … Bₖ`` runs one mechanism
 ``M = (σ, q, T)`` (noise multiplier, Poisson sample rate over the union of
 the blocks' windows, steps); every record of every ``Bᵢ`` sees exactly that
@@ -45,10 +45,10 @@ Storage
 holds mechanisms and ε figures only: never an event, token or window. That is
 all that is needed to prove, later, that budgets were respected.
 
-Errors: an unreadable or unknown-version ledger raises :class:`LedgerError`
+Errors: an unreadable or unknown-version ledger raises :class:`DeviceLedgerError`
 and training must stop (never start a fresh ledger next to a broken one:
 that would be a silent refund). An accountant returning NaN or a negative ε
-raises :class:`LedgerError` (never admit on an unknown ε).
+raises :class:`DeviceLedgerError` (never admit on an unknown ε).
 
 Accounting in bounded time
 --------------------------
@@ -80,7 +80,6 @@ whole history (tests; comparisons) and then prices from scratch.
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 import threading
 import time
@@ -94,6 +93,9 @@ from typing import Protocol
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
 from keystay.client.policy import POLICY_FILE, DevicePolicy, Refusal, TrainingRequest
+from keystay.common.errors import KeystayError
+from keystay.common.files import ensure_private
+from keystay.common.sqlite import ForeignFileError, FormatVersionError, open_versioned
 
 LEDGER_FILE = "ledger.v1.sqlite"
 SCHEMA_VERSION = 1
@@ -150,7 +152,7 @@ CREATE TABLE IF NOT EXISTS accountant_state (
 """
 
 
-class LedgerError(RuntimeError):
+class DeviceLedgerError(KeystayError, RuntimeError):
     """The ledger cannot be trusted or written; training must stop."""
 
 
@@ -307,18 +309,6 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _open_private(path: Path) -> None:
-    """Create ``path`` empty with mode 0600 if missing (SQLite would use the umask).
-
-    The ledger holds no event data, but when and how much this device trained
-    is still nobody else's business; SQLite gives its -wal and -shm files the
-    database file's mode.
-    """
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.close(fd)
-
-
 class Ledger:
     """The device's privacy ledger (one SQLite file). Thread-safe.
 
@@ -341,59 +331,35 @@ class Ledger:
 
         Raises
         ------
-        LedgerError
+        DeviceLedgerError
             If the file is unreadable or of another format version.
         """
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = data_dir / LEDGER_FILE
-        _open_private(path)
-        conn: sqlite3.Connection | None = None
+        # The ledger holds no event data, but when and how much this device
+        # trained is still nobody else's business: 0600.
+        ensure_private(path)
+        # WAL, synchronous=FULL (a committed charge survives power loss),
+        # autocommit (admit() issues BEGIN IMMEDIATE itself so the check and
+        # the write are one unit), version check and creation in one
+        # transaction: see keystay.common.sqlite.
         try:
-            # isolation_level=None: no implicit transactions; admit() issues
-            # BEGIN IMMEDIATE itself so the check and the write are one unit.
-            conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=60.0
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: the WAL is fsync'd at every commit, so a committed charge
-            # survives power loss, not only a process crash.
-            conn.execute("PRAGMA synchronous=FULL")
-            # The check and the creation are one write transaction, so two
-            # processes opening a new ledger at once cannot both create it.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                    if tables:
-                        raise LedgerError(
-                            f"{path} has tables but no format version; it is not a keystay "
-                            "ledger. Training stays stopped until it is moved aside"
-                        )
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                    conn.execute(_STATE_SCHEMA)
-                elif version != SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"{path} is ledger format {version}; this keystay reads format "
-                        f"{SCHEMA_VERSION}. Upgrade keystay; never delete the ledger (that "
-                        "would reset spent budgets)"
-                    )
-                else:
-                    conn.execute(_STATE_SCHEMA)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except BaseException as error:
-            if conn is not None:
-                conn.close()
-            if not isinstance(error, sqlite3.DatabaseError):
-                raise
-            raise LedgerError(
+            conn = open_versioned(path, version=SCHEMA_VERSION, schema=_SCHEMA,
+                                  always=_STATE_SCHEMA)
+        except ForeignFileError as error:
+            raise DeviceLedgerError(
+                f"{path} has tables but no format version; it is not a keystay "
+                "ledger. Training stays stopped until it is moved aside"
+            ) from error
+        except FormatVersionError as error:
+            raise DeviceLedgerError(
+                f"{path} is ledger format {error.found}; this keystay reads format "
+                f"{SCHEMA_VERSION}. Upgrade keystay; never delete the ledger (that "
+                "would reset spent budgets)"
+            ) from error
+        except sqlite3.DatabaseError as error:
+            raise DeviceLedgerError(
                 f"{path} cannot be read ({error}). Training stays stopped: restore the "
                 "ledger from a backup; never delete it (that would reset spent budgets)"
             ) from error
@@ -576,7 +542,7 @@ class Ledger:
             ``too-many-steps``, ``bad-request`` (from the policy),
             ``no-data`` (no blocks), ``block-retired``, ``too-soon``,
             ``budget-exceeded``. The ledger is unchanged.
-        LedgerError
+        DeviceLedgerError
             If ``epsilon_fn`` gives NaN or a negative ε, or the write fails.
             The ledger is unchanged.
         ValueError
@@ -609,7 +575,7 @@ class Ledger:
             except sqlite3.Error as error:
                 # Nothing was committed, so nothing was charged: the round must
                 # not train (the daemon answers with an error, not an update).
-                raise LedgerError(
+                raise DeviceLedgerError(
                     f"cannot write the charge to {self.path} ({error}); nothing was charged "
                     "and the round must not train"
                 ) from error
@@ -861,7 +827,7 @@ class Ledger:
                 "UPDATE charges SET answered = 1 WHERE id = ?", (charge_id,)
             )
             if cursor.rowcount == 0:
-                raise LedgerError(f"no charge with id {charge_id} in {self.path}")
+                raise DeviceLedgerError(f"no charge with id {charge_id} in {self.path}")
 
     def forget_block_data(self, block: str, *, now: float | None = None) -> bool:
         """Note that the store's data for ``block`` was deleted; keep every ledger row.
@@ -894,7 +860,7 @@ def _checked(value: Epsilons, what: str) -> Epsilons:
     for name in ("rdp", "prv", "prv_upper"):
         x = float(getattr(value, name))
         if math.isnan(x) or x < 0:
-            raise LedgerError(
+            raise DeviceLedgerError(
                 f"accountant returned {name} = {x!r} for {what}; nothing was charged"
             )
     return value
@@ -976,7 +942,7 @@ class _StatePricer:
         try:
             value = accounting.state_epsilons(state, delta=self._delta)
         except (ValueError, FloatingPointError) as error:
-            raise LedgerError(f"cannot compute ε for {what} ({error}); nothing was charged") \
+            raise DeviceLedgerError(f"cannot compute ε for {what} ({error}); nothing was charged") \
                 from error
         return _checked(value, what)
 

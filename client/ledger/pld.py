@@ -150,7 +150,8 @@ IDENTITY_PAIR = PldPair(IDENTITY, IDENTITY)
 def _interval_mass(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``Phi(hi) - Phi(lo)`` for the standard normal, accurate in both tails."""
     upper_tail = special.ndtr(-lo) - special.ndtr(-hi)
-    return np.where(lo > 0, upper_tail, special.ndtr(hi) - special.ndtr(lo))
+    tail: np.ndarray = np.where(lo > 0, upper_tail, special.ndtr(hi) - special.ndtr(lo))
+    return tail
 
 
 def _x_at(loss: np.ndarray, sigma: float, q: float) -> np.ndarray:

@@ -24,7 +24,6 @@ field of the report is classified in :mod:`keystay.client.federation_fields`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,8 @@ from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Charge, Ledger
 from keystay.client.policy import TrainingRequest
-from keystay.client.windows import PRIVACY_UNIT
+from keystay.common.canonical import canonical_json
+from keystay.common.windows import PRIVACY_UNIT
 
 REPORT_FORMAT = "keystay.privacy-report.v1"
 UNIT = PRIVACY_UNIT
@@ -89,7 +89,7 @@ class PrivacyReport:
     created : float
         Unix seconds when the charge was written.
     update_sha256 : str
-        :func:`keystay.client.digest.weights_sha256` of the update this report
+        :func:`keystay.common.digest.weights_sha256` of the update this report
         accounts for, binding the two (empty if the report was built without
         an update).
     """
@@ -270,13 +270,7 @@ def canonical_bytes(report: PrivacyReport) -> bytes:
         If an enforced figure is NaN or infinite (never: the ledger refuses
         a round whose enforced ε is not below the budget).
     """
-    return json.dumps(
-        report.to_dict(),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
-    ).encode("utf-8")
+    return canonical_json(report.to_dict())
 
 
 def sign_report(report: PrivacyReport, identity: DeviceIdentity) -> tuple[bytes, bytes]:

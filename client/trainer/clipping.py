@@ -285,7 +285,8 @@ def _squared(x: torch.Tensor) -> torch.Tensor:
     ``vector_norm`` is one fused reduction; ``x.square().sum()`` materialises the
     square first and measured several times slower on the per-example tensors.
     """
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+    norms: torch.Tensor = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+    return norms
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -356,7 +357,7 @@ class _Conv1dPart(_Part):
         assert isinstance(layer, nn.Conv1d)
         self.layer = layer
         (kernel,), (dilation,), (stride,) = layer.kernel_size, layer.dilation, layer.stride
-        pad = int(layer.padding[0])  # type: ignore[index]
+        pad = int(layer.padding[0])
         self.taps: torch.Tensor | None = None  # (kernel, B, out, in)
         bias_grad: torch.Tensor | None = None
         for inp, _, grad in calls:

@@ -51,10 +51,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from keystay.client.model import ModelConfig, NextEventModel, evaluate, get_weights, set_weights
 from keystay.client.trainer.clipping import PerExampleClipper
 from keystay.client.trainer.csprng import CryptoRandom
 from keystay.client.trainer.job import TrainJob, TrainOutcome
+from keystay.common.model import ModelConfig, NextEventModel, evaluate, get_weights, set_weights
 
 __all__ = ["TRAIN_THREADS", "TrainJob", "TrainOutcome", "train_dp", "train_nondp"]
 

@@ -17,12 +17,12 @@ signed report names the rate, and ``B / n`` would reveal the window count
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:  # only for the annotation: the real class imports torch
-    from keystay.client.model import ModelConfig
+    from keystay.common.model import ModelConfig
 
 
 def sample_rate_for(num_examples: int, batch_size: int) -> float:
@@ -59,13 +59,6 @@ def sample_rate_for(num_examples: int, batch_size: int) -> float:
     return min(1.0, batch_size / num_examples)
 
 
-class Evaluation(NamedTuple):
-    """Mean cross-entropy and top-1 accuracy of predicting windows' last token."""
-
-    loss: float
-    accuracy: float
-
-
 @dataclass(frozen=True)
 class TrainJob:
     """One round of local training, as the daemon asks for it.
@@ -76,7 +69,7 @@ class TrainJob:
         Starting weights, in the model's ``state_dict`` order.
     train : numpy.ndarray
         Training windows, shape ``(n, window + 1)``, int64 token ids; the last
-        column is the token to predict (see :mod:`keystay.client.windows`).
+        column is the token to predict (see :mod:`keystay.common.windows`).
     heldout : numpy.ndarray
         Held-out windows of the same shape (may have zero rows).
     noise_multiplier : float

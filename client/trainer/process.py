@@ -58,13 +58,16 @@ from multiprocessing.connection import Connection, wait
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from keystay.client.trainer.job import Evaluation, TrainJob, TrainOutcome
+from keystay.client.trainer.job import TrainJob, TrainOutcome
+from keystay.common.errors import KeystayError
+from keystay.common.evaluation import Evaluation
+from keystay.common.exitcodes import ExitCode
 
 if TYPE_CHECKING:
     import numpy as np
 
     from keystay.client.ledger.accounting import Epsilons, Mechanism
-    from keystay.client.model import ModelConfig
+    from keystay.common.model import ModelConfig
 
 logger = logging.getLogger("keystay.trainer")
 
@@ -78,8 +81,10 @@ CALL_TIMEOUT_S = 600.0
 _PARENT_POLL_S = 1.0
 
 
-class TrainerError(RuntimeError):
+class TrainerError(KeystayError, RuntimeError):
     """The warm trainer could not do what was asked."""
+
+    exit_code = ExitCode.DEVICE_TRAINER
 
 
 class TrainerCrashedError(TrainerError):
@@ -122,8 +127,8 @@ def _handlers() -> dict[str, Callable[..., Any]]:
     import torch
 
     from keystay.client.ledger import accounting
-    from keystay.client.model import NextEventModel, evaluate, set_weights
     from keystay.client.trainer import dpsgd
+    from keystay.common.model import NextEventModel, evaluate, set_weights
 
     def train(job: TrainJob) -> TrainOutcome:
         return dpsgd.train_dp(job)
@@ -142,7 +147,7 @@ def _handlers() -> dict[str, Callable[..., Any]]:
     def weight_spec() -> list[tuple[tuple[int, ...], str]]:
         # The daemon checks every request's weights against this before it
         # charges anything; it cannot build the model itself (no torch there).
-        from keystay.client.model import ModelConfig, initial_weights
+        from keystay.common.model import ModelConfig, initial_weights
 
         return [(tuple(w.shape), w.dtype.str) for w in initial_weights(ModelConfig(), seed=0)]
 
@@ -164,8 +169,8 @@ def _warm_up() -> None:
     """Run one tiny DP step so the first real job does not pay torch's first-call costs."""
     import numpy as np
 
-    from keystay.client.model import ModelConfig, initial_weights
     from keystay.client.trainer.dpsgd import train_dp
+    from keystay.common.model import ModelConfig, initial_weights
 
     config = ModelConfig()
     windows = np.zeros((8, config.window + 1), dtype=np.int64)

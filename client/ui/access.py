@@ -36,6 +36,8 @@ import grpc
 from keystay.client.control_client import ControlClient
 from keystay.client.device_client import DeviceUnavailableError, control_socket_path
 from keystay.client.ledger.ledger import LEDGER_FILE
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.v1 import device_pb2
 
 # The page is interactive: a daemon that has not answered in this long is
@@ -45,8 +47,10 @@ CALL_TIMEOUT_S = 20.0
 T = TypeVar("T")
 
 
-class AccessError(RuntimeError):
+class AccessError(KeystayError, RuntimeError):
     """The daemon is unreachable or refused; the message is meant for a person."""
+
+    exit_code = ExitCode.PAGE_NO_DAEMON
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +151,8 @@ class DaemonAccess:
         from google.protobuf.json_format import MessageToDict
 
         reply = self._call(lambda s: s.Status(device_pb2.StatusRequest(), timeout=CALL_TIMEOUT_S))
-        return MessageToDict(reply, always_print_fields_with_no_presence=True)
+        fields: dict[str, Any] = MessageToDict(reply, always_print_fields_with_no_presence=True)
+        return fields
 
     def show(self, day: str | None) -> dict[str, Any]:
         """Per kept day: events, token counts by kind, apps seen, ε (never text)."""

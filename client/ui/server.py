@@ -76,8 +76,6 @@ from keystay.client.ui.access import AccessError, DaemonAccess
 
 log = logging.getLogger(__name__)
 
-EXIT_NO_DAEMON = 40
-EXIT_CANNOT_LISTEN = 41
 
 COOKIE = "keystay_ui"
 HEADER = "X-Keystay-Token"

@@ -40,7 +40,6 @@ record of privacy reports.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import sqlite3
 import subprocess
@@ -56,6 +55,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keystay.common.canonical import canonical_json
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+from keystay.common.fingerprints import device_id_for, fingerprint
 from keystay.server.deploy.superlink import (
     FEDERATION_NAME,
     ServerConfig,
@@ -67,42 +70,21 @@ FORMAT_V1 = "keystay-enrollment/1"
 FORMAT_V2 = "keystay-enrollment/2"
 REGISTRY_FILE = "enrollments.v1.sqlite"
 KEYS_DIR = "enrolled"
-FINGERPRINT_HEX = 20
 # The NIST curves Flower accepts for node authentication.
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 FLWR_TIMEOUT_S = 60.0
 
 
-class EnrollmentError(ValueError):
+class EnrollmentError(KeystayError, ValueError):
     """A request or an operation the server refuses; the message says why and what to do."""
 
+    exit_code = ExitCode.SERVER_ENROLL_REFUSED
 
-class SuperLinkUnavailableError(RuntimeError):
+
+class SuperLinkUnavailableError(KeystayError, RuntimeError):
     """The flwr CLI could not reach the SuperLink's Control API."""
 
-
-def canonical_json(obj: Any) -> bytes:
-    """The bytes both proofs sign: sorted keys, no spaces, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("utf-8")
-
-
-def fingerprint(payload: bytes) -> str:
-    """``"1a2b-3c4d-…"``: SHA-256 of the signed bytes, 80 bits in groups of four.
-
-    Examples
-    --------
-    >>> fingerprint(b"{}")
-    '4413-6fa3-55b3-678a-1146'
-    """
-    digest = hashlib.sha256(payload).hexdigest()[:FINGERPRINT_HEX]
-    return "-".join(digest[i:i + 4] for i in range(0, FINGERPRINT_HEX, 4))
-
-
-def device_id_for(signing_key: Ed25519PublicKey) -> str:
-    """``"dev-"`` + 12 hex of SHA-256(raw key), as the device computes it."""
-    raw = signing_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "dev-" + hashlib.sha256(raw).hexdigest()[:12]
+    exit_code = ExitCode.SERVER_SUPERLINK_DOWN
 
 
 @dataclass(frozen=True)
@@ -384,12 +366,12 @@ def _last_json(text: str) -> dict[str, Any] | None:
 
 def _ledger_enroll(server_dir: Path, device_id: str, signing_pem: str, name: str) -> None:
     """Trust the signing key in the server ledger (it refuses revoked ids and key changes)."""
-    from keystay.server.ledger.ledger import LedgerError, ServerLedger
+    from keystay.server.ledger.ledger import ServerLedger, ServerLedgerError
 
     try:
         with ServerLedger.open(server_dir) as ledger:
             ledger.enroll_device(device_id, signing_pem, name)
-    except LedgerError as error:
+    except ServerLedgerError as error:
         raise EnrollmentError(f"the server ledger refused {device_id}: {error}") from error
 
 

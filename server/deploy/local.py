@@ -28,9 +28,6 @@ SECURITY.md). That is acceptable only because these employees are simulated;
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -38,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from keystay.common.processes import terminate_group
 from keystay.server.deploy.superlink import (
     ServerConfig,
     executable,
@@ -341,14 +339,6 @@ class LocalFederation:
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if process.poll() is not None:
-        return
-    # SIGTERM to the process itself: daemons stop their own children cleanly.
-    process.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout)
-    # Then the whole group, in case anything was left behind.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    if process.poll() is None:
-        process.wait(5)
+    # SIGTERM to the process itself: daemons stop their own children cleanly;
+    # then the whole group, in case anything was left behind.
+    terminate_group(process, timeout, leader_first=True, kill_leftovers=True)

@@ -34,6 +34,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+from keystay.common.files import write_private
+
 TLS_DIR = "tls"
 CA_KEY = "ca.key"
 CA_CERT = "ca.pem"
@@ -47,8 +51,10 @@ RENEW_WARNING_DAYS = 30
 _CURVE = ec.SECP384R1()
 
 
-class PKIError(ValueError):
+class PKIError(KeystayError, ValueError):
     """A host name, key or certificate keystay cannot use; the message says which and why."""
+
+    exit_code = ExitCode.SERVER_CONFIG
 
 
 Host = x509.DNSName | x509.IPAddress
@@ -128,21 +134,6 @@ def collect_hosts(hosts: Iterable[str], *extra: str | None) -> list[Host]:
 
 def _san_key(san: Host) -> str:
     return f"ip:{san.value}" if isinstance(san, x509.IPAddress) else f"dns:{san.value}"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a private key with mode 0600 from the first byte (never readable by others)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -28,12 +28,19 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tomli_w
+
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+
 CONFIG_FILE = "server.toml"
 FEDERATION_NAME = "keystay"
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(KeystayError, ValueError):
     """server.toml is missing a key or holds a value keystay cannot use."""
+
+    exit_code = ExitCode.SERVER_CONFIG
 
 
 @dataclass(frozen=True)
@@ -102,19 +109,15 @@ class ServerConfig:
         return config
 
     def save(self, server_dir: Path) -> Path:
-        lines = ["# keystay server folder configuration (written by `keystay server init`)",
-                 "[server]"]
-        for key, value in asdict(self).items():
-            if isinstance(value, bool):
-                lines.append(f"{key} = {'true' if value else 'false'}")
-            elif isinstance(value, tuple):
-                lines.append(f"{key} = [{', '.join(_toml_str(v) for v in value)}]")
-            elif isinstance(value, int):
-                lines.append(f"{key} = {value}")
-            else:
-                lines.append(f"{key} = {_toml_str(value)}")
+        table = {
+            key: value if isinstance(value, bool | int | tuple) else str(value)
+            for key, value in asdict(self).items()
+        }
         path = server_dir / CONFIG_FILE
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(
+            "# keystay server folder configuration (written by `keystay server init`)\n"
+            + tomli_w.dumps({"server": table})
+        )
         return path
 
     @property
@@ -219,23 +222,14 @@ class ServerConfig:
         """Write the flwr CLI connection (``FLWR_HOME/config.toml``) for this server."""
         home = server_dir / "flwr"
         home.mkdir(parents=True, exist_ok=True)
-        lines = [
-            "[superlink]",
-            f'default = "{FEDERATION_NAME}"',
-            f"[superlink.{FEDERATION_NAME}]",
-            f"address = {_toml_str(self.control_address)}",
-        ]
+        connection: dict[str, object] = {"address": self.control_address}
         if self.insecure:
-            lines.append("insecure = true")
+            connection["insecure"] = True
         else:
-            lines.append(f"root-certificates = {_toml_str(server_dir / self.ssl_ca_certfile)}")
-        (home / "config.toml").write_text("\n".join(lines) + "\n")
+            connection["root-certificates"] = str(server_dir / self.ssl_ca_certfile)
+        document = {"superlink": {"default": FEDERATION_NAME, FEDERATION_NAME: connection}}
+        (home / "config.toml").write_text(tomli_w.dumps(document))
         return home
-
-
-def _toml_str(value: object) -> str:
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
 
 
 def executable(name: str) -> str:

@@ -57,16 +57,37 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeGuard
+from typing import Any
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+from keystay.common.files import ensure_private
+from keystay.common.sqlite import ForeignFileError, FormatVersionError, open_versioned
+from keystay.server.ledger.audit import audit_reports
+from keystay.server.ledger.records import (
+    FLAG_CONTRADICTION,
+    FLAG_OVER_BUDGET,
+    FLAG_UNVERIFIABLE,
+    FLAGS,
+    REQUIRED_BLOCK_FIELDS,
+    REQUIRED_FIELDS,
+    AuditFinding,
+    BlockEpsilon,
+    CentralDPRecord,
+    Device,
+    Finding,
+    RefusalRecord,
+    StoredReport,
+    Verdict,
+    flags_of,
+)
+from keystay.server.ledger.rules import check_fields, history_findings
 from keystay.server.ledger.verify import (
     ReportVerificationError,
     device_id_from_public_key,
@@ -77,45 +98,6 @@ from keystay.server.ledger.verify import (
 
 LEDGER_FILE = "ledger.v1.sqlite"
 SCHEMA_VERSION = 1
-
-FLAG_UNVERIFIABLE = "unverifiable"
-FLAG_CONTRADICTION = "contradiction"
-FLAG_OVER_BUDGET = "over-budget"
-FLAGS: tuple[str, ...] = (FLAG_UNVERIFIABLE, FLAG_CONTRADICTION, FLAG_OVER_BUDGET)
-
-#: Fields every report payload must carry, with the JSON types allowed.
-REQUIRED_FIELDS: dict[str, tuple[type, ...]] = {
-    "device_id": (str,),
-    "run_id": (str,),
-    "server_round": (int,),
-    "noise_multiplier": (int, float),
-    "sample_rate": (int, float),
-    "steps": (int,),
-    "delta": (int, float),
-    "accountant": (str,),
-    "epsilon_round": (int, float),
-    "epsilon_total": (int, float),
-    "max_grad_norm": (int, float),
-    # No "num_examples": devices no longer report their window count (a fact
-    # about their data no DP mechanism paid for); older reports that carry it
-    # still read, the field is simply not required.
-    "unit": (str,),
-    "blocks": (list,),
-}
-REQUIRED_BLOCK_FIELDS: dict[str, tuple[type, ...]] = {
-    "block": (str,),
-    "epsilon": (int, float),
-    # Comparison figures: null when that accountant could not compute (the
-    # enforced ``epsilon`` is always a number).
-    "epsilon_rdp": (int, float, type(None)),
-    "epsilon_prv": (int, float, type(None)),
-    "budget": (int, float),
-    "retired": (bool,),
-}
-
-# Relative slack when comparing ε figures: the same history recomputed after
-# a device restart may differ in the last bits; anything larger is real.
-_REL_TOL = 1e-9
 
 _SCHEMA = """
 CREATE TABLE devices (
@@ -177,170 +159,30 @@ CREATE TABLE central_dp (
 """
 
 
-class LedgerError(RuntimeError):
+# The rows, flags and rules live in records/rules/audit; they are re-exported
+# here because this module is the ledger's public face.
+__all__ = [
+    "FLAGS", "FLAG_CONTRADICTION", "FLAG_OVER_BUDGET", "FLAG_UNVERIFIABLE", "LEDGER_FILE",
+    "REQUIRED_BLOCK_FIELDS", "REQUIRED_FIELDS", "AuditFinding", "BlockEpsilon",
+    "CentralDPRecord", "Device", "Finding", "LedgerEnrollmentError", "LedgerNotFoundError",
+    "RefusalRecord", "ServerLedger", "ServerLedgerError", "StoredReport", "Verdict", "flags_of",
+]
+
+
+class ServerLedgerError(KeystayError, RuntimeError):
     """The server ledger cannot be opened or a write is not allowed."""
 
+    exit_code = ExitCode.SERVER_LEDGER
 
-class LedgerNotFoundError(LedgerError):
+
+class LedgerNotFoundError(ServerLedgerError):
     """No ledger exists in the folder given (and the caller asked not to create one)."""
 
 
-class EnrollmentError(LedgerError):
+class LedgerEnrollmentError(ServerLedgerError):
     """A device cannot be enrolled or revoked as asked."""
 
-
-@dataclass(frozen=True, slots=True)
-class Device:
-    """An enrolled device.
-
-    Attributes
-    ----------
-    device_id : str
-        Pseudonymous id derived from the signing key.
-    name : str
-        Free label given at enrollment (may be empty).
-    signing_public_key_pem : str
-        Ed25519 public key, SubjectPublicKeyInfo PEM.
-    enrolled_at : str
-    revoked_at : str or None
-        ISO 8601 UTC; None while the device is trusted.
-    """
-
-    device_id: str
-    name: str
-    signing_public_key_pem: str
-    enrolled_at: str
-    revoked_at: str | None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One reason behind a flag: ``flag`` (one of :data:`FLAGS`), a sentence, a block."""
-
-    flag: str
-    detail: str
-    block: str | None = None
-
-    def as_dict(self) -> dict[str, str | None]:
-        return {"flag": self.flag, "detail": self.detail, "block": self.block}
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the ledger concluded about one report.
-
-    Attributes
-    ----------
-    report_id : int
-        Row id in ``reports`` (report order).
-    device_id : str
-        The device the payload names ('' if the payload is unreadable).
-    verified : bool
-        Authentic report of this device for this run and round (see module
-        docstring). Only verified reports are counted.
-    signature_valid : bool
-        The signature alone verifies under the enrolled key.
-    flags : tuple of str
-        Sorted subset of :data:`FLAGS`; empty for a clean report.
-    findings : tuple of Finding
-        One sentence per problem found.
-    """
-
-    report_id: int
-    device_id: str
-    verified: bool
-    signature_valid: bool
-    flags: tuple[str, ...]
-    findings: tuple[Finding, ...]
-
-    @property
-    def ok(self) -> bool:
-        """Verified and unflagged: the update may be aggregated."""
-        return self.verified and not self.flags
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        return tuple(f.detail for f in self.findings)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredReport:
-    """A row of ``reports``."""
-
-    id: int
-    received_at: str
-    run_id: str
-    server_round: int
-    device_id: str
-    node_id: str | None
-    payload_json: str
-    signature: bytes
-    signature_valid: bool
-    verified: bool
-    flags: tuple[str, ...]
-    findings: tuple[Finding, ...]
-
-    def payload(self) -> dict[str, Any] | None:
-        """The payload parsed, or None if it is not a JSON object."""
-        try:
-            data = json.loads(self.payload_json)
-        except json.JSONDecodeError:
-            return None
-        return data if isinstance(data, dict) else None
-
-
-@dataclass(frozen=True, slots=True)
-class BlockEpsilon:
-    """A row of ``block_epsilons``: one block's ε after one verified report's charge."""
-
-    report_id: int
-    device_id: str
-    block: str
-    epsilon: float
-    budget: float
-    retired: bool
-    run_id: str
-    server_round: int
-
-
-@dataclass(frozen=True, slots=True)
-class RefusalRecord:
-    """A row of ``refusals``: a device declined a round, in its own words."""
-
-    id: int
-    received_at: str
-    run_id: str
-    server_round: int
-    device: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class CentralDPRecord:
-    """A row of ``central_dp``: the central accountant's ε after one round of a run."""
-
-    run_id: str
-    server_round: int
-    noise_multiplier: float
-    clip: float
-    sample_rate: float
-    sampling: str
-    epsilon: float
-    delta: float
-    recorded_at: str
-
-
-@dataclass(frozen=True, slots=True)
-class AuditFinding:
-    """A stored report that no longer checks out (see :meth:`ServerLedger.audit`)."""
-
-    report_id: int
-    device_id: str
-    detail: str
+    exit_code = ExitCode.SERVER_ENROLL_REFUSED
 
 
 def _utc_now() -> datetime:
@@ -349,60 +191,6 @@ def _utc_now() -> datetime:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _bigger(a: float, b: float) -> bool:
-    """``a > b`` beyond recomputation noise."""
-    return a > b + _REL_TOL * max(1.0, abs(b))
-
-
-def _create_private(path: Path) -> None:
-    # SQLite would create the file with the umask; the -wal/-shm files copy its mode.
-    if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-
-
-def _check_fields(payload: Mapping[str, Any]) -> list[str]:
-    """Problems with the payload's shape, as sentences (empty when well-formed)."""
-    problems = []
-    for name, types in REQUIRED_FIELDS.items():
-        if name not in payload:
-            problems.append(f"payload has no '{name}'")
-            continue
-        value = payload[name]
-        if isinstance(value, bool) or not isinstance(value, types):
-            problems.append(f"payload '{name}' = {value!r} is not a {types[0].__name__}")
-    for name in ("epsilon_total", "epsilon_round", "noise_multiplier", "delta", "sample_rate"):
-        value = payload.get(name)
-        if _is_number(value) and not (math.isfinite(value) and value >= 0):
-            problems.append(f"payload '{name}' = {value!r} is not a finite number >= 0")
-    blocks = payload.get("blocks")
-    if isinstance(blocks, list):
-        seen: set[str] = set()
-        for index, entry in enumerate(blocks):
-            if not isinstance(entry, dict):
-                problems.append(f"payload blocks[{index}] is not an object")
-                continue
-            for name, types in REQUIRED_BLOCK_FIELDS.items():
-                value = entry.get(name)
-                wrong_bool = isinstance(value, bool) and bool not in types
-                if name not in entry or wrong_bool or not isinstance(value, types):
-                    problems.append(f"payload blocks[{index}] has no valid '{name}'")
-            eps, budget = entry.get("epsilon"), entry.get("budget")
-            if _is_number(eps) and not (math.isfinite(eps) and eps >= 0):
-                problems.append(f"payload blocks[{index}] epsilon {eps!r} is not finite >= 0")
-            if _is_number(budget) and not (math.isfinite(budget) and budget > 0):
-                problems.append(f"payload blocks[{index}] budget {budget!r} is not finite > 0")
-            block = entry.get("block")
-            if isinstance(block, str):
-                if block in seen:
-                    problems.append(f"payload lists block {block} twice")
-                seen.add(block)
-    return problems
 
 
 class ServerLedger:
@@ -447,7 +235,7 @@ class ServerLedger:
         ------
         LedgerNotFoundError
             ``create`` is False and there is no ledger.
-        LedgerError
+        ServerLedgerError
             The file is not a keystay server ledger of this format version.
         """
         server_dir = Path(server_dir)
@@ -459,46 +247,25 @@ class ServerLedger:
                     "'keystay round start' used, which holds ledger.v1.sqlite)"
                 )
             server_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _create_private(path)
-        conn: sqlite3.Connection | None = None
+            ensure_private(path)
         try:
-            conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=60.0
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                        raise LedgerError(
-                            f"{path} has tables but no format version; it is not a keystay "
-                            "server ledger. Move it aside and point --server-dir at the "
-                            "right folder"
-                        )
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"{path} is server ledger format {version}; this keystay reads format "
-                        f"{SCHEMA_VERSION}. Upgrade keystay; do not delete the ledger (it is "
-                        "the audit record)"
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            conn = open_versioned(path, version=SCHEMA_VERSION, schema=_SCHEMA)
+        except ForeignFileError as error:
+            raise ServerLedgerError(
+                f"{path} has tables but no format version; it is not a keystay "
+                "server ledger. Move it aside and point --server-dir at the "
+                "right folder"
+            ) from error
+        except FormatVersionError as error:
+            raise ServerLedgerError(
+                f"{path} is server ledger format {error.found}; this keystay reads format "
+                f"{SCHEMA_VERSION}. Upgrade keystay; do not delete the ledger (it is "
+                "the audit record)"
+            ) from error
         except sqlite3.DatabaseError as error:
-            if conn is not None:
-                conn.close()
-            raise LedgerError(f"{path} cannot be read as a server ledger ({error})") from error
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
+            raise ServerLedgerError(
+                f"{path} cannot be read as a server ledger ({error})"
+            ) from error
         return cls(conn, path, clock)
 
     def close(self) -> None:
@@ -529,7 +296,7 @@ class ServerLedger:
 
         Raises
         ------
-        EnrollmentError
+        LedgerEnrollmentError
             The PEM is not an Ed25519 public key; ``device_id`` is not the id
             of that key (ids are derived from keys, so a mismatch means the
             wrong key or a typo); the device is enrolled with another key; or
@@ -540,12 +307,12 @@ class ServerLedger:
             load_public_key(public_key_pem)
             expected = device_id_from_public_key(public_key_pem)
         except (ValueError, TypeError) as error:
-            raise EnrollmentError(
+            raise LedgerEnrollmentError(
                 f"cannot enroll {device_id!r}: the key given is not an Ed25519 public key in "
                 f"PEM form ({error}); copy it from 'keystay device status' on the device"
             ) from error
         if device_id != expected:
-            raise EnrollmentError(
+            raise LedgerEnrollmentError(
                 f"cannot enroll {device_id!r}: that key belongs to device id {expected!r}. "
                 "Device ids are derived from the key; enroll the id the device shows"
             )
@@ -553,13 +320,13 @@ class ServerLedger:
             existing = self.device(device_id)
             if existing is not None:
                 if existing.revoked:
-                    raise EnrollmentError(
+                    raise LedgerEnrollmentError(
                         f"device {device_id} was revoked at {existing.revoked_at}; a revoked "
                         "key is never trusted again. Delete the device's signing.key so it "
                         "creates a new identity, then enroll that"
                     )
                 if existing.signing_public_key_pem.strip() != public_key_pem.strip():
-                    raise EnrollmentError(
+                    raise LedgerEnrollmentError(
                         f"device {device_id} is already enrolled with a different key; "
                         "revoke it first"
                     )
@@ -584,7 +351,7 @@ class ServerLedger:
 
         Raises
         ------
-        EnrollmentError
+        LedgerEnrollmentError
             No such device is enrolled.
         """
         with self._lock:
@@ -593,7 +360,7 @@ class ServerLedger:
                 (self._now(), device_id),
             )
             if cursor.rowcount == 0:
-                raise EnrollmentError(
+                raise LedgerEnrollmentError(
                     f"no enrolled device {device_id!r}; list devices with ServerLedger.devices()"
                 )
             device = self.device(device_id)
@@ -774,7 +541,7 @@ class ServerLedger:
         except ReportVerificationError as error:
             fail(f"report from {claimed} does not verify: {error}")
             return claimed, None, signature_valid
-        problems = _check_fields(fields)
+        problems = check_fields(fields)
         if fields.get("run_id") != run_id:
             problems.append(
                 f"report is for run {fields.get('run_id')!r} but arrived in run {run_id!r} "
@@ -797,82 +564,32 @@ class ServerLedger:
         payload: Mapping[str, Any],
         findings: list[Finding],
     ) -> None:
-        """Contradiction and over-budget checks of an authentic report."""
+        """Contradiction and over-budget checks of an authentic report (see rules)."""
         earlier = self._conn.execute(
             "SELECT id FROM reports WHERE device_id = ? AND run_id = ? AND server_round = ? "
             "AND verified = 1 ORDER BY id LIMIT 1",
             (device_id, run_id, int(server_round)),
         ).fetchone()
-        if earlier is not None:
-            findings.append(
-                Finding(
-                    FLAG_CONTRADICTION,
-                    f"device {device_id} already reported for run {run_id} round "
-                    f"{int(server_round)} (report #{earlier[0]}); a device charges one report "
-                    "per round, so this one is a replay or a second charge",
-                )
-            )
-        total = float(payload["epsilon_total"])
         previous = self._conn.execute(
             "SELECT id, epsilon_total FROM reports WHERE device_id = ? AND verified = 1 "
             "ORDER BY epsilon_total DESC, id LIMIT 1",
             (device_id,),
         ).fetchone()
-        if previous is not None and _bigger(float(previous[1]), total):
-            best_id, best_total = previous[0], float(previous[1])
-            findings.append(
-                Finding(
-                    FLAG_CONTRADICTION,
-                    f"device {device_id} reports total ε {total:.6g}, below the {best_total:.6g} "
-                    f"it reported in report #{best_id}; budgets are never refunded",
-                )
-            )
+        history: dict[str, tuple[float, bool]] = {}
         for entry in payload["blocks"]:
-            block, eps, budget = entry["block"], float(entry["epsilon"]), float(entry["budget"])
-            if _bigger(eps, total):
-                findings.append(
-                    Finding(
-                        FLAG_CONTRADICTION,
-                        f"block {block} ε {eps:.6g} exceeds the device total {total:.6g} in the "
-                        "same report (the total is the largest block ε)",
-                        block,
-                    )
-                )
-            if _bigger(eps, budget):
-                findings.append(
-                    Finding(
-                        FLAG_OVER_BUDGET,
-                        f"block {block} of device {device_id} has spent ε {eps:.6g}, over its "
-                        f"budget {budget:.6g}",
-                        block,
-                    )
-                )
             row = self._conn.execute(
                 "SELECT max(epsilon), max(retired) FROM block_epsilons "
                 "WHERE device_id = ? AND block = ?",
-                (device_id, block),
+                (device_id, entry["block"]),
             ).fetchone()
-            if row is None or row[0] is None:
-                continue
-            before, was_retired = float(row[0]), bool(row[1])
-            if _bigger(before, eps):
-                findings.append(
-                    Finding(
-                        FLAG_CONTRADICTION,
-                        f"block {block} of device {device_id} reports ε {eps:.6g}, below the "
-                        f"{before:.6g} reported earlier; a block's ε never goes down",
-                        block,
-                    )
-                )
-            if was_retired:
-                findings.append(
-                    Finding(
-                        FLAG_CONTRADICTION,
-                        f"block {block} of device {device_id} retired in an earlier report "
-                        "and was charged again; retired blocks are never trained on",
-                        block,
-                    )
-                )
+            if row is not None and row[0] is not None:
+                history[entry["block"]] = (float(row[0]), bool(row[1]))
+        findings.extend(history_findings(
+            device_id, run_id, int(server_round), payload,
+            earlier_report=None if earlier is None else int(earlier[0]),
+            best_previous=None if previous is None else (int(previous[0]), float(previous[1])),
+            block_history=history,
+        ))
 
     def reports(
         self,
@@ -944,59 +661,7 @@ class ServerLedger:
         list of AuditFinding
             Empty when the ledger is intact.
         """
-        keys = {d.device_id: d.signing_public_key_pem for d in self.devices()}
-        stored: dict[int, list[BlockEpsilon]] = {}
-        for row in self.block_epsilons():
-            stored.setdefault(row.report_id, []).append(row)
-        out: list[AuditFinding] = []
-        verified_ids = set()
-        for report in self.reports():
-            if not report.verified:
-                continue
-            verified_ids.add(report.id)
-            pem = keys.get(report.device_id)
-            if pem is None:
-                out.append(AuditFinding(report.id, report.device_id,
-                                        "marked verified but its device is no longer enrolled"))
-                continue
-            try:
-                fields = verified_report(report.payload_json.encode("utf-8"), report.signature, pem)
-            except (ReportVerificationError, ValueError) as error:
-                out.append(AuditFinding(
-                    report.id, report.device_id,
-                    f"marked verified on receipt but no longer verifies ({error}); the stored "
-                    "payload, signature or enrolled key was altered at rest",
-                ))
-                continue
-            if fields.get("run_id") != report.run_id or fields.get(
-                "server_round"
-            ) != report.server_round:
-                out.append(AuditFinding(
-                    report.id, report.device_id,
-                    "stored run/round differ from the signed payload; the reports table was "
-                    "edited at rest",
-                ))
-            signed = sorted(
-                (b["block"], float(b["epsilon"]), float(b["budget"]), bool(b["retired"]))
-                for b in fields.get("blocks", [])
-            )
-            kept = sorted(
-                (b.block, b.epsilon, b.budget, b.retired) for b in stored.get(report.id, [])
-            )
-            if signed != kept:
-                out.append(AuditFinding(
-                    report.id, report.device_id,
-                    "block_epsilons rows differ from the signed payload; the table was edited "
-                    "at rest (the signed payload is authoritative)",
-                ))
-        for report_id, rows in stored.items():
-            if report_id not in verified_ids:
-                out.append(AuditFinding(
-                    report_id, rows[0].device_id,
-                    "block_epsilons rows belong to no verified report; the table was edited "
-                    "at rest",
-                ))
-        return out
+        return audit_reports(self.devices(), self.reports(), self.block_epsilons())
 
     # --- refusals and central DP ----------------------------------------------
 
@@ -1048,14 +713,14 @@ class ServerLedger:
 
         Raises
         ------
-        LedgerError
+        ServerLedgerError
             The round is already recorded for this run (its ε would be
             ambiguous), or a figure is out of range.
         """
         if math.isnan(epsilon) or epsilon < 0:
-            raise LedgerError(f"central ε must be >= 0 (inf allowed), got {epsilon!r}")
+            raise ServerLedgerError(f"central ε must be >= 0 (inf allowed), got {epsilon!r}")
         if not (0 < delta < 1) or not (0 < sample_rate <= 1) or clip <= 0 or noise_multiplier < 0:
-            raise LedgerError(
+            raise ServerLedgerError(
                 "central DP figures out of range: need 0 < delta < 1, 0 < sample_rate <= 1, "
                 f"clip > 0, noise_multiplier >= 0; got delta={delta!r}, "
                 f"sample_rate={sample_rate!r}, clip={clip!r}, noise_multiplier={noise_multiplier!r}"
@@ -1077,7 +742,7 @@ class ServerLedger:
                     ),
                 )
             except sqlite3.IntegrityError as error:
-                raise LedgerError(
+                raise ServerLedgerError(
                     f"central DP for run {run_id} round {int(server_round)} is already "
                     "recorded; each round is released once"
                 ) from error
@@ -1103,8 +768,3 @@ class ServerLedger:
                 "UNION SELECT run_id FROM central_dp ORDER BY run_id"
             ).fetchall()
         return [r[0] for r in rows]
-
-
-def flags_of(findings: Iterable[Finding]) -> tuple[str, ...]:
-    """The sorted distinct flags of ``findings``."""
-    return tuple(sorted({f.flag for f in findings}))

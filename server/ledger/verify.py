@@ -5,19 +5,16 @@ key (``keystay.client.identity``); the server keeps the payload and the
 signature, so anyone holding the device's enrolled public key can check later
 that no figure was altered in transit or at rest.
 
-This module needs only ``cryptography`` and ``json``: the server never imports
-the device's ledger or store. The canonical form is restated here on purpose,
-and a unit test checks that both sides agree:
+This module needs only ``cryptography`` and :mod:`keystay.common`: the
+server never imports the device's ledger or store. The contract:
 
-* payload = UTF-8 JSON, keys sorted, separators ``","`` and ``":"``, ASCII
-  escapes, floats as Python ``repr`` (shortest round-trip), no NaN/Infinity;
+* payload = :func:`keystay.common.canonical.canonical_json` of the report;
 * signature = Ed25519 (RFC 8032) over the payload bytes exactly as sent;
 * device id = ``"dev-"`` + first 12 hex digits of SHA-256 of the raw public key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -25,10 +22,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from keystay.common.canonical import canonical_json
+from keystay.common.errors import KeystayError
+from keystay.common.fingerprints import device_id_for
+
 REPORT_FORMAT = "keystay.privacy-report.v1"
 
 
-class ReportVerificationError(ValueError):
+class ReportVerificationError(KeystayError, ValueError):
     """A report is not what its device signed, or not in canonical form."""
 
 
@@ -50,17 +51,7 @@ def load_public_key(public_key_pem: str | bytes) -> Ed25519PublicKey:
 
 def device_id_from_public_key(public_key_pem: str | bytes) -> str:
     """The pseudonymous device id a public key stands for."""
-    raw = load_public_key(public_key_pem).public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    return "dev-" + hashlib.sha256(raw).hexdigest()[:12]
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The canonical bytes of a JSON value (the form devices sign)."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("utf-8")
+    return device_id_for(load_public_key(public_key_pem))
 
 
 def verify_report(payload: bytes, signature: bytes, public_key_pem: str | bytes) -> bool:

@@ -9,26 +9,18 @@ from pathlib import Path
 
 import click
 
-from keystay.server.ledger.ledger import LedgerError, LedgerNotFoundError, ServerLedger
-from keystay.server.report.budget import (
-    build_report,
-    check,
-    render_json,
-    render_plot,
-    render_table,
-)
-
-EXIT_OK = 0
-EXIT_LEDGER_UNREADABLE = 1
-EXIT_USAGE = 2  # click's own code for bad options, kept for a missing ledger too
-EXIT_VIOLATIONS = 3
+from keystay.common.exitcodes import ExitCode
+from keystay.server.ledger.ledger import LedgerNotFoundError, ServerLedger, ServerLedgerError
+from keystay.server.report.budget import build_report, check
+from keystay.server.report.render import render_json, render_plot, render_table
 
 _EXIT_CODES_HELP = (
     "\b\nExit codes:\n"
-    f"  {EXIT_OK}  clean: no violations\n"
-    f"  {EXIT_LEDGER_UNREADABLE}  the ledger exists but cannot be read (corrupt or newer format)\n"
-    f"  {EXIT_USAGE}  usage error: bad option, or no ledger in --server-dir\n"
-    f"  {EXIT_VIOLATIONS}  violations found (listed on stdout)"
+    f"  {ExitCode.OK}  clean: no violations\n"
+    f"  {ExitCode.BUDGET_LEDGER_UNREADABLE}  the ledger exists but cannot be read "
+    "(corrupt or newer format)\n"
+    f"  {ExitCode.USAGE}  usage error: bad option, or no ledger in --server-dir\n"
+    f"  {ExitCode.BUDGET_VIOLATIONS}  violations found (listed on stdout)"
 )
 
 _SERVER_DIR = click.option(
@@ -52,9 +44,9 @@ def _open(server_dir: Path) -> ServerLedger:
         return ServerLedger.open(server_dir, create=False)
     except LedgerNotFoundError as error:
         raise click.UsageError(str(error)) from error
-    except LedgerError as error:
+    except ServerLedgerError as error:
         click.echo(f"error: {error}", err=True)
-        raise SystemExit(EXIT_LEDGER_UNREADABLE) from error
+        raise SystemExit(ExitCode.BUDGET_LEDGER_UNREADABLE) from error
 
 
 @click.group(
@@ -78,9 +70,9 @@ def budget() -> None:
     "report",
     epilog=(
         "\b\nExit codes:\n"
-        f"  {EXIT_OK}  report printed (even with violations: use 'check' to gate)\n"
-        f"  {EXIT_LEDGER_UNREADABLE}  the ledger exists but cannot be read\n"
-        f"  {EXIT_USAGE}  usage error: bad option, no ledger in --server-dir, or --plot / "
+        f"  {ExitCode.OK}  report printed (even with violations: use 'check' to gate)\n"
+        f"  {ExitCode.BUDGET_LEDGER_UNREADABLE}  the ledger exists but cannot be read\n"
+        f"  {ExitCode.USAGE}  usage error: bad option, no ledger in --server-dir, or --plot / "
         "--html not writable"
     ),
 )
@@ -140,6 +132,11 @@ def report_command(
     if plot is not None:
         try:
             render_plot(report, plot)
+        except ImportError as error:  # a device install, without the server extra
+            raise click.BadParameter(
+                "matplotlib is not installed: it comes with keystay's server extra "
+                "(pip install 'keystay[server]')", param_hint="--plot"
+            ) from error
         except OSError as error:
             raise click.BadParameter(
                 f"cannot write {plot}: {error}", param_hint="--plot"
@@ -179,7 +176,7 @@ def check_command(server_dir: Path, max_central_epsilon: float | None) -> None:
         violations = check(ledger, max_central_epsilon=max_central_epsilon)
     if not violations:
         click.echo("budget check: clean (no violations)")
-        raise SystemExit(EXIT_OK)
+        raise SystemExit(ExitCode.OK)
     click.echo(f"budget check: {len(violations)} violation(s)")
     for v in violations:
         where = " ".join(
@@ -194,4 +191,4 @@ def check_command(server_dir: Path, max_central_epsilon: float | None) -> None:
             if part
         )
         click.echo(f"  {v.kind}: {where}: {v.detail}")
-    raise SystemExit(EXIT_VIOLATIONS)
+    raise SystemExit(ExitCode.BUDGET_VIOLATIONS)

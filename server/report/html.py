@@ -5,7 +5,7 @@ Design note
 ``keystay budget report --html FILE`` writes a single file that opens in any
 browser, offline, without the CLI: inline CSS, inline SVG charts, no script,
 no external asset of any kind (not even a font). It is built from
-:func:`keystay.server.report.budget.report_to_dict`, the same dictionary
+:func:`keystay.server.report.render.report_to_dict`, the same dictionary
 ``--json`` prints, so every figure on the page *is* a ``--json`` figure; each
 is also written exactly (``repr``) in a ``data-`` attribute, so a test (or a
 reviewer's script) can compare the two without parsing prose.
@@ -31,7 +31,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from keystay.server.report.budget import KIND_UNVERIFIABLE, BudgetReport, report_to_dict
+from keystay.server.report.budget import KIND_UNVERIFIABLE, BudgetReport
+from keystay.server.report.render import report_to_dict
 
 STATUS_CLEAN = "clean"
 STATUS_VIOLATIONS = "violations"
@@ -253,16 +254,16 @@ def _chart(report: BudgetReport, data: Mapping[str, Any]) -> str:
                    f"{_e(text)}</text>")
     out.append(f'<text x="{left}" y="{height - 4}">time each report was received</text>'
                if timed_axis else f'<text x="{left}" y="{height - 4}">report order</text>')
-    for i, (device_id, points) in enumerate(series.items()):
+    for i, (device_id, drawn) in enumerate(series.items()):
         color = _PALETTE[i % len(_PALETTE)]
         path = []
-        for j, (x, y, _) in enumerate(points):
+        for j, (x, y, _) in enumerate(drawn):
             # A step: the ε holds until the next report, then moves to its value.
             path.append(f"M{px(x):.1f},{py(y):.1f}" if j == 0
                         else f"H{px(x):.1f} V{py(y):.1f}")
         out.append(f'<path class="series" data-device="{_e(device_id)}" d="{" ".join(path)}" '
                    f'fill="none" stroke="{color}" stroke-width="2"/>')
-        for x, y, flagged in points:
+        for x, y, flagged in drawn:
             if flagged:
                 out.append(f'<text x="{px(x):.1f}" y="{py(y) + 4:.1f}" text-anchor="middle" '
                            'fill="#b42318">✕</text>')

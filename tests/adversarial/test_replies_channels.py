@@ -40,7 +40,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keystay.client import app as clientapp
-from keystay.client.capture.simulated import fill_store
 from keystay.client.daemon.control_service import ControlServicer
 from keystay.client.daemon.controls import Controls
 from keystay.client.daemon.core import DeviceCore
@@ -53,7 +52,8 @@ from keystay.client.policy import DevicePolicy
 from keystay.client.serde import weights_to_proto
 from keystay.client.store import EventStore
 from keystay.client.trainer.job import TrainJob, TrainOutcome
-from keystay.client.windows import WINDOW
+from keystay.common.windows import WINDOW
+from keystay.sim.employees import fill_store
 from keystay.v1 import device_pb2, device_pb2_grpc
 
 SPEC = (((4, 3), "<f4"), ((3,), "<f4"))
@@ -388,7 +388,7 @@ def test_the_employee_reads_the_unit_and_the_full_refusals(
     from click.testing import CliRunner
 
     from keystay.client.device_cli import device
-    from keystay.client.windows import PRIVACY_UNIT
+    from keystay.common.windows import PRIVACY_UNIT
 
     monkeypatch.delenv("KEYSTAY_SOCKET", raising=False)
     with pytest.raises(grpc.RpcError):

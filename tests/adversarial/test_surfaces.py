@@ -291,7 +291,7 @@ def test_employee_uid_is_served_on_control_socket(daemon: Path, tmp_path: Path) 
 
 
 def test_employee_can_evaluate_a_model_locally(daemon: Path, tmp_path: Path) -> None:
-    from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
+    from keystay.common.model import ModelConfig, initial_weights, save_checkpoint
 
     model = save_checkpoint(tmp_path / "model.pt", initial_weights(), ModelConfig())
     out = keystay("device", "evaluate", "--data", str(daemon), "--model", str(model)).stdout

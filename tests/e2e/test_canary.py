@@ -65,8 +65,8 @@ import leakcheck
 import xserver
 from leakcheck import Hit, Pattern, PlaceCoverage
 
-from keystay.client.tokens import token_id
-from keystay.client.windows import WINDOW, make_windows
+from keystay.common.tokens import token_id
+from keystay.common.windows import WINDOW, make_windows
 from keystay.server.deploy.local import LEGACY_REQUEST_FILE, LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env, free_port
 from keystay.server.rounds import start_run

@@ -30,11 +30,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import xserver
 
-from keystay.client.capture.events import AppFocus, KeyEvent, RawEvent
 from keystay.client.capture.pynput_backend import PynputBackend, display_problem
 from keystay.client.capture.recorder import Recorder
 from keystay.client.store import EventStore
-from keystay.client.tokens import Tokenizer, TokenRecord, token_name
+from keystay.common.events import AppFocus, KeyEvent, RawEvent
+from keystay.common.tokens import Tokenizer, TokenRecord, token_name
 
 MISSING = xserver.missing_tools()
 needs_x = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -335,7 +335,7 @@ pynput_at_import = "pynput" in sys.modules
 os.environ["DISPLAY"] = display
 from keystay.client.capture.recorder import Recorder
 from keystay.client.store import EventStore
-from keystay.client.tokens import Tokenizer
+from keystay.common.tokens import Tokenizer
 store = EventStore.open(sys.argv[1])
 rec = Recorder(store, Tokenizer())
 backend = pynput_backend.PynputBackend(rec.submit)

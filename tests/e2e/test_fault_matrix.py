@@ -188,7 +188,7 @@ def _check_invariants(federation: LocalFederation, before: Snapshot) -> None:
 
 
 def _check_checkpoints(server_dir: Path) -> None:
-    from keystay.client.model import read_checkpoint
+    from keystay.common.model import read_checkpoint
 
     for path in server_dir.rglob("*.pt"):
         if not path.name.startswith("."):  # temp files a killed writer left
@@ -445,7 +445,7 @@ def test_daemon_killed_mid_training(federation: LocalFederation) -> None:
 
 _WRITER = """
 import sys
-from keystay.client.model import ModelConfig, initial_weights, save_checkpoint
+from keystay.common.model import ModelConfig, initial_weights, save_checkpoint
 config = ModelConfig()
 weights = initial_weights(config, 0)
 i = 0
@@ -463,7 +463,7 @@ def test_checkpoint_write_killed_midway(tmp_path: Path) -> None:
     ``save_checkpoint``; here a process does nothing else, and is killed the
     moment its temporary file exists, i.e. while ``torch.save`` writes it.
     """
-    from keystay.client.model import read_checkpoint
+    from keystay.common.model import read_checkpoint
 
     path = tmp_path / "checkpoints" / "round-001.pt"
     for attempt in range(2):  # each attempt imports torch: seconds

@@ -35,7 +35,7 @@ def _device_status(data_dir: Path) -> dict:
 
 
 def test_two_rounds_two_devices(tmp_path: Path) -> None:
-    from keystay.client.model import initial_weights, read_checkpoint
+    from keystay.common.model import initial_weights, read_checkpoint
 
     federation = LocalFederation(tmp_path / "fed", devices=2, simulate_days=2,
                                  events_per_day=2500)

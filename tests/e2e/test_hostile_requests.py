@@ -107,7 +107,7 @@ def test_each_hostile_request_is_refused_and_the_round_goes_on(tmp_path: Path) -
         assert len(reasons) == 2 and all("dp" in r.lower() for r in reasons), reasons
         assert _spent(strict) == before
         # Nobody trained: the run's final model is the initial one, and loadable.
-        from keystay.client.model import initial_weights, read_checkpoint
+        from keystay.common.model import initial_weights, read_checkpoint
 
         final = read_checkpoint(no_dp.final_checkpoint).weights
         assert all(np.array_equal(a, b) for a, b in zip(final, initial_weights(), strict=True))

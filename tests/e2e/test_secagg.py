@@ -87,7 +87,7 @@ def _supernode_pid(daemon_pid: int) -> int | None:
 
 
 def _weights(path: Path) -> list[np.ndarray]:
-    from keystay.client.model import read_checkpoint
+    from keystay.common.model import read_checkpoint
 
     return [np.asarray(w, dtype=np.float64) for w in read_checkpoint(path).weights]
 
@@ -97,7 +97,7 @@ def _norm(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def test_secagg_with_central_dp(federation: LocalFederation) -> None:
-    from keystay.client.model import initial_weights
+    from keystay.common.model import initial_weights
 
     clip, z = 0.002, 0.05
     settings = _settings(federation, "secagg-cdp", central_dp=True, central_clip=clip,
@@ -144,7 +144,7 @@ def test_secagg_with_central_dp(federation: LocalFederation) -> None:
 def test_round_completes_with_the_survivors_when_a_device_drops(
     federation: LocalFederation,
 ) -> None:
-    from keystay.client.model import initial_weights
+    from keystay.common.model import initial_weights
 
     victim = federation.device_list[-1]
     assert victim.part is not None

@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from keystay.client.model import ModelConfig, initial_weights
+from keystay.common.model import ModelConfig, initial_weights
 
 app = ServerApp()
 

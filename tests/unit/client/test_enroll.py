@@ -112,7 +112,7 @@ def test_a_readable_supernode_key_is_refused(tmp_path: Path) -> None:
     os.chmod(tmp_path / ce.SUPERNODE_KEY, 0o644)
     with pytest.raises(ce.EnrollError, match="chmod 600") as info:
         ce.load_or_create_supernode_key(tmp_path)
-    assert info.value.code == ce.EnrollExit.KEYS
+    assert info.value.code == ce.ExitCode.ENROLL_KEYS
 
 
 # --------------------------------------------------------------------------- request
@@ -153,7 +153,7 @@ def test_check_server_refuses_another_ca(server_tls: Path, tmp_path: Path) -> No
     pki.create_ca(other, "other")
     with tls_listener(server_tls) as address, pytest.raises(ce.EnrollError) as info:
         ce.check_server(address, (other / pki.CA_CERT).read_bytes())
-    assert info.value.code == ce.EnrollExit.SERVER_UNTRUSTED
+    assert info.value.code == ce.ExitCode.ENROLL_SERVER_UNTRUSTED
     assert "not issued by the CA" in str(info.value)
 
 
@@ -164,7 +164,7 @@ def test_check_server_refuses_a_certificate_without_the_dialled_name(tmp_path: P
     pki.issue_server_cert(tls, [x509.DNSName("fl.example.test")])
     with tls_listener(tls) as address, pytest.raises(ce.EnrollError) as info:
         ce.check_server(address, (tls / pki.CA_CERT).read_bytes())
-    assert info.value.code == ce.EnrollExit.SERVER_UNTRUSTED
+    assert info.value.code == ce.ExitCode.ENROLL_SERVER_UNTRUSTED
     assert "does not name 127.0.0.1" in str(info.value)
 
 
@@ -174,7 +174,7 @@ def test_check_server_says_unreachable(server_tls: Path) -> None:
         port = probe.getsockname()[1]
     with pytest.raises(ce.EnrollError) as info:
         ce.check_server(f"127.0.0.1:{port}", (server_tls / pki.CA_CERT).read_bytes(), timeout=2)
-    assert info.value.code == ce.EnrollExit.SERVER_UNREACHABLE
+    assert info.value.code == ce.ExitCode.ENROLL_SERVER_UNREACHABLE
 
 
 def test_split_address() -> None:
@@ -219,7 +219,7 @@ def test_enroll_refuses_a_server_certificate_given_as_ca(server_tls: Path,
                                                          tmp_path: Path) -> None:
     with pytest.raises(ce.EnrollError, match="not a CA certificate") as info:
         ce.enroll(tmp_path / "d", "127.0.0.1:1", server_tls / pki.SERVER_CERT, check=False)
-    assert info.value.code == ce.EnrollExit.USAGE
+    assert info.value.code == ce.ExitCode.USAGE
     assert not (tmp_path / "d" / ce.REQUEST_FILE).exists()
 
 

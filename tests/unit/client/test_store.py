@@ -31,7 +31,7 @@ from keystay.client.store import (
     WrongKeyError,
     block_for,
 )
-from keystay.client.tokens import VOCAB_SIZE, TokenRecord, token_id
+from keystay.common.tokens import VOCAB_SIZE, TokenRecord, token_id
 
 DAY = "2024-03-04"
 
@@ -125,7 +125,7 @@ def test_block_for_is_the_local_date() -> None:
 
 
 def test_store_modules_do_not_import_torch() -> None:
-    code = ("import sys, keystay.client.store, keystay.client.capture.simulated; "
+    code = ("import sys, keystay.client.store, keystay.sim.employees; "
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=60)
@@ -285,7 +285,7 @@ def test_destroy_shreds_key_and_data(tmp_path: Path) -> None:
 WRITER = textwrap.dedent("""
     import sys
     from keystay.client.store import EventStore
-    from keystay.client.tokens import TokenRecord
+    from keystay.common.tokens import TokenRecord
     store = EventStore.open(sys.argv[1])
     batch = [TokenRecord(i * 0.001, 1 + i % 50) for i in range(1000)]
     n = 0

@@ -40,8 +40,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from keystay.client.app import app as client_app
-from keystay.client.digest import weights_sha256
 from keystay.client.serde import weights_from_proto, weights_to_proto
+from keystay.common.digest import weights_sha256
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.v1 import device_pb2, device_pb2_grpc
 

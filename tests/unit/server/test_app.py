@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-from keystay.client.model import ModelConfig, initial_weights, read_checkpoint
+from keystay.common.model import ModelConfig, initial_weights, read_checkpoint
 from keystay.server import app as server_app
 from keystay.server.app import (
     FAILED,

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from keystay.common.flatclip import clip_update, update_norm
 from keystay.server.central_dp import (
     SAMPLING_ALL,
     SAMPLING_DESCRIPTIONS,
@@ -21,8 +22,6 @@ from keystay.server.central_dp import (
     CentralDPError,
     aggregate_with_central_dp,
     central_epsilon,
-    clip_update,
-    update_norm,
 )
 
 SHAPES = [(4, 3), (5,)]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from keystay.server.cli import ServerExit
+from keystay.common.exitcodes import ExitCode
 from keystay.server.deploy.enrollment import Enrollment, Registry
 from keystay.server.ledger.ledger import LEDGER_FILE
 
@@ -14,7 +14,7 @@ from keystay.server.ledger.ledger import LEDGER_FILE
 def _keystay(*args: str) -> subprocess.CompletedProcess[str]:
     # The console script's own entry point, as a user runs it.
     return subprocess.run(
-        [sys.executable, "-c", "from keystay.client.cli import run; run()", *args],
+        [sys.executable, "-c", "from keystay.cli.main import run; run()", *args],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -34,7 +34,7 @@ def test_revoke_on_an_unreadable_ledger_exits_24_without_a_traceback(tmp_path: P
 
     done = _keystay("server", "revoke", "--dir", str(server_dir), "dev-1")
 
-    assert done.returncode == ServerExit.LEDGER, done.stderr
+    assert done.returncode == ExitCode.SERVER_LEDGER, done.stderr
     assert "Traceback" not in done.stderr
     assert "nothing revoked" in done.stderr
     assert ledger.read_bytes() == b"this is not an SQLite database" * 100

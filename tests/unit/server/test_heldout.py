@@ -7,9 +7,8 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from keystay.client.capture.simulated import SimulatedEmployee
-from keystay.client.model import ModelConfig, NextEventModel, evaluate, initial_weights, set_weights
-from keystay.client.windows import WINDOW, make_windows
+from keystay.common.model import ModelConfig, NextEventModel, evaluate, initial_weights, set_weights
+from keystay.common.windows import WINDOW, make_windows
 from keystay.server.heldout import (
     FIRST_DAY,
     FIRST_SEED,
@@ -19,6 +18,7 @@ from keystay.server.heldout import (
     HeldoutPopulation,
     heldout_windows,
 )
+from keystay.sim.employees import SimulatedEmployee
 
 SMALL = HeldoutPopulation(employees=2, days=2, events_per_day=150)
 

@@ -23,10 +23,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.server.client_proxy import ClientProxy
 
 from keystay.client import secagg as client_secagg
-from keystay.client.model import ModelConfig, initial_weights, read_checkpoint
+from keystay.common.flatclip import clip_update
+from keystay.common.model import ModelConfig, initial_weights, read_checkpoint
 from keystay.server import app as server_app
 from keystay.server import secagg as server_secagg
-from keystay.server.central_dp import aggregate_with_central_dp, clip_update
+from keystay.server.central_dp import aggregate_with_central_dp
 from keystay.server.heldout import HELDOUT_SET
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.secagg import SecAggFedAvg, check_secagg_settings, run_secagg
@@ -302,15 +303,15 @@ def test_device_refuses_inconsistent_unmask() -> None:
     assert "as dropped" in str(client_secagg.check_protocol(unmask([6, 7], [5]), 5))
 
 
-def test_device_clip_is_the_server_clip() -> None:
+def test_device_masks_the_clipped_update() -> None:
     rng = np.random.default_rng(3)
-    update = [rng.normal(size=(4, 5)), rng.normal(size=7)]
+    start = [np.zeros((4, 5), np.float32), np.zeros(7, np.float32)]
+    update = [rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
     for norm in (0.1, 1.0, 100.0):
-        for a, b in zip(client_secagg.clip_update(update, norm), clip_update(update, norm)[0],
-                        strict=True):
-            np.testing.assert_allclose(a, b)
-    zero = [np.zeros(3)]
-    np.testing.assert_array_equal(client_secagg.clip_update(zero, 1.0)[0], zero[0])
+        vector = client_secagg.masked_vector(start, update, norm)
+        expected = np.concatenate([u.ravel() for u in clip_update(update, norm)[0]])
+        np.testing.assert_allclose(np.concatenate([v.ravel() for v in vector]), expected,
+                                    rtol=1e-6)
 
 
 def test_device_never_masks_a_non_finite_update() -> None:
@@ -325,11 +326,15 @@ def test_device_never_masks_a_non_finite_update() -> None:
     assert np.linalg.norm(vector[0]) == pytest.approx(1.0)
 
 
-def test_wire_constants_agree() -> None:
-    assert client_secagg.CONFIG_UPDATE_CLIP == server_secagg.CONFIG_UPDATE_CLIP
-    assert client_secagg.SECAGG_WEIGHT == server_secagg.MAX_WEIGHT
+def test_wire_constants_are_the_shared_ones() -> None:
     from keystay.client import app as client_app
+    from keystay.common import wire
 
-    assert server_app.ERROR_REFUSED == client_app.ERROR_REFUSED
-    assert server_app.ERROR_UNAVAILABLE == client_app.ERROR_UNAVAILABLE
-    assert server_app.ERROR_FAILED == client_app.ERROR_FAILED
+    assert client_secagg.CONFIG_UPDATE_CLIP == wire.CONFIG_UPDATE_CLIP
+    assert server_secagg.CONFIG_UPDATE_CLIP == wire.CONFIG_UPDATE_CLIP
+    assert client_secagg.SECAGG_WEIGHT == server_secagg.MAX_WEIGHT
+    for name in ("ERROR_REFUSED", "ERROR_UNAVAILABLE", "ERROR_FAILED"):
+        assert getattr(server_app, name) == getattr(client_app, name) == getattr(wire, name)
+    assert len({wire.ERROR_REFUSED, wire.ERROR_UNAVAILABLE, wire.ERROR_FAILED}) == 3
+
+
