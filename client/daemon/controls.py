@@ -95,6 +95,9 @@ class Controls:
                 )
             )
         recording = self.recorder is not None and not self.recorder.paused
+        # Only the real Recorder has stats; a bare PausableSource (tests) does not.
+        stats = getattr(self.recorder, "stats", None)
+        problem = getattr(stats, "store_problem", None) if stats is not None else None
         until = self.recorder.paused_until if self.recorder is not None else None
         return device_pb2.StatusReply(
             device_id=self.core.device_id,
@@ -107,6 +110,8 @@ class Controls:
             delta=self.core.policy.delta,
             trainer_ready=self.core.trainer.ready,
             version=self.version,
+            store_writing_stopped=bool(getattr(stats, "writing_stopped", False)),
+            store_problem=problem or "",
         )
 
     def policy(self) -> tuple[str, str]:
