@@ -70,7 +70,7 @@ from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Ledger
 from keystay.client.ledger.report import PrivacyReport, build_report, sign_report
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
-from keystay.client.store import EventStore, block_for
+from keystay.client.store import EventStore, block_for, is_block_id
 from keystay.client.trainer.job import TrainJob
 from keystay.client.trainer.process import WarmTrainer
 from keystay.client.windows import TRAIN_STRIDE, WINDOW, make_windows, split_heldout
@@ -297,7 +297,8 @@ class DeviceCore:
                 self._closed_blocks |= self.ledger.retired_blocks()
             closed = self._closed_blocks
             if self._newest_block is None:
-                held = [info.block for info in self.store.blocks()]
+                # An altered block name (see EventStore) must not become "newest".
+                held = [info.block for info in self.store.blocks() if is_block_id(info.block)]
                 self._newest_block = max([*held, *closed], default=block)
             target = max(block, self._newest_block)
             while target in closed:

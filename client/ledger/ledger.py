@@ -383,6 +383,15 @@ class Ledger:
                         "would reset spent budgets)"
                     )
                 else:
+                    # A damaged file can open and still fail half-way through a
+                    # later query; a full check now (the ledger is small, and
+                    # opened once per daemon) refuses it before anything is
+                    # read from it or charged to it.
+                    problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+                    if problems != ["ok"]:
+                        raise sqlite3.DatabaseError(
+                            f"damaged: {'; '.join(str(p) for p in problems[:3])}"
+                        )
                     conn.execute(_STATE_SCHEMA)
                 conn.execute("COMMIT")
             except BaseException:
