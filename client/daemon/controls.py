@@ -14,6 +14,7 @@ nobody else, reads why.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -26,6 +27,8 @@ from keystay.client.tokens import token_kind, token_name
 from keystay.v1 import device_pb2
 
 EXPORT_FORMAT = "keystay-export/1"
+#: Longest timed pause: a year. Longer is "until resumed" (seconds = 0).
+MAX_PAUSE_S = 366 * 86400.0
 
 
 class PausableSource(Protocol):
@@ -119,6 +122,19 @@ class Controls:
         return self.core.policy.explain(), self.policy_source
 
     def pause(self, seconds: float) -> str:
+        """Pause recording for ``seconds`` (0: until resumed); the end, ISO 8601, or "".
+
+        Raises
+        ------
+        ValueError
+            ``seconds`` is not 0 or a finite number from 1 to :data:`MAX_PAUSE_S`
+            (NaN would pause forever unnoticed, and a far end does not fit a date).
+        """
+        if not (math.isfinite(seconds) and (seconds == 0 or 1 <= seconds <= MAX_PAUSE_S)):
+            raise ValueError(
+                f"pause seconds must be 0 (until resumed) or from 1 to {MAX_PAUSE_S:.0f} "
+                f"(a year), got {seconds!r}"
+            )
         if self.recorder is None:
             return ""
         until = time.time() + seconds if seconds > 0 else None
