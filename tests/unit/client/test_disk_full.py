@@ -2,7 +2,9 @@
 
 A 2 MB tmpfs is mounted under the test's tmp dir and filled with a filler file
 while the recorder writes to an :class:`EventStore` on it. Needs root (to
-mount); CI runs as root, elsewhere the test is skipped with that reason.
+mount); CI runs as root, elsewhere that test is skipped with that reason.
+The status flag and its line in ``keystay device status`` are checked
+without a mount.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from keystay.client.capture.recorder import Recorder
 from keystay.client.store import EventStore
 from keystay.client.tokens import Tokenizer
 
-pytestmark = pytest.mark.skipif(
+needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root"
 )
 
@@ -71,6 +73,7 @@ def wait_for(predicate: object, timeout: float = 20.0) -> bool:
     return False
 
 
+@needs_root
 def test_full_disk_stops_writing_keeps_store_and_resumes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -119,3 +122,42 @@ def test_full_disk_stops_writing_keeps_store_and_resumes(
         finally:
             rec.stop()
             store.close()
+
+
+# --- the status flag (no mount needed) ------------------------------------------------
+
+
+class _FullDisk:
+    def append(self, block: str, records: object) -> None:
+        import sqlite3
+
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_status_says_the_store_is_not_writing(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from keystay.client import device_cli
+    from keystay.client.daemon.controls import Controls
+
+    from .test_core import make_core
+
+    core, _ = make_core(tmp_path / "d")
+    rec = Recorder(_FullDisk(), Tokenizer(), flush_interval=0.05)  # type: ignore[arg-type]
+    controls = Controls(core, rec, "simulated", "test")
+    assert not controls.status().store_writing_stopped
+    rec.start()
+    try:
+        type_keys(rec, 20)
+        assert wait_for(lambda: rec.stats.writing_stopped, timeout=10.0)
+        reply = controls.status()
+    finally:
+        rec.stop(timeout=1.0)
+    assert reply.store_writing_stopped
+    assert "disk is full" in reply.store_problem
+
+    monkeypatch.setattr(device_cli, "_call", lambda *_a, **_k: reply)
+    out = CliRunner().invoke(device_cli.device, ["status", "--data", str(tmp_path / "d")])
+    assert out.exit_code == 0, out.output
+    assert "not writing: database or disk is full" in out.output
