@@ -115,6 +115,8 @@ class LocalFederation:
     insecure : bool
         Plain-text loopback federation without node authentication. Default
         False: TLS, enrolled devices only, as in production.
+    device_source : str
+        The daemons' capture source: "none", or "pynput" (needs DISPLAY).
     """
 
     root: Path
@@ -124,6 +126,9 @@ class LocalFederation:
     policy_toml: str | None = None
     startup_timeout: float = 180.0
     insecure: bool = False
+    #: ``--source`` of every device daemon: "none" (history only), or "pynput"
+    #: for live capture (bench/bench_soak.py sets DISPLAY to a private Xvfb).
+    device_source: str = "none"
     parts: list[Part] = field(default_factory=list)
     device_list: list[LocalDevice] = field(default_factory=list)
     fleet: str = ""
@@ -266,7 +271,7 @@ class LocalFederation:
             device.part = self._spawn(
                 device.name,
                 self._keystay(
-                    "device", "run", "--data", str(device.data_dir), "--source", "none",
+                    "device", "run", "--data", str(device.data_dir), "--source", self.device_source,
                     "--simulate-days", str(self.simulate_days),
                     "--events-per-day", str(self.events_per_day),
                     "--employee-seed", str(device.seed),
