@@ -110,13 +110,20 @@ class Driver(threading.Thread):
         self.server, self.rate = server, rate
         self.stopping = threading.Event()
         self.sent = 0
+        self.stalls = 0
 
     def run(self) -> None:
         from bench_recorder import drive, plan
 
         slots, keys, moves = plan(self.rate, 10.0)
         while not self.stopping.is_set():
-            drive(self.server, slots)
+            try:
+                drive(self.server, slots)
+            except subprocess.TimeoutExpired:
+                # A loaded machine can stall xdotool; count it and keep the load on
+                # (a driver that died silently would make the rest of the soak idle).
+                self.stalls += 1
+                continue
             self.sent += keys + moves
 
 
