@@ -273,6 +273,10 @@ def status(data_dir: Path, as_json: bool) -> None:
     click.echo(f"state       {state}   source: {reply.source}")
     click.echo(f"events today {reply.events_today}   store {reply.store_bytes / 1e6:.2f} MB   "
                f"trainer {'warm' if reply.trainer_ready else 'not running (starts for a round)'}")
+    if reply.store_writing_stopped:
+        click.echo(f"STORE       not writing: {reply.store_problem or 'the store refuses writes'}; "
+                   "new tokens wait in memory and are written when it accepts again "
+                   "(free disk space)")
     click.echo(f"\n{'day':<12}{'events':>9}{'ε spent':>10}{'ε left':>9}{'budget':>9}  state")
     for b in reply.blocks:
         left = max(0.0, b.budget - b.epsilon)

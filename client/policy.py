@@ -265,10 +265,19 @@ class _Rule:
     typ: str  # "number", "integer", "boolean", "string", "list of strings"
 
 
+def _finite(value: float) -> bool:
+    """Finite as a float: TOML integers are unbounded, and one past float range
+    (``delta = 1`` followed by 400 zeros) must be out of range, not an OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(test: Callable[[float], bool], allowed: str) -> _Rule:
     return _Rule(
         allowed=allowed,
-        check=lambda v: math.isfinite(v) and test(float(v)),
+        check=lambda v: _finite(v) and test(float(v)),
         convert=float,
         typ="number",
     )
@@ -501,7 +510,13 @@ class DevicePolicy:
                 f"{', '.join(unknown)} in [policy]; allowed keys: {', '.join(allowed)}"
             )
         values = {key: _validated(key, value, source) for key, value in table.items()}
-        return cls(**values)
+        try:
+            return cls(**values)
+        except PolicyError as error:
+            # A rule across keys (ceiling below floor) names the class; the
+            # employee must be told which file to fix.
+            message = str(error).removeprefix("DevicePolicy: ")
+            raise PolicyError(f"{source}: {message}") from None
 
     @classmethod
     def load(cls, path: Path) -> DevicePolicy:

@@ -71,7 +71,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -101,6 +101,7 @@ __all__ = [
     "StoreError",
     "WrongKeyError",
     "block_for",
+    "is_block_id",
 ]
 
 FORMAT_VERSION = 1
@@ -152,6 +153,27 @@ class StoreCorruptError(StoreError):
     """Stored data failed authentication or is inconsistent (altered, moved, truncated)."""
 
 
+@contextlib.contextmanager
+def _damaged_file_is_corrupt(db_path: Path) -> Iterator[None]:
+    """Turn SQLite's "malformed" / "not a database" into :class:`StoreCorruptError`.
+
+    Only for opening and reading: a damaged file is the store's corruption,
+    named as such. ``OperationalError`` (locked, disk full, I/O) passes
+    through unchanged, since the recorder retries those (see its module doc).
+    """
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        # Text that does not decode is damage too, though SQLite's Python
+        # binding reports it as an OperationalError.
+        if isinstance(error, sqlite3.OperationalError) and "decode" not in str(error):
+            raise
+        raise StoreCorruptError(
+            f"the event store {db_path} is damaged ({error}); keystay cannot read it. "
+            "Restore it from a backup, or run 'keystay device forget --all' to start empty."
+        ) from error
+
+
 class BlockNotFoundError(StoreError, KeyError):
     """The store holds no batch for the requested block."""
 
@@ -189,6 +211,15 @@ def block_for(ts: float) -> str:
     True
     """
     return date.fromtimestamp(ts).isoformat()
+
+
+def is_block_id(block: object) -> bool:
+    """Whether ``block`` is a block id this store writes (a valid ISO calendar date)."""
+    try:
+        _check_block(block)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
 
 
 def _check_block(block: str) -> None:
@@ -309,12 +340,13 @@ class EventStore:
         conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
                                timeout=30.0)
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise StoreError(f"{db_path}: could not switch SQLite to WAL mode ({mode})")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA secure_delete=ON")
-            _init_schema(conn, db_path, key_path, key)
+            with _damaged_file_is_corrupt(db_path):
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    raise StoreError(f"{db_path}: could not switch SQLite to WAL mode ({mode})")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA secure_delete=ON")
+                _init_schema(conn, db_path, key_path, key)
         except BaseException:
             conn.close()
             raise
@@ -360,7 +392,7 @@ class EventStore:
 
     def blocks(self) -> list[BlockInfo]:
         """Return every block held, oldest first."""
-        with self._lock:
+        with self._lock, _damaged_file_is_corrupt(self._db_path):
             rows = self._connection().execute(
                 "SELECT block, SUM(n_events), COUNT(*), SUM(LENGTH(ciphertext)) "
                 "FROM batches GROUP BY block ORDER BY block").fetchall()
@@ -398,11 +430,19 @@ class EventStore:
         return np.concatenate(parts).astype(np.int64)
 
     def _verified_payloads(self, block: str) -> list[tuple[int, int, bytes]]:
-        _check_block(block)
-        with self._lock:
+        with self._lock, _damaged_file_is_corrupt(self._db_path):
             rows = self._connection().execute(
                 "SELECT seq, n_events, nonce, ciphertext FROM batches WHERE block = ? "
                 "ORDER BY seq", (block,)).fetchall()
+        if not is_block_id(block):
+            if rows:
+                # blocks() lists it, but append() never writes such an id: the
+                # block column was edited (its batches cannot authenticate).
+                raise StoreCorruptError(
+                    f"the store at {self._db_path} holds a block named {block!r}, which is "
+                    "not a date keystay writes: the file was altered. Forget that block "
+                    "to go on.")
+            _check_block(block)  # raises ValueError naming what is wrong
         if not rows:
             raise BlockNotFoundError(f"the event store holds no block {block}")
         out = []

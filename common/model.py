@@ -49,6 +49,9 @@ from keystay.common.windows import WINDOW
 
 CHECKPOINT_FORMAT = "keystay.next-event-model"
 CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = frozenset(
+    {"format", "version", "vocab_version", "config", "state_dict", "meta", "sha256"}
+)
 
 # Short contexts are left-padded with the vocabulary's "<pad>" token (id 0).
 PAD_ID = token_id("<pad>")
@@ -250,13 +253,15 @@ def save_checkpoint(
         raise ValueError(f"checkpoint meta must be JSON-serialisable: {error}") from error
     model = NextEventModel(config)
     set_weights(model, weights)  # checks the weights fit the config
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "vocab_version": VOCAB_VERSION,
         "config": config.to_dict(),
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state_dict": state,
         "meta": meta,
+        "sha256": _checkpoint_digest(config.to_dict(), [t.numpy() for t in state.values()], meta),
     }
     # Write then rename: a reader never sees half a checkpoint.
     with private_writer(path) as f:
@@ -264,22 +269,34 @@ def save_checkpoint(
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (a rename) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a folder; the rename still happened
-    finally:
-        os.close(fd)
+def _checkpoint_digest(config: Mapping[str, Any], weights: Sequence[np.ndarray],
+                       meta: Mapping[str, Any]) -> str:
+    """SHA-256 over the config, the weights and the meta.
+
+    torch's zip container does not check its CRCs on load, so without this a
+    flipped bit in a weight (or in ``meta``) would load silently as a
+    different model.
+    """
+    import hashlib
+
+    from keystay.common.digest import weights_sha256
+
+    text = json.dumps({"config": config, "meta": meta}, sort_keys=True)
+    return hashlib.sha256(text.encode() + weights_sha256(weights).encode()).hexdigest()
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint's config, weights (``state_dict`` order) and meta."""
+    """Read a checkpoint's config, weights (``state_dict`` order) and meta.
+
+    Raises
+    ------
+    FileNotFoundError
+        There is no file at ``path``.
+    ValueError
+        Naming ``path`` and what is wrong: not a checkpoint, another version
+        or vocabulary, damaged (the digest does not match), or contents that
+        do not make a model. Nothing of a damaged file is returned.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
@@ -289,6 +306,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise ValueError(
             f"{path} is not a keystay model checkpoint (torch.load failed: {error})"
         ) from error
+    try:
+        return _checkpoint_from_payload(path, payload)
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"{path} is not a valid keystay model checkpoint ({error})") from error
+
+
+def _checkpoint_from_payload(path: Path, payload: Any) -> Checkpoint:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a keystay model checkpoint (format field missing)")
     if payload.get("version") != CHECKPOINT_VERSION:
@@ -302,6 +328,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"{path} was trained on token vocabulary version {payload.get('vocab_version')}, "
             f"this keystay uses version {VOCAB_VERSION}; retrain the model"
         )
+    unknown = sorted(str(k) for k in set(payload) - _CHECKPOINT_KEYS)
+    if unknown:  # a damaged key name would otherwise hide the digest
+        raise ValueError(f"{path} holds entries this keystay does not know: {unknown}")
     config = ModelConfig.from_dict(payload["config"])
     model = NextEventModel(config)
     expected = list(model.state_dict())
@@ -311,7 +340,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"{path} holds tensors {list(state)} but a model of its config has {expected}"
         )
     weights = [t.numpy().copy() for t in state.values()]
-    return Checkpoint(config=config, weights=weights, meta=dict(payload.get("meta", {})))
+    meta = dict(payload.get("meta", {}))
+    # Checkpoints written before the digest have none; every one written now does.
+    if "sha256" in payload and payload["sha256"] != _checkpoint_digest(
+        payload["config"], weights, meta
+    ):
+        raise ValueError(
+            f"{path} is damaged: its contents do not match the digest written with it"
+        )
+    return Checkpoint(config=config, weights=weights, meta=meta)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> NextEventModel:

@@ -141,7 +141,8 @@ class RunSettings:
                "heldout-events-per-day", self.heldout_events_per_day, "an integer > 32")
         _check(_number(self.round_timeout) and self.round_timeout > 0,
                "round-timeout", self.round_timeout, "seconds, > 0")
-        _check(bool(self.run_name) and "/" not in self.run_name, "run-name", self.run_name,
+        _check(isinstance(self.run_name, str) and bool(self.run_name)
+               and "/" not in self.run_name, "run-name", self.run_name,
                "a non-empty name without '/'")
         if self.secagg:
             self.check_secagg()

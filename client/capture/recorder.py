@@ -21,7 +21,12 @@ What happens on each kind of error (the writer never dies of one):
 
 - **The store cannot write** (disk full, I/O error, database locked beyond the
   store's 30 s timeout, store closed): the batch stays in memory and is
-  retried with backoff (1 s doubling to 60 s). Disks fill up and get cleaned
+  retried with backoff (1 s doubling to 60 s). The recorder has then *stopped
+  writing*: it logs that once, as one error line, and says so in its stats
+  (``writing_stopped``, shown by ``keystay device status``); when a retry
+  succeeds it logs one line that writing resumed. Nothing already in the store
+  is touched: each append is its own transaction, so a failed one leaves the
+  committed batches as they were. Disks fill up and get cleaned
   (often by keystay's own retention), so dropping at once would lose data
   that could have been kept; but an always-on recorder must not grow without
   bound on the employee's machine, so past ``max_pending_records`` the
@@ -103,6 +108,11 @@ class RecorderStats:
         Events waiting for the writer thread (queued, or held for ordering).
     last_error : str or None
         The most recent problem, for a person to read.
+    writing_stopped : bool
+        The store refused the last write (disk full, I/O error, ...): tokens
+        are held in memory (``records_pending``) and retried until it accepts.
+    store_problem : str or None
+        Why writing stopped, for a person; None while writing works.
     """
 
     events_seen: int
@@ -115,6 +125,8 @@ class RecorderStats:
     records_dropped: int
     queue_depth: int
     last_error: str | None
+    writing_stopped: bool = False
+    store_problem: str | None = None
 
 
 def _event_time(item: Any) -> float:
@@ -207,6 +219,8 @@ class Recorder:
         self._records_dropped = 0
         self._last_error: str | None = None
         self._last_logged: str | None = None
+        # Set by the writer thread while the store refuses writes (see module doc).
+        self._store_problem: str | None = None
 
         # Writer-thread state: tokens not yet handed to the store, and batches
         # the store could not take yet (block, records), oldest first.
@@ -336,6 +350,8 @@ class Recorder:
             records_dropped=self._records_dropped,
             queue_depth=self._queue.qsize() + len(self._pending),
             last_error=self._last_error,
+            writing_stopped=self._store_problem is not None,
+            store_problem=self._store_problem,
         )
 
     def _expire_pause_locked(self) -> bool:
@@ -516,13 +532,28 @@ class Recorder:
             self._note_error(f"the store refused {len(records)} tokens for {block}: {exc}")
             return True  # dropped for good: do not retry
         except (StoreError, sqlite3.Error, OSError) as exc:
-            self._note_error(
+            message = (
                 f"could not write to the event store ({exc}); keeping up to "
                 f"{self._max_pending} tokens in memory and retrying"
             )
+            self._last_error = message
+            if self._store_problem is None:
+                # One line when writing stops, one when it resumes: a full
+                # disk retried every minute for a day must not flood the log.
+                log.error(
+                    "recorder stopped writing: %s; tokens already stored are kept",
+                    message,
+                )
+            self._store_problem = f"{exc}"
             self._retry_at = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
             return False
+        if self._store_problem is not None:
+            self._store_problem = None
+            log.warning(
+                "recorder resumed writing: the event store accepts batches again "
+                "(%d tokens dropped while it did not)", self._records_dropped,
+            )
         self._tokens_written += len(records)
         self._batches_written += 1
         return True

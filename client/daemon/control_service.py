@@ -21,7 +21,7 @@ import grpc
 from keystay.client.daemon.controls import Controls
 from keystay.client.policy import Refusal
 from keystay.client.serde import weights_from_proto
-from keystay.client.store import StoreError
+from keystay.client.store import StoreError, is_block_id
 from keystay.v1 import device_pb2, device_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,11 @@ class ControlServicer(device_pb2_grpc.ControlServicer):
     def Pause(  # noqa: N802
         self, request: device_pb2.PauseRequest, context: grpc.ServicerContext
     ) -> device_pb2.PauseReply:
-        return device_pb2.PauseReply(paused_until=self.controls.pause(request.seconds))
+        try:
+            until = self.controls.pause(request.seconds)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return device_pb2.PauseReply(paused_until=until)
 
     def Resume(  # noqa: N802
         self, request: device_pb2.ResumeRequest, context: grpc.ServicerContext
@@ -61,6 +65,12 @@ class ControlServicer(device_pb2_grpc.ControlServicer):
     ) -> device_pb2.ForgetReply:
         if not request.all and not request.days:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name days to forget, or all")
+        # All names checked before any is forgotten: a refusal deletes nothing.
+        bad = [day for day in request.days if not is_block_id(day)]
+        if bad:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"not a day (YYYY-MM-DD): {', '.join(repr(d) for d in bad[:3])}; "
+                          "nothing was forgotten")
         forgotten, destroyed = self.controls.forget(list(request.days), request.all)
         return device_pb2.ForgetReply(forgotten=forgotten, key_destroyed=destroyed)
 

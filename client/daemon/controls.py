@@ -14,6 +14,7 @@ nobody else, reads why.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -26,6 +27,8 @@ from keystay.common.tokens import token_kind, token_name
 from keystay.v1 import device_pb2
 
 EXPORT_FORMAT = "keystay-export/1"
+#: Longest timed pause: a year. Longer is "until resumed" (seconds = 0).
+MAX_PAUSE_S = 366 * 86400.0
 
 
 class PausableSource(Protocol):
@@ -95,6 +98,9 @@ class Controls:
                 )
             )
         recording = self.recorder is not None and not self.recorder.paused
+        # Only the real Recorder has stats; a bare PausableSource (tests) does not.
+        stats = getattr(self.recorder, "stats", None)
+        problem = getattr(stats, "store_problem", None) if stats is not None else None
         until = self.recorder.paused_until if self.recorder is not None else None
         return device_pb2.StatusReply(
             device_id=self.core.device_id,
@@ -107,6 +113,8 @@ class Controls:
             delta=self.core.policy.delta,
             trainer_ready=self.core.trainer.ready,
             version=self.version,
+            store_writing_stopped=bool(getattr(stats, "writing_stopped", False)),
+            store_problem=problem or "",
         )
 
     def policy(self) -> tuple[str, str]:
@@ -114,6 +122,19 @@ class Controls:
         return self.core.policy.explain(), self.policy_source
 
     def pause(self, seconds: float) -> str:
+        """Pause recording for ``seconds`` (0: until resumed); the end, ISO 8601, or "".
+
+        Raises
+        ------
+        ValueError
+            ``seconds`` is not 0 or a finite number from 1 to :data:`MAX_PAUSE_S`
+            (NaN would pause forever unnoticed, and a far end does not fit a date).
+        """
+        if not (math.isfinite(seconds) and (seconds == 0 or 1 <= seconds <= MAX_PAUSE_S)):
+            raise ValueError(
+                f"pause seconds must be 0 (until resumed) or from 1 to {MAX_PAUSE_S:.0f} "
+                f"(a year), got {seconds!r}"
+            )
         if self.recorder is None:
             return ""
         until = time.time() + seconds if seconds > 0 else None

@@ -34,6 +34,18 @@ Every :class:`~keystay.client.policy.Refusal` is written with its full reason
 to the device's refusal log (:mod:`keystay.client.daemon.refusals`) before it
 propagates; the servicer tells the federation only its code.
 
+Clock changes: a block is an employee-day taken from the wall clock, and a
+clock moved back (by hand, NTP after a long sleep, a time-zone change) would
+make the recorder write into a day already charged or retired. That would
+reopen a day whose ε history the ledger has already written, so
+:meth:`DeviceCore.append` writes blocks in day order only: a batch never goes
+to a block older than the newest the device holds or has charged, and never
+to a charged or retired block (it goes to the next day after it instead).
+Tokens recorded while the clock is behind are kept, under a later day; a
+clock moved forward creates that later day early and the days in between
+stay empty. Time zones and daylight-saving changes only move where midnight
+falls, so they are the same case.
+
 The Poisson sampling rate is the run's ``q`` (bounded by the policy), not
 ``B / n``: the report names the rate, and a rate derived from the window
 count ``n`` would reveal it. The expected batch is ``q · n``.
@@ -41,10 +53,12 @@ count ``n`` would reveal it. The expected batch is ``q · n``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +69,13 @@ from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Ledger
 from keystay.client.ledger.report import PrivacyReport, build_report, sign_report
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
-from keystay.client.store import EventStore, block_for
+from keystay.client.store import EventStore, block_for, is_block_id
 from keystay.client.trainer.job import TrainJob
 from keystay.client.trainer.process import WarmTrainer
 from keystay.common.digest import weights_sha256
 from keystay.common.windows import TRAIN_STRIDE, WINDOW, make_windows, split_heldout
+
+log = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.1
 
@@ -135,6 +151,13 @@ class DeviceCore:
         self._train_lock = threading.Lock()
         self.refusals = RefusalLog(data_dir / REFUSALS_FILE)
         self._weight_spec: WeightSpec | None = None
+        # Day-order state for append() (see "Clock changes" above): the
+        # blocks charged or retired (None: read from the ledger on the next
+        # append; reset after every charge) and the newest block written.
+        self._append_lock = threading.Lock()
+        self._closed_blocks: set[str] | None = None
+        self._newest_block: str | None = None
+        self._last_moved: tuple[str, str] | None = None
 
     @property
     def device_id(self) -> str:
@@ -215,6 +238,7 @@ class DeviceCore:
                 blocks=blocks,
                 mechanism=mechanism,
             )
+            self._closed_blocks = None  # these blocks are closed to new tokens now
             outcome = self.trainer.train(
                 _job(weights, train, heldout, request, mechanism)
             )
@@ -265,10 +289,44 @@ class DeviceCore:
         with self._train_lock:
             self.store.destroy()
             self.store = EventStore.open(self.data_dir)
+            with self._append_lock:
+                self._newest_block = None
 
     def append(self, block: str, records: Sequence[object]) -> None:
-        """Write a batch to whichever store is current (it changes on forget --all)."""
-        self.store.append(block, records)  # type: ignore[arg-type]
+        """Write a batch to whichever store is current (it changes on forget --all),
+        in day order (see "Clock changes" in the module doc)."""
+        self.store.append(self.block_to_write(block), records)  # type: ignore[arg-type]
+
+    def block_to_write(self, block: str) -> str:
+        """The block a batch stamped ``block`` by the wall clock goes to.
+
+        ``block`` itself, unless the clock went back: then the newest block
+        the device holds or has charged, or the first day after it when that
+        one is charged or retired. Never an earlier block than the last call
+        returned, and never a charged or retired one.
+        """
+        with self._append_lock:
+            if self._closed_blocks is None:
+                self._closed_blocks = {t.block for t in self.ledger.totals()}
+                self._closed_blocks |= self.ledger.retired_blocks()
+            closed = self._closed_blocks
+            if self._newest_block is None:
+                # An altered block name (see EventStore) must not become "newest".
+                held = [info.block for info in self.store.blocks() if is_block_id(info.block)]
+                self._newest_block = max([*held, *closed], default=block)
+            target = max(block, self._newest_block)
+            while target in closed:
+                target = (date.fromisoformat(target) + timedelta(days=1)).isoformat()
+            if target != block and self._last_moved != (block, target):
+                # Once per change of target, not once per batch.
+                log.warning(
+                    "the clock says %s, but that day is older than %s or already "
+                    "charged; writing its tokens to %s so no charged day is reopened",
+                    block, self._newest_block, target,
+                )
+            self._last_moved = (block, target) if target != block else None
+            self._newest_block = target
+            return target
 
 
 def window_count(events: int) -> int:

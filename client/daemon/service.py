@@ -36,6 +36,7 @@ from keystay.client.ledger.ledger import DeviceLedgerError
 from keystay.client.ledger.report import PrivacyReport
 from keystay.client.policy import Refusal, TrainingRequest
 from keystay.client.serde import weights_from_proto, weights_to_proto
+from keystay.client.trainer.process import TrainerError
 from keystay.v1 import device_pb2, device_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,14 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
             # spending budget nobody recorded.
             logger.exception("ledger failure")
             message = "device ledger unavailable; see the device log"
+        except TrainerError as error:
+            # The trainer died (OOM killer, memory limit) or timed out. Its
+            # text holds only a pid and an op, but the server gets a fixed
+            # sentence all the same: that the round is lost, not why in detail.
+            logger.error("training failed: %s", error)
+            message = ("device trainer stopped during this round (out of memory, killed or "
+                       "timed out); the round's charge stands; the next round starts a new "
+                       "trainer")
         except Exception:
             # Store, trainer or a bug: the exception text may quote data or
             # paths, so the caller gets a fixed sentence and INTERNAL (never

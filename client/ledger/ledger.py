@@ -347,6 +347,15 @@ class Ledger:
         try:
             conn = open_versioned(path, version=SCHEMA_VERSION, schema=_SCHEMA,
                                   always=_STATE_SCHEMA)
+            # A damaged file can open and still fail half-way through a later
+            # query; a full check now (the ledger is small, and opened once per
+            # daemon) refuses it before anything is read from it or charged to it.
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                conn.close()
+                raise sqlite3.DatabaseError(
+                    f"damaged: {'; '.join(str(p) for p in problems[:3])}"
+                )
         except ForeignFileError as error:
             raise DeviceLedgerError(
                 f"{path} has tables but no format version; it is not a keystay "

@@ -22,6 +22,10 @@ Failure handling, per kind:
 
 - The child dies while idle (killed, out of memory): the next call starts a
   new one, transparently (nothing was lost).
+- The child runs out of memory during a call (an allocation fails: an
+  address-space limit, a cgroup, ``MemoryError``): it is stopped as the OOM
+  killer would stop it, the call raises :class:`TrainerOutOfMemoryError`, and
+  the next call starts a new one.
 - The child dies during a call: that call raises :class:`TrainerCrashedError`
   (the round did not complete; whatever the ledger charged stays charged),
   and the next call starts a new child.
@@ -89,6 +93,10 @@ class TrainerError(KeystayError, RuntimeError):
 
 class TrainerCrashedError(TrainerError):
     """The trainer process died during a call; the call did not complete."""
+
+
+class TrainerOutOfMemoryError(TrainerCrashedError):
+    """The trainer process ran out of memory during a call; it was stopped and is replaced."""
 
 
 class TrainerTimeoutError(TrainerError):
@@ -556,6 +564,21 @@ class WarmTrainer:
                 self._last_used = time.monotonic()
         if reply[0] == "ok":
             return reply[1]
+        if reply[2] == "MemoryError" or "out of memory" in str(reply[3]).lower():
+            # Out of memory (an address-space limit, a cgroup): a process whose
+            # allocation failed half-way is not trusted with the next job.
+            # Stopped as the OOM killer would have, and replaced on the next call.
+            with self._lock:
+                pid = self._proc.pid if self._proc is not None else None
+                self._kill()
+                self.restarts += 1
+            error = TrainerOutOfMemoryError(
+                f"the trainer process (pid {pid}) ran out of memory during '{op}' and was "
+                "stopped; the call did not complete; the next call starts a new trainer "
+                "process. Free memory, or train with a smaller batch."
+            )
+            error.__cause__ = RemoteTraceback(reply[4])
+            raise error
         raise self._as_exception(reply, op)
 
     def _receive(self, timeout: float, op: str) -> tuple[Any, ...]:

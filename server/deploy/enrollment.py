@@ -140,7 +140,13 @@ class EnrollmentRequest:
                 f"{source}: device_id {data['device_id']!r} does not match its signing key "
                 f"(which names {device_id}); the file was altered or mixed from two devices"
             )
-        payload = canonical_json({k: v for k, v in data.items() if k != "proof"})
+        try:
+            payload = canonical_json({k: v for k, v in data.items() if k != "proof"})
+        except ValueError as error:  # NaN or infinity: JSON a device never signs
+            raise EnrollmentError(
+                f"{source}: a field holds a number JSON cannot carry ({error}); the file "
+                "was altered after the device wrote it"
+            ) from error
         supernode_key: str | None = None
         if form == FORMAT_V2:
             supernode_key = str(data["supernode_public_key"]).strip()

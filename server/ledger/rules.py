@@ -45,6 +45,15 @@ def bigger(a: float, b: float) -> bool:
     return a > b + _REL_TOL * max(1.0, abs(b))
 
 
+def _finite(value: int | float) -> bool:
+    """Finite as a float. JSON integers are unbounded: one past float range in a
+    signed payload is a malformed report, not an OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_fields(payload: Mapping[str, Any]) -> list[str]:
     """Problems with the payload's shape, as sentences (empty when well-formed)."""
     problems = []
@@ -55,9 +64,10 @@ def check_fields(payload: Mapping[str, Any]) -> list[str]:
         value = payload[name]
         if isinstance(value, bool) or not isinstance(value, types):
             problems.append(f"payload '{name}' = {value!r} is not a {types[0].__name__}")
-    for name in ("epsilon_total", "epsilon_round", "noise_multiplier", "delta", "sample_rate"):
+    for name in ("epsilon_total", "epsilon_round", "noise_multiplier", "delta", "sample_rate",
+                 "max_grad_norm"):
         value = payload.get(name)
-        if _is_number(value) and not (math.isfinite(value) and value >= 0):
+        if _is_number(value) and not (_finite(value) and value >= 0):
             problems.append(f"payload '{name}' = {value!r} is not a finite number >= 0")
     blocks = payload.get("blocks")
     if isinstance(blocks, list):
@@ -72,9 +82,9 @@ def check_fields(payload: Mapping[str, Any]) -> list[str]:
                 if name not in entry or wrong_bool or not isinstance(value, types):
                     problems.append(f"payload blocks[{index}] has no valid '{name}'")
             eps, budget = entry.get("epsilon"), entry.get("budget")
-            if _is_number(eps) and not (math.isfinite(eps) and eps >= 0):
+            if _is_number(eps) and not (_finite(eps) and eps >= 0):
                 problems.append(f"payload blocks[{index}] epsilon {eps!r} is not finite >= 0")
-            if _is_number(budget) and not (math.isfinite(budget) and budget > 0):
+            if _is_number(budget) and not (_finite(budget) and budget > 0):
                 problems.append(f"payload blocks[{index}] budget {budget!r} is not finite > 0")
             block = entry.get("block")
             if isinstance(block, str):

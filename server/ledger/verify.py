@@ -108,7 +108,13 @@ def verified_report(
         raise ReportVerificationError(f"signed payload is not JSON ({error})") from error
     if not isinstance(fields, dict):
         raise ReportVerificationError("signed payload is not a JSON object")
-    if canonical_json(fields) != bytes(payload):
+    try:
+        canonical = canonical_json(fields)
+    except ValueError as error:  # NaN or infinity: never in a device's canonical form
+        raise ReportVerificationError(
+            f"signed payload is not in canonical form ({error})"
+        ) from error
+    if canonical != bytes(payload):
         raise ReportVerificationError("signed payload is not in canonical form")
     if fields.get("format") != REPORT_FORMAT:
         raise ReportVerificationError(

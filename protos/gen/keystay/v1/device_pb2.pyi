@@ -145,7 +145,7 @@ class BlockStatus(_message.Message):
     def __init__(self, block: _Optional[str] = ..., events: _Optional[int] = ..., epsilon: _Optional[float] = ..., budget: _Optional[float] = ..., retired: _Optional[bool] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("device_id", "recording", "paused_until", "source", "events_today", "store_bytes", "blocks", "delta", "trainer_ready", "version")
+    __slots__ = ("device_id", "recording", "paused_until", "source", "events_today", "store_bytes", "blocks", "delta", "trainer_ready", "version", "store_writing_stopped", "store_problem")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDING_FIELD_NUMBER: _ClassVar[int]
     PAUSED_UNTIL_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,8 @@ class StatusReply(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     TRAINER_READY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORE_WRITING_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    STORE_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     recording: bool
     paused_until: str
@@ -166,7 +168,9 @@ class StatusReply(_message.Message):
     delta: float
     trainer_ready: bool
     version: str
-    def __init__(self, device_id: _Optional[str] = ..., recording: _Optional[bool] = ..., paused_until: _Optional[str] = ..., source: _Optional[str] = ..., events_today: _Optional[int] = ..., store_bytes: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., delta: _Optional[float] = ..., trainer_ready: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+    store_writing_stopped: bool
+    store_problem: str
+    def __init__(self, device_id: _Optional[str] = ..., recording: _Optional[bool] = ..., paused_until: _Optional[str] = ..., source: _Optional[str] = ..., events_today: _Optional[int] = ..., store_bytes: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockStatus, _Mapping]]] = ..., delta: _Optional[float] = ..., trainer_ready: _Optional[bool] = ..., version: _Optional[str] = ..., store_writing_stopped: _Optional[bool] = ..., store_problem: _Optional[str] = ...) -> None: ...
 
 class PauseRequest(_message.Message):
     __slots__ = ("seconds",)
