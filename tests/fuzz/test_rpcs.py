@@ -65,7 +65,7 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    from tests.unit.client.test_core import YESTERDAY, FakeTrainer
+    from tests.unit.client.daemon.test_core import YESTERDAY, FakeTrainer
 
     root = Path(tempfile.mkdtemp(prefix="ks-fuzz-", dir="/tmp"))  # short socket paths
     data = root / "d"

@@ -149,7 +149,7 @@ def test_store_file_truncated_or_flipped(tmp_path: Path, store_dir: Path,
 
 @pytest.fixture(scope="module")
 def ledger_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.unit.client.test_ledger import DAY1, DAY2, admit
+    from tests.unit.client.ledger.test_ledger import DAY1, DAY2, admit
 
     data = tmp_path_factory.mktemp("ledger")
     with Ledger.open(data) as ledger:

@@ -141,7 +141,7 @@ def test_status_says_the_store_is_not_writing(tmp_path: Path,
     from keystay.client import device_cli
     from keystay.client.daemon.controls import Controls
 
-    from .test_core import make_core
+    from tests.unit.client.daemon.test_core import make_core
 
     core, _ = make_core(tmp_path / "d")
     rec = Recorder(_FullDisk(), Tokenizer(), flush_interval=0.05)  # type: ignore[arg-type]

@@ -87,7 +87,7 @@ def test_a_round_whose_trainer_dies_is_refused_clearly_and_stays_charged(
     from keystay.client.serde import weights_to_proto
     from keystay.v1 import device_pb2
 
-    from .test_core import SPEC, make_core, weights
+    from tests.unit.client.daemon.test_core import SPEC, make_core, weights
 
     core, fake = make_core(tmp_path / "d")
 
