@@ -140,7 +140,6 @@ def test_status_says_the_store_is_not_writing(tmp_path: Path,
 
     from keystay.client import device_cli
     from keystay.client.daemon.controls import Controls
-
     from tests.unit.client.daemon.test_core import make_core
 
     core, _ = make_core(tmp_path / "d")

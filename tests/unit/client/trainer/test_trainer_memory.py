@@ -86,7 +86,6 @@ def test_a_round_whose_trainer_dies_is_refused_clearly_and_stays_charged(
     from keystay.client.daemon.service import FederationServicer
     from keystay.client.serde import weights_to_proto
     from keystay.v1 import device_pb2
-
     from tests.unit.client.daemon.test_core import SPEC, make_core, weights
 
     core, fake = make_core(tmp_path / "d")
