@@ -18,6 +18,11 @@ model on its own held-out set, simulated employees that never train
 time or example count: devices stop sending them, and nothing here needs
 them. Per round it writes a checkpoint and one line of ``rounds.jsonl`` that
 ``keystay round start`` turns into the table an ML engineer reads.
+
+A round is one Flower message phase (train), and its replies are collected
+as they land (:class:`keystay.server.grid_poll.PromptGrid`), not on Flower's
+3 s pull tick: what a round costs beyond Flower's floor is measured by
+``bench/bench_round.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from keystay.server.central_dp import (
     CentralDPAccountant,
     aggregate_with_central_dp,
 )
+from keystay.server.grid_poll import prompt_grid
 from keystay.server.heldout import (
     HELDOUT_SET,
     HeldoutEvaluator,
@@ -404,6 +410,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of keystay federated training."""
     settings = RunSettings.from_run_config(dict(context.run_config))
     settings.run_dir.mkdir(parents=True, exist_ok=True)
+    # Replies are collected as they land, not on Flower's 3 s pull tick.
+    grid = prompt_grid(grid)
     (settings.run_dir / "settings.json").write_text(
         json.dumps(settings.as_run_config(), indent=2, sort_keys=True)
     )
