@@ -92,8 +92,10 @@ def keystay_rounds(federation: LocalFederation, devices: int, rounds: int,
                            local_steps=local_steps)
     outcome = start_run(federation.server_dir, settings)
     if not outcome.ok:
-        raise SystemExit(f"the keystay run failed (exit {outcome.returncode}); "
-                         f"see {outcome.log_file}")
+        raise SystemExit(f"the keystay run failed (flwr run exit {outcome.returncode}, "
+                         f"{len(outcome.rounds)} of {rounds} rounds written); see "
+                         f"{outcome.log_file} and the SuperLink's logs in "
+                         f"{federation.server_dir / 'logs'}")
     reported = [r for r in outcome.rounds if r.get("devices_reported") != devices]
     if reported:
         raise SystemExit(f"keystay rounds where not every device reported: "
