@@ -16,21 +16,30 @@ wrapper, not a patch of Flower: it holds for any Grid that keeps the public
 ``Grid`` interface, and ``tests/unit/server/test_grid_poll.py`` fails if that
 interface (its abstract methods) changes. Each pull is one loopback request
 from the ServerApp to its SuperLink, on the server: no device pays for it.
+A pull the SuperLink answers with a server error (its SQLite store locked
+under load) is retried at the next tick, up to :data:`MAX_PULL_FAILURES` in a
+row, instead of ending the run: pulling more often than Flower meets that
+error more often.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import WARNING
 from typing import Any
 
+import httpx
 from flwr.app import Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.superlink.grid import HttpGrid
 
-#: Seconds between two pulls for replies (Flower's HttpGrid: 3 s). The
-#: SuperLink's own runtime API polls its store every 0.25 s.
-PULL_INTERVAL = 0.2
+#: Seconds between two pulls for replies (Flower's HttpGrid: 3 s). Each pull
+#: is a write to the SuperLink's SQLite store, which SuperNodes write too.
+PULL_INTERVAL = 0.5
+#: Consecutive failed pulls (the SuperLink answering 5xx) before giving up.
+MAX_PULL_FAILURES = 20
 
 
 def prompt_grid(grid: Grid) -> Grid:
@@ -93,8 +102,22 @@ class PromptGrid(Grid):
         waiting = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        failures = 0
         while waiting:
-            pulled = list(self._grid.pull_messages(waiting))
+            try:
+                pulled = list(self._grid.pull_messages(waiting))
+                failures = 0
+            except httpx.HTTPStatusError as error:
+                # A loaded SuperLink answers 500 when its SQLite store is locked
+                # ("database is locked", seen with 10 devices on 2 busy cores):
+                # the replies are still there at the next pull, so one busy
+                # moment must not end the run. Anything else, or a SuperLink
+                # that keeps failing, ends it as Flower's own Grid would.
+                failures += 1
+                if error.response.status_code < 500 or failures >= MAX_PULL_FAILURES:
+                    raise
+                log(WARNING, "pulling replies failed (%s); retrying", error)
+                pulled = []
             replies.extend(pulled)
             waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
             if not waiting:

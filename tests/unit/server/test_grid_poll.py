@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import httpx
 import pytest
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -115,3 +116,38 @@ def test_the_grid_interface_is_the_one_promptgrid_forwards() -> None:
 
     assert "time.sleep(3)" in inspect.getsource(HttpGrid.send_and_receive), (
         "flwr's HttpGrid no longer sleeps 3 s between pulls; PromptGrid may be unneeded")
+
+
+class LockedOnceGrid(SlowGrid):
+    """The SuperLink answers 500 to the first ``fail`` pulls (its store locked)."""
+
+    def __init__(self, answer_after: list[int], fail: int, status: int = 500) -> None:
+        super().__init__(answer_after)
+        self.fail = fail
+        self.status = status
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        if self.fail > 0:
+            self.fail -= 1
+            request = httpx.Request("POST", "https://127.0.0.1/v1/runtime/pull-messages")
+            raise httpx.HTTPStatusError("locked", request=request,
+                                        response=httpx.Response(self.status, request=request))
+        return super().pull_messages(message_ids)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_busy_superlink_does_not_end_the_round() -> None:
+    grid = LockedOnceGrid(answer_after=[1, 1], fail=3)
+    replies = list(PromptGrid(grid, pull_interval=0.01).send_and_receive(_messages(2),
+                                                                         timeout=10.0))
+    assert len(replies) == 2
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_error_or_a_superlink_that_keeps_failing_ends_it() -> None:
+    with pytest.raises(httpx.HTTPStatusError):
+        list(PromptGrid(LockedOnceGrid([1], fail=1, status=403), pull_interval=0.01)
+             .send_and_receive(_messages(1), timeout=10.0))
+    with pytest.raises(httpx.HTTPStatusError):
+        list(PromptGrid(LockedOnceGrid([1], fail=10**6), pull_interval=0.01)
+             .send_and_receive(_messages(1), timeout=10.0))
