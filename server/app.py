@@ -28,6 +28,11 @@ new one; a row torn by a SIGKILL mid-append is skipped by readers and the
 next row starts on a fresh line. A killed ServerApp is not resumed: its run
 is failed, and the operator starts a new run; what devices were charged for
 it stays charged.
+
+A round is one Flower message phase (train), and its replies are collected
+as they land (:class:`keystay.server.grid_poll.PromptGrid`), not on Flower's
+3 s pull tick: what a round costs beyond Flower's floor is measured by
+``bench/bench_round.py``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from keystay.server.central_dp import (
     CentralDPAccountant,
     aggregate_with_central_dp,
 )
+from keystay.server.grid_poll import prompt_grid
 from keystay.server.heldout import (
     HeldoutEvaluator,
 )
@@ -296,6 +302,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of keystay federated training."""
     settings = RunSettings.from_run_config(dict(context.run_config))
     settings.run_dir.mkdir(parents=True, exist_ok=True)
+    # Replies are collected as they land, not on Flower's 3 s pull tick.
+    grid = prompt_grid(grid)
     # Beside and renamed over: a ServerApp killed here leaves the old file or
     # the new one, never half of one.
     write_private(settings.run_dir / "settings.json",

@@ -23,6 +23,12 @@ Supervision ties the SuperNode to the daemon: it runs under
 and takes the whole group down when the daemon dies, however it dies. A
 restarted daemon never meets an orphaned SuperNode holding its port and
 serving rounds through its socket.
+
+Round latency: the SuperNode is started through
+:mod:`keystay.client.daemon.supernode_launch` (Flower's own entry point with
+a 1 s idle poll instead of 3 s), and its SuperExec with
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` = :data:`SUPEREXEC_POLL` (Flower's
+default: 1 s). ``bench/bench_round.py`` measures what a round costs.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ from pathlib import Path
 from keystay.common.processes import terminate_group
 
 logger = logging.getLogger("keystay.device.supernode")
+
+#: Flower's documented variable for the SuperExec's task poll (seconds, default
+#: 1.0) and the value keystay's SuperNode runs with: a local loopback call, so
+#: idle it costs the laptop little, and a round's ClientApp starts sooner.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL = 0.25
 
 # A SuperNode that keeps dying (bad address, revoked) must not spin the CPU.
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -118,6 +130,11 @@ class SuperNodeConfig:
             + [f'{k}="{v}"' for k, v in sorted(self.extra_node_config.items())]
         )
         cmd = [
+            # Flower's own flower-supernode, through keystay's launcher: it only
+            # shortens the idle poll (see keystay.client.daemon.supernode_launch).
+            sys.executable,
+            "-m",
+            "keystay.client.daemon.supernode_launch",
             _executable("flower-supernode"),
             "--superlink",
             self.superlink,
@@ -170,6 +187,9 @@ class SuperNodeSupervisor:
         env = dict(os.environ)
         env["FLWR_HOME"] = str(self.config.flwr_home)
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        # The SuperExec it starts asks for a ClientApp to launch every 1 s by
+        # default; a round's ClientApp then starts up to 1 s late on each device.
+        env.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL))
         # flower-supernode starts flower-superexec, which must be on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         log = self.config.log_file.open("ab")

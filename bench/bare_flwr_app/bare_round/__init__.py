@@ -1,0 +1,1 @@
+"""The bare Flower app of bench/bench_round.py (see app.py)."""

@@ -1,0 +1,97 @@
+"""``flower-supernode`` with a shorter idle poll: how the daemon starts its SuperNode.
+
+Flower 1.39's SuperNode asks the SuperLink for a message, and when there is
+none sleeps a fixed 3 s (``time.sleep(3)`` in
+``flwr.supernode.start_client_internal``'s main loop) before asking again. A
+round's message therefore waits up to 3 s on every device before it is even
+seen, and Flower has no option or environment variable for that interval.
+
+This launcher runs Flower's own ``flower-supernode`` entry point unchanged,
+after one narrow substitution: the ``time`` that *that one module* sees is a
+proxy whose ``sleep(3)`` sleeps :data:`IDLE_POLL` seconds instead; every
+other call (its 0.5 s waits, ``time.time``) and every other module get the
+real ``time``. The substitution is made only on the Flower version it was
+read against (:data:`FLOWER_VERSION`); on any other it logs why and runs
+stock Flower. ``tests/unit/client/test_supernode_launch.py`` fails loudly
+when the installed Flower is not that version or its loop no longer holds
+exactly one ``time.sleep(3)``: re-read the loop, then update both.
+
+Why 1 s and not less: an idle SuperNode pulls over TLS at this interval all
+day on the employee's laptop. At 1 s a round's message is picked up 1 s
+later at worst (was 3 s), for a pull a second on a machine that is otherwise
+idle.
+
+Usage (what :class:`keystay.client.daemon.supernode.SuperNodeConfig` builds)::
+
+    python -m keystay.client.daemon.supernode_launch /path/to/flower-supernode ARGS...
+
+The path of ``flower-supernode`` stays in the command line, so the process is
+still found by that name (``ps``, the tests), and Flower's argument parser
+sees it as its program name.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+#: The Flower release whose SuperNode loop this was read against.
+FLOWER_VERSION = "1.39.0"
+#: The loop's idle sleep in that release, in seconds.
+FLOWER_IDLE_SLEEP = 3
+#: What keystay's SuperNode sleeps instead when the SuperLink had no message.
+IDLE_POLL = 1.0
+
+
+class IdlePollTime:
+    """``time``, except that ``sleep(FLOWER_IDLE_SLEEP)`` sleeps ``idle_poll``."""
+
+    def __init__(self, idle_poll: float, real: ModuleType = time) -> None:
+        self._real = real
+        self._idle_poll = idle_poll
+
+    def sleep(self, seconds: float) -> None:
+        self._real.sleep(self._idle_poll if seconds == FLOWER_IDLE_SLEEP else seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def shorten_idle_poll(idle_poll: float = IDLE_POLL) -> str | None:
+    """Give Flower's SuperNode loop the shorter idle sleep; the reason if it was not.
+
+    Returns
+    -------
+    str | None
+        None when the substitution was made, else a sentence saying why not
+        (another Flower version), for the log.
+    """
+    import flwr
+    from flwr.supernode import start_client_internal
+
+    if flwr.__version__ != FLOWER_VERSION:
+        return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose SuperNode loop "
+                f"keystay read; the SuperNode keeps Flower's own idle poll")
+    start_client_internal.time = IdlePollTime(idle_poll)  # type: ignore[attr-defined]
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``flower-supernode`` (``argv[0]``, its path) with ``argv[1:]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        sys.exit("usage: python -m keystay.client.daemon.supernode_launch "
+                 "/path/to/flower-supernode ARGS...")
+    reason = shorten_idle_poll()
+    if reason is not None:
+        print(f"keystay: {reason}", file=sys.stderr, flush=True)
+    sys.argv = list(args)
+    from flwr.supernode.cli import flower_supernode
+
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The SuperNode launcher: Flower's loop with a 1 s idle poll, and only that.
+
+The launcher rests on one line of Flower's code (the SuperNode loop's
+``time.sleep(3)`` when the SuperLink had no message). These tests fail
+loudly when the installed Flower is not the release that line was read in,
+or the line changed: re-read ``flwr.supernode.start_client_internal`` and
+update ``keystay.client.daemon.supernode_launch``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import flwr
+import pytest
+from flwr.supernode import start_client_internal
+
+from keystay.client.daemon import supernode_launch
+from keystay.client.daemon.supernode import SuperNodeConfig
+from keystay.client.daemon.supernode_launch import (
+    FLOWER_IDLE_SLEEP,
+    FLOWER_VERSION,
+    IDLE_POLL,
+    IdlePollTime,
+    shorten_idle_poll,
+)
+
+
+@pytest.fixture
+def restore_time() -> Iterator[None]:
+    yield
+    start_client_internal.time = time  # type: ignore[assignment]
+
+
+def test_flower_is_the_release_the_launcher_was_read_against() -> None:
+    assert flwr.__version__ == FLOWER_VERSION, (
+        f"Flower is {flwr.__version__}; keystay's SuperNode launcher was written against "
+        f"{FLOWER_VERSION}. Re-read flwr/supernode/start_client_internal.py's main loop and "
+        "update keystay.client.daemon.supernode_launch (FLOWER_VERSION, FLOWER_IDLE_SLEEP)")
+
+
+def test_the_idle_sleep_is_the_only_sleep_of_that_length_in_the_loop() -> None:
+    source = inspect.getsource(start_client_internal)
+    assert source.count(f"time.sleep({FLOWER_IDLE_SLEEP})") == 1
+    # ...and it is the one after an empty pull, not a wait inside a round.
+    loop = inspect.getsource(start_client_internal.start_client_internal)
+    empty_pull = loop.index("if run_id is None:")
+    assert loop.index(f"time.sleep({FLOWER_IDLE_SLEEP})", empty_pull) - empty_pull < 200
+
+
+def test_only_the_idle_sleep_is_shortened() -> None:
+    slept: list[float] = []
+
+    class Clock:
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+
+        @staticmethod
+        def monotonic() -> float:
+            return 42.0
+
+    proxy = IdlePollTime(0.25, real=Clock)  # type: ignore[arg-type]
+    proxy.sleep(FLOWER_IDLE_SLEEP)
+    proxy.sleep(0.5)
+    proxy.sleep(10)
+    assert slept == [0.25, 0.5, 10]
+    assert proxy.monotonic() == 42.0  # everything else is the real module's
+
+
+@pytest.mark.usefixtures("restore_time")
+def test_the_substitution_reaches_that_module_only() -> None:
+    assert shorten_idle_poll() is None
+    assert isinstance(start_client_internal.time, IdlePollTime)
+    assert time.sleep is not start_client_internal.time.sleep
+    assert IDLE_POLL < FLOWER_IDLE_SLEEP
+
+
+@pytest.mark.usefixtures("restore_time")
+def test_another_flower_release_keeps_flowers_own_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
+    reason = shorten_idle_poll()
+    assert reason is not None and "9.9.9" in reason
+    assert start_client_internal.time is time
+
+
+def test_the_daemon_starts_flowers_supernode_through_the_launcher(tmp_path: Path) -> None:
+    config = SuperNodeConfig(superlink="fl.example.test:9092", socket=tmp_path / "f.sock",
+                             runtime_port=9094, flwr_home=tmp_path / "flwr",
+                             log_file=tmp_path / "supernode.log", insecure=True)
+    cmd = config.command()
+    assert cmd[:3] == [sys.executable, "-m", supernode_launch.__name__]
+    assert Path(cmd[3]).name == "flower-supernode"  # still found by that name
+
+
+def test_the_launcher_runs_flowers_entry_point() -> None:
+    flower = Path(sys.executable).parent / "flower-supernode"
+    result = subprocess.run(
+        [sys.executable, "-m", supernode_launch.__name__, str(flower), "--help"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "flower-supernode" in result.stdout and "--superlink" in result.stdout
