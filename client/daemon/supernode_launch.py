@@ -74,7 +74,7 @@ def shorten_idle_poll(idle_poll: float = IDLE_POLL) -> str | None:
     if flwr.__version__ != FLOWER_VERSION:
         return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose SuperNode loop "
                 f"keystay read; the SuperNode keeps Flower's own idle poll")
-    start_client_internal.time = IdlePollTime(idle_poll)  # type: ignore[attr-defined]
+    start_client_internal.time = IdlePollTime(idle_poll)  # type: ignore[assignment,attr-defined]
     return None
 
 
