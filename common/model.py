@@ -57,6 +57,12 @@ _CHECKPOINT_KEYS = frozenset(
 PAD_ID = token_id("<pad>")
 
 
+
+#: Bounds on a model description (a checkpoint's config is not trusted). The
+#: shipped model has about 35,000 parameters.
+MAX_PARAMETERS = 50_000_000
+MAX_LAYERS = 64
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a :class:`NextEventModel`.
@@ -105,6 +111,28 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.layers must be >= 0, got {self.layers}")
         if self.arch not in ("conv", "mlp"):
             raise ValueError(f"ModelConfig.arch must be 'conv' or 'mlp', got {self.arch!r}")
+        # A config can come from a checkpoint file, which is not trusted: a
+        # model built from one with huge dimensions would take all memory
+        # before any check of its weights could refuse it.
+        if self.layers > MAX_LAYERS:
+            raise ValueError(f"ModelConfig.layers must be at most {MAX_LAYERS}, got {self.layers}")
+        size = self.parameter_bound()
+        if size > MAX_PARAMETERS:
+            raise ValueError(
+                f"ModelConfig describes about {size:,} parameters; keystay's models have at "
+                f"most {MAX_PARAMETERS:,}"
+            )
+
+    def parameter_bound(self) -> int:
+        """An upper bound on the model's parameter count, computed without building it.
+
+        >>> ModelConfig().parameter_bound() >= sum(p.numel() for p in NextEventModel().parameters())
+        True
+        """
+        width = max(self.embed_dim, self.channels, self.hidden)
+        body = (self.layers + 1) * (self.kernel_size + 1) * width * (width + 2)
+        flat = (self.window + 1) * width * (width + 1) if self.arch == "mlp" else 0
+        return (self.vocab_size + 1) * (width + 1) * 2 + body + flat
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, for checkpoints and JSON."""
