@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import pwd
 from pathlib import Path
-from types import TracebackType
 
-from keystay.client.device_client import DeviceUnavailableError, open_channel
+from keystay.client.device_client import DeviceUnavailableError, SocketClient
 from keystay.v1 import device_pb2, device_pb2_grpc
 
 # Evaluate runs a model over every held-out window; the rest are quick.
@@ -28,7 +27,7 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
-class ControlClient:
+class ControlClient(SocketClient):
     """A connection to one daemon's control socket.
 
     Parameters
@@ -53,24 +52,10 @@ class ControlClient:
                     f"the daemon at {self.socket} serves only its own user, {name}; run this "
                     f"command as that user (e.g. 'sudo -u {name} keystay device ...')"
                 )
-        self._channel = open_channel(self.socket)
+        super().__init__(self.socket)
         self.stub = device_pb2_grpc.ControlStub(self._channel)
 
     def status(self) -> device_pb2.StatusReply:
         reply: device_pb2.StatusReply = self.stub.Status(device_pb2.StatusRequest(),
                                                          timeout=CALL_TIMEOUT_S)
         return reply
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import grpc
 
@@ -73,3 +75,35 @@ def open_channel(socket: Path) -> grpc.Channel:
     # Absolute: "unix://" + a relative path reads as an authority, which gRPC
     # refuses (a relative --data used to break every command).
     return grpc.insecure_channel(f"unix://{socket.absolute()}", options=CHANNEL_OPTIONS)
+
+
+class SocketClient:
+    """An open channel to one of the daemon's sockets, closed on ``with`` exit.
+
+    :class:`~keystay.client.federation_client.FederationClient` and
+    :class:`~keystay.client.control_client.ControlClient` add the stub of
+    their own service; each socket serves one service.
+
+    Raises
+    ------
+    DeviceUnavailableError
+        If the socket does not exist.
+    """
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = Path(socket)
+        self._channel = open_channel(self.socket)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -9,9 +9,8 @@ what the daemon chose to answer under the employee's policy.
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
 
-from keystay.client.device_client import DeviceUnavailableError, open_channel
+from keystay.client.device_client import DeviceUnavailableError, SocketClient
 from keystay.v1 import device_pb2, device_pb2_grpc
 
 __all__ = ["TRAIN_TIMEOUT_S", "DeviceUnavailableError", "FederationClient"]
@@ -20,7 +19,7 @@ __all__ = ["TRAIN_TIMEOUT_S", "DeviceUnavailableError", "FederationClient"]
 TRAIN_TIMEOUT_S = 1800.0
 
 
-class FederationClient:
+class FederationClient(SocketClient):
     """A connection to one daemon's federation socket.
 
     Parameters
@@ -36,24 +35,9 @@ class FederationClient:
     """
 
     def __init__(self, socket: Path) -> None:
-        self.socket = Path(socket)
-        self._channel = open_channel(self.socket)
+        super().__init__(socket)
         self.stub = device_pb2_grpc.FederationStub(self._channel)
 
     def train(self, request: device_pb2.TrainRequest) -> device_pb2.TrainReply:
         reply: device_pb2.TrainReply = self.stub.Train(request, timeout=TRAIN_TIMEOUT_S)
         return reply
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> FederationClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
