@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -32,6 +31,7 @@ import pytest
 
 from keystay.server.deploy.superlink import executable, flower_env
 from keystay.v1 import device_pb2
+from tests.e2e.running_daemon import simulated_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -79,28 +79,10 @@ def daemon() -> Iterator[Path]:
     # can open the path to another uid and leave only the peer-uid check.
     root = Path(tempfile.mkdtemp(prefix="keystay-adv-"))
     data = root / "device"
-    log_path = root / "daemon.log"
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [executable("keystay"), "device", "run", "--data", str(data), "--source", "simulated",
-         "--simulate-days", "2", "--events-per-day", "1500", "--employee-seed", "11"],
-        stdout=log, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True,
-    )
     try:
-        deadline = time.monotonic() + 120
-        while not (data / "federation.sock").exists():
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "daemon did not come up"
-            time.sleep(0.2)
-        yield data
+        with simulated_daemon(data, root / "daemon.log", seed=11):
+            yield data
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
-        log.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

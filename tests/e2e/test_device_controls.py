@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from keystay.server.deploy.superlink import executable, flower_env
+from tests.e2e.running_daemon import simulated_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -30,27 +31,8 @@ def keystay(*args: str, check: bool = True,
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Path]:
     data = tmp_path / "device"
-    log = (tmp_path / "daemon.log").open("wb")
-    process = subprocess.Popen(
-        [executable("keystay"), "device", "run", "--data", str(data), "--source", "simulated",
-         "--simulate-days", "2", "--events-per-day", "1500", "--employee-seed", "7"],
-        stdout=log, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (data / "federation.sock").exists():
-            assert process.poll() is None, (tmp_path / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "daemon did not come up"
-            time.sleep(0.2)
+    with simulated_daemon(data, tmp_path / "daemon.log", seed=7) as process:
         yield data
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
-        log.close()
     assert process.returncode == 0, (tmp_path / "daemon.log").read_text()[-2000:]
 
 

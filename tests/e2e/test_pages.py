@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import browser
 import demo_ledgers
+from running_daemon import simulated_daemon
 
 from keystay.server.deploy.superlink import executable, flower_env
 
@@ -63,22 +63,8 @@ def daemon(tmp_path: Path) -> Iterator[Path]:
         ([YESTERDAY], 1.1, 0.05, 60),
         ([FORGOTTEN], 1.0, 0.1, 100),
     ], forget=(FORGOTTEN,))
-    log = (tmp_path / "daemon.log").open("wb")
-    process = subprocess.Popen(
-        [executable("keystay"), "device", "run", "--data", str(data), "--source", "simulated",
-         "--simulate-days", "2", "--events-per-day", "1500", "--employee-seed", "3"],
-        stdout=log, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (data / "federation.sock").exists():
-            assert process.poll() is None, (tmp_path / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "daemon did not come up"
-            time.sleep(0.2)
+    with simulated_daemon(data, tmp_path / "daemon.log", seed=3):
         yield data
-    finally:
-        _stop(process)
-        log.close()
 
 
 @pytest.fixture
