@@ -71,6 +71,10 @@ RefusalCode = Literal[
     "block-excluded",
     "budget-exceeded",
     "no-data",
+    # SecAgg+ in the daemon (keystay.client.daemon.secagg_stages):
+    "secure-aggregation-only",  # Train asked of an employee-day device
+    "secagg-below-threshold",   # fewer than min_summed_devices could be unmasked together
+    "secagg-protocol",          # a stage out of order or inconsistent
 ]
 REFUSAL_CODES: tuple[str, ...] = get_args(RefusalCode)
 
@@ -87,6 +91,8 @@ _POLICY_CODES = frozenset(
         "clip-above-max",
         "too-many-steps",
         "block-excluded",
+        "secure-aggregation-only",
+        "secagg-below-threshold",
     }
 )
 

@@ -17,7 +17,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("noise_multiplier", "max_grad_norm", "local_steps", "learning_rate", "dp", "blocks", "sample_rate")
+    __slots__ = ("noise_multiplier", "max_grad_norm", "local_steps", "learning_rate", "dp", "blocks", "sample_rate", "privacy_unit", "update_clip", "day_sample_rate")
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class TrainSpec(_message.Message):
     DP_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_UNIT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CLIP_FIELD_NUMBER: _ClassVar[int]
+    DAY_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     noise_multiplier: float
     max_grad_norm: float
     local_steps: int
@@ -32,7 +35,10 @@ class TrainSpec(_message.Message):
     dp: bool
     blocks: _containers.RepeatedScalarFieldContainer[str]
     sample_rate: float
-    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dp: _Optional[bool] = ..., blocks: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[float] = ...) -> None: ...
+    privacy_unit: str
+    update_clip: float
+    day_sample_rate: float
+    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dp: _Optional[bool] = ..., blocks: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[float] = ..., privacy_unit: _Optional[str] = ..., update_clip: _Optional[float] = ..., day_sample_rate: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("run_id", "server_round", "weights", "spec")
@@ -103,6 +109,30 @@ class TrainReply(_message.Message):
     weights: _containers.RepeatedCompositeFieldContainer[Tensor]
     report: PrivacyReport
     def __init__(self, weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., report: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
+
+class SecAggStageRequest(_message.Message):
+    __slots__ = ("run_id", "server_round", "node_id", "configs", "weights", "spec")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    server_round: int
+    node_id: int
+    configs: bytes
+    weights: _containers.RepeatedCompositeFieldContainer[Tensor]
+    spec: TrainSpec
+    def __init__(self, run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., node_id: _Optional[int] = ..., configs: _Optional[bytes] = ..., weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., spec: _Optional[_Union[TrainSpec, _Mapping]] = ...) -> None: ...
+
+class SecAggStageReply(_message.Message):
+    __slots__ = ("configs", "report")
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    configs: bytes
+    report: PrivacyReport
+    def __init__(self, configs: _Optional[bytes] = ..., report: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("run_id", "server_round", "weights")
