@@ -165,9 +165,9 @@ class Masking:
         return int(self._session.state.target_range)
 
     @property
-    def gamma(self) -> float:
-        """The encoding scale ``γ = R / (2c)``: one unit of the update is γ integers."""
-        return self.quantization_range / (2.0 * self.clipping_range)
+    def devices(self) -> int:
+        """How many devices the setup sampled (the most whose noise can be summed)."""
+        return int(self._session.state.sample_num)
 
     def mask(self, encoded: list[np.ndarray]) -> list[np.ndarray]:
         """Add Flower's weight factor, the private mask and the pairwise masks.
@@ -302,11 +302,13 @@ class SecAggStages:
                 raise _protocol("refused: SecAgg+ masking stage with unmatched share lists")
             if len(set(sources)) != len(sources) or state.nid in sources:
                 raise _protocol("refused: SecAgg+ masking stage repeats a neighbour")
-            if len(sources) + 1 < self.min_summed:
+            # The setup's threshold is at least t (checked there).
+            need = max(self.min_summed, state.threshold)
+            if len(sources) + 1 < need:
                 raise _below(
                     f"refused: SecAgg+ masking with key shares from {len(sources)} "
-                    f"neighbour(s); the policy's min_summed_devices "
-                    f"{self.min_summed} needs at least {self.min_summed - 1}"
+                    f"neighbour(s); with min_summed_devices {self.min_summed} and threshold "
+                    f"{state.threshold} it needs at least {need - 1}"
                 )
             rd_shares: dict[int, bytes] = {}
             sk_shares: dict[int, bytes] = {}
@@ -363,7 +365,11 @@ class SecAggStages:
                     f"policy's min_summed_devices is {self.min_summed}, so a sum of fewer "
                     "is never unmasked"
                 )
-            result = _unmask(state, body)
+            try:
+                result = _unmask(state, body)
+            except (KeyError, ValueError) as error:
+                # e.g. a device reported alive whose shares never reached this one
+                raise _protocol(f"refused: SecAgg+ unmask: {error!r}") from None
             # Done: the secrets are of no further use, and must not be asked again.
             del self._sessions[key]
             return result
