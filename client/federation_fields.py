@@ -38,7 +38,7 @@ Kind = Literal["a", "b", "c"]
 
 #: The daemon's RPCs that answer the federation (the ClientApp on the
 #: SuperNode). Their reply messages are walked field by field.
-FEDERATION_RPCS: tuple[str, ...] = ("Train",)
+FEDERATION_RPCS: tuple[str, ...] = ("Train", "SecAggStage")
 
 _REPORT = "part of the signed report of charges"
 
@@ -71,6 +71,14 @@ FIELDS: dict[str, tuple[Kind, str]] = {
     "BlockCharge.epsilon": ("c", f"{_REPORT}: the day's enforced ε"),
     "BlockCharge.budget": ("c", f"{_REPORT}: the day's budget (policy constant)"),
     "BlockCharge.retired": ("c", f"{_REPORT}: whether the day's budget is spent"),
+    # --- Device.SecAggStage reply (protobuf) ------------------------------------------
+    "SecAggStageReply.configs": (
+        "a",
+        "the SecAgg+ stage's record: public keys, key shares encrypted to neighbours, the "
+        "masked vector (the clipped day sum with the device's discrete Gaussian noise, "
+        "masked), or the shares that unmask only the sum",
+    ),
+    "SecAggStageReply.report": ("c", "the signed report of what the round cost"),
     # --- the signed payload (PrivacyReport.to_dict) ------------------------------------
     "payload.format": ("c", "the report format version"),
     "payload.device_id": ("c", "the device's pseudonymous key id"),
@@ -105,7 +113,9 @@ FIELDS: dict[str, tuple[Kind, str]] = {
     "clientapp.train.report.device-id": ("c", "the device's pseudonymous key id"),
     "clientapp.train.report.payload-json": ("c", "the signed report's canonical bytes"),
     "clientapp.train.report.signature": ("c", "Ed25519 signature over the payload"),
-    # --- SecAgg+: clear-text metrics beside the masked vector --------------------------
+    # --- SecAgg+: the relayed stage record and clear-text metrics beside it -----------
+    "clientapp.secagg.configs.*": ("a", "the daemon's SecAggStageReply.configs, relayed"),
+    "clientapp.secagg.metrics.num-examples": ("c", "the weight: the constant 1"),
     "clientapp.secagg.metrics.device-id": ("c", "the device's pseudonymous key id"),
     "clientapp.secagg.metrics.payload-json": ("c", "the signed report's canonical bytes"),
     "clientapp.secagg.metrics.signature": ("c", "Ed25519 signature over the payload"),

@@ -78,7 +78,6 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
-
 from flwr.app import ConfigRecord
 from flwr.app.typing import ConfigRecordValues
 from flwr.common.secure_aggregation.secaggplus_constants import Stage

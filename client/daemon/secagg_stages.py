@@ -317,7 +317,7 @@ class SecAggStages:
                     raise _protocol(f"refused: SecAgg+ share from {src}, not a neighbour")
                 try:
                     plaintext = decrypt(state.ss2_dict[src], ciphertext)
-                except Exception:  # noqa: BLE001 - any failure: a forged share
+                except Exception:
                     raise _protocol(
                         f"refused: SecAgg+ share from {src} does not decrypt"
                     ) from None

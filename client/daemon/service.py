@@ -92,8 +92,10 @@ def request_from_proto(
 ) -> TrainingRequest:
     """The request in keystay's own type; field checks happen in the policy."""
     spec = request.spec
+    run_id = request.run_name if isinstance(request, device_pb2.SecAggStageRequest) else (
+        request.run_id)
     return TrainingRequest(
-        run_id=request.run_id,
+        run_id=run_id,
         server_round=int(request.server_round),
         privacy_unit=spec.privacy_unit or "record",
         update_clip=float(spec.update_clip),
@@ -117,7 +119,7 @@ def configs_from_bytes(data: bytes) -> ConfigRecord:
     try:
         proto.ParseFromString(data)
         return config_record_from_proto(proto)
-    except Exception:  # noqa: BLE001 - any parse failure is the caller's
+    except Exception:
         raise Refusal("bad-request", "invalid request: SecAgg+ configs do not parse as a "
                       "Flower ConfigRecord") from None
 
@@ -163,7 +165,7 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
                 weights=weights_to_proto(result.weights),
                 report=report_to_proto(result.report, result.payload, result.signature),
             )
-        except Exception as error:  # noqa: BLE001 - sorted by _outcome
+        except Exception as error:
             code, message = _outcome(request, error)
         context.abort(code, message)
         raise AssertionError("context.abort returned")  # pragma: no cover
@@ -189,7 +191,7 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
                     report_to_proto(result.report, result.payload, result.signature)
                 )
             return reply
-        except Exception as error:  # noqa: BLE001 - sorted by _outcome
+        except Exception as error:
             code, message = _outcome(request, error)
         context.abort(code, message)
         raise AssertionError("context.abort returned")  # pragma: no cover

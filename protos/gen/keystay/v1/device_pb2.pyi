@@ -111,20 +111,22 @@ class TrainReply(_message.Message):
     def __init__(self, weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., report: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
 
 class SecAggStageRequest(_message.Message):
-    __slots__ = ("run_id", "server_round", "node_id", "configs", "weights", "spec")
+    __slots__ = ("run_id", "server_round", "node_id", "configs", "weights", "spec", "run_name")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIGS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    RUN_NAME_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     server_round: int
     node_id: int
     configs: bytes
     weights: _containers.RepeatedCompositeFieldContainer[Tensor]
     spec: TrainSpec
-    def __init__(self, run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., node_id: _Optional[int] = ..., configs: _Optional[bytes] = ..., weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., spec: _Optional[_Union[TrainSpec, _Mapping]] = ...) -> None: ...
+    run_name: str
+    def __init__(self, run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., node_id: _Optional[int] = ..., configs: _Optional[bytes] = ..., weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., spec: _Optional[_Union[TrainSpec, _Mapping]] = ..., run_name: _Optional[str] = ...) -> None: ...
 
 class SecAggStageReply(_message.Message):
     __slots__ = ("configs", "report")
