@@ -272,7 +272,7 @@ def test_a_multi_round_multi_block_device_history_matches_dp_accounting(tmp_path
     from keystay.client.ledger.ledger import Ledger
     from keystay.client.policy import DevicePolicy, TrainingRequest
 
-    policy = DevicePolicy(epsilon_per_block=20.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=20.0)
     rounds = [
         (("2025-03-03", "2025-03-04"), Mechanism(1.0, 0.02, 150)),
         (("2025-03-04", "2025-03-05"), Mechanism(1.3, 0.01, 200)),
@@ -475,7 +475,7 @@ def test_a_many_round_multi_block_stateful_ledger_matches_dp_accounting(tmp_path
     mix = [Mechanism(1.0, 0.02, 150), Mechanism(1.3, 0.01, 200), Mechanism(0.9, 0.04, 80),
            Mechanism(2.0, 0.05, 120), Mechanism(1.1, 0.004, 200)]
     rounds = [((days[n % 3], days[(n + 1) % 3]), mix[n % len(mix)]) for n in range(12)]
-    policy = DevicePolicy(epsilon_per_block=32.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=32.0)
     with Ledger.open(tmp_path) as ledger:
         for n, (blocks, m) in enumerate(rounds, start=1):
             ledger.admit(

@@ -68,7 +68,7 @@ def admit(
     req = request(sigma, steps, run_id=run_id, server_round=server_round)
     return ledger.admit(
         request=req,
-        policy=policy or DevicePolicy(),
+        policy=policy or DevicePolicy(privacy_unit="record"),
         blocks=blocks,
         mechanism=Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps),
         epsilon_fn=additive,
@@ -129,7 +129,7 @@ def test_epsilon_fn_receives_the_full_history_and_policy_delta(ledger: Ledger) -
         seen.append((len(history), delta))
         return additive(history, delta)
 
-    policy = DevicePolicy(delta=1e-7)
+    policy = DevicePolicy(privacy_unit="record", delta=1e-7)
     for n in range(3):
         ledger.admit(
             request=request(),
@@ -145,7 +145,7 @@ def test_epsilon_fn_receives_the_full_history_and_policy_delta(ledger: Ledger) -
 
 def test_enforced_bound_follows_the_policy_accountant(ledger: Ledger) -> None:
     prv = admit(ledger, [DAY1])
-    rdp = admit(ledger, [DAY2], policy=DevicePolicy(accountant="rdp"))
+    rdp = admit(ledger, [DAY2], policy=DevicePolicy(privacy_unit="record", accountant="rdp"))
     assert prv.blocks[0].epsilon == pytest.approx(1.0)  # min(rdp 1.25, prv_upper 1.0)
     assert prv.accountant == accounting.ACCOUNTANT
     assert rdp.blocks[0].epsilon == pytest.approx(1.25)
@@ -156,7 +156,7 @@ def test_enforced_bound_follows_the_policy_accountant(ledger: Ledger) -> None:
 
 
 def test_budget_exceeded_names_block_spent_cost_and_budget(tmp_path: Path) -> None:
-    policy = DevicePolicy(epsilon_per_block=4.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=4.0)
     with Ledger.open(tmp_path) as ledger:
         admit(ledger, [DAY1], q=0.015, steps=100, policy=policy)  # 1.5 spent on DAY1
         before = dump(tmp_path / LEDGER_FILE)
@@ -185,7 +185,7 @@ def test_policy_refusals_come_before_anything_is_written(tmp_path: Path) -> None
         with pytest.raises(Refusal) as info:
             ledger.admit(
                 request=request(sigma=0.3),
-                policy=DevicePolicy(),
+                policy=DevicePolicy(privacy_unit="record"),
                 blocks=[DAY1],
                 mechanism=Mechanism(0.3, 0.01, 100),
                 epsilon_fn=additive,
@@ -198,7 +198,7 @@ def test_policy_refusals_come_before_anything_is_written(tmp_path: Path) -> None
 
 
 def test_participation_gap(ledger: Ledger) -> None:
-    policy = DevicePolicy(min_participation_gap_seconds=60)
+    policy = DevicePolicy(privacy_unit="record", min_participation_gap_seconds=60)
     admit(ledger, [DAY1], policy=policy, now=1_000.0)
     with pytest.raises(Refusal) as info:
         admit(ledger, [DAY2], policy=policy, now=1_030.0)
@@ -219,7 +219,7 @@ def test_nan_epsilon_is_an_error_not_an_admission(tmp_path: Path) -> None:
         with pytest.raises(DeviceLedgerError, match="nothing was charged"):
             ledger.admit(
                 request=request(),
-                policy=DevicePolicy(),
+                policy=DevicePolicy(privacy_unit="record"),
                 blocks=[DAY1],
                 mechanism=Mechanism(1.0, 0.01, 100),
                 epsilon_fn=broken,
@@ -231,7 +231,7 @@ def test_mechanism_must_match_the_request(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="differs from the request"):
         ledger.admit(
             request=request(sigma=1.0),
-            policy=DevicePolicy(),
+            policy=DevicePolicy(privacy_unit="record"),
             blocks=[DAY1],
             mechanism=Mechanism(2.0, 0.01, 100),
             epsilon_fn=additive,
@@ -239,7 +239,7 @@ def test_mechanism_must_match_the_request(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="local_steps"):
         ledger.admit(
             request=request(steps=100),
-            policy=DevicePolicy(),
+            policy=DevicePolicy(privacy_unit="record"),
             blocks=[DAY1],
             mechanism=Mechanism(1.0, 0.01, 99),
             epsilon_fn=additive,
@@ -267,7 +267,7 @@ rounds = st.lists(
 def test_refused_rounds_never_change_the_ledger(
     rounds: list[tuple[float, float, int, set[str], int]],
 ) -> None:
-    policy = DevicePolicy(epsilon_per_block=6.0, min_participation_gap_seconds=30)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=6.0, min_participation_gap_seconds=30)
     with tempfile.TemporaryDirectory() as tmp, Ledger.open(Path(tmp)) as ledger:
         path = Path(tmp) / LEDGER_FILE
         now = 10_000.0
@@ -310,7 +310,7 @@ def test_block_retires_when_the_same_round_cannot_be_afforded_again(tmp_path: Pa
         assert "2025-03-03" in info.value.reason and "never trained on again" in info.value.reason
         # Raising the budget later does not bring a spent day back.
         with pytest.raises(Refusal):
-            admit(ledger, [DAY1], policy=DevicePolicy(epsilon_per_block=30.0))
+            admit(ledger, [DAY1], policy=DevicePolicy(privacy_unit="record", epsilon_per_block=30.0))
         totals = ledger.totals()
         assert totals[0].retired and totals[0].remaining == pytest.approx(2.0)
 
@@ -350,7 +350,7 @@ def test_charge_survives_a_process_killed_before_answering(tmp_path: Path) -> No
 
         ledger = Ledger.open(Path({str(tmp_path)!r}))
         req = TrainingRequest(1.0, 1.0, 100, 0.04, 0.01, True, (), "run-x", 3)
-        ledger.admit(request=req, policy=DevicePolicy(), blocks=["{DAY1}"],
+        ledger.admit(request=req, policy=DevicePolicy(privacy_unit="record"), blocks=["{DAY1}"],
                      mechanism=Mechanism(1.0, 0.04, 100), epsilon_fn=fake)
         os._exit(9)  # dies mid-round: no answer, no close
         """
@@ -447,7 +447,7 @@ def test_with_the_real_accountant(tmp_path: Path) -> None:
     def real(history: Sequence[Mechanism], delta: float) -> Epsilons:
         return accounting.epsilons(history, delta=delta)
 
-    policy = DevicePolicy(epsilon_per_block=8.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=8.0)
     mechanism = Mechanism(noise_multiplier=1.0, sample_rate=0.02, steps=200)
     with Ledger.open(tmp_path) as ledger:
         charges = [
@@ -507,7 +507,7 @@ def _state_row(path: Path, block: str) -> tuple[object, ...] | None:
 
 
 def test_builtin_accountant_stores_a_state_that_equals_the_history(tmp_path: Path) -> None:
-    policy = DevicePolicy(epsilon_per_block=16.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=16.0)
     with Ledger.open(tmp_path) as ledger:
         for n, m in enumerate(MIX[:4], start=1):
             charge = _charge_real(ledger, [DAY1, DAY2] if n % 2 else [DAY1], m, n, policy)
@@ -526,7 +526,7 @@ def test_builtin_accountant_stores_a_state_that_equals_the_history(tmp_path: Pat
 def test_a_missing_or_foreign_state_is_rebuilt_from_the_history(
     tmp_path: Path, damage: str
 ) -> None:
-    policy = DevicePolicy(epsilon_per_block=16.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=16.0)
     with Ledger.open(tmp_path) as ledger:
         for n, m in enumerate(MIX[:3], start=1):
             _charge_real(ledger, [DAY1], m, n, policy)
@@ -566,7 +566,7 @@ def test_a_ledger_from_before_the_state_table_gains_it(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     with Ledger.open(tmp_path) as ledger:
-        charge = _charge_real(ledger, [DAY1], MIX[0], 2, DevicePolicy())
+        charge = _charge_real(ledger, [DAY1], MIX[0], 2, DevicePolicy(privacy_unit="record"))
         assert _state_row(ledger.path, DAY1) == (accounting.STATE_VERSION, charge.id, 2)
 
 
@@ -588,7 +588,7 @@ def test_a_thousand_mixed_rounds_on_one_block_stay_valid(tmp_path: Path) -> None
     import dp_accounting
     from dp_accounting import pld as google_pld
 
-    policy = DevicePolicy(epsilon_per_block=32.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=32.0)
     previous = 0.0
     counts: dict[Mechanism, int] = {}
     shm = Path("/dev/shm")
@@ -619,7 +619,7 @@ def test_a_thousand_mixed_rounds_on_one_block_stay_valid(tmp_path: Path) -> None
 
 
 def test_a_refused_round_leaves_the_stored_state_alone(tmp_path: Path) -> None:
-    policy = DevicePolicy(epsilon_per_block=1.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=1.0)
     with Ledger.open(tmp_path) as ledger:
         _charge_real(ledger, [DAY1], Mechanism(1.5, 0.01, 100), 1, policy)
         before = dump(ledger.path)
