@@ -105,5 +105,7 @@ def secagg_train(msg: Message, context: Context) -> Message:
             ),
             keep_input=False,
         )
+        for record in content.array_records.values():
+            record.clear()  # as Flower's mod does: no arrays beside the masked vector
     content.config_records[RECORD_KEY_CONFIGS] = result
     return Message(content, reply_to=msg)

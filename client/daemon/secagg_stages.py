@@ -244,7 +244,7 @@ class SecAggStages:
         stage = configs.get(Key.STAGE)
         if stage not in Stage.all():
             raise _protocol(f"refused: unknown SecAgg+ stage {stage!r}")
-        return cast(str, stage)
+        return str(stage)
 
     def setup(self, key: SessionKey, configs: ConfigRecord) -> dict[str, ConfigRecordValues]:
         """Stage 0: check the parameters against the policy, make two key pairs."""
