@@ -227,8 +227,8 @@ class SecAggStages:
     """
 
     def __init__(self, min_summed: int, clock: Callable[[], float] = time.monotonic) -> None:
-        if min_summed < 2:
-            raise ValueError(f"min_summed must be at least 2, got {min_summed}")
+        if min_summed < 1:
+            raise ValueError(f"min_summed must be at least 1, got {min_summed}")
         self.min_summed = min_summed
         self._clock = clock
         self._sessions: dict[SessionKey, _Session] = {}
