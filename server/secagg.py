@@ -569,6 +569,16 @@ class KeystaySecAggPlusWorkflow(SecAggPlusWorkflow):
     def __call__(self, grid: Grid, context: Context) -> None:
         super().__call__(_GatedGrid(grid, self._gate), context)
 
+    def _check_threshold(self, state: WorkflowState) -> bool:
+        # Flower checks each sampled device's neighbours only: once every
+        # device has refused (and been forgotten) that check passes vacuously
+        # and the unmask stage fails on an empty sum. Halt instead.
+        if len(state.active_node_ids) < 2:
+            log(WARNING, "SecAgg+: %s device(s) left in the round; halted",
+                len(state.active_node_ids))
+            return False
+        return super()._check_threshold(state)
+
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().setup_stage(grid, context, state)
         if not state.sampled_node_ids:

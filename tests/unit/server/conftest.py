@@ -42,6 +42,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from keystay.client.app import app as client_app
 from keystay.client.daemon.secagg_stages import SecAggStages, SessionKey
 from keystay.client.daemon.service import configs_from_bytes, configs_to_bytes
+from keystay.client.policy import Refusal
 from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.common.digest import weights_sha256
 from keystay.server.ledger.ledger import ServerLedger
@@ -164,6 +165,13 @@ class StubDaemon(device_pb2_grpc.FederationServicer):
     ) -> device_pb2.SecAggStageReply:
         if self.refuse:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused: stub policy says no")
+        try:
+            return self._stage(request)
+        except Refusal as refusal:  # as the real servicer: the code only
+            context.abort(getattr(grpc.StatusCode, refusal.grpc_status), refusal.public_reason)
+            raise
+
+    def _stage(self, request: device_pb2.SecAggStageRequest) -> device_pb2.SecAggStageReply:
         key = SessionKey(request.run_id, int(request.server_round), int(request.node_id))
         configs = configs_from_bytes(request.configs)
         if configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:

@@ -23,6 +23,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.server.client_proxy import ClientProxy
 
 from keystay.client import secagg as client_secagg
+from keystay.client.daemon.secagg_stages import SecAggStages
 from keystay.common.model import ModelConfig, initial_weights, read_checkpoint
 from keystay.server import app as server_app
 from keystay.server import secagg as server_secagg
@@ -246,3 +247,38 @@ def test_wire_constants_are_the_shared_ones() -> None:
     assert len({wire.ERROR_REFUSED, wire.ERROR_UNAVAILABLE, wire.ERROR_FAILED}) == 3
 
 
+
+
+def _policy_t3(nodes: dict[int, Node]) -> None:
+    for node in nodes.values():
+        node.daemon.stages = SecAggStages(3)
+
+
+def test_devices_with_t3_refuse_a_server_threshold_below_it(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3)
+    _policy_t3(nodes)
+    settings = _run(ledger, InProcessGrid(nodes))  # shares 3, threshold 2
+    row = _rows(settings)[0]
+    assert row["secagg"]["aggregate_only"] is False and row["devices_reported"] == 0
+    assert [r["reason"] for r in row["refusals"]] == [
+        "refused by device policy: secagg-below-threshold"] * 3
+    assert all(not node.daemon.sent for node in nodes.values())  # nothing trained
+
+
+def test_with_t3_a_dropout_after_setup_leaves_nothing_aggregated(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3)
+    _policy_t3(nodes)
+    grid = InProcessGrid(nodes, drop_at={103: Stage.COLLECT_MASKED_VECTORS})
+    settings = _run(ledger, grid, secagg_num_shares=5, secagg_reconstruction_threshold=3)
+    row = _rows(settings)[0]
+    assert row["secagg"]["aggregate_only"] is False and row["checkpoint"] == ""
+    start = initial_weights(ModelConfig(), settings.seed)
+    final = read_checkpoint(settings.run_dir / "final.pt").weights
+    for s, f in zip(start, final, strict=True):
+        np.testing.assert_array_equal(s, f)
+    # Two survivors never hand over the shares that would unmask a sum of two.
+    assert not any(stage == Stage.UNMASK for stage, _ in grid.received)
