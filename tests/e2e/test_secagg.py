@@ -44,7 +44,7 @@ pytestmark = pytest.mark.e2e
 
 DEVICES = 3
 #: The default employee-day policy, except that two devices may be summed.
-POLICY = "min_summed_devices = 2\n"
+POLICY = "[policy]\nmin_summed_devices = 2\n"
 
 
 @pytest.fixture(scope="module")
