@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17keystay/v1/device.proto\x12\nkeystay.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb7\x01\n\tTrainSpec\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x02 \x01(\x01\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\n\n\x02\x64p\x18\x06 \x01(\x08\x12\x0e\n\x06\x62locks\x18\x07 \x03(\t\x12\x13\n\x0bsample_rate\x18\t \x01(\x01J\x04\x08\x04\x10\x05J\x04\x08\x08\x10\tR\nbatch_sizeR\x04seed\"~\n\x0cTrainRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12#\n\x07weights\x18\x03 \x03(\x0b\x32\x12.keystay.v1.Tensor\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.keystay.v1.TrainSpec\"x\n\x0b\x42lockCharge\x12\r\n\x05\x62lock\x18\x01 \x01(\t\x12\x13\n\x0b\x65psilon_rdp\x18\x02 \x01(\x01\x12\x13\n\x0b\x65psilon_prv\x18\x03 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x0e\n\x06\x62udget\x18\x05 \x01(\x01\x12\x0f\n\x07retired\x18\x06 \x01(\x08\"\xe6\x02\n\rPrivacyReport\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_round\x18\x03 \x01(\x04\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x12\n\naccountant\x18\x08 \x01(\t\x12\x19\n\x11\x65psilon_round_rdp\x18\t \x01(\x01\x12\x15\n\repsilon_total\x18\n \x01(\x01\x12\'\n\x06\x62locks\x18\x0b \x03(\x0b\x32\x17.keystay.v1.BlockCharge\x12\x15\n\rmax_grad_norm\x18\x0c \x01(\x01\x12\x0c\n\x04unit\x18\x0e \x01(\t\x12\x11\n\tsignature\x18\x0f \x01(\x0c\x12\x14\n\x0cpayload_json\x18\x10 \x01(\tJ\x04\x08\r\x10\x0eR\x0cnum_examples\"\xbd\x01\n\nTrainReply\x12#\n\x07weights\x18\x01 \x03(\x0b\x32\x12.keystay.v1.Tensor\x12)\n\x06report\x18\x06 \x01(\x0b\x32\x19.keystay.v1.PrivacyReportJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08R\x0cnum_examplesR\ntrain_lossR\x10heldout_accuracyR\x0cheldout_lossR\x07seconds\"\\\n\x0f\x45valuateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12#\n\x07weights\x18\x03 \x03(\x0b\x32\x12.keystay.v1.Tensor\"X\n\rEvaluateReply\x12\x14\n\x0cnum_examples\x18\x01 \x01(\r\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"^\n\x0b\x42lockStatus\x12\r\n\x05\x62lock\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x01\x12\x0f\n\x07retired\x18\x05 \x01(\x08\"\x9a\x02\n\x0bStatusReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\trecording\x18\x02 \x01(\x08\x12\x14\n\x0cpaused_until\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x14\n\x0c\x65vents_today\x18\x05 \x01(\x04\x12\x13\n\x0bstore_bytes\x18\x06 \x01(\x04\x12\'\n\x06\x62locks\x18\x07 \x03(\x0b\x32\x17.keystay.v1.BlockStatus\x12\r\n\x05\x64\x65lta\x18\x08 \x01(\x01\x12\x15\n\rtrainer_ready\x18\t \x01(\x08\x12\x0f\n\x07version\x18\n \x01(\t\x12\x1d\n\x15store_writing_stopped\x18\x0b \x01(\x08\x12\x15\n\rstore_problem\x18\x0c \x01(\t\"\x1f\n\x0cPauseRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"\"\n\nPauseReply\x12\x14\n\x0cpaused_until\x18\x01 \x01(\t\"\x0f\n\rResumeRequest\"\r\n\x0bResumeReply\"\x1a\n\x0bShowRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\"!\n\tShowReply\x12\x14\n\x0csummary_json\x18\x01 \x01(\t\"*\n\rForgetRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"7\n\x0b\x46orgetReply\x12\x11\n\tforgotten\x18\x01 \x03(\t\x12\x15\n\rkey_destroyed\x18\x02 \x01(\x08\"\x1c\n\rExportRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\"\x1b\n\x0b\x45xportReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rPolicyRequest\"+\n\x0bPolicyReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t2G\n\nFederation\x12\x39\n\x05Train\x12\x18.keystay.v1.TrainRequest\x1a\x16.keystay.v1.TrainReply2\xf6\x03\n\x07\x43ontrol\x12<\n\x06Status\x12\x19.keystay.v1.StatusRequest\x1a\x17.keystay.v1.StatusReply\x12\x39\n\x05Pause\x12\x18.keystay.v1.PauseRequest\x1a\x16.keystay.v1.PauseReply\x12<\n\x06Resume\x12\x19.keystay.v1.ResumeRequest\x1a\x17.keystay.v1.ResumeReply\x12\x36\n\x04Show\x12\x17.keystay.v1.ShowRequest\x1a\x15.keystay.v1.ShowReply\x12<\n\x06\x46orget\x12\x19.keystay.v1.ForgetRequest\x1a\x17.keystay.v1.ForgetReply\x12<\n\x06\x45xport\x12\x19.keystay.v1.ExportRequest\x1a\x17.keystay.v1.ExportReply\x12<\n\x06Policy\x12\x19.keystay.v1.PolicyRequest\x1a\x17.keystay.v1.PolicyReply\x12\x42\n\x08\x45valuate\x12\x1b.keystay.v1.EvaluateRequest\x1a\x19.keystay.v1.EvaluateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17keystay/v1/device.proto\x12\nkeystay.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb7\x01\n\tTrainSpec\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x02 \x01(\x01\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\n\n\x02\x64p\x18\x06 \x01(\x08\x12\x0e\n\x06\x62locks\x18\x07 \x03(\t\x12\x13\n\x0bsample_rate\x18\t \x01(\x01J\x04\x08\x04\x10\x05J\x04\x08\x08\x10\tR\nbatch_sizeR\x04seed\"~\n\x0cTrainRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12#\n\x07weights\x18\x03 \x03(\x0b\x32\x12.keystay.v1.Tensor\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.keystay.v1.TrainSpec\"x\n\x0b\x42lockCharge\x12\r\n\x05\x62lock\x18\x01 \x01(\t\x12\x13\n\x0b\x65psilon_rdp\x18\x02 \x01(\x01\x12\x13\n\x0b\x65psilon_prv\x18\x03 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x04 \x01(\x01\x12\x0e\n\x06\x62udget\x18\x05 \x01(\x01\x12\x0f\n\x07retired\x18\x06 \x01(\x08\"\xe6\x02\n\rPrivacyReport\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_round\x18\x03 \x01(\x04\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x12\n\naccountant\x18\x08 \x01(\t\x12\x19\n\x11\x65psilon_round_rdp\x18\t \x01(\x01\x12\x15\n\repsilon_total\x18\n \x01(\x01\x12\'\n\x06\x62locks\x18\x0b \x03(\x0b\x32\x17.keystay.v1.BlockCharge\x12\x15\n\rmax_grad_norm\x18\x0c \x01(\x01\x12\x0c\n\x04unit\x18\x0e \x01(\t\x12\x11\n\tsignature\x18\x0f \x01(\x0c\x12\x14\n\x0cpayload_json\x18\x10 \x01(\tJ\x04\x08\r\x10\x0eR\x0cnum_examples\"\xbd\x01\n\nTrainReply\x12#\n\x07weights\x18\x01 \x03(\x0b\x32\x12.keystay.v1.Tensor\x12)\n\x06report\x18\x06 \x01(\x0b\x32\x19.keystay.v1.PrivacyReportJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08R\x0cnum_examplesR\ntrain_lossR\x10heldout_accuracyR\x0cheldout_lossR\x07seconds\"\\\n\x0f\x45valuateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12#\n\x07weights\x18\x03 \x03(\x0b\x32\x12.keystay.v1.Tensor\"X\n\rEvaluateReply\x12\x14\n\x0cnum_examples\x18\x01 \x01(\r\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\xaf\x01\n\x0b\x42lockStatus\x12\r\n\x05\x62lock\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x04\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\x0e\n\x06\x62udget\x18\x04 \x01(\x01\x12\x0f\n\x07retired\x18\x05 \x01(\x08\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12\x12\n\nhas_broken\x18\x07 \x01(\x08\x12\x16\n\x0e\x65psilon_broken\x18\x08 \x01(\x01\x12\x15\n\rbudget_broken\x18\t \x01(\x01\"\x9a\x02\n\x0bStatusReply\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\trecording\x18\x02 \x01(\x08\x12\x14\n\x0cpaused_until\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x14\n\x0c\x65vents_today\x18\x05 \x01(\x04\x12\x13\n\x0bstore_bytes\x18\x06 \x01(\x04\x12\'\n\x06\x62locks\x18\x07 \x03(\x0b\x32\x17.keystay.v1.BlockStatus\x12\r\n\x05\x64\x65lta\x18\x08 \x01(\x01\x12\x15\n\rtrainer_ready\x18\t \x01(\x08\x12\x0f\n\x07version\x18\n \x01(\t\x12\x1d\n\x15store_writing_stopped\x18\x0b \x01(\x08\x12\x15\n\rstore_problem\x18\x0c \x01(\t\"\x1f\n\x0cPauseRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"\"\n\nPauseReply\x12\x14\n\x0cpaused_until\x18\x01 \x01(\t\"\x0f\n\rResumeRequest\"\r\n\x0bResumeReply\"\x1a\n\x0bShowRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\"!\n\tShowReply\x12\x14\n\x0csummary_json\x18\x01 \x01(\t\"*\n\rForgetRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"7\n\x0b\x46orgetReply\x12\x11\n\tforgotten\x18\x01 \x03(\t\x12\x15\n\rkey_destroyed\x18\x02 \x01(\x08\"\x1c\n\rExportRequest\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\"\x1b\n\x0b\x45xportReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rPolicyRequest\"+\n\x0bPolicyReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t2G\n\nFederation\x12\x39\n\x05Train\x12\x18.keystay.v1.TrainRequest\x1a\x16.keystay.v1.TrainReply2\xf6\x03\n\x07\x43ontrol\x12<\n\x06Status\x12\x19.keystay.v1.StatusRequest\x1a\x17.keystay.v1.StatusReply\x12\x39\n\x05Pause\x12\x18.keystay.v1.PauseRequest\x1a\x16.keystay.v1.PauseReply\x12<\n\x06Resume\x12\x19.keystay.v1.ResumeRequest\x1a\x17.keystay.v1.ResumeReply\x12\x36\n\x04Show\x12\x17.keystay.v1.ShowRequest\x1a\x15.keystay.v1.ShowReply\x12<\n\x06\x46orget\x12\x19.keystay.v1.ForgetRequest\x1a\x17.keystay.v1.ForgetReply\x12<\n\x06\x45xport\x12\x19.keystay.v1.ExportRequest\x1a\x17.keystay.v1.ExportReply\x12<\n\x06Policy\x12\x19.keystay.v1.PolicyRequest\x1a\x17.keystay.v1.PolicyReply\x12\x42\n\x08\x45valuate\x12\x1b.keystay.v1.EvaluateRequest\x1a\x19.keystay.v1.EvaluateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,36 +49,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATEREPLY']._serialized_end=1264
   _globals['_STATUSREQUEST']._serialized_start=1266
   _globals['_STATUSREQUEST']._serialized_end=1281
-  _globals['_BLOCKSTATUS']._serialized_start=1283
-  _globals['_BLOCKSTATUS']._serialized_end=1377
-  _globals['_STATUSREPLY']._serialized_start=1380
-  _globals['_STATUSREPLY']._serialized_end=1662
-  _globals['_PAUSEREQUEST']._serialized_start=1664
-  _globals['_PAUSEREQUEST']._serialized_end=1695
-  _globals['_PAUSEREPLY']._serialized_start=1697
-  _globals['_PAUSEREPLY']._serialized_end=1731
-  _globals['_RESUMEREQUEST']._serialized_start=1733
-  _globals['_RESUMEREQUEST']._serialized_end=1748
-  _globals['_RESUMEREPLY']._serialized_start=1750
-  _globals['_RESUMEREPLY']._serialized_end=1763
-  _globals['_SHOWREQUEST']._serialized_start=1765
-  _globals['_SHOWREQUEST']._serialized_end=1791
-  _globals['_SHOWREPLY']._serialized_start=1793
-  _globals['_SHOWREPLY']._serialized_end=1826
-  _globals['_FORGETREQUEST']._serialized_start=1828
-  _globals['_FORGETREQUEST']._serialized_end=1870
-  _globals['_FORGETREPLY']._serialized_start=1872
-  _globals['_FORGETREPLY']._serialized_end=1927
-  _globals['_EXPORTREQUEST']._serialized_start=1929
-  _globals['_EXPORTREQUEST']._serialized_end=1957
-  _globals['_EXPORTREPLY']._serialized_start=1959
-  _globals['_EXPORTREPLY']._serialized_end=1986
-  _globals['_POLICYREQUEST']._serialized_start=1988
-  _globals['_POLICYREQUEST']._serialized_end=2003
-  _globals['_POLICYREPLY']._serialized_start=2005
-  _globals['_POLICYREPLY']._serialized_end=2048
-  _globals['_FEDERATION']._serialized_start=2050
-  _globals['_FEDERATION']._serialized_end=2121
-  _globals['_CONTROL']._serialized_start=2124
-  _globals['_CONTROL']._serialized_end=2626
+  _globals['_BLOCKSTATUS']._serialized_start=1284
+  _globals['_BLOCKSTATUS']._serialized_end=1459
+  _globals['_STATUSREPLY']._serialized_start=1462
+  _globals['_STATUSREPLY']._serialized_end=1744
+  _globals['_PAUSEREQUEST']._serialized_start=1746
+  _globals['_PAUSEREQUEST']._serialized_end=1777
+  _globals['_PAUSEREPLY']._serialized_start=1779
+  _globals['_PAUSEREPLY']._serialized_end=1813
+  _globals['_RESUMEREQUEST']._serialized_start=1815
+  _globals['_RESUMEREQUEST']._serialized_end=1830
+  _globals['_RESUMEREPLY']._serialized_start=1832
+  _globals['_RESUMEREPLY']._serialized_end=1845
+  _globals['_SHOWREQUEST']._serialized_start=1847
+  _globals['_SHOWREQUEST']._serialized_end=1873
+  _globals['_SHOWREPLY']._serialized_start=1875
+  _globals['_SHOWREPLY']._serialized_end=1908
+  _globals['_FORGETREQUEST']._serialized_start=1910
+  _globals['_FORGETREQUEST']._serialized_end=1952
+  _globals['_FORGETREPLY']._serialized_start=1954
+  _globals['_FORGETREPLY']._serialized_end=2009
+  _globals['_EXPORTREQUEST']._serialized_start=2011
+  _globals['_EXPORTREQUEST']._serialized_end=2039
+  _globals['_EXPORTREPLY']._serialized_start=2041
+  _globals['_EXPORTREPLY']._serialized_end=2068
+  _globals['_POLICYREQUEST']._serialized_start=2070
+  _globals['_POLICYREQUEST']._serialized_end=2085
+  _globals['_POLICYREPLY']._serialized_start=2087
+  _globals['_POLICYREPLY']._serialized_end=2130
+  _globals['_FEDERATION']._serialized_start=2132
+  _globals['_FEDERATION']._serialized_end=2203
+  _globals['_CONTROL']._serialized_start=2206
+  _globals['_CONTROL']._serialized_end=2708
 # @@protoc_insertion_point(module_scope)
