@@ -103,6 +103,19 @@ FIELDS: dict[str, tuple[Kind, str]] = {
     "payload.unit": ("c", "the unit of privacy, a constant sentence"),
     "payload.created": ("c", "when the charge was written (the round's own time)"),
     "payload.update_sha256": ("c", "digest binding the report to the DP-noised update"),
+    # --- employee-day reports (format v2): the second series and its mechanism -------
+    "payload.assumptions": ("c", "the two trust assumptions' names, constants"),
+    "payload.noise_multiplier_broken": ("c", "σ_eff/√t: from the request's σ and the policy"),
+    "payload.epsilon_round_broken": ("c", "enforced ε of the device's own share alone"),
+    "payload.epsilon_round_broken_rdp": ("c", "RDP ε of the device's own share alone"),
+    "payload.epsilon_total_broken": ("c", f"{_REPORT}: broken-aggregation ε after the round"),
+    "payload.min_summed_devices": ("c", "the device policy's t, a published constant"),
+    "payload.update_clip": ("c", "echo of the request's per-day clip C"),
+    "payload.day_sample_rate": ("c", "echo of the request's day rate q, never the sample"),
+    "payload.blocks[].epsilon_broken": ("c", f"{_REPORT}: the day's broken-aggregation ε"),
+    "payload.blocks[].epsilon_broken_rdp": ("c", f"{_REPORT}: that ε under RDP"),
+    "payload.blocks[].epsilon_broken_prv": ("c", f"{_REPORT}: that ε under PLD"),
+    "payload.blocks[].budget_broken": ("c", f"{_REPORT}: its budget (policy constant)"),
     # --- what the shipped ClientApp puts in a train reply ------------------------------
     "clientapp.train.arrays.*": ("a", "the DP-noised weights, as the daemon returned them"),
     "clientapp.train.metrics.num-examples": (

@@ -163,18 +163,26 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BlockStatus(_message.Message):
-    __slots__ = ("block", "events", "epsilon", "budget", "retired")
+    __slots__ = ("block", "events", "epsilon", "budget", "retired", "unit", "has_broken", "epsilon_broken", "budget_broken")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     RETIRED_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    HAS_BROKEN_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BROKEN_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BROKEN_FIELD_NUMBER: _ClassVar[int]
     block: str
     events: int
     epsilon: float
     budget: float
     retired: bool
-    def __init__(self, block: _Optional[str] = ..., events: _Optional[int] = ..., epsilon: _Optional[float] = ..., budget: _Optional[float] = ..., retired: _Optional[bool] = ...) -> None: ...
+    unit: str
+    has_broken: bool
+    epsilon_broken: float
+    budget_broken: float
+    def __init__(self, block: _Optional[str] = ..., events: _Optional[int] = ..., epsilon: _Optional[float] = ..., budget: _Optional[float] = ..., retired: _Optional[bool] = ..., unit: _Optional[str] = ..., has_broken: _Optional[bool] = ..., epsilon_broken: _Optional[float] = ..., budget_broken: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("device_id", "recording", "paused_until", "source", "events_today", "store_bytes", "blocks", "delta", "trainer_ready", "version", "store_writing_stopped", "store_problem")
