@@ -9,7 +9,12 @@ answers. A
 refusal travels back to the ServerApp as a Flower ``Error`` whose reason is
 the daemon's public sentence (``"refused by device policy: CODE"``).
 
-What a train reply carries (every key classified in
+A SecAgg+ round (the employee-day unit, the default) is relayed stage by
+stage to ``Federation.SecAggStage`` (:mod:`keystay.client.secagg`): the
+daemon runs the protocol and this code never holds a key, a share or an
+update in clear. A record-level round goes to ``Federation.Train``.
+
+What a (record-level) train reply carries (every key classified in
 :mod:`keystay.client.federation_fields`, and a test walks the reply):
 
 * ``arrays``: the DP-noised weights;

@@ -277,6 +277,11 @@ def status(data_dir: Path, as_json: bool) -> None:
         click.echo(f"STORE       not writing: {reply.store_problem or 'the store refuses writes'}; "
                    "new tokens wait in memory and are written when it accepts again "
                    "(free disk space)")
+    if any(b.has_broken for b in reply.blocks) or any(
+        b.unit == "employee-day" for b in reply.blocks
+    ):
+        _echo_day_blocks(reply)
+        return
     click.echo(f"\n{'day':<12}{'events':>9}{'ε spent':>10}{'ε left':>9}{'budget':>9}  state")
     for b in reply.blocks:
         left = max(0.0, b.budget - b.epsilon)
@@ -284,6 +289,24 @@ def status(data_dir: Path, as_json: bool) -> None:
                    f"{'retired' if b.retired else 'open'}")
     click.echo(f"\nε is per record, at δ = {reply.delta:g}; each day has its own budget.")
     click.echo(textwrap.fill(PRIVACY_UNIT_SENTENCE, width=88))
+
+
+def _echo_day_blocks(reply: device_pb2.StatusReply) -> None:
+    """Per day: ε against an honest-but-curious server / budget, and against a
+    server that breaks secure aggregation / budget; the unit named."""
+    click.echo(f"\n{'day':<12}{'events':>9}  {'ε honest server':>17}  "
+               f"{'ε broken aggregation':>21}  unit          state")
+    for b in reply.blocks:
+        honest = f"{b.epsilon:.3f} / {b.budget:g}"
+        broken = f"{b.epsilon_broken:.3f} / {b.budget_broken:g}" if b.has_broken else "—"
+        click.echo(f"{b.block:<12}{b.events:>9}  {honest:>17}  {broken:>21}  "
+                   f"{b.unit or 'record':<12}  {'retired' if b.retired else 'open'}")
+    click.echo(textwrap.fill(
+        f"\nε is per employee-day (everything you did on one day), at δ = {reply.delta:g}: "
+        "'honest server' is what a server that sees only the sum of several devices' updates "
+        "(an honest-but-curious server) can learn; 'broken aggregation' is what a server that "
+        "breaks secure aggregation and sees this device's update alone can learn. A day "
+        "retires when either budget is spent.", width=88))
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")

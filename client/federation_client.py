@@ -2,7 +2,8 @@
 
 The ClientApp is code the server ships, run as the SuperNode's user. It knows
 the federation socket (its ``--node-config socket="..."``) and nothing else;
-the only call this client can make is ``Train``, and what it gets back is
+the only calls this client can make are ``Train`` (record-level policies) and
+``SecAggStage`` (one SecAgg+ stage, run by the daemon), and what it gets back is
 what the daemon chose to answer under the employee's policy.
 """
 
@@ -40,4 +41,13 @@ class FederationClient(SocketClient):
 
     def train(self, request: device_pb2.TrainRequest) -> device_pb2.TrainReply:
         reply: device_pb2.TrainReply = self.stub.Train(request, timeout=TRAIN_TIMEOUT_S)
+        return reply
+
+    def secagg_stage(
+        self, request: device_pb2.SecAggStageRequest
+    ) -> device_pb2.SecAggStageReply:
+        """One SecAgg+ stage; the masking stage trains, so it gets the training timeout."""
+        reply: device_pb2.SecAggStageReply = self.stub.SecAggStage(
+            request, timeout=TRAIN_TIMEOUT_S
+        )
         return reply

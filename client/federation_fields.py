@@ -38,7 +38,7 @@ Kind = Literal["a", "b", "c"]
 
 #: The daemon's RPCs that answer the federation (the ClientApp on the
 #: SuperNode). Their reply messages are walked field by field.
-FEDERATION_RPCS: tuple[str, ...] = ("Train",)
+FEDERATION_RPCS: tuple[str, ...] = ("Train", "SecAggStage")
 
 _REPORT = "part of the signed report of charges"
 
@@ -71,6 +71,14 @@ FIELDS: dict[str, tuple[Kind, str]] = {
     "BlockCharge.epsilon": ("c", f"{_REPORT}: the day's enforced ε"),
     "BlockCharge.budget": ("c", f"{_REPORT}: the day's budget (policy constant)"),
     "BlockCharge.retired": ("c", f"{_REPORT}: whether the day's budget is spent"),
+    # --- Device.SecAggStage reply (protobuf) ------------------------------------------
+    "SecAggStageReply.configs": (
+        "a",
+        "the SecAgg+ stage's record: public keys, key shares encrypted to neighbours, the "
+        "masked vector (the clipped day sum with the device's discrete Gaussian noise, "
+        "masked), or the shares that unmask only the sum",
+    ),
+    "SecAggStageReply.report": ("c", "the signed report of what the round cost"),
     # --- the signed payload (PrivacyReport.to_dict) ------------------------------------
     "payload.format": ("c", "the report format version"),
     "payload.device_id": ("c", "the device's pseudonymous key id"),
@@ -95,6 +103,19 @@ FIELDS: dict[str, tuple[Kind, str]] = {
     "payload.unit": ("c", "the unit of privacy, a constant sentence"),
     "payload.created": ("c", "when the charge was written (the round's own time)"),
     "payload.update_sha256": ("c", "digest binding the report to the DP-noised update"),
+    # --- employee-day reports (format v2): the second series and its mechanism -------
+    "payload.assumptions": ("c", "the two trust assumptions' names, constants"),
+    "payload.noise_multiplier_broken": ("c", "σ_eff/√t: from the request's σ and the policy"),
+    "payload.epsilon_round_broken": ("c", "enforced ε of the device's own share alone"),
+    "payload.epsilon_round_broken_rdp": ("c", "RDP ε of the device's own share alone"),
+    "payload.epsilon_total_broken": ("c", f"{_REPORT}: broken-aggregation ε after the round"),
+    "payload.min_summed_devices": ("c", "the device policy's t, a published constant"),
+    "payload.update_clip": ("c", "echo of the request's per-day clip C"),
+    "payload.day_sample_rate": ("c", "echo of the request's day rate q, never the sample"),
+    "payload.blocks[].epsilon_broken": ("c", f"{_REPORT}: the day's broken-aggregation ε"),
+    "payload.blocks[].epsilon_broken_rdp": ("c", f"{_REPORT}: that ε under RDP"),
+    "payload.blocks[].epsilon_broken_prv": ("c", f"{_REPORT}: that ε under PLD"),
+    "payload.blocks[].budget_broken": ("c", f"{_REPORT}: its budget (policy constant)"),
     # --- what the shipped ClientApp puts in a train reply ------------------------------
     "clientapp.train.arrays.*": ("a", "the DP-noised weights, as the daemon returned them"),
     "clientapp.train.metrics.num-examples": (
@@ -105,7 +126,9 @@ FIELDS: dict[str, tuple[Kind, str]] = {
     "clientapp.train.report.device-id": ("c", "the device's pseudonymous key id"),
     "clientapp.train.report.payload-json": ("c", "the signed report's canonical bytes"),
     "clientapp.train.report.signature": ("c", "Ed25519 signature over the payload"),
-    # --- SecAgg+: clear-text metrics beside the masked vector --------------------------
+    # --- SecAgg+: the relayed stage record and clear-text metrics beside it -----------
+    "clientapp.secagg.configs.*": ("a", "the daemon's SecAggStageReply.configs, relayed"),
+    "clientapp.secagg.metrics.num-examples": ("c", "the weight: the constant 1"),
     "clientapp.secagg.metrics.device-id": ("c", "the device's pseudonymous key id"),
     "clientapp.secagg.metrics.payload-json": ("c", "the signed report's canonical bytes"),
     "clientapp.secagg.metrics.signature": ("c", "Ed25519 signature over the payload"),

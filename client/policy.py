@@ -31,6 +31,13 @@ The file format::
     min_block_windows = 64
     min_block_age_days = 1
     accountant = "prv"
+    privacy_unit = "employee-day"
+    epsilon_per_day = 10.0
+    epsilon_per_day_broken_aggregation = 40.0
+    min_summed_devices = 3
+    update_clip_max = 1.0
+    day_sample_rate_max = 1.0
+    record_level_dp = false
 """
 
 from __future__ import annotations
@@ -57,6 +64,13 @@ POLICY_FILE = "policy.toml"
 Accountant = Literal["prv", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 
+PrivacyUnit = Literal["employee-day", "record"]
+PRIVACY_UNITS: tuple[str, ...] = get_args(PrivacyUnit)
+#: The two trust assumptions an employee-day ε is stated under, as reports,
+#: status and the budget report name them.
+ASSUMPTION_HONEST = "honest-but-curious server"
+ASSUMPTION_BROKEN = "server that breaks secure aggregation"
+
 RefusalCode = Literal[
     "no-dp",
     "noise-below-floor",
@@ -71,6 +85,11 @@ RefusalCode = Literal[
     "block-excluded",
     "budget-exceeded",
     "no-data",
+    "unit-mismatch",
+    # SecAgg+ in the daemon (keystay.client.daemon.secagg_stages):
+    "secure-aggregation-only",  # Train asked of an employee-day device
+    "secagg-below-threshold",   # fewer than min_summed_devices could be unmasked together
+    "secagg-protocol",          # a stage out of order or inconsistent
 ]
 REFUSAL_CODES: tuple[str, ...] = get_args(RefusalCode)
 
@@ -87,6 +106,9 @@ _POLICY_CODES = frozenset(
         "clip-above-max",
         "too-many-steps",
         "block-excluded",
+        "unit-mismatch",
+        "secure-aggregation-only",
+        "secagg-below-threshold",
     }
 )
 
@@ -217,6 +239,17 @@ class TrainingRequest:
         The run asking.
     server_round : int
         The run's round number.
+    privacy_unit : {"record", "employee-day"}
+        The unit the run's mechanism protects; must equal the policy's
+        ``privacy_unit``. Default ``"record"`` (DP-SGD per window, the fields
+        above), so callers written before the employee-day unit keep working.
+    update_clip : float
+        Employee-day unit: the L2 norm C each day's clipped update is held to
+        (bounded by ``update_clip_max``). 0 for the record unit.
+    day_sample_rate : float
+        Employee-day unit: the probability q with which each eligible day
+        joins a round (bounded by ``day_sample_rate_max``). 0 for the record
+        unit.
 
     Notes
     -----
@@ -234,6 +267,9 @@ class TrainingRequest:
     blocks: tuple[str, ...]
     run_id: str
     server_round: int
+    privacy_unit: str = "record"
+    update_clip: float = 0.0
+    day_sample_rate: float = 0.0
 
 
 # --- validation ---------------------------------------------------------------
@@ -340,6 +376,27 @@ _RULES: dict[str, _Rule] = {
         convert=str,
         typ="string",
     ),
+    "privacy_unit": _Rule(
+        allowed=" or ".join(json.dumps(u) for u in PRIVACY_UNITS),
+        check=lambda v: v in PRIVACY_UNITS,
+        convert=str,
+        typ="string",
+    ),
+    "epsilon_per_day": _number(
+        lambda v: 0.0 < v <= 64.0, "a number > 0 and <= 64 (typical 1–10)"
+    ),
+    "epsilon_per_day_broken_aggregation": _number(
+        lambda v: 0.0 < v <= 256.0, "a number > 0 and <= 256 (typical 10–50)"
+    ),
+    "min_summed_devices": _integer(
+        lambda v: 1 <= v <= 1_000_000,
+        "a whole number from 1 to 1000000 (typical 3–100; 1 trusts no aggregation)",
+    ),
+    "update_clip_max": _number(lambda v: v > 0.0, "a number > 0 (typical 0.1–10)"),
+    "day_sample_rate_max": _number(
+        lambda v: 0.0 < v <= 1.0, "a number > 0 and <= 1 (typical 0.1–1)"
+    ),
+    "record_level_dp": _boolean("true or false"),
 }
 
 
@@ -454,6 +511,40 @@ class DevicePolicy:
         one too, and it is the tightest the device can certify. ``"rdp"``: the
         RDP bound alone (Mironov 2017), looser, so budgets are spent sooner.
         Both are always computed and recorded.
+    privacy_unit : {"employee-day", "record"}
+        What one ε protects. Default ``"employee-day"``: everything one
+        employee did on one day. Each round every eligible day is charged, a
+        day joins the round's training with probability q, its update is
+        clipped to norm C on its own and the device adds Gaussian noise of
+        std σ·C/√t before secure aggregation (SECURITY.md, "Employee-day
+        accounting"). ``"record"``: the older unit, one token window under
+        DP-SGD, budgeted by ``epsilon_per_block``.
+    epsilon_per_day : float
+        Employee-day budget against an honest-but-curious server (it sees only
+        the sum over at least ``min_summed_devices`` devices, noise std ≥ σ·C),
+        composed over every round and run that ever charged the day. Default
+        10: the user-level operating point production federated learning
+        reports (Gboard's ρ-zCDP ≈ 0.8 is ε ≈ 8–10 at δ = 1e-5).
+    epsilon_per_day_broken_aggregation : float
+        Employee-day budget against a server that breaks secure aggregation
+        and sees this device's share alone (noise std σ·C/√t). Default 40:
+        the same noise read without the other t − 1 devices' shares costs
+        about √t times more per round; a day retires when either budget is
+        spent.
+    min_summed_devices : int
+        t: the fewest devices whose updates must be summed before anything is
+        unmasked. The device's share carries noise σ·C/√t, so the sum over t
+        devices carries σ·C. Default 3.
+    update_clip_max : float
+        Ceiling on the per-day update clip norm C the run asks for. Default
+        1.0. ε does not depend on C (the noise scales with it); the ceiling
+        bounds how far one day can move the model.
+    day_sample_rate_max : float
+        Ceiling on the probability q with which each eligible day joins a
+        round. Default 1.0 (no amplification by sampling is then claimed).
+    record_level_dp : bool
+        Employee-day unit: also run DP-SGD per window inside each day's local
+        training. Default False: the employee-day guarantee does not need it.
     """
 
     delta: float = 1e-5
@@ -471,6 +562,13 @@ class DevicePolicy:
     min_block_windows: int = 64
     min_block_age_days: int = 1
     accountant: Accountant = "prv"
+    privacy_unit: PrivacyUnit = "employee-day"
+    epsilon_per_day: float = 10.0
+    epsilon_per_day_broken_aggregation: float = 40.0
+    min_summed_devices: int = 3
+    update_clip_max: float = 1.0
+    day_sample_rate_max: float = 1.0
+    record_level_dp: bool = False
 
     def __post_init__(self) -> None:
         # A policy built in code is held to the same rules as one read from a
@@ -588,38 +686,8 @@ class DevicePolicy:
             "prv": "a certified privacy-loss-distribution bound (or RDP's, where lower)",
             "rdp": "the RDP accountant's bound (looser: a day's budget is spent sooner)",
         }[self.accountant]
-        items = [
-            (
-                "Privacy budget",
-                f"ε = {self.epsilon_per_block:g} per employee-day, δ = {self.delta:g}. Your "
-                "activity is grouped by day. Every training round that reads a day spends part "
-                "of that day's budget; once it is spent the day is retired and never trained on "
-                f"again. {PRIVACY_UNIT_SENTENCE}",
-            ),
-            (
-                "How ε is counted",
-                f"{accountant}, composed over every round and every run, never reset.",
-            ),
-            (
-                "Noise floor",
-                f"noise multiplier σ >= {self.noise_multiplier_min:g}: the noise added to every "
-                "training step, relative to the clip norm.",
-            ),
-            (
-                "Noise ceiling",
-                f"σ <= {self.noise_multiplier_max:g}: a round whose noise drowns everything "
-                "would cost almost nothing and teach the model nothing.",
-            ),
-            (
-                "Sampling rate",
-                f"each window joins a step's batch with probability q <= "
-                f"{self.sample_rate_max:g}, a rate the run chooses, never your data.",
-            ),
-            (
-                "Clip ceiling",
-                f"each window's gradient is clipped to norm <= {self.max_grad_norm_max:g} "
-                "before noise is added.",
-            ),
+        items = self._explain_unit(accountant)
+        items += [
             ("Steps per round", f"at most {self.max_local_steps}."),
             ("Time between rounds", gap),
             (
@@ -656,11 +724,102 @@ class DevicePolicy:
         lines += [
             "",
             "Requests that ask for less (or far more) noise, a larger clip, a higher",
-            "sampling rate, more steps or no DP are refused, never adjusted. Raw events",
-            "never leave this machine: only a clipped, noised model update and a signed",
-            "report of the ε it cost.",
+            "sampling rate, more steps, another privacy unit or no DP are",
+            "refused, never adjusted. Raw events never leave this machine: only a clipped,",
+            "noised model update and a signed report of the ε it cost.",
         ]
         return "\n".join(lines)
+
+    def budget_sentence(self) -> str:
+        """The budgets in force, with their keys, for refusal reasons."""
+        if self.privacy_unit == "record":
+            return f"ε {self.epsilon_per_block:g} per block, {POLICY_FILE} epsilon_per_block"
+        return (
+            f"ε {self.epsilon_per_day:g} per day against an {ASSUMPTION_HONEST}, "
+            f"{self.epsilon_per_day_broken_aggregation:g} against a {ASSUMPTION_BROKEN}, "
+            f"{POLICY_FILE} epsilon_per_day and epsilon_per_day_broken_aggregation"
+        )
+
+    def _explain_unit(self, accountant: str) -> list[tuple[str, str]]:
+        """The settings that depend on the privacy unit, explained."""
+        counted = (
+            "How ε is counted",
+            f"{accountant}, composed over every round and every run, never reset.",
+        )
+        noise = [
+            (
+                "Noise floor",
+                f"noise multiplier σ >= {self.noise_multiplier_min:g}: the noise added, "
+                "relative to the clip norm.",
+            ),
+            (
+                "Noise ceiling",
+                f"σ <= {self.noise_multiplier_max:g}: a round whose noise drowns everything "
+                "would cost almost nothing and teach the model nothing.",
+            ),
+        ]
+        record = [
+            (
+                "Sampling rate",
+                f"each window joins a step's batch with probability q <= "
+                f"{self.sample_rate_max:g}, a rate the run chooses, never your data.",
+            ),
+            (
+                "Clip ceiling",
+                f"each window's gradient is clipped to norm <= {self.max_grad_norm_max:g} "
+                "before noise is added.",
+            ),
+        ]
+        if self.privacy_unit == "record":
+            return [
+                (
+                    "Privacy budget",
+                    f"ε = {self.epsilon_per_block:g} per token window, δ = {self.delta:g}. "
+                    "Your activity is grouped by day. Every training round that reads a day "
+                    "spends part of that day's budget; once it is spent the day is retired and "
+                    f"never trained on again. {PRIVACY_UNIT_SENTENCE}",
+                ),
+                counted,
+                *noise,
+                *record,
+            ]
+        t = self.min_summed_devices
+        items = [
+            (
+                "Privacy unit",
+                "one employee-day: everything you did on one day. Nobody who sees what this "
+                "device sends can tell what you did on a given day beyond the ε below.",
+            ),
+            (
+                "Privacy budget",
+                f"ε = {self.epsilon_per_day:g} per day against an {ASSUMPTION_HONEST} (it sees "
+                f"only the sum of at least {t} devices' updates), and ε = "
+                f"{self.epsilon_per_day_broken_aggregation:g} per day against a "
+                f"{ASSUMPTION_BROKEN} (it sees this device's update alone); δ = {self.delta:g}. "
+                "Every round charges every day it could read, before training; a day retires "
+                "when either budget is spent and is never trained on again.",
+            ),
+            counted,
+            (
+                "Devices summed",
+                f"at least {t}: the device adds noise σ·C/√{t} to its update, so the sum of "
+                f"{t} carries σ·C (policy min_summed_devices).",
+            ),
+            *noise,
+            (
+                "Day sampling rate",
+                f"each eligible day joins a round with probability q <= "
+                f"{self.day_sample_rate_max:g}, drawn on this device and never revealed.",
+            ),
+            (
+                "Update clip ceiling",
+                f"each day's update is clipped to norm C <= {self.update_clip_max:g} on its own, "
+                "so one day moves what is sent by at most C.",
+            ),
+        ]
+        if self.record_level_dp:
+            items += [("Inside each day", "DP-SGD per token window as well:"), *record]
+        return items
 
     # --- request checks --------------------------------------------------------------
 
@@ -676,12 +835,20 @@ class DevicePolicy:
            ``1 <= server_round <=`` :data:`SERVER_ROUND_MAX`; at most
            :data:`MAX_REQUESTED_BLOCKS` blocks, each a ``YYYY-MM-DD`` date;
            ``local_steps >= 1``; a learning rate that is finite, > 0 and
-           <= :data:`LEARNING_RATE_MAX`; a finite sample rate > 0.
-        2. ``dp`` must be true (``no-dp``).
-        3. ``noise_multiplier_min`` <= σ <= ``noise_multiplier_max``, finite
+           <= :data:`LEARNING_RATE_MAX`; a known ``privacy_unit``; for the
+           record unit a finite sample rate > 0, for the employee-day unit a
+           finite update clip and a day sample rate > 0.
+        2. The request's ``privacy_unit`` is the policy's (``unit-mismatch``):
+           a run may not choose a weaker unit than the device protects.
+        3. ``dp`` must be true (``no-dp``).
+        4. ``noise_multiplier_min`` <= σ <= ``noise_multiplier_max``, finite
            (``noise-below-floor``, ``noise-above-max``).
-        4. 0 < C <= ``max_grad_norm_max`` (``clip-above-max``).
-        5. q <= ``sample_rate_max`` (``sample-rate-above-max``).
+        5. Record unit: 0 < C <= ``max_grad_norm_max`` (``clip-above-max``),
+           q <= ``sample_rate_max`` (``sample-rate-above-max``).
+           Employee-day unit: 0 < C <= ``update_clip_max``
+           (``clip-above-max``), q <= ``day_sample_rate_max``
+           (``sample-rate-above-max``), and, when ``record_level_dp`` is on,
+           the record rules above for DP-SGD inside each day.
         6. T <= ``max_local_steps`` (``too-many-steps``).
 
         Raises
@@ -692,11 +859,18 @@ class DevicePolicy:
         """
         check_well_formed(req)
         where = POLICY_FILE
+        if req.privacy_unit != self.privacy_unit:
+            raise Refusal(
+                "unit-mismatch",
+                f"refused: run {req.run_id!r} protects the privacy unit {req.privacy_unit!r} but "
+                f"this device protects {self.privacy_unit!r} ({where} privacy_unit); a run may "
+                "not choose the unit",
+            )
         if not req.dp:
             raise Refusal(
                 "no-dp",
                 f"refused: run {req.run_id!r} asks to train without differential privacy; "
-                "this device only trains with DP-SGD (no policy setting turns it off)",
+                "this device only trains with DP (no policy setting turns it off)",
             )
         sigma = req.noise_multiplier
         if not (math.isfinite(sigma) and sigma >= self.noise_multiplier_min):
@@ -712,24 +886,49 @@ class DevicePolicy:
                 f"{self.noise_multiplier_max:g} ({where} noise_multiplier_max): a round that "
                 "noisy costs almost no ε and teaches the model nothing",
             )
-        clip = req.max_grad_norm
-        if not (math.isfinite(clip) and 0.0 < clip <= self.max_grad_norm_max):
-            raise Refusal(
-                "clip-above-max",
-                f"refused: run asks max_grad_norm {clip:g} but this device allows a clip norm "
-                f"> 0 and <= {self.max_grad_norm_max:g} ({where} max_grad_norm_max)",
-            )
-        if req.sample_rate > self.sample_rate_max:
-            raise Refusal(
-                "sample-rate-above-max",
-                f"refused: run asks sample_rate {req.sample_rate:g} but this device allows at "
-                f"most {self.sample_rate_max:g} ({where} sample_rate_max)",
-            )
+        if req.privacy_unit == "employee-day":
+            self._check_day_mechanism(req)
+        if req.privacy_unit == "record" or self.record_level_dp:
+            self._check_record_mechanism(req)
         if req.local_steps > self.max_local_steps:
             raise Refusal(
                 "too-many-steps",
                 f"refused: run asks {req.local_steps} local steps but this device allows at most "
                 f"{self.max_local_steps} per round ({where} max_local_steps)",
+            )
+
+    def _check_record_mechanism(self, req: TrainingRequest) -> None:
+        """DP-SGD per window: the per-sample clip and the window sampling rate."""
+        clip = req.max_grad_norm
+        if not (math.isfinite(clip) and 0.0 < clip <= self.max_grad_norm_max):
+            raise Refusal(
+                "clip-above-max",
+                f"refused: run asks max_grad_norm {clip:g} but this device allows a clip norm "
+                f"> 0 and <= {self.max_grad_norm_max:g} ({POLICY_FILE} max_grad_norm_max)",
+            )
+        if not 0.0 < req.sample_rate <= self.sample_rate_max:
+            raise Refusal(
+                "sample-rate-above-max",
+                f"refused: run asks sample_rate {req.sample_rate:g} but this device allows a "
+                f"rate > 0 and at most {self.sample_rate_max:g} ({POLICY_FILE} sample_rate_max)",
+            )
+
+    def _check_day_mechanism(self, req: TrainingRequest) -> None:
+        """The employee-day mechanism: the per-day update clip and the day sampling rate."""
+        clip = req.update_clip
+        if not (math.isfinite(clip) and 0.0 < clip <= self.update_clip_max):
+            raise Refusal(
+                "clip-above-max",
+                f"refused: run asks update_clip {clip:g} but this device allows a per-day "
+                f"update clip > 0 and <= {self.update_clip_max:g} ({POLICY_FILE} "
+                "update_clip_max)",
+            )
+        if req.day_sample_rate > self.day_sample_rate_max:
+            raise Refusal(
+                "sample-rate-above-max",
+                f"refused: run asks day_sample_rate {req.day_sample_rate:g} but this device "
+                f"allows at most {self.day_sample_rate_max:g} ({POLICY_FILE} "
+                "day_sample_rate_max)",
             )
 
     def select_blocks(
@@ -787,8 +986,7 @@ class DevicePolicy:
                 raise Refusal(
                     "block-retired",
                     f"refused: block(s) {', '.join(spent)} have spent their privacy budget "
-                    f"(ε {self.epsilon_per_block:g} per block, {POLICY_FILE} epsilon_per_block) "
-                    "and are retired: never trained on again",
+                    f"({self.budget_sentence()}) and are retired: never trained on again",
                     spent,
                 )
             thin = tuple(b for b in wanted if windows[b] < self.min_block_windows)
@@ -876,10 +1074,23 @@ def check_well_formed(req: TrainingRequest) -> None:
     if not (_is_number(lr) and math.isfinite(lr) and 0.0 < lr <= LEARNING_RATE_MAX):
         raise _bad(f"learning_rate must be a finite number > 0 and <= {LEARNING_RATE_MAX:g}, "
                    f"got {lr!r}")
+    unit = req.privacy_unit
+    if unit not in PRIVACY_UNITS:
+        shown = unit[:32] if isinstance(unit, str) else "?"
+        raise _bad(f"privacy_unit must be one of {', '.join(PRIVACY_UNITS)}, got {shown!r}")
     q = req.sample_rate
-    if not (_is_number(q) and math.isfinite(q) and 0.0 < q <= 1.0):
-        raise _bad(f"sample_rate must be a number > 0 and <= 1, got {q!r}")
-    for name in ("noise_multiplier", "max_grad_norm"):
+    if unit == "record":
+        if not (_is_number(q) and math.isfinite(q) and 0.0 < q <= 1.0):
+            raise _bad(f"sample_rate must be a number > 0 and <= 1, got {q!r}")
+    else:
+        # The record-level rate is used only when the device runs DP-SGD
+        # inside each day (record_level_dp); 0 says "not asked".
+        if not (_is_number(q) and math.isfinite(q) and 0.0 <= q <= 1.0):
+            raise _bad(f"sample_rate must be a number >= 0 and <= 1, got {q!r}")
+        day_q = req.day_sample_rate
+        if not (_is_number(day_q) and math.isfinite(day_q) and 0.0 < day_q <= 1.0):
+            raise _bad(f"day_sample_rate must be a number > 0 and <= 1, got {day_q!r}")
+    for name in ("noise_multiplier", "max_grad_norm", "update_clip"):
         value = getattr(req, name)
         if not (_is_number(value) and math.isfinite(value)):
             raise _bad(f"{name} must be a finite number, got {value!r}")

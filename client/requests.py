@@ -26,14 +26,17 @@ from keystay.client.federation_client import DeviceUnavailableError
 from keystay.client.serde import weights_to_proto
 from keystay.common.wire import (
     CONFIG_BLOCKS,
+    CONFIG_DAY_SAMPLE_RATE,
     CONFIG_DP,
     CONFIG_LEARNING_RATE,
     CONFIG_LOCAL_STEPS,
     CONFIG_MAX_GRAD_NORM,
     CONFIG_NOISE_MULTIPLIER,
+    CONFIG_PRIVACY_UNIT,
     CONFIG_RUN_NAME,
     CONFIG_SAMPLE_RATE,
     CONFIG_SERVER_ROUND,
+    CONFIG_UPDATE_CLIP,
     ERROR_FAILED,
     ERROR_REFUSED,
     ERROR_UNAVAILABLE,
@@ -62,6 +65,10 @@ def _number(config: ConfigRecord, key: str) -> float:
     return float(value)
 
 
+def _optional(config: ConfigRecord, key: str) -> float:
+    return _number(config, key) if key in config else 0.0
+
+
 def _spec(config: ConfigRecord) -> device_pb2.TrainSpec:
     blocks = str(config.get(CONFIG_BLOCKS, "") or "")
     return device_pb2.TrainSpec(
@@ -72,6 +79,10 @@ def _spec(config: ConfigRecord) -> device_pb2.TrainSpec:
         learning_rate=_number(config, CONFIG_LEARNING_RATE),
         dp=bool(config[CONFIG_DP]),
         blocks=[b.strip() for b in blocks.split(",") if b.strip()],
+        # A server from before issue 10 sends none of these: a record-level round.
+        privacy_unit=str(config.get(CONFIG_PRIVACY_UNIT, "record") or "record"),
+        update_clip=_optional(config, CONFIG_UPDATE_CLIP),
+        day_sample_rate=_optional(config, CONFIG_DAY_SAMPLE_RATE),
     )
 
 
@@ -85,6 +96,11 @@ def train_request(
         weights=weights_to_proto(weights),
         spec=_spec(config),
     )
+
+
+def round_spec(config: ConfigRecord) -> tuple[str, int, device_pb2.TrainSpec]:
+    """``(run id, round, spec)`` of a round's fit config (the SecAgg+ masking stage)."""
+    return str(config[CONFIG_RUN_NAME]), _round(config), _spec(config)
 
 
 def _round(config: ConfigRecord) -> int:

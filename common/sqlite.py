@@ -75,9 +75,9 @@ def open_versioned(
     schema : str
         ``;``-separated statements run once, on an empty file.
     always : str or None
-        One statement run at every open, in the same transaction (an
-        idempotent ``CREATE TABLE IF NOT EXISTS`` added after the format
-        was fixed).
+        ``;``-separated statements run at every open, in the same
+        transaction (idempotent ``CREATE TABLE IF NOT EXISTS`` added after
+        the format was fixed).
     timeout : float
         Seconds to wait for another process's lock.
 
@@ -109,8 +109,9 @@ def open_versioned(
                 conn.execute(f"PRAGMA user_version={int(version)}")
             elif found != version:
                 raise FormatVersionError(path, found, version)
-            if always is not None:
-                conn.execute(always)
+            for statement in (always or "").split(";"):
+                if statement.strip():
+                    conn.execute(statement)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

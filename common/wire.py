@@ -27,9 +27,6 @@ ERROR_UNAVAILABLE = 4002
 #: The device tried and failed (bad request, broken daemon).
 ERROR_FAILED = 4003
 
-#: Fit-config key carrying the central-DP clip norm S a device applies to its
-#: update before masking (absent: no central DP, no clip).
-CONFIG_UPDATE_CLIP = "secagg-update-clip"
 #: Each device's weight in the secure average: a public constant, never a count.
 SECAGG_WEIGHT = 1
 
@@ -44,7 +41,13 @@ CONFIG_DP = "dp"
 CONFIG_BLOCKS = "blocks"
 CONFIG_RUN_NAME = "run-name"
 CONFIG_SERVER_ROUND = "server-round"
+#: The employee-day mechanism (issue 10): the unit, the per-day update clip C
+#: and the day sampling rate q.
+CONFIG_PRIVACY_UNIT = "privacy-unit"
+CONFIG_UPDATE_CLIP = "update-clip"
+CONFIG_DAY_SAMPLE_RATE = "day-sample-rate"
 RUN_CONFIG_KEYS = (
     CONFIG_NOISE_MULTIPLIER, CONFIG_MAX_GRAD_NORM, CONFIG_LOCAL_STEPS, CONFIG_SAMPLE_RATE,
     CONFIG_LEARNING_RATE, CONFIG_DP, CONFIG_BLOCKS, CONFIG_RUN_NAME, CONFIG_SERVER_ROUND,
+    CONFIG_PRIVACY_UNIT, CONFIG_UPDATE_CLIP, CONFIG_DAY_SAMPLE_RATE,
 )

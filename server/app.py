@@ -308,7 +308,7 @@ def main(grid: Grid, context: Context) -> None:
     # the new one, never half of one.
     write_private(settings.run_dir / "settings.json",
                   json.dumps(settings.as_run_config(), indent=2, sort_keys=True).encode())
-    if settings.secagg:
+    if settings.employee_day:
         run_secagg(grid, context, settings)
         return
     model_config = ModelConfig()

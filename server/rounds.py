@@ -190,6 +190,14 @@ def format_round(row: dict[str, Any]) -> list[str]:
                       ("failed", "failed")):
         for entry in row.get(key, []):
             lines.append(f"{indent}node {entry['node']} {kind}: {entry['reason']}")
+    if row.get("epsilon_day_mean") is not None:
+        broken = row.get("epsilon_day_mean_broken_aggregation")
+        lines.append(
+            f"{indent}mean ε per employee-day: {row['epsilon_day_mean']:.3f} "
+            f"(honest-but-curious server), "
+            f"{'-' if broken is None else f'{broken:.3f}'} (server that breaks secure "
+            "aggregation)"
+        )
     if row.get("central_epsilon") is not None:
         lines.append(f"{indent}central DP ε so far: {row['central_epsilon']:.3f}")
     return lines

@@ -1,13 +1,28 @@
 """SecAgg+ runs: the server learns the sum of the device updates, not one of them.
 
-A run with ``secagg = true`` goes through Flower's SecAgg+ protocol
+A run with ``privacy-unit = "employee-day"`` (the default) goes through Flower's SecAgg+ protocol
 (``SecAggPlusWorkflow``), which in Flower 1.39 runs on the legacy workflow
 API: a ``LegacyContext``, ``DefaultWorkflow(fit_workflow=..., evaluate_workflow=...)``
 and a legacy ``flwr.server.strategy.FedAvg``. Each device masks its update
 with pairwise masks (agreed with its neighbours) and a private mask, whose
 seeds are secret-shared among its neighbours; the server adds the masked
 vectors and asks the survivors for just the shares that remove the masks
-from the *sum*. See :mod:`keystay.client.secagg` for what a device masks.
+from the *sum*. The device side runs in each device's daemon
+(:mod:`keystay.client.daemon.secagg_stages`), which encodes its update
+with its own discrete Gaussian noise (:mod:`keystay.client.employee_day`);
+the ClientApp only relays (:mod:`keystay.client.secagg`). Flower's workflow
+here is unchanged: the daemon's vector decodes with it.
+
+The encoding ranges (:data:`CLIPPING_RANGE` c, :data:`QUANTIZATION_RANGE` R,
+:data:`MODULUS_RANGE` M) are chosen so the sum decodes without wrap-around:
+a device sends ``round(γ (U + c)) + noise`` with ``γ = R / 2c``, so the
+sum over n devices is ``γ (Σ U + n c) + noise``; it stays in ``[0, M)``
+while every coordinate of a device's ``U`` (at most days · C, C ≤ 1) plus
+its share of the noise stays within ``±c`` on average, and ``n R (1 + 1/2)
+< M`` (n up to 43,000 devices). γC = 2^17 C integer units: the rounding
+costs σ less than 0.3 % at the default model (``√D / γC``), and each
+device's noise scale ``γσC/√t`` is tens of thousands of units, far above the
+discrete Gaussian's limit for the sum to be charged as Gaussian.
 
 What keystay adds around Flower's workflow, and why:
 
@@ -26,11 +41,15 @@ What keystay adds around Flower's workflow, and why:
   (``new - global``) with weight 1; the mean of the survivors' updates is
   what comes back (devices no longer add their training loss: an un-noised
   statistic of their data; the server could not read it anyway).
-* **Central DP on the sum.** With ``central-dp``, devices clip their update
-  to ``central-clip`` before masking; the server turns the mean back into the
-  sum and adds ``N(0, (z S)^2)`` to it over the fixed denominator of devices
-  the round was sent to, the same mechanism and accountant as a plain round
-  (:mod:`keystay.server.central_dp`).
+* **Reports bound to the masked bytes.** A device's report carries the
+  digest of the masked vector it sent (``update_sha256``); a vector whose
+  digest differs is dropped before the sum, like an unverified report.
+* **Both ε per day in the row.** Every verified report states, per day it
+  charged, the ε against an honest-but-curious server and against one that
+  breaks aggregation; the row keeps both means over the days reported.
+* **Central DP on the sum** (no longer reachable: ``central-dp`` is refused
+  with the employee-day unit, whose noise the devices add) stays for the
+  record: :func:`secure_central_dp_step`.
 * **Dropouts before the masking stage.** Flower 1.39 tries to rebuild the
   key of every device that was sampled but left before sharing its keys, and
   no device holds shares of it, so the round halts. Such a device never
@@ -61,10 +80,13 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    bytes_to_ndarray,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -76,8 +98,8 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from keystay.common.digest import weights_sha256
 from keystay.common.model import ModelConfig, initial_weights, save_checkpoint
-from keystay.common.wire import CONFIG_UPDATE_CLIP
 from keystay.server.central_dp import CentralDP, CentralDPAccountant
 from keystay.server.heldout import HeldoutEvaluator
 from keystay.server.ledger.ledger import ServerLedger
@@ -92,11 +114,14 @@ from keystay.server.runlog import (
 )
 from keystay.server.settings import RunSettings
 
-#: Flower's quantisation range: every entry of a device's vector is clipped to
-#: [-8, 8] before masking. Updates are orders of magnitude smaller.
-CLIPPING_RANGE = 8.0
-#: Devices send weight 1, so the workflow's ``max_weight`` is 1: the mod then
-#: quantises the update itself, at full precision.
+#: ``c``: the offset of every coordinate (see the module docstring).
+CLIPPING_RANGE = 64.0
+#: ``R``: ``γ = R / 2c = 2**17`` integer units per unit of the update.
+QUANTIZATION_RANGE = 2**24
+#: ``M``: the masked vectors are added modulo this.
+MODULUS_RANGE = 2**40
+#: Devices send weight 1, so the workflow's ``max_weight`` is 1 (devices
+#: refuse any other).
 MAX_WEIGHT = 1.0
 
 Gate = Callable[[list[Message], list[Message]], list[Message]]
@@ -158,11 +183,38 @@ class SecAggRoundLog(RoundLog):
     """A round's row, plus what the secure aggregation did."""
 
     secagg: dict[str, Any] = field(default_factory=dict)
+    #: (ε honest-but-curious, ε broken aggregation) of every day in every
+    #: verified report this round.
+    day_epsilons: list[tuple[float, float | None]] = field(default_factory=list)
 
     def as_json(self) -> str:
         row = json.loads(super().as_json())
         row["secagg"] = self.secagg
+        honest, broken = mean_day_epsilons(self.day_epsilons)
+        row["epsilon_day_mean"] = honest
+        row["epsilon_day_mean_broken_aggregation"] = broken
         return json.dumps(row, sort_keys=True)
+
+
+def _day_epsilons(payload: dict[str, Any]) -> list[tuple[float, float | None]]:
+    """Each charged day's (ε honest, ε broken aggregation) from a verified payload."""
+    out: list[tuple[float, float | None]] = []
+    for block in payload.get("blocks", []):
+        if not isinstance(block, dict) or "epsilon" not in block:
+            continue
+        broken = block.get("epsilon_broken")
+        out.append((float(block["epsilon"]), None if broken is None else float(broken)))
+    return out
+
+
+def mean_day_epsilons(
+    days: Sequence[tuple[float, float | None]],
+) -> tuple[float | None, float | None]:
+    """Mean ε per day under each assumption (None when no day reported it)."""
+    honest = [h for h, _ in days]
+    broken = [b for _, b in days if b is not None]
+    return (float(np.mean(honest)) if honest else None,
+            float(np.mean(broken)) if broken else None)
 
 
 class SecAggFedAvg(FedAvg):
@@ -229,8 +281,6 @@ class SecAggFedAvg(FedAvg):
     def fit_config(self, server_round: int) -> dict[str, Scalar]:
         """What every device receives with its training request."""
         config: dict[str, Scalar] = {**self.settings.train_config(), "server-round": server_round}
-        if self.central is not None:
-            config[CONFIG_UPDATE_CLIP] = float(self.settings.central_clip)
         return config
 
     def configure_fit(
@@ -286,9 +336,29 @@ class SecAggFedAvg(FedAvg):
             if metrics is None or "payload-json" not in metrics:
                 kept.append(msg)  # a key-exchange or unmask reply: nothing to record
                 continue
-            if self._record_report(server_round, node, metrics):
+            if self._record_report(server_round, node, metrics) and self._bound(
+                server_round, node, metrics, msg
+            ):
                 kept.append(msg)
         return kept
+
+    def _bound(self, server_round: int, node: int, metrics: ConfigRecord, msg: Message) -> bool:
+        """True when the signed report names the digest of the masked vector that came."""
+        try:
+            masked = msg.content.config_records[RECORD_KEY_CONFIGS][SecAggKey.MASKED_PARAMETERS]
+            received = weights_sha256([bytes_to_ndarray(b) for b in cast(list[bytes], masked)])
+            claimed = json.loads(str(metrics["payload-json"])).get("update_sha256")
+        except (KeyError, ValueError, AttributeError):
+            received, claimed = "", None
+        if claimed == received:
+            return True
+        device_id = str(metrics.get("device-id", "")) or f"node-{node}"
+        entry = self._current().devices.get(device_id)
+        if entry is not None:
+            entry["flags"].append("update-mismatch")
+        log(WARNING, "round %s: masked vector from %s does not match its signed report; "
+            "left out of the sum", server_round, device_id)
+        return False
 
     def _record_report(self, server_round: int, node: int, metrics: ConfigRecord) -> bool:
         round_log = self._current()
@@ -314,6 +384,8 @@ class SecAggFedAvg(FedAvg):
             "verified": bool(verdict.verified),
             "flags": list(verdict.flags),
         }
+        if verdict.ok:
+            round_log.day_epsilons.extend(_day_epsilons(payload))
         if "delta" in payload:
             round_log.delta = float(payload["delta"])
         if not verdict.ok:
@@ -488,12 +560,24 @@ class KeystaySecAggPlusWorkflow(SecAggPlusWorkflow):
             reconstruction_threshold,
             max_weight=MAX_WEIGHT,
             clipping_range=CLIPPING_RANGE,
+            quantization_range=QUANTIZATION_RANGE,
+            modulus_range=MODULUS_RANGE,
             timeout=timeout,
         )
         self._gate = gate
 
     def __call__(self, grid: Grid, context: Context) -> None:
         super().__call__(_GatedGrid(grid, self._gate), context)
+
+    def _check_threshold(self, state: WorkflowState) -> bool:
+        # Flower checks each sampled device's neighbours only: once every
+        # device has refused (and been forgotten) that check passes vacuously
+        # and the unmask stage fails on an empty sum. Halt instead.
+        if len(state.active_node_ids) < 2:
+            log(WARNING, "SecAgg+: %s device(s) left in the round; halted",
+                len(state.active_node_ids))
+            return False
+        return super()._check_threshold(state)
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().setup_stage(grid, context, state)

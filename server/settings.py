@@ -10,6 +10,18 @@ What a run *asks* of devices (noise, clip, steps, blocks) is only a request:
 each device checks it against its own ``DevicePolicy`` and refuses what would
 weaken it.
 
+The privacy unit (issue 10). ``privacy-unit = "employee-day"`` (the default)
+runs every round through SecAgg+ with the device's own mechanism: each
+sampled day's update clipped to ``update-clip`` C, days sampled at
+``day-sample-rate`` q, and ``noise-multiplier`` σ is the noise the sum over
+at least t devices carries (in units of C; each device adds σC/√t of it).
+``secagg`` is then implied, ``central-dp`` is refused (the devices' noise is
+the mechanism), and the SecAgg+ threshold must be at least the devices'
+``min_summed_devices`` (3 by default, hence 5 shares and threshold 3).
+``privacy-unit = "record"`` is DP-SGD per window with plain rounds (σ, C of
+DP-SGD, ``sample-rate``, the tuned record-level defaults of
+``bench/bench_tuning.py``: pass ``noise-multiplier = 2.19``).
+
 The training defaults (σ, q, steps, learning rate, for ``num_server_rounds``
 rounds) come from ``bench/bench_tuning.py``: on simulated employees, the
 setting with the best held-out accuracy at a target ε per day, σ solved from
@@ -31,6 +43,9 @@ from typing import Any
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
 
+#: The privacy units a run may ask for (the devices' policies name theirs).
+PRIVACY_UNITS = ("employee-day", "record")
+
 
 class SettingsError(KeystayError, ValueError):
     """A run configuration value is missing or outside what keystay accepts."""
@@ -45,10 +60,15 @@ class RunSettings:
     server_dir: Path
     run_name: str
     num_server_rounds: int = 3
-    min_devices: int = 2
+    min_devices: int = 3
     # Tuned by bench/bench_tuning.py (README, Performance): ε ≈ 8 per day after
     # the 3 default rounds; see the module docstring.
-    noise_multiplier: float = 2.19
+    privacy_unit: str = "employee-day"
+    # Employee-day: the sum's σ (issue 10's default). Record level: DP-SGD's σ
+    # (the tuned record-level figure is 2.19; see the module docstring).
+    noise_multiplier: float = 1.0
+    update_clip: float = 0.5
+    day_sample_rate: float = 0.5
     max_grad_norm: float = 1.0
     local_steps: int = 60
     sample_rate: float = 0.25
@@ -61,8 +81,8 @@ class RunSettings:
     central_noise_multiplier: float = 0.0
     central_clip: float = 1.0
     secagg: bool = False
-    secagg_num_shares: int = 3
-    secagg_reconstruction_threshold: int = 2
+    secagg_num_shares: int = 5
+    secagg_reconstruction_threshold: int = 3
     # The server-owned held-out population (keystay.server.heldout): a few
     # simulated employees that never train, scored after every round.
     heldout_employees: int = 3
@@ -127,6 +147,12 @@ class RunSettings:
         _check(_number(self.central_clip) and self.central_clip > 0,
                "central-clip", self.central_clip, "a number > 0")
         _check(isinstance(self.secagg, bool), "secagg", self.secagg, "true or false")
+        _check(self.privacy_unit in PRIVACY_UNITS, "privacy-unit", self.privacy_unit,
+               " or ".join(repr(u) for u in PRIVACY_UNITS))
+        _check(_number(self.update_clip) and self.update_clip > 0, "update-clip",
+               self.update_clip, "a number > 0 (devices enforce a ceiling, 1.0 by default)")
+        _check(_number(self.day_sample_rate) and 0 < self.day_sample_rate <= 1,
+               "day-sample-rate", self.day_sample_rate, "a number > 0 and <= 1")
         _check(_positive_int(self.secagg_num_shares) and self.secagg_num_shares >= 2,
                "secagg-num-shares", self.secagg_num_shares, "an integer >= 2")
         _check(_positive_int(self.secagg_reconstruction_threshold)
@@ -144,8 +170,20 @@ class RunSettings:
         _check(isinstance(self.run_name, str) and bool(self.run_name)
                and "/" not in self.run_name, "run-name", self.run_name,
                "a non-empty name without '/'")
-        if self.secagg:
+        if self.employee_day:
+            if self.central_dp:
+                raise SettingsError(
+                    "run config 'central-dp' = true is not allowed with privacy-unit "
+                    "'employee-day': the devices add the noise themselves before secure "
+                    "aggregation; use privacy-unit 'record' for central DP"
+                )
             self.check_secagg()
+        elif self.secagg:
+            raise SettingsError(
+                "run config 'secagg' = true is not allowed with privacy-unit 'record': "
+                "secure aggregation runs in the device daemons, with the employee-day "
+                "mechanism; record-level rounds are plain (DP-SGD on each device)"
+            )
 
     def check_secagg(self) -> None:
         """Refuse SecAgg+ parameters Flower rejects or that weaken the masking.
@@ -175,6 +213,11 @@ class RunSettings:
             )
 
     @property
+    def employee_day(self) -> bool:
+        """True when rounds go through SecAgg+ with the employee-day mechanism."""
+        return self.privacy_unit == "employee-day"
+
+    @property
     def run_dir(self) -> Path:
         return self.server_dir / "runs" / self.run_name
 
@@ -189,6 +232,9 @@ class RunSettings:
             "learning-rate": float(self.learning_rate),
             "dp": bool(self.dp),
             "blocks": self.blocks,
+            "privacy-unit": self.privacy_unit,
+            "update-clip": float(self.update_clip),
+            "day-sample-rate": float(self.day_sample_rate),
         }
 
     def as_run_config(self) -> dict[str, Any]:

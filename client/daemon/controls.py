@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from keystay.client.daemon.core import DeviceCore
+from keystay.client.ledger.ledger import BlockTotal
 from keystay.client.store import EventStore
 from keystay.common.tokens import token_kind, token_name
 from keystay.v1 import device_pb2
@@ -88,15 +89,7 @@ class Controls:
             if info.block == today:
                 events_today = info.events
             total = totals.get(info.block)
-            blocks.append(
-                device_pb2.BlockStatus(
-                    block=info.block,
-                    events=info.events,
-                    epsilon=total.epsilon if total else 0.0,
-                    budget=total.budget if total else self.core.policy.epsilon_per_block,
-                    retired=bool(total.retired) if total else False,
-                )
-            )
+            blocks.append(self._block_status(info.block, info.events, total))
         recording = self.recorder is not None and not self.recorder.paused
         # Only the real Recorder has stats; a bare PausableSource (tests) does not.
         stats = getattr(self.recorder, "stats", None)
@@ -115,6 +108,35 @@ class Controls:
             version=self.version,
             store_writing_stopped=bool(getattr(stats, "writing_stopped", False)),
             store_problem=problem or "",
+        )
+
+    def _block_status(
+        self, block: str, events: int, total: BlockTotal | None
+    ) -> device_pb2.BlockStatus:
+        """One day's two ε (employee-day) or one (record), with its budgets and unit.
+
+        A day never charged shows 0 of the policy's budgets in the policy's unit.
+        """
+        policy = self.core.policy
+        day = policy.privacy_unit == "employee-day"
+        unit = total.unit if total else policy.privacy_unit
+        broken = total.epsilon_broken if total else (0.0 if day else None)
+        broken_budget = (
+            total.budget_broken if total and total.budget_broken is not None
+            else policy.epsilon_per_day_broken_aggregation
+        )
+        return device_pb2.BlockStatus(
+            block=block,
+            events=events,
+            epsilon=total.epsilon if total else 0.0,
+            budget=total.budget if total else (
+                policy.epsilon_per_day if day else policy.epsilon_per_block
+            ),
+            retired=bool(total.retired) if total else False,
+            unit=unit,
+            has_broken=broken is not None,
+            epsilon_broken=broken or 0.0,
+            budget_broken=broken_budget if broken is not None else 0.0,
         )
 
     def policy(self) -> tuple[str, str]:
@@ -175,6 +197,9 @@ class Controls:
                     "epsilon_spent": total.epsilon if total else 0.0,
                     "budget": total.budget if total else self.core.policy.epsilon_per_block,
                     "retired": bool(total.retired) if total else False,
+                    "unit": total.unit if total else self.core.policy.privacy_unit,
+                    "epsilon_broken_aggregation": total.epsilon_broken if total else None,
+                    "budget_broken_aggregation": total.budget_broken if total else None,
                 }
             )
         return summary

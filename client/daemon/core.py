@@ -46,6 +46,22 @@ clock moved forward creates that later day early and the days in between
 stay empty. Time zones and daylight-saving changes only move where midnight
 falls, so they are the same case.
 
+Employee-day rounds (:meth:`DeviceCore.employee_day_round`, the default
+policy) go through SecAgg+ only, and the daemon runs that protocol itself
+(:mod:`keystay.client.daemon.secagg_stages`, :meth:`DeviceCore.secagg_stage`):
+
+1. the setup, share-keys and unmask stages are checked against the policy's
+   ``min_summed_devices`` t by the state machine; nothing is charged there;
+2. the masking stage first decrypts and counts the neighbours' key shares
+   (fewer than t − 1: refused, nothing charged), then checks the request
+   (σ, C, q, steps, unit) and the weights, charges **every** eligible day
+   both mechanisms (write-ahead), samples days in secret, trains each
+   sampled day separately from the global weights, clips and sums
+   (:mod:`keystay.client.employee_day`), encodes with the device's discrete
+   Gaussian noise, masks, and signs a report bound to the masked bytes;
+3. ``Train`` refuses (``secure-aggregation-only``): the federation surface
+   never returns an update that is not masked.
+
 The Poisson sampling rate is the run's ``q`` (bounded by the policy), not
 ``B / n``: the report names the rate, and a rate derived from the window
 count ``n`` would reveal it. The expected batch is ``q · n``.
@@ -62,14 +78,28 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
+from flwr.app import ConfigRecord
+from flwr.app.typing import ConfigRecordValues
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
 from keystay.client.daemon.refusals import REFUSALS_FILE, RefusalLog
+from keystay.client.daemon.secagg_stages import Masking, SecAggStages, SessionKey
+from keystay.client.employee_day.mechanism import (
+    DayRoundSpec,
+    Encoding,
+    check_scale,
+    clip_and_sum,
+    encode,
+    mechanisms,
+    sample_days,
+)
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Ledger
 from keystay.client.ledger.report import PrivacyReport, build_report, sign_report
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.client.store import EventStore, block_for, is_block_id
+from keystay.client.trainer.csprng import CryptoRandom
 from keystay.client.trainer.job import TrainJob
 from keystay.client.trainer.process import WarmTrainer
 from keystay.common.digest import weights_sha256
@@ -96,6 +126,17 @@ class TrainResult:
     report: PrivacyReport
     payload: bytes
     signature: bytes
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A SecAgg+ stage's answer: its ConfigRecord content, and for the masking
+    stage the signed report of what the round cost (else None)."""
+
+    configs: dict[str, ConfigRecordValues]
+    report: PrivacyReport | None = None
+    payload: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -158,6 +199,8 @@ class DeviceCore:
         self._closed_blocks: set[str] | None = None
         self._newest_block: str | None = None
         self._last_moved: tuple[str, str] | None = None
+        # SecAgg+ sessions, in memory only (their keys never touch the disk).
+        self.secagg = SecAggStages(policy.min_summed_devices)
 
     @property
     def device_id(self) -> str:
@@ -218,6 +261,13 @@ class DeviceCore:
             raise
 
     def _train(self, request: TrainingRequest, weights: list[np.ndarray]) -> TrainResult:
+        if self.policy.privacy_unit == "employee-day":
+            raise Refusal(
+                "secure-aggregation-only",
+                "refused: this device's privacy unit is the employee-day, and it answers "
+                "only through secure aggregation (Federation.SecAggStage); a plain Train "
+                "would return an update that is not masked",
+            )
         self.policy.check_request(request)
         check_weights(weights, self.weight_spec())
         with self._train_lock:
@@ -259,6 +309,117 @@ class DeviceCore:
                 payload=payload,
                 signature=signature,
             )
+
+    def secagg_stage(
+        self,
+        key: SessionKey,
+        configs: ConfigRecord,
+        request: TrainingRequest | None = None,
+        weights: list[np.ndarray] | None = None,
+    ) -> StageResult:
+        """Answer one SecAgg+ stage (see the module docstring); refusals are logged.
+
+        ``request`` and ``weights`` are needed by the masking stage only.
+
+        Raises
+        ------
+        Refusal
+            A stage out of order, parameters below the policy's
+            ``min_summed_devices``, or (masking) any refusal of a round.
+        """
+        try:
+            stage = self.secagg.stage_of(configs)
+            if stage == Stage.SETUP:
+                return StageResult(self.secagg.setup(key, configs))
+            if stage == Stage.SHARE_KEYS:
+                return StageResult(self.secagg.share_keys(key, configs))
+            if stage == Stage.UNMASK:
+                return StageResult(self.secagg.unmask(key, configs))
+            if request is None or weights is None:
+                raise Refusal("bad-request", "invalid request: the masking stage needs the "
+                              "global weights and the round's spec")
+            masking = self.secagg.open_masking(key, configs)
+            result = self.employee_day_round(request, weights, masking)
+            return StageResult(self.secagg.masked_result(result.weights), result.report,
+                               result.payload, result.signature)
+        except Refusal as refusal:
+            self.refusals.record(refusal, run_id=key.run_id, server_round=key.server_round)
+            raise
+
+    def employee_day_round(
+        self, request: TrainingRequest, weights: list[np.ndarray], masking: Masking
+    ) -> TrainResult:
+        """One employee-day round, masked: charge every eligible day, sample, train, encode.
+
+        Returns a :class:`TrainResult` whose ``weights`` are the *masked*
+        integer arrays (Flower's weight factor first) and whose report's
+        ``update_sha256`` is their digest, so the server can check that the
+        report it verifies came with the vector it sums.
+
+        Raises
+        ------
+        Refusal
+            A request the policy refuses (unit, σ, C, q, steps), weights that
+            are not the model's, a noise scale the encoding cannot carry,
+            no eligible day, or a budget the round would exceed; all before
+            the charge.
+        """
+        if request.privacy_unit != "employee-day" or self.policy.privacy_unit != "employee-day":
+            raise Refusal(
+                "secure-aggregation-only",
+                f"refused: the run asks for privacy unit {request.privacy_unit!r} through "
+                f"secure aggregation; this device's policy unit is "
+                f"{self.policy.privacy_unit!r}",
+            )
+        self.policy.check_request(request)
+        check_weights(weights, self.weight_spec())
+        spec = DayRoundSpec(
+            noise_multiplier=request.noise_multiplier,
+            update_clip=request.update_clip,
+            day_sample_rate=request.day_sample_rate,
+            min_summed_devices=masking.min_summed,
+        )
+        encoding = Encoding(masking.clipping_range, masking.quantization_range)
+        shapes = [tuple(w.shape) for w in weights]
+        dim = sum(int(w.size) for w in weights)
+        unsafe = check_scale(spec, encoding, dim, masking.devices)
+        if unsafe is not None:
+            raise Refusal("bad-request", f"invalid request: {unsafe}")
+        honest, broken = mechanisms(spec, encoding, dim)
+        with self._train_lock:
+            days = self.eligible_blocks(request.blocks)
+            charge = self.ledger.admit(
+                request=request,
+                policy=self.policy,
+                blocks=days,
+                mechanism=honest,
+                broken_mechanism=broken,
+            )
+            self._closed_blocks = None  # these blocks are closed to new tokens now
+            rng = CryptoRandom.from_os("employee-day")
+            updates = []
+            for day in sample_days(days, spec.day_sample_rate, rng):
+                data = self._load([day])[0]
+                outcome = self.trainer.train(_day_job(weights, data, request, self.policy))
+                updates.append([
+                    np.asarray(new, np.float64) - np.asarray(old, np.float64)
+                    for new, old in zip(outcome.weights, weights, strict=True)
+                ])
+            total = clip_and_sum(updates, spec.update_clip, shapes)
+            masked = masking.mask(encode(total, spec, encoding, rng))
+            report = build_report(
+                device_id=self.device_id,
+                request=request,
+                mechanism=honest,
+                delta=self.policy.delta,
+                charge=charge,
+                ledger=self.ledger,
+                update_sha256=weights_sha256(masked),
+            )
+            payload, signature = sign_report(report, self.identity)
+            self.ledger.mark_answered(charge)
+            return TrainResult(weights=masked, report=report, payload=payload,
+                               signature=signature)
 
     def evaluate(self, weights: list[np.ndarray]) -> EvalResult:
         """Score weights on the held-out records of every kept day, for the employee.
@@ -371,6 +532,31 @@ def check_weights(weights: Sequence[np.ndarray], spec: WeightSpec) -> None:
             raise Refusal(
                 "bad-request", f"invalid request: weight array {i} holds NaN or infinity"
             )
+
+
+def _day_job(
+    weights: list[np.ndarray], data: BlockData, request: TrainingRequest, policy: DevicePolicy
+) -> TrainJob:
+    """One sampled day's local training from the global weights.
+
+    Plain minibatches unless the policy adds record-level DP-SGD inside
+    (``record_level_dp``); either way the day's whole update is clipped to
+    ``C`` afterwards. Batches of the run's record rate ``q_r`` of the day's
+    windows (at least one window); OS entropy, never a server seed.
+    """
+    return TrainJob(
+        weights=weights,
+        train=data.train,
+        heldout=data.heldout,
+        noise_multiplier=request.noise_multiplier,
+        max_grad_norm=request.max_grad_norm if request.max_grad_norm > 0 else 1.0,
+        steps=request.local_steps,
+        batch_size=max(1, round(request.sample_rate * len(data.train))),
+        poisson_rate=request.sample_rate if policy.record_level_dp else None,
+        learning_rate=request.learning_rate,
+        seed=None,
+        record_level_dp=policy.record_level_dp,
+    )
 
 
 def _job(

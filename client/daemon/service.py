@@ -1,7 +1,9 @@
 """The ``Federation`` gRPC servicer: protobuf in, a decision of :class:`DeviceCore` out.
 
 This is everything the federation (the SuperNode, and the ClientApp code the
-server ships to it) can ask of the device: ``Train``. The employee's controls
+server ships to it) can ask of the device: ``Train`` (record-level policies)
+and ``SecAggStage`` (one stage of SecAgg+, run inside the daemon; see
+:mod:`keystay.client.daemon.secagg_stages`). The employee's controls
 are another service on another socket
 (:mod:`keystay.client.daemon.control_service`), so nothing here can pause,
 show, export or forget anything.
@@ -30,8 +32,12 @@ import logging
 
 import grpc
 import numpy as np
+from flwr.app import ConfigRecord
+from flwr.common.serde import config_record_from_proto, config_record_to_proto
+from flwr.proto.recorddict_pb2 import ConfigRecord as ProtoConfigRecord
 
 from keystay.client.daemon.core import DeviceCore
+from keystay.client.daemon.secagg_stages import SessionKey
 from keystay.client.ledger.ledger import DeviceLedgerError
 from keystay.client.ledger.report import PrivacyReport
 from keystay.client.policy import Refusal, TrainingRequest
@@ -43,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: Most weight arrays a request may carry (the model has a few dozen).
 MAX_TENSORS = 1024
+#: Largest stage ConfigRecord accepted (a stage carries keys and shares for a
+#: few dozen neighbours; the masked vector travels the other way).
+MAX_CONFIGS_BYTES = 4 * 1024 * 1024
 
 
 def report_to_proto(
@@ -78,12 +87,19 @@ def report_to_proto(
     )
 
 
-def request_from_proto(request: device_pb2.TrainRequest) -> TrainingRequest:
+def request_from_proto(
+    request: device_pb2.TrainRequest | device_pb2.SecAggStageRequest,
+) -> TrainingRequest:
     """The request in keystay's own type; field checks happen in the policy."""
     spec = request.spec
+    run_id = request.run_name if isinstance(request, device_pb2.SecAggStageRequest) else (
+        request.run_id)
     return TrainingRequest(
-        run_id=request.run_id,
+        run_id=run_id,
         server_round=int(request.server_round),
+        privacy_unit=spec.privacy_unit or "record",
+        update_clip=float(spec.update_clip),
+        day_sample_rate=float(spec.day_sample_rate),
         noise_multiplier=spec.noise_multiplier,
         max_grad_norm=spec.max_grad_norm,
         local_steps=int(spec.local_steps),
@@ -94,7 +110,28 @@ def request_from_proto(request: device_pb2.TrainRequest) -> TrainingRequest:
     )
 
 
-def _weights(request: device_pb2.TrainRequest) -> list[np.ndarray]:
+def configs_from_bytes(data: bytes) -> ConfigRecord:
+    """A stage's Flower ConfigRecord; malformed bytes are a ``bad-request`` refusal."""
+    if len(data) > MAX_CONFIGS_BYTES:
+        raise Refusal("bad-request", f"invalid request: SecAgg+ configs of {len(data)} bytes; "
+                      f"at most {MAX_CONFIGS_BYTES}")
+    proto = ProtoConfigRecord()
+    try:
+        proto.ParseFromString(data)
+        return config_record_from_proto(proto)
+    except Exception:
+        raise Refusal("bad-request", "invalid request: SecAgg+ configs do not parse as a "
+                      "Flower ConfigRecord") from None
+
+
+def configs_to_bytes(content: dict[str, object]) -> bytes:
+    """A stage's result, serialised as Flower serialises a ConfigRecord."""
+    return bytes(config_record_to_proto(ConfigRecord(content)).SerializeToString())  # type: ignore[arg-type]
+
+
+def _weights(
+    request: device_pb2.TrainRequest | device_pb2.SecAggStageRequest,
+) -> list[np.ndarray]:
     """Decode the request's weights; a malformed tensor is a ``bad-request`` refusal."""
     if len(request.weights) > MAX_TENSORS:
         raise Refusal(
@@ -114,7 +151,6 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
     def Train(  # noqa: N802 - gRPC method name
         self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
     ) -> device_pb2.TrainReply:
-        code, message = grpc.StatusCode.INTERNAL, "device could not train; see the device log"
         try:
             try:
                 weights = _weights(request)
@@ -129,28 +165,61 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
                 weights=weights_to_proto(result.weights),
                 report=report_to_proto(result.report, result.payload, result.signature),
             )
-        except Refusal as refusal:
-            logger.warning("refused run %.128r round %s: %s", request.run_id,
-                           request.server_round, refusal.reason)
-            code = getattr(grpc.StatusCode, refusal.grpc_status)
-            message = refusal.public_reason
-        except DeviceLedgerError:
-            # Never train past a ledger that cannot be written: that would be
-            # spending budget nobody recorded.
-            logger.exception("ledger failure")
-            message = "device ledger unavailable; see the device log"
-        except TrainerError as error:
-            # The trainer died (OOM killer, memory limit) or timed out. Its
-            # text holds only a pid and an op, but the server gets a fixed
-            # sentence all the same: that the round is lost, not why in detail.
-            logger.error("training failed: %s", error)
-            message = ("device trainer stopped during this round (out of memory, killed or "
-                       "timed out); the round's charge stands; the next round starts a new "
-                       "trainer")
-        except Exception:
-            # Store, trainer or a bug: the exception text may quote data or
-            # paths, so the caller gets a fixed sentence and INTERNAL (never
-            # UNKNOWN); the device log has the traceback.
-            logger.exception("training failed")
+        except Exception as error:
+            code, message = _outcome(request, error)
         context.abort(code, message)
         raise AssertionError("context.abort returned")  # pragma: no cover
+
+    def SecAggStage(  # noqa: N802 - gRPC method name
+        self, request: device_pb2.SecAggStageRequest, context: grpc.ServicerContext
+    ) -> device_pb2.SecAggStageReply:
+        try:
+            key = SessionKey(request.run_id, int(request.server_round), int(request.node_id))
+            try:
+                configs = configs_from_bytes(request.configs)
+                weights = _weights(request) if request.weights else None
+            except Refusal as refusal:
+                self.core.refusals.record(
+                    refusal, run_id=request.run_id, server_round=request.server_round
+                )
+                raise
+            train = request_from_proto(request) if request.HasField("spec") else None
+            result = self.core.secagg_stage(key, configs, train, weights)
+            reply = device_pb2.SecAggStageReply(configs=configs_to_bytes(dict(result.configs)))
+            if result.report is not None:
+                reply.report.CopyFrom(
+                    report_to_proto(result.report, result.payload, result.signature)
+                )
+            return reply
+        except Exception as error:
+            code, message = _outcome(request, error)
+        context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _outcome(
+    request: device_pb2.TrainRequest | device_pb2.SecAggStageRequest, error: Exception
+) -> tuple[grpc.StatusCode, str]:
+    """The status and the sentence the federation gets for ``error`` (module docstring)."""
+    if isinstance(error, Refusal):
+        logger.warning("refused run %.128r round %s: %s", request.run_id,
+                       request.server_round, error.reason)
+        return getattr(grpc.StatusCode, error.grpc_status), error.public_reason
+    if isinstance(error, DeviceLedgerError):
+        # Never train past a ledger that cannot be written: that would be
+        # spending budget nobody recorded.
+        logger.error("ledger failure", exc_info=error)
+        return grpc.StatusCode.INTERNAL, "device ledger unavailable; see the device log"
+    if isinstance(error, TrainerError):
+        # The trainer died (OOM killer, memory limit) or timed out. Its
+        # text holds only a pid and an op, but the server gets a fixed
+        # sentence all the same: that the round is lost, not why in detail.
+        logger.error("training failed: %s", error)
+        return grpc.StatusCode.INTERNAL, (
+            "device trainer stopped during this round (out of memory, killed or timed out); "
+            "the round's charge stands; the next round starts a new trainer")
+    # Store, trainer or a bug: the exception text may quote data or paths, so
+    # the caller gets a fixed sentence and INTERNAL (never UNKNOWN); the
+    # device log has the traceback.
+    logger.error("training failed", exc_info=error)
+    return grpc.StatusCode.INTERNAL, "device could not train; see the device log"

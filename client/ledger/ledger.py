@@ -79,12 +79,13 @@ whole history (tests; comparisons) and then prices from scratch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -92,7 +93,13 @@ from typing import Protocol
 
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
-from keystay.client.policy import POLICY_FILE, DevicePolicy, Refusal, TrainingRequest
+from keystay.client.policy import (
+    ASSUMPTION_BROKEN,
+    POLICY_FILE,
+    DevicePolicy,
+    Refusal,
+    TrainingRequest,
+)
 from keystay.common.errors import KeystayError
 from keystay.common.files import ensure_private
 from keystay.common.sqlite import ForeignFileError, FormatVersionError, open_versioned
@@ -152,6 +159,59 @@ CREATE TABLE IF NOT EXISTS accountant_state (
 """
 
 
+# Added with the employee-day unit, the same way (older ledgers simply lack them,
+# and every charge they hold is record-level). A round of the employee-day unit
+# charges two mechanisms to each day: the one an honest-but-curious server
+# faces (in ``charges``, as every round before) and the one a server that
+# breaks secure aggregation faces (in ``broken_charges``), each with its own
+# accountant state.
+_DAY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS charge_units (
+    id INTEGER PRIMARY KEY,           -- charges.id (no row: a record-level charge)
+    unit TEXT NOT NULL,               -- 'employee-day'
+    min_summed_devices INTEGER NOT NULL,
+    update_clip REAL NOT NULL,
+    day_sample_rate REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS broken_charges (
+    id INTEGER NOT NULL,              -- charges.id of the same round
+    block TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,   -- the device's own share: sigma_eff / sqrt(t)
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    eps_rdp REAL NOT NULL,            -- the block's epsilon AFTER this charge (cumulative)
+    eps_prv REAL NOT NULL,
+    eps_prv_upper REAL NOT NULL,
+    eps_enforced REAL NOT NULL,
+    budget REAL NOT NULL,             -- epsilon_per_day_broken_aggregation in force
+    PRIMARY KEY (id, block)
+);
+CREATE TABLE IF NOT EXISTS broken_accountant_state (
+    block TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    last_charge INTEGER NOT NULL,
+    charges INTEGER NOT NULL,
+    state BLOB NOT NULL
+)
+"""
+
+#: The units a charge can be made in (``TrainingRequest.privacy_unit``).
+UNIT_RECORD = "record"
+UNIT_DAY = "employee-day"
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """Where one ε series of a block lives: its charge rows and its accountant state."""
+
+    charges: str
+    state: str
+
+
+_HONEST = _Series(charges="charges", state="accountant_state")
+_BROKEN = _Series(charges="broken_charges", state="broken_accountant_state")
+
+
 class DeviceLedgerError(KeystayError, RuntimeError):
     """The ledger cannot be trusted or written; training must stop."""
 
@@ -198,8 +258,18 @@ class BlockCharge:
     epsilon_before : float
         The enforced bound before it.
     budget : float
+        The budget of ``epsilon``: ``epsilon_per_day`` for an employee-day
+        charge (against an honest-but-curious server), ``epsilon_per_block``
+        for a record-level one.
     retired : bool
-        Whether the block retired with this charge.
+        Whether the block retired with this charge (either budget).
+    epsilon_broken, epsilon_broken_rdp, epsilon_broken_prv : float or None
+        Employee-day charges: the day's ε against a server that breaks secure
+        aggregation, after this charge (enforced, RDP, PLD). None for a
+        record-level charge.
+    epsilon_broken_before : float or None
+    budget_broken : float or None
+        ``epsilon_per_day_broken_aggregation``; None for a record-level charge.
     """
 
     block: str
@@ -210,6 +280,11 @@ class BlockCharge:
     epsilon_before: float
     budget: float
     retired: bool
+    epsilon_broken: float | None = None
+    epsilon_broken_rdp: float | None = None
+    epsilon_broken_prv: float | None = None
+    epsilon_broken_before: float | None = None
+    budget_broken: float | None = None
 
     @property
     def cost(self) -> float:
@@ -219,6 +294,13 @@ class BlockCharge:
     @property
     def remaining(self) -> float:
         return max(0.0, self.budget - self.epsilon)
+
+    @property
+    def cost_broken(self) -> float | None:
+        """What this round added to the broken-aggregation ε (None: record-level)."""
+        if self.epsilon_broken is None or self.epsilon_broken_before is None:
+            return None
+        return self.epsilon_broken - self.epsilon_broken_before
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +329,20 @@ class Charge:
     epsilon_total : float
         The device's ε after the charge: the enforced ε of its most spent
         block, over every block in the ledger (see :meth:`Ledger.device_epsilon`).
+    unit : str
+        ``"employee-day"`` or ``"record"``: what ε protects.
+    broken_mechanism : Mechanism or None
+        Employee-day: the mechanism a server that breaks secure aggregation
+        faces (the device's own share); None for a record-level charge.
+    epsilon_round_broken : Epsilons or None
+    epsilon_round_broken_enforced : float or None
+        ε of ``broken_mechanism`` alone.
+    epsilon_total_broken : float or None
+        The largest broken-aggregation ε over every block after the charge.
+    min_summed_devices : int
+        t of the policy in force (0 for a record-level charge).
+    update_clip, day_sample_rate : float
+        The employee-day request's C and q (0 for a record-level charge).
     """
 
     id: int
@@ -260,6 +356,14 @@ class Charge:
     epsilon_round: Epsilons
     epsilon_round_enforced: float
     epsilon_total: float
+    unit: str = UNIT_RECORD
+    broken_mechanism: Mechanism | None = None
+    epsilon_round_broken: Epsilons | None = None
+    epsilon_round_broken_enforced: float | None = None
+    epsilon_total_broken: float | None = None
+    min_summed_devices: int = 0
+    update_clip: float = 0.0
+    day_sample_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +388,11 @@ class BlockTotal:
     delta : float
     retired_at, forgotten_at : float or None
         Unix seconds.
+    unit : str
+        The unit of the block's last charge.
+    epsilon_broken, epsilon_broken_rdp, epsilon_broken_prv, budget_broken : float or None
+        The broken-aggregation series after the block's last employee-day
+        charge; None if it never had one.
     """
 
     block: str
@@ -299,6 +408,31 @@ class BlockTotal:
     delta: float
     retired_at: float | None = None
     forgotten_at: float | None = None
+    unit: str = UNIT_RECORD
+    epsilon_broken: float | None = None
+    epsilon_broken_rdp: float | None = None
+    epsilon_broken_prv: float | None = None
+    budget_broken: float | None = None
+
+    @property
+    def remaining_broken(self) -> float | None:
+        """``max(0, budget_broken - epsilon_broken)``, or None."""
+        if self.epsilon_broken is None or self.budget_broken is None:
+            return None
+        return max(0.0, self.budget_broken - self.epsilon_broken)
+
+
+@dataclass(slots=True)
+class _Planned:
+    """One block of an admit being priced: its history and ε before and after ``M``."""
+
+    block: str
+    history: list[Mechanism]
+    before: float
+    after: Epsilons
+    broken_history: list[Mechanism] = field(default_factory=list)
+    broken_before: float | None = None
+    broken_after: Epsilons | None = None
 
 
 def _key(history: Sequence[Mechanism]) -> tuple[tuple[float, float, int], ...]:
@@ -346,7 +480,7 @@ class Ledger:
         # transaction: see keystay.common.sqlite.
         try:
             conn = open_versioned(path, version=SCHEMA_VERSION, schema=_SCHEMA,
-                                  always=_STATE_SCHEMA)
+                                  always=_STATE_SCHEMA + ";" + _DAY_SCHEMA)
             # A damaged file can open and still fail half-way through a later
             # query; a full check now (the ledger is small, and opened once per
             # daemon) refuses it before anything is read from it or charged to it.
@@ -391,17 +525,20 @@ class Ledger:
 
     # --- reading -----------------------------------------------------------------
 
-    def history(self, block: str) -> list[Mechanism]:
+    def history(self, block: str, *, broken: bool = False) -> list[Mechanism]:
         """Every mechanism ever charged to ``block``, oldest first.
 
         Answered or not: a charge counts from the moment it is written.
+        ``broken=True``: the broken-aggregation series (employee-day charges
+        only).
         """
         with self._lock:
-            return self._history(block)
+            return self._history(block, _BROKEN if broken else _HONEST)
 
-    def _history(self, block: str) -> list[Mechanism]:
+    def _history(self, block: str, series: _Series = _HONEST) -> list[Mechanism]:
         rows = self._conn.execute(
-            "SELECT noise_multiplier, sample_rate, steps FROM charges WHERE block = ? ORDER BY id",
+            f"SELECT noise_multiplier, sample_rate, steps FROM {series.charges} "
+            "WHERE block = ? ORDER BY id",
             (block,),
         ).fetchall()
         return [
@@ -409,11 +546,32 @@ class Ledger:
             for s, q, t in rows
         ]
 
-    def retired_blocks(self) -> set[str]:
-        """Blocks whose budget is spent; never to be trained on again."""
+    def retired_blocks(self, unit: str | None = None) -> set[str]:
+        """Blocks whose budget is spent; never to be trained on again.
+
+        With ``unit="employee-day"``, also the days charged before by a
+        record-level round: those rounds bound what one token window reveals,
+        not what the whole day does, so the day's employee-day ε is unknown
+        and no employee-day round may read it (:meth:`admit` refuses it).
+        """
         with self._lock:
             rows = self._conn.execute("SELECT block FROM blocks WHERE retired = 1").fetchall()
-        return {r[0] for r in rows}
+            closed = {r[0] for r in rows}
+            if unit == UNIT_DAY:
+                closed |= self._record_charged()
+        return closed
+
+    def _record_charged(self, blocks: Sequence[str] | None = None) -> set[str]:
+        """Blocks with at least one record-level charge (optionally among ``blocks``)."""
+        query = (
+            "SELECT DISTINCT c.block FROM charges c LEFT JOIN charge_units u ON u.id = c.id "
+            "WHERE u.id IS NULL"
+        )
+        params: tuple[str, ...] = ()
+        if blocks is not None:
+            query += f" AND c.block IN ({','.join('?' * len(blocks))})"
+            params = tuple(blocks)
+        return {r[0] for r in self._conn.execute(query, params).fetchall()}
 
     def totals(self) -> list[BlockTotal]:
         """What every charged block has spent, sorted by block.
@@ -427,10 +585,15 @@ class Ledger:
                 SELECT b.block, c.eps_enforced, c.eps_rdp, c.eps_prv, b.budget, b.retired,
                        c.accountant, c.delta, b.retired_at, b.forgotten_at,
                        (SELECT count(*) FROM charges x WHERE x.block = b.block),
-                       (SELECT count(DISTINCT run_id) FROM charges x WHERE x.block = b.block)
+                       (SELECT count(DISTINCT run_id) FROM charges x WHERE x.block = b.block),
+                       coalesce(u.unit, 'record'),
+                       k.eps_enforced, k.eps_rdp, k.eps_prv, k.budget
                 FROM blocks b
                 JOIN charges c ON c.block = b.block
                  AND c.id = (SELECT max(id) FROM charges y WHERE y.block = b.block)
+                LEFT JOIN charge_units u ON u.id = c.id
+                LEFT JOIN broken_charges k ON k.block = b.block
+                 AND k.id = (SELECT max(id) FROM broken_charges z WHERE z.block = b.block)
                 ORDER BY b.block
                 """
             ).fetchall()
@@ -449,6 +612,11 @@ class Ledger:
                 delta=delta,
                 retired_at=retired_at,
                 forgotten_at=forgotten_at,
+                unit=unit,
+                epsilon_broken=broken,
+                epsilon_broken_rdp=broken_rdp,
+                epsilon_broken_prv=broken_prv,
+                budget_broken=budget_broken,
             )
             for (
                 block,
@@ -463,6 +631,11 @@ class Ledger:
                 forgotten_at,
                 charges,
                 runs,
+                unit,
+                broken,
+                broken_rdp,
+                broken_prv,
+                budget_broken,
             ) in rows
         ]
 
@@ -479,14 +652,19 @@ class Ledger:
         with self._lock:
             return self._device_epsilon()
 
-    def _device_epsilon(self) -> float:
+    def _device_epsilon(self, series: _Series = _HONEST) -> float:
         row = self._conn.execute(
-            """
-            SELECT max(c.eps_enforced) FROM charges c
-            WHERE c.id = (SELECT max(id) FROM charges y WHERE y.block = c.block)
+            f"""
+            SELECT max(c.eps_enforced) FROM {series.charges} c
+            WHERE c.id = (SELECT max(id) FROM {series.charges} y WHERE y.block = c.block)
             """
         ).fetchone()
         return float(row[0]) if row[0] is not None else 0.0
+
+    def device_epsilon_broken(self) -> float:
+        """The largest broken-aggregation ε over the device's days (0 if none charged)."""
+        with self._lock:
+            return self._device_epsilon(_BROKEN)
 
     def unanswered(self) -> list[int]:
         """Ids of charges whose round was never answered (crash, refusal after charge).
@@ -508,6 +686,7 @@ class Ledger:
         policy: DevicePolicy,
         blocks: Sequence[str],
         mechanism: Mechanism,
+        broken_mechanism: Mechanism | None = None,
         epsilon_fn: EpsilonFn | None = None,
         now: float | None = None,
     ) -> Charge:
@@ -526,9 +705,18 @@ class Ledger:
             The blocks the round will read (already selected, e.g. by
             :meth:`DevicePolicy.select_blocks`); duplicates are ignored.
         mechanism : Mechanism
-            ``(σ, q, T)`` the trainer will run: σ and T must equal the
-            request's, ``q`` is the Poisson rate over the union of the blocks'
-            training windows.
+            Record unit: ``(σ, q, T)`` the trainer will run: σ and T must
+            equal the request's, ``q`` is the Poisson rate over the union of
+            the blocks' training windows. Employee-day unit: the mechanism an
+            honest-but-curious server faces, ``(σ_eff, q_day, 1)`` with
+            ``σ_eff <= σ`` (rounding's cost) and ``q_day`` the request's
+            ``day_sample_rate``; charged against ``epsilon_per_day``.
+        broken_mechanism : Mechanism, optional
+            Employee-day unit only (required there): the mechanism a server
+            that breaks secure aggregation faces, ``(σ_eff / √t, q_day, 1)``
+            with ``t`` the policy's ``min_summed_devices``; charged against
+            ``epsilon_per_day_broken_aggregation``. A day retires when either
+            budget could not afford the same round again.
         epsilon_fn : callable, optional
             ``None`` (the default, and what the daemon uses): price with the
             block's stored :class:`~keystay.client.ledger.accounting.AccountantState`,
@@ -548,9 +736,11 @@ class Ledger:
         ------
         Refusal
             ``no-dp``, ``noise-below-floor``, ``clip-above-max``,
-            ``too-many-steps``, ``bad-request`` (from the policy),
-            ``no-data`` (no blocks), ``block-retired``, ``too-soon``,
-            ``budget-exceeded``. The ledger is unchanged.
+            ``too-many-steps``, ``bad-request``, ``unit-mismatch`` (from the
+            policy), ``no-data`` (no blocks), ``block-retired`` (spent, or,
+            for an employee-day round, charged before by a record-level
+            round), ``too-soon``, ``budget-exceeded`` (either series). The
+            ledger is unchanged.
         DeviceLedgerError
             If ``epsilon_fn`` gives NaN or a negative ε, or the write fails.
             The ledger is unchanged.
@@ -561,20 +751,27 @@ class Ledger:
         wanted = tuple(dict.fromkeys(blocks))
         if not wanted:
             raise Refusal("no-data", "refused: the round has no blocks to train on")
-        self._check_mechanism(mechanism, request)
-        now = time.time() if now is None else float(now)
-        pricer: _Pricer
-        if epsilon_fn is None:
-            pricer = _StatePricer(self, mechanism, policy.delta)
+        if request.privacy_unit == UNIT_DAY:
+            self._check_day_mechanisms(mechanism, broken_mechanism, request, policy)
         else:
-            pricer = _HistoryPricer(epsilon_fn, mechanism, policy.delta)
+            if broken_mechanism is not None:
+                raise ValueError("a record-level round has no broken-aggregation mechanism")
+            self._check_mechanism(mechanism, request)
+        now = time.time() if now is None else float(now)
+        pricer = self._pricer(mechanism, policy.delta, epsilon_fn, _HONEST)
+        broken_pricer = (
+            None if broken_mechanism is None
+            else self._pricer(broken_mechanism, policy.delta, epsilon_fn, _BROKEN)
+        )
 
         with self._lock:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    charge = self._admit_locked(request, policy, wanted, mechanism, pricer, now)
+                    charge = self._admit_locked(
+                        request, policy, wanted, mechanism, pricer, broken_pricer, now
+                    )
                     conn.execute("COMMIT")
                 except BaseException:
                     # A failed COMMIT may already have ended the transaction.
@@ -589,6 +786,50 @@ class Ledger:
                     "and the round must not train"
                 ) from error
         return charge
+
+    def _pricer(
+        self, mechanism: Mechanism, delta: float, epsilon_fn: EpsilonFn | None, series: _Series
+    ) -> _Pricer:
+        if epsilon_fn is None:
+            return _StatePricer(self, mechanism, delta, series)
+        return _HistoryPricer(epsilon_fn, mechanism, delta)
+
+    @staticmethod
+    def _check_day_mechanisms(
+        honest: Mechanism,
+        broken: Mechanism | None,
+        request: TrainingRequest,
+        policy: DevicePolicy,
+    ) -> None:
+        """The two employee-day mechanisms must be the request's, as the contract states.
+
+        One term per sampled day per round (``steps = 1``), the day rate the
+        request asked, an honest σ no larger than the request's (rounding
+        only lowers it) and a broken-aggregation σ no larger than the honest
+        one over √t: a daemon bug that overstated the noise would make the
+        device claim more privacy than it has, so it raises.
+        """
+        if broken is None:
+            raise ValueError("an employee-day round needs its broken-aggregation mechanism")
+        for name, m in (("mechanism", honest), ("broken_mechanism", broken)):
+            if int(m.steps) != 1:
+                raise ValueError(f"employee-day {name} has {m.steps} steps; a round is one")
+            if float(m.sample_rate) != float(request.day_sample_rate):
+                raise ValueError(
+                    f"employee-day {name} sample_rate {m.sample_rate} differs from the "
+                    f"request's day_sample_rate {request.day_sample_rate}"
+                )
+        if not 0.0 < float(honest.noise_multiplier) <= float(request.noise_multiplier):
+            raise ValueError(
+                f"employee-day noise multiplier {honest.noise_multiplier} is not in (0, "
+                f"{request.noise_multiplier}] (the request's σ)"
+            )
+        share = float(honest.noise_multiplier) / math.sqrt(policy.min_summed_devices)
+        if float(broken.noise_multiplier) > share * (1.0 + 1e-12):
+            raise ValueError(
+                f"broken-aggregation noise multiplier {broken.noise_multiplier} exceeds "
+                f"σ_eff / √t = {share} (t = {policy.min_summed_devices})"
+            )
 
     @staticmethod
     def _check_mechanism(mechanism: Mechanism, request: TrainingRequest) -> None:
@@ -613,6 +854,7 @@ class Ledger:
         wanted: tuple[str, ...],
         mechanism: Mechanism,
         pricer: _Pricer,
+        broken_pricer: _Pricer | None,
         now: float,
     ) -> Charge:
         conn = self._conn
@@ -633,6 +875,17 @@ class Ledger:
                 "on again",
                 names,
             )
+        day = request.privacy_unit == UNIT_DAY
+        if day:
+            mixed = tuple(sorted(self._record_charged(wanted)))
+            if mixed:
+                raise Refusal(
+                    "block-retired",
+                    f"refused: block(s) {', '.join(mixed)} were trained on by record-level "
+                    "rounds, which bound what one token window reveals but not the whole day; "
+                    "their employee-day ε is unknown, so no employee-day round reads them",
+                    mixed,
+                )
 
         gap = policy.min_participation_gap_seconds
         if gap > 0:
@@ -649,25 +902,44 @@ class Ledger:
                 )
 
         accountant = policy.accountant
-        budget = policy.epsilon_per_block
-        planned: list[tuple[str, list[Mechanism], float, Epsilons]] = []
+        budget = policy.epsilon_per_day if day else policy.epsilon_per_block
+        budget_broken = policy.epsilon_per_day_broken_aggregation
+        planned: list[_Planned] = []
         over: list[str] = []
         for block in wanted:
             history = self._history(block)
-            before = self._spent(block, history, policy, pricer)
-            after = pricer.after(block, history)
-            planned.append((block, history, before, after))
-            if enforced_epsilon(after, accountant) > budget:
+            plan = _Planned(
+                block=block,
+                history=history,
+                before=self._spent(block, history, policy, pricer, _HONEST),
+                after=pricer.after(block, history),
+            )
+            if broken_pricer is not None:
+                broken_history = self._history(block, _BROKEN)
+                plan.broken_history = broken_history
+                plan.broken_before = self._spent(
+                    block, broken_history, policy, broken_pricer, _BROKEN
+                )
+                plan.broken_after = broken_pricer.after(block, broken_history)
+            planned.append(plan)
+            if enforced_epsilon(plan.after, accountant) > budget or (
+                plan.broken_after is not None
+                and enforced_epsilon(plan.broken_after, accountant) > budget_broken
+            ):
                 over.append(block)
         if over:
             raise Refusal(
-                "budget-exceeded", self._over_reason(planned, over, mechanism, policy), tuple(over)
+                "budget-exceeded",
+                self._over_reason(planned, over, mechanism, policy, budget),
+                tuple(over),
             )
 
         charge_id = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM charges").fetchone()[0])
         results: list[BlockCharge] = []
-        for block, history, before, after in planned:
-            # Retire when the same round could not be afforded once more (rule 6).
+        for plan in planned:
+            block, history, after = plan.block, plan.history, plan.after
+            # Retire when the same round could not be afforded once more (rule 6),
+            # under either budget.
             again = pricer.again(block, history)
             retire = enforced_epsilon(again, accountant) > budget
             eps_after = enforced_epsilon(after, accountant)
@@ -692,6 +964,33 @@ class Ledger:
                     accountant_name(accountant),
                 ),
             )
+            pricer.store(block, charge_id)
+            broken_eps: float | None = None
+            broken_after: Epsilons | None = None
+            if broken_pricer is not None and plan.broken_after is not None:
+                broken_after = plan.broken_after
+                broken_again = broken_pricer.again(block, plan.broken_history)
+                retire = retire or enforced_epsilon(broken_again, accountant) > budget_broken
+                broken_eps = enforced_epsilon(broken_after, accountant)
+                broken_m = broken_pricer.mechanism
+                conn.execute(
+                    "INSERT INTO broken_charges (id, block, noise_multiplier, sample_rate, steps, "
+                    "eps_rdp, eps_prv, eps_prv_upper, eps_enforced, budget) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        charge_id,
+                        block,
+                        float(broken_m.noise_multiplier),
+                        float(broken_m.sample_rate),
+                        int(broken_m.steps),
+                        float(broken_after.rdp),
+                        float(broken_after.prv),
+                        float(broken_after.prv_upper),
+                        broken_eps,
+                        budget_broken,
+                    ),
+                )
+                broken_pricer.store(block, charge_id)
             conn.execute(
                 "INSERT INTO blocks (block, budget, retired, retired_at) VALUES (?,?,?,?) "
                 "ON CONFLICT(block) DO UPDATE SET budget = excluded.budget, "
@@ -699,7 +998,6 @@ class Ledger:
                 "retired_at = coalesce(retired_at, excluded.retired_at)",
                 (block, budget, int(retire), now if retire else None),
             )
-            pricer.store(block, charge_id)
             results.append(
                 BlockCharge(
                     block=block,
@@ -707,9 +1005,14 @@ class Ledger:
                     epsilon_prv=float(after.prv),
                     epsilon_prv_upper=float(after.prv_upper),
                     epsilon=eps_after,
-                    epsilon_before=before,
+                    epsilon_before=plan.before,
                     budget=budget,
                     retired=retire,
+                    epsilon_broken=broken_eps,
+                    epsilon_broken_rdp=None if broken_after is None else float(broken_after.rdp),
+                    epsilon_broken_prv=None if broken_after is None else float(broken_after.prv),
+                    epsilon_broken_before=plan.broken_before,
+                    budget_broken=None if broken_after is None else budget_broken,
                 )
             )
         conn.execute(
@@ -717,7 +1020,7 @@ class Ledger:
             "VALUES (?,?,?,?,?)",
             (charge_id, now, request.run_id, int(request.server_round), len(wanted)),
         )
-        return Charge(
+        charge = Charge(
             id=charge_id,
             created=now,
             run_id=request.run_id,
@@ -730,6 +1033,26 @@ class Ledger:
             epsilon_round_enforced=enforced_epsilon(pricer.alone(), accountant),
             epsilon_total=self._device_epsilon(),
         )
+        if broken_pricer is None:
+            return charge
+        conn.execute(
+            "INSERT INTO charge_units (id, unit, min_summed_devices, update_clip, "
+            "day_sample_rate) VALUES (?,?,?,?,?)",
+            (charge_id, UNIT_DAY, policy.min_summed_devices, float(request.update_clip),
+             float(request.day_sample_rate)),
+        )
+        alone = broken_pricer.alone()
+        return dataclasses.replace(
+            charge,
+            unit=UNIT_DAY,
+            broken_mechanism=broken_pricer.mechanism,
+            epsilon_round_broken=alone,
+            epsilon_round_broken_enforced=enforced_epsilon(alone, accountant),
+            epsilon_total_broken=self._device_epsilon(_BROKEN),
+            min_summed_devices=policy.min_summed_devices,
+            update_clip=float(request.update_clip),
+            day_sample_rate=float(request.day_sample_rate),
+        )
 
     def _spent(
         self,
@@ -737,13 +1060,17 @@ class Ledger:
         history: Sequence[Mechanism],
         policy: DevicePolicy,
         pricer: _Pricer,
+        series: _Series,
     ) -> float:
         """The block's enforced ε now: from its last row if δ is unchanged, else recomputed."""
         if not history:
             return 0.0
+        delta_of = "c.delta" if series is _HONEST else (
+            "(SELECT delta FROM charges d WHERE d.id = c.id AND d.block = c.block)"
+        )
         row = self._conn.execute(
-            "SELECT delta, eps_rdp, eps_prv, eps_prv_upper FROM charges WHERE block = ? "
-            "ORDER BY id DESC LIMIT 1",
+            f"SELECT {delta_of}, c.eps_rdp, c.eps_prv, c.eps_prv_upper FROM {series.charges} c "
+            "WHERE c.block = ? ORDER BY c.id DESC LIMIT 1",
             (block,),
         ).fetchone()
         if row is not None and row[0] == policy.delta:
@@ -754,40 +1081,59 @@ class Ledger:
 
     @staticmethod
     def _over_reason(
-        planned: Sequence[tuple[str, list[Mechanism], float, Epsilons]],
+        planned: Sequence[_Planned],
         over: Sequence[str],
         mechanism: Mechanism,
         policy: DevicePolicy,
+        budget: float,
     ) -> str:
         parts = []
-        for block, _history, before, after in planned:
-            if block not in over:
+        accountant = policy.accountant
+        for plan in planned:
+            if plan.block not in over:
                 continue
-            total = enforced_epsilon(after, policy.accountant)
-            parts.append(
-                f"block {block} has spent ε = {before:.4g} of its budget "
-                f"{policy.epsilon_per_block:g}; this round would cost {total - before:.4g} more, "
-                f"bringing it to {total:.4g}"
-            )
+            total = enforced_epsilon(plan.after, accountant)
+            if total > budget or plan.broken_after is None:
+                parts.append(
+                    f"block {plan.block} has spent ε = {plan.before:.4g} of its budget "
+                    f"{budget:g}; this round would cost {total - plan.before:.4g} more, "
+                    f"bringing it to {total:.4g}"
+                )
+            if plan.broken_after is not None:
+                broken = enforced_epsilon(plan.broken_after, accountant)
+                limit = policy.epsilon_per_day_broken_aggregation
+                if broken > limit:
+                    spent = plan.broken_before or 0.0
+                    parts.append(
+                        f"block {plan.block} has spent ε = {spent:.4g} of its budget {limit:g} "
+                        f"against a {ASSUMPTION_BROKEN}; this round would cost "
+                        f"{broken - spent:.4g} more, bringing it to {broken:.4g}"
+                    )
+        keys = (
+            "epsilon_per_block" if policy.privacy_unit == UNIT_RECORD
+            else "epsilon_per_day, epsilon_per_day_broken_aggregation"
+        )
         return (
             "refused: " + "; ".join(parts) + f" (σ = {mechanism.noise_multiplier:g}, sample "
             f"rate {mechanism.sample_rate:.4g}, {mechanism.steps} steps, δ = {policy.delta:g}, "
-            f"ε bound {accountant_name(policy.accountant)}; budget: {POLICY_FILE} "
-            "epsilon_per_block). Nothing "
+            f"ε bound {accountant_name(accountant)}; budget: {POLICY_FILE} {keys}). Nothing "
             "was trained or charged; ask for more noise or fewer steps, or leave these blocks out"
         )
 
     # --- accountant state --------------------------------------------------------
 
-    def accountant_state(self, block: str) -> accounting.AccountantState:
+    def accountant_state(
+        self, block: str, *, broken: bool = False
+    ) -> accounting.AccountantState:
         """The block's composed accountant state, rebuilt from its history if need be.
 
         Read-only: a rebuilt state is stored by the next charge of the block.
+        ``broken=True``: the broken-aggregation series' state.
         """
         with self._lock:
-            return self._state(block)
+            return self._state(block, _BROKEN if broken else _HONEST)
 
-    def _state(self, block: str) -> accounting.AccountantState:
+    def _state(self, block: str, series: _Series = _HONEST) -> accounting.AccountantState:
         """The stored state if it is of this version and covers every charge row, else rebuilt.
 
         The history is the source of truth: a state written by another grid
@@ -796,12 +1142,13 @@ class Ledger:
         distinct mechanism, then stored again with the next charge).
         """
         last, count = self._conn.execute(
-            "SELECT coalesce(max(id), 0), count(*) FROM charges WHERE block = ?", (block,)
+            f"SELECT coalesce(max(id), 0), count(*) FROM {series.charges} WHERE block = ?",
+            (block,),
         ).fetchone()
         if count == 0:
             return accounting.EMPTY_STATE
         row = self._conn.execute(
-            "SELECT version, last_charge, charges, state FROM accountant_state WHERE block = ?",
+            f"SELECT version, last_charge, charges, state FROM {series.state} WHERE block = ?",
             (block,),
         ).fetchone()
         if row is not None and (row[0], row[1], row[2]) == (
@@ -811,16 +1158,20 @@ class Ledger:
                 return accounting.state_from_bytes(bytes(row[3]))
             except ValueError:
                 pass  # a damaged cache: rebuild it from the history below
-        return accounting.state_of(self._history(block))
+        return accounting.state_of(self._history(block, series))
 
     def _store_state(
-        self, block: str, state: accounting.AccountantState, charge_id: int
+        self,
+        block: str,
+        state: accounting.AccountantState,
+        charge_id: int,
+        series: _Series = _HONEST,
     ) -> None:
         count = self._conn.execute(
-            "SELECT count(*) FROM charges WHERE block = ?", (block,)
+            f"SELECT count(*) FROM {series.charges} WHERE block = ?", (block,)
         ).fetchone()[0]
         self._conn.execute(
-            "INSERT INTO accountant_state (block, version, last_charge, charges, state) "
+            f"INSERT INTO {series.state} (block, version, last_charge, charges, state) "
             "VALUES (?,?,?,?,?) ON CONFLICT(block) DO UPDATE SET version = excluded.version, "
             "last_charge = excluded.last_charge, charges = excluded.charges, "
             "state = excluded.state",
@@ -881,6 +1232,10 @@ class _Pricer(Protocol):
     Every method is called inside the admit transaction.
     """
 
+    @property
+    def mechanism(self) -> Mechanism:
+        """``M``."""
+
     def now(self, block: str, history: Sequence[Mechanism]) -> Epsilons:
         """ε of the block as it stands."""
 
@@ -905,6 +1260,10 @@ class _HistoryPricer:
         self._m = mechanism
         self._delta = delta
         self._cache: dict[tuple[tuple[float, float, int], ...], Epsilons] = {}
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return self._m
 
     def _eps(self, history: Sequence[Mechanism]) -> Epsilons:
         key = _key(history)
@@ -934,16 +1293,23 @@ class _HistoryPricer:
 class _StatePricer:
     """Prices by composing ``M`` into each block's stored accountant state (bounded time)."""
 
-    def __init__(self, ledger: Ledger, mechanism: Mechanism, delta: float) -> None:
+    def __init__(
+        self, ledger: Ledger, mechanism: Mechanism, delta: float, series: _Series
+    ) -> None:
         self._ledger = ledger
         self._m = mechanism
         self._delta = delta
+        self._series = series
         self._states: dict[str, tuple[accounting.AccountantState, ...]] = {}
+
+    @property
+    def mechanism(self) -> Mechanism:
+        return self._m
 
     def _chain(self, block: str) -> tuple[accounting.AccountantState, ...]:
         """``(state, state + M, state + M + M)`` of the block, computed once per admit."""
         if block not in self._states:
-            state = self._ledger._state(block)
+            state = self._ledger._state(block, self._series)
             self._states[block] = (state, *accounting.compose_state_twice(state, self._m))
         return self._states[block]
 
@@ -968,4 +1334,4 @@ class _StatePricer:
         return self._eps(accounting.mechanism_state(self._m), "this round alone")
 
     def store(self, block: str, charge_id: int) -> None:
-        self._ledger._store_state(block, self._chain(block)[1], charge_id)
+        self._ledger._store_state(block, self._chain(block)[1], charge_id, self._series)

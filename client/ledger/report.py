@@ -31,12 +31,18 @@ from typing import Any
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
 from keystay.client.ledger.ledger import Charge, Ledger
-from keystay.client.policy import TrainingRequest
+from keystay.client.policy import ASSUMPTION_BROKEN, ASSUMPTION_HONEST, TrainingRequest
 from keystay.common.canonical import canonical_json
 from keystay.common.windows import PRIVACY_UNIT
 
 REPORT_FORMAT = "keystay.privacy-report.v1"
+#: Reports of employee-day rounds: every v1 key plus the second series and the
+#: mechanism's parameters. Record-level reports keep v1 byte for byte.
+REPORT_FORMAT_DAY = "keystay.privacy-report.v2"
 UNIT = PRIVACY_UNIT
+UNIT_DAY = "employee-day"
+#: The trust assumptions of the two series, as the report names them.
+ASSUMPTIONS: tuple[str, str] = (ASSUMPTION_HONEST, ASSUMPTION_BROKEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,10 @@ class ReportBlock:
     epsilon: float
     budget: float
     retired: bool
+    epsilon_broken: float | None = None
+    epsilon_broken_rdp: float | None = None
+    epsilon_broken_prv: float | None = None
+    budget_broken: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +102,15 @@ class PrivacyReport:
         :func:`keystay.common.digest.weights_sha256` of the update this report
         accounts for, binding the two (empty if the report was built without
         an update).
+    noise_multiplier_broken : float or None
+        Employee-day reports (format v2): σ of the device's own share, the
+        mechanism a server that breaks secure aggregation faces; the other
+        ``*_broken`` figures are that series' ε. ``noise_multiplier`` is then
+        the honest-but-curious server's σ_eff and ``steps`` is 1.
+    min_summed_devices : int
+        t of the device policy (0 in record-level reports).
+    update_clip, day_sample_rate : float
+        The round's per-day clip C and day sampling rate q.
     """
 
     device_id: str
@@ -110,9 +129,48 @@ class PrivacyReport:
     unit: str = UNIT
     created: float = 0.0
     update_sha256: str = ""
+    noise_multiplier_broken: float | None = None
+    epsilon_round_broken: float | None = None
+    epsilon_round_broken_rdp: float | None = None
+    epsilon_total_broken: float | None = None
+    min_summed_devices: int = 0
+    update_clip: float = 0.0
+    day_sample_rate: float = 0.0
+
+    @property
+    def employee_day(self) -> bool:
+        return self.unit == UNIT_DAY
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready values (the signed content), with the format tag."""
+        data = self._v1_dict()
+        if not self.employee_day:
+            return data
+        data["format"] = REPORT_FORMAT_DAY
+        for entry, b in zip(data["blocks"], self.blocks, strict=True):
+            entry["epsilon_broken"] = float(_required(b.epsilon_broken, "epsilon_broken"))
+            entry["epsilon_broken_rdp"] = _figure(
+                _required(b.epsilon_broken_rdp, "epsilon_broken_rdp"))
+            entry["epsilon_broken_prv"] = _figure(
+                _required(b.epsilon_broken_prv, "epsilon_broken_prv"))
+            entry["budget_broken"] = float(_required(b.budget_broken, "budget_broken"))
+        data.update(
+            assumptions=list(ASSUMPTIONS),
+            noise_multiplier_broken=float(
+                _required(self.noise_multiplier_broken, "noise_multiplier_broken")),
+            epsilon_round_broken=float(
+                _required(self.epsilon_round_broken, "epsilon_round_broken")),
+            epsilon_round_broken_rdp=float(
+                _required(self.epsilon_round_broken_rdp, "epsilon_round_broken_rdp")),
+            epsilon_total_broken=float(
+                _required(self.epsilon_total_broken, "epsilon_total_broken")),
+            min_summed_devices=int(self.min_summed_devices),
+            update_clip=float(self.update_clip),
+            day_sample_rate=float(self.day_sample_rate),
+        )
+        return data
+
+    def _v1_dict(self) -> dict[str, Any]:
         return {
             "format": REPORT_FORMAT,
             "device_id": self.device_id,
@@ -146,15 +204,20 @@ class PrivacyReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PrivacyReport:
         """Read back :meth:`to_dict` (e.g. a parsed payload)."""
-        if data.get("format") != REPORT_FORMAT:
-            raise ValueError(f"report format {data.get('format')!r} is not {REPORT_FORMAT!r}")
-        values = {k: v for k, v in data.items() if k not in ("format", "blocks")}
+        if data.get("format") not in (REPORT_FORMAT, REPORT_FORMAT_DAY):
+            raise ValueError(
+                f"report format {data.get('format')!r} is not {REPORT_FORMAT!r} or "
+                f"{REPORT_FORMAT_DAY!r}"
+            )
+        values = {
+            k: v for k, v in data.items() if k not in ("format", "blocks", "assumptions")
+        }
+        inf_if_null = ("epsilon_rdp", "epsilon_prv", "epsilon_broken_rdp", "epsilon_broken_prv")
         blocks = tuple(
             ReportBlock(
                 **{
                     **b,
-                    "epsilon_rdp": math.inf if b["epsilon_rdp"] is None else b["epsilon_rdp"],
-                    "epsilon_prv": math.inf if b["epsilon_prv"] is None else b["epsilon_prv"],
+                    **{k: math.inf for k in inf_if_null if k in b and b[k] is None},
                 }
             )
             for b in data["blocks"]
@@ -181,6 +244,10 @@ def report_from_charge(
                 epsilon=b.epsilon,
                 budget=b.budget,
                 retired=b.retired,
+                epsilon_broken=b.epsilon_broken,
+                epsilon_broken_rdp=b.epsilon_broken_rdp,
+                epsilon_broken_prv=b.epsilon_broken_prv,
+                budget_broken=b.budget_broken,
             )
             for b in charge.blocks
         ),
@@ -194,7 +261,31 @@ def report_from_charge(
         epsilon_total=charge.epsilon_total,
         max_grad_norm=float(max_grad_norm),
         created=charge.created,
+        **_day_fields(charge),
     )
+
+
+def _day_fields(charge: Charge) -> dict[str, Any]:
+    """The v2 fields of an employee-day charge (none for a record-level one)."""
+    if charge.unit != UNIT_DAY or charge.broken_mechanism is None:
+        return {}
+    alone = charge.epsilon_round_broken
+    return {
+        "unit": UNIT_DAY,
+        "noise_multiplier_broken": float(charge.broken_mechanism.noise_multiplier),
+        "epsilon_round_broken": charge.epsilon_round_broken_enforced,
+        "epsilon_round_broken_rdp": None if alone is None else float(alone.rdp),
+        "epsilon_total_broken": charge.epsilon_total_broken,
+        "min_summed_devices": charge.min_summed_devices,
+        "update_clip": charge.update_clip,
+        "day_sample_rate": charge.day_sample_rate,
+    }
+
+
+def _required(value: float | None, name: str) -> float:
+    if value is None:
+        raise ValueError(f"an employee-day report needs {name}")
+    return value
 
 
 def build_report(
@@ -251,6 +342,10 @@ def build_report(
     )
     if ledger is not None:
         report = dataclasses.replace(report, epsilon_total=ledger.device_epsilon())
+        if report.employee_day:
+            report = dataclasses.replace(
+                report, epsilon_total_broken=ledger.device_epsilon_broken()
+            )
     return dataclasses.replace(report, update_sha256=update_sha256)
 
 

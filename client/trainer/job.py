@@ -100,6 +100,13 @@ class TrainJob:
         The sampling rate ``q`` to use as is (what the device daemon passes:
         the run's rate, which must not depend on the data, since the report
         names it; ``B / n`` would reveal ``n``). ``None``: ``B / n``.
+    record_level_dp : bool
+        ``True`` (record-level policies): DP-SGD, as above. ``False``: plain
+        minibatch training (:func:`~keystay.client.trainer.dpsgd.train_nondp`),
+        for the employee-day mechanism, whose privacy comes from clipping each
+        day's whole update and the noise the device adds before masking
+        (:mod:`keystay.client.employee_day`); the policy's
+        ``record_level_dp`` adds DP-SGD inside.
     """
 
     weights: list[np.ndarray]
@@ -114,6 +121,7 @@ class TrainJob:
     config: ModelConfig | None = None
     optimizer: str = "adam"
     poisson_rate: float | None = None
+    record_level_dp: bool = True
 
     def __post_init__(self) -> None:
         # Checked here (in the daemon) so a bad job fails before it crosses

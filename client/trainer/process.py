@@ -139,7 +139,9 @@ def _handlers() -> dict[str, Callable[..., Any]]:
     from keystay.common.model import NextEventModel, evaluate, set_weights
 
     def train(job: TrainJob) -> TrainOutcome:
-        return dpsgd.train_dp(job)
+        # Only an employee-day job may skip DP-SGD: its whole update is
+        # clipped and noised on the device before it is masked.
+        return dpsgd.train_dp(job) if job.record_level_dp else dpsgd.train_nondp(job)
 
     def evaluate_weights(
         weights: list[np.ndarray], windows: np.ndarray, config: ModelConfig | None

@@ -87,7 +87,7 @@ from keystay.server.ledger.records import (
     Verdict,
     flags_of,
 )
-from keystay.server.ledger.rules import check_fields, history_findings
+from keystay.server.ledger.rules import check_day_fields, check_fields, history_findings
 from keystay.server.ledger.verify import (
     ReportVerificationError,
     device_id_from_public_key,
@@ -542,6 +542,8 @@ class ServerLedger:
             fail(f"report from {claimed} does not verify: {error}")
             return claimed, None, signature_valid
         problems = check_fields(fields)
+        if not problems:
+            problems = check_day_fields(fields)
         if fields.get("run_id") != run_id:
             problems.append(
                 f"report is for run {fields.get('run_id')!r} but arrived in run {run_id!r} "

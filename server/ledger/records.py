@@ -52,6 +52,28 @@ REQUIRED_BLOCK_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+#: What an employee-day report (format v2) carries besides the v1 fields.
+REQUIRED_DAY_FIELDS: dict[str, tuple[type, ...]] = {
+    "assumptions": (list,),
+    "noise_multiplier_broken": (int, float),
+    "epsilon_round_broken": (int, float),
+    "epsilon_round_broken_rdp": (int, float),
+    "epsilon_total_broken": (int, float),
+    "min_summed_devices": (int,),
+    "update_clip": (int, float),
+    "day_sample_rate": (int, float),
+}
+REQUIRED_DAY_BLOCK_FIELDS: dict[str, tuple[type, ...]] = {
+    "epsilon_broken": (int, float),
+    "epsilon_broken_rdp": (int, float, type(None)),
+    "epsilon_broken_prv": (int, float, type(None)),
+    "budget_broken": (int, float),
+}
+#: The two trust assumptions, as an employee-day report names them (in order).
+DAY_ASSUMPTIONS = ["honest-but-curious server", "server that breaks secure aggregation"]
+UNIT_DAY = "employee-day"
+
+
 @dataclass(frozen=True, slots=True)
 class Device:
     """An enrolled device.

@@ -24,12 +24,17 @@ from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 from keystay.server.ledger.records import (
+    DAY_ASSUMPTIONS,
     FLAG_CONTRADICTION,
     FLAG_OVER_BUDGET,
     REQUIRED_BLOCK_FIELDS,
+    REQUIRED_DAY_BLOCK_FIELDS,
+    REQUIRED_DAY_FIELDS,
     REQUIRED_FIELDS,
+    UNIT_DAY,
     Finding,
 )
+from keystay.server.ledger.verify import REPORT_FORMAT_DAY
 
 # Relative slack when comparing ε figures: the same history recomputed after
 # a device restart may differ in the last bits; anything larger is real.
@@ -91,6 +96,120 @@ def check_fields(payload: Mapping[str, Any]) -> list[str]:
                 if block in seen:
                     problems.append(f"payload lists block {block} twice")
                 seen.add(block)
+    return problems
+
+
+#: RDP orders the server recomputes a round's ε over: the device's own grid
+#: (client/ledger/accounting.py RDP_ORDERS), so the same maths gives the same
+#: figure; the server never imports the device's code.
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 257)]
+)
+#: Relative slack between a device's RDP figure of one round and the server's
+#: recomputation (two implementations of the same series; they agree to ~1e-10).
+_RECOMPUTE_REL_TOL = 1e-6
+
+
+def round_epsilon_rdp(noise_multiplier: float, sample_rate: float, steps: int,
+                      delta: float) -> float:
+    """RDP ε of one Poisson-subsampled Gaussian mechanism, as the device computes it.
+
+    Opacus's RDP of the sampled Gaussian (Mironov, Talwar, Zhang 2019) over
+    :data:`RDP_ORDERS`, converted with Balle et al. 2020, Thm. 21 (the
+    device's conversion).
+
+    >>> round(round_epsilon_rdp(4.0, 0.01, 10_000, 1e-5), 2)
+    1.04
+    """
+    import numpy as np
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    orders = np.asarray(RDP_ORDERS)
+    curve = np.asarray(opacus_rdp.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=list(RDP_ORDERS)
+    ))
+    eps = curve + np.log1p(-1 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    if np.isnan(eps).all():
+        return math.inf
+    return max(0.0, float(np.nanmin(eps)))
+
+
+def _matches(reported: float, recomputed: float) -> bool:
+    return abs(reported - recomputed) <= _RECOMPUTE_REL_TOL * max(1.0, abs(recomputed))
+
+
+def check_day_fields(payload: Mapping[str, Any]) -> list[str]:
+    """Problems with an employee-day report (format v2), as sentences.
+
+    Shape: every v2 field, the unit ``employee-day``, the two assumption
+    names. Figures: the round's mechanisms are one term per day
+    (``steps == 1``) at the day rate; the broken-aggregation σ is at most
+    σ/√t; and both series' ε of the round alone are **recomputed** from the
+    report's (σ, q, 1, δ) and must match the device's RDP figures, with each
+    enforced figure at or below its RDP figure (the device enforces
+    ``min(rdp, pld)``). A report whose figures do not follow from its own
+    mechanism is not accepted.
+    """
+    if payload.get("format") != REPORT_FORMAT_DAY:
+        return []
+    problems = []
+    for name, types in REQUIRED_DAY_FIELDS.items():
+        value = payload.get(name)
+        if name not in payload or isinstance(value, bool) or not isinstance(value, types):
+            problems.append(f"payload has no valid '{name}'")
+    for index, entry in enumerate(payload.get("blocks") or []):
+        if not isinstance(entry, dict):
+            continue
+        for name, types in REQUIRED_DAY_BLOCK_FIELDS.items():
+            value = entry.get(name)
+            if name not in entry or isinstance(value, bool) or not isinstance(value, types):
+                problems.append(f"payload blocks[{index}] has no valid '{name}'")
+    if problems:
+        return problems
+    if payload.get("unit") != UNIT_DAY:
+        problems.append(f"a v2 report's unit must be {UNIT_DAY!r}, got {payload.get('unit')!r}")
+    if payload["assumptions"] != DAY_ASSUMPTIONS:
+        problems.append(f"a v2 report names the assumptions {DAY_ASSUMPTIONS}")
+    numbers = ("noise_multiplier", "sample_rate", "delta", "noise_multiplier_broken",
+               "epsilon_round_broken", "epsilon_round_broken_rdp", "epsilon_total_broken",
+               "update_clip", "day_sample_rate", "epsilon_round_rdp", "epsilon_round")
+    for name in numbers:
+        value = payload.get(name)
+        if not (_is_number(value) and _finite(value) and value >= 0):
+            problems.append(f"payload '{name}' = {value!r} is not a finite number >= 0")
+    t = payload["min_summed_devices"]
+    if t < 1:
+        problems.append(f"payload 'min_summed_devices' = {t!r} is below 1")
+    if problems:
+        return problems
+    sigma, q, delta = (float(payload[k]) for k in ("noise_multiplier", "sample_rate", "delta"))
+    broken = float(payload["noise_multiplier_broken"])
+    if payload["steps"] != 1 or q != float(payload["day_sample_rate"]):
+        problems.append("an employee-day round charges one term per day at the day rate: "
+                        "steps must be 1 and sample_rate the day_sample_rate")
+    if not (sigma > 0 and 0 < q <= 1 and 0 < delta < 1 and broken > 0):
+        return [*problems, "mechanism out of range: need σ > 0, 0 < q <= 1, 0 < δ < 1"]
+    if broken > sigma / math.sqrt(t) * (1 + 1e-12):
+        problems.append(
+            f"the device's own share σ {broken:.6g} is larger than σ/√t = "
+            f"{sigma / math.sqrt(t):.6g}: the report overstates its noise"
+        )
+    for label, noise, rdp_key, enforced_key in (
+        ("honest-but-curious", sigma, "epsilon_round_rdp", "epsilon_round"),
+        ("broken-aggregation", broken, "epsilon_round_broken_rdp", "epsilon_round_broken"),
+    ):
+        recomputed = round_epsilon_rdp(noise, q, 1, delta)
+        reported = float(payload[rdp_key])
+        if not _matches(reported, recomputed):
+            problems.append(
+                f"{label} ε of the round is reported as {reported:.9g} (RDP) but its mechanism "
+                f"(σ = {noise:.6g}, q = {q:.6g}, 1 step, δ = {delta:g}) gives {recomputed:.9g}"
+            )
+        if bigger(float(payload[enforced_key]), reported):
+            problems.append(
+                f"{label} enforced ε of the round {payload[enforced_key]!r} exceeds its RDP "
+                f"bound {reported!r} (the device enforces min(rdp, pld))"
+            )
     return problems
 
 
@@ -171,6 +290,31 @@ def history_findings(
                     FLAG_OVER_BUDGET,
                     f"block {block} of device {device_id} has spent ε {eps:.6g}, over its "
                     f"budget {budget:.6g}",
+                    block,
+                )
+            )
+        broken, broken_budget = entry.get("epsilon_broken"), entry.get("budget_broken")
+        if _is_number(broken) and _is_number(broken_budget) and bigger(
+            float(broken), float(broken_budget)
+        ):
+            findings.append(
+                Finding(
+                    FLAG_OVER_BUDGET,
+                    f"block {block} of device {device_id} has spent ε {float(broken):.6g} "
+                    "against a server that breaks secure aggregation, over its budget "
+                    f"{float(broken_budget):.6g}",
+                    block,
+                )
+            )
+        broken_total = payload.get("epsilon_total_broken")
+        if _is_number(broken) and _is_number(broken_total) and bigger(
+            float(broken), float(broken_total)
+        ):
+            findings.append(
+                Finding(
+                    FLAG_CONTRADICTION,
+                    f"block {block} broken-aggregation ε {float(broken):.6g} exceeds the "
+                    f"device's broken-aggregation total {float(broken_total):.6g}",
                     block,
                 )
             )

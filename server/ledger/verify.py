@@ -27,6 +27,9 @@ from keystay.common.errors import KeystayError
 from keystay.common.fingerprints import device_id_for
 
 REPORT_FORMAT = "keystay.privacy-report.v1"
+#: Employee-day reports: v1's keys plus the broken-aggregation series.
+REPORT_FORMAT_DAY = "keystay.privacy-report.v2"
+REPORT_FORMATS: tuple[str, ...] = (REPORT_FORMAT, REPORT_FORMAT_DAY)
 
 
 class ReportVerificationError(KeystayError, ValueError):
@@ -116,9 +119,10 @@ def verified_report(
         ) from error
     if canonical != bytes(payload):
         raise ReportVerificationError("signed payload is not in canonical form")
-    if fields.get("format") != REPORT_FORMAT:
+    if fields.get("format") not in REPORT_FORMATS:
         raise ReportVerificationError(
-            f"report format {fields.get('format')!r} is not {REPORT_FORMAT!r}"
+            f"report format {fields.get('format')!r} is not one of "
+            f"{', '.join(repr(f) for f in REPORT_FORMATS)}"
         )
     expected = device_id_from_public_key(public_key_pem)
     if fields.get("device_id") != expected:

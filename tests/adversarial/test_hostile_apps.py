@@ -157,6 +157,16 @@ def test_hostile_apps_find_every_channel_closed(tmp_path: Path) -> None:
                 assert detail.startswith("invalid request"), (name, detail)
             else:
                 assert POLICY_DETAIL.match(detail), f"{name}: detail says too much: {detail!r}"
+        # No masked update without the protocol behind it: every SecAgg+ probe
+        # is refused with the code only (the default policy's t is 3).
+        secagg = json.loads(probes["secagg"])
+        assert set(secagg) == {"mask-without-setup", "forged-setup-then-mask",
+                               "unmask-without-vector"}, secagg
+        for name, calls in secagg.items():
+            for call in calls:
+                assert call["code"] in REFUSED and call["reply_bytes"] == 0, (name, call)
+                assert POLICY_DETAIL.match(call["details"]), (name, call)
+        assert secagg["forged-setup-then-mask"][0]["details"].endswith("secagg-below-threshold")
         # The ledger charged exactly the admitted requests: no refused one.
         charged = {r for run, r in charges[data] if run == RUN_NAME}
         assert charged == accepted, f"{data.name}: charged rounds {charged}, admitted {accepted}"

@@ -115,7 +115,10 @@ def daemon() -> Iterator[Daemon]:
     fill_store(store, seed=3, days=3, events_per_day=120 * (WINDOW + 1), end_day=YESTERDAY)
     trainer = FakeTrainer()
     # A large budget so the hypothesis run is not all budget refusals.
-    policy = DevicePolicy(epsilon_per_block=32.0)
+    # Record-level: these tests walk the plain Train reply (an employee-day
+    # device refuses Train; its SecAgg+ replies are walked in
+    # tests/unit/server/test_secagg.py and tests/unit/client/daemon/test_core.py).
+    policy = DevicePolicy(epsilon_per_block=32.0, privacy_unit="record")
     core = DeviceCore(data, store, policy, Ledger.open(data), DeviceIdentity.open(data),
                       trainer)  # type: ignore[arg-type]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))

@@ -21,6 +21,10 @@ On a ``train`` message it
   device: in the single-user mode the test devices run in, the same uid may
   use that socket, which keystay documents as no guarantee against the
   server; the test records it and asserts nothing on it);
+* asks ``Federation.SecAggStage`` for a masked update without the protocol
+  behind it (:data:`SECAGG_PROBES`): a masking stage with no setup, a forged
+  setup whose threshold would let one device be unmasked, then a masking
+  stage on it, and an unmask before any vector was sent;
 * sends Train requests meant as exact queries (:data:`TRAIN_PROBES`), each
   with its own ``server_round`` so a charge in the ledger names its probe,
   and records the status code, the details and, for an accepted reply, every
@@ -190,6 +194,46 @@ def probe_train(socket: Path, run_id: str, weights: list[np.ndarray]) -> dict[st
     return out
 
 
+#: name -> (server_round, stage configs). Each a SecAggStage call of its own;
+#: "forged-setup-then-mask" sends its setup first, then the masking stage.
+SECAGG_PROBES: dict[str, tuple[int, list[dict[str, Any]]]] = {
+    "mask-without-setup": (101, [{"stage": "collect_masked_vectors", "ctxts": [b"x"],
+                                  "srcs": [1]}]),
+    "forged-setup-then-mask": (102, [
+        {"stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 1,
+         "clipping_range": 64.0, "target_range": 2**24, "mod_range": 2**40,
+         "max_weight": 1.0},
+        {"stage": "collect_masked_vectors", "ctxts": [b"x"], "srcs": [1]},
+    ]),
+    "unmask-without-vector": (103, [{"stage": "unmask", "active_nids": [1, 2, 3],
+                                     "dead_nids": []}]),
+}
+
+
+def probe_secagg(socket: Path, run_id: str, weights: list[np.ndarray]) -> dict[str, Any]:
+    """Every SecAgg+ probe's calls: ``[{code, details}, ...]`` in order."""
+    from flwr.common.serde import config_record_to_proto
+
+    out: dict[str, Any] = {}
+    for probe, (server_round, stages) in SECAGG_PROBES.items():
+        calls = []
+        for configs in stages:
+            request = device_pb2.SecAggStageRequest(
+                run_id="hostile", server_round=server_round, node_id=1, run_name=run_id,
+                configs=config_record_to_proto(ConfigRecord(configs)).SerializeToString(),
+                weights=_tensors(weights),
+                spec=device_pb2.TrainSpec(privacy_unit="employee-day", noise_multiplier=1.0,
+                                          update_clip=0.5, day_sample_rate=1.0,
+                                          local_steps=1, sample_rate=0.05,
+                                          learning_rate=0.01, max_grad_norm=1.0, dp=True),
+            )
+            code, details, raw = _call(socket, "/keystay.v1.Federation/SecAggStage",
+                                       request.SerializeToString(), 120.0)
+            calls.append({"code": code, "details": details, "reply_bytes": len(raw)})
+        out[probe] = calls
+    return out
+
+
 def _socket(context: Context) -> Path:
     return Path(str(context.node_config.get("socket", "")))
 
@@ -202,9 +246,11 @@ def train(msg: Message, context: Context) -> Message:
     run_id = str(msg.content.config_records["config"]["run-name"])
     channels = probe_channels(socket)
     trains = probe_train(socket, run_id, weights)
+    secagg = probe_secagg(socket, run_id, weights)
     return Message(content=RecordDict({"probes": ConfigRecord({
         "socket": str(socket),
         "channels": json.dumps(channels, sort_keys=True),
+        "secagg": json.dumps(secagg, sort_keys=True),
         "train": json.dumps(trains, sort_keys=True),
     })}), reply_to=msg)
 

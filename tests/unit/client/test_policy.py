@@ -131,6 +131,18 @@ BAD_VALUES = [
     ("min_block_age_days", "-1", "from 0 to 3650"),
     ("accountant", '"gdp"', '"prv" or "rdp"'),
     ("accountant", "1", '"prv" or "rdp"'),
+    ("privacy_unit", '"user"', '"employee-day" or "record"'),
+    ("privacy_unit", "1", '"employee-day" or "record"'),
+    ("epsilon_per_day", "0", "> 0 and <= 64"),
+    ("epsilon_per_day", "65", "> 0 and <= 64"),
+    ("epsilon_per_day_broken_aggregation", "-1", "> 0 and <= 256"),
+    ("epsilon_per_day_broken_aggregation", "inf", "> 0 and <= 256"),
+    ("min_summed_devices", "0", "from 1 to 1000000"),
+    ("min_summed_devices", "2.5", "from 1 to 1000000"),
+    ("update_clip_max", "0", "a number > 0"),
+    ("day_sample_rate_max", "0", "> 0 and <= 1"),
+    ("day_sample_rate_max", "1.01", "> 0 and <= 1"),
+    ("record_level_dp", '"no"', "true or false"),
 ]
 
 
@@ -180,13 +192,36 @@ def test_policy_built_in_code_is_validated_too() -> None:
 
 
 def test_explain_states_the_values_in_words() -> None:
-    text = DevicePolicy(epsilon_per_block=3.0, noise_multiplier_min=1.1, retention_days=9).explain()
-    assert "ε = 3 per employee-day" in text
+    text = DevicePolicy(epsilon_per_block=3.0, noise_multiplier_min=1.1, retention_days=9,
+                        privacy_unit="record").explain()
+    assert "ε = 3 per token window" in text
     assert "σ >= 1.1" in text
     assert "9 days" in text
     assert "keepassxc" in text
     assert "not stored" in text
     assert "refused, never adjusted" in text
+
+
+def test_explain_states_both_employee_day_budgets_and_assumptions() -> None:
+    text = DevicePolicy(epsilon_per_day=6.0, epsilon_per_day_broken_aggregation=24.0,
+                        min_summed_devices=5, day_sample_rate_max=0.5).explain()
+    flat = " ".join(text.split())
+    assert "one employee-day" in flat
+    assert "ε = 6 per day against an honest-but-curious server" in flat
+    assert "ε = 24 per day against a server that breaks secure aggregation" in flat
+    assert "at least 5" in flat and "√5" in flat
+    assert "q <= 0.5" in flat
+    assert "token window" not in flat  # DP-SGD per window is off by default
+    inside = " ".join(DevicePolicy(record_level_dp=True).explain().split())
+    assert "DP-SGD per token window" in inside
+
+
+def test_default_policy_protects_the_employee_day() -> None:
+    policy = DevicePolicy()
+    assert policy.privacy_unit == "employee-day"
+    assert (policy.epsilon_per_day, policy.epsilon_per_day_broken_aggregation) == (10.0, 40.0)
+    assert policy.min_summed_devices == 3 and policy.record_level_dp is False
+    assert (policy.update_clip_max, policy.day_sample_rate_max) == (1.0, 1.0)
 
 
 def test_policy_module_does_not_import_torch() -> None:
@@ -199,8 +234,17 @@ def test_policy_module_does_not_import_torch() -> None:
 # --- request checks --------------------------------------------------------------------
 
 
+RECORD = DevicePolicy(privacy_unit="record")
+
+
+def day_request(**changes: object) -> TrainingRequest:
+    base = request(privacy_unit="employee-day", update_clip=0.5, day_sample_rate=0.5,
+                   sample_rate=0.0, max_grad_norm=0.0, local_steps=20)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
 def test_valid_request_passes_including_the_boundaries() -> None:
-    policy = DevicePolicy()
+    policy = RECORD
     policy.check_request(request())
     policy.check_request(
         request(noise_multiplier=0.8, max_grad_norm=1.0, local_steps=200, sample_rate=0.25)
@@ -249,7 +293,7 @@ def test_each_request_rule_refuses_with_its_code(
     changes: dict[str, object], code: str, words: str
 ) -> None:
     with pytest.raises(Refusal) as info:
-        DevicePolicy().check_request(request(**changes))
+        RECORD.check_request(request(**changes))
     assert info.value.code == code
     assert words in info.value.reason
     assert str(info.value) == info.value.reason
@@ -257,8 +301,74 @@ def test_each_request_rule_refuses_with_its_code(
 
 def test_no_dp_is_refused_first_even_with_other_faults() -> None:
     with pytest.raises(Refusal) as info:
-        DevicePolicy().check_request(request(dp=False, noise_multiplier=0.1, local_steps=10_000))
+        RECORD.check_request(request(dp=False, noise_multiplier=0.1, local_steps=10_000))
     assert info.value.code == "no-dp"
+
+
+def test_valid_employee_day_request_passes_including_the_boundaries() -> None:
+    policy = DevicePolicy()
+    policy.check_request(day_request())
+    policy.check_request(day_request(noise_multiplier=0.8, update_clip=1.0, day_sample_rate=1.0,
+                                     local_steps=200))
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "words"),
+    [
+        ({"noise_multiplier": 0.5}, "noise-below-floor", "floor is 0.8"),
+        ({"noise_multiplier": 11.0}, "noise-above-max", "ceiling is 10"),
+        ({"update_clip": 1.5}, "clip-above-max",
+         "update_clip 1.5 but this device allows a per-day update clip > 0 and <= 1 "
+         "(policy.toml update_clip_max)"),
+        ({"update_clip": 0.0}, "clip-above-max", "policy.toml update_clip_max"),
+        ({"update_clip": math.nan}, "bad-request", "update_clip must be a finite number"),
+        ({"day_sample_rate": 0.0}, "bad-request", "day_sample_rate must be"),
+        ({"day_sample_rate": 1.5}, "bad-request", "day_sample_rate must be"),
+        ({"sample_rate": -0.1}, "bad-request", "sample_rate must be a number >= 0"),
+        ({"privacy_unit": "record", "sample_rate": 0.05, "max_grad_norm": 1.0}, "unit-mismatch",
+         "protects the privacy unit 'record' but this device protects 'employee-day' "
+         "(policy.toml privacy_unit)"),
+        ({"privacy_unit": "user"}, "bad-request", "privacy_unit must be one of"),
+        ({"local_steps": 201}, "too-many-steps", "policy.toml max_local_steps"),
+        ({"dp": False}, "no-dp", "without differential privacy"),
+    ],
+)
+def test_each_employee_day_rule_refuses_with_its_code(
+    changes: dict[str, object], code: str, words: str
+) -> None:
+    with pytest.raises(Refusal) as info:
+        DevicePolicy().check_request(day_request(**changes))
+    assert info.value.code == code
+    assert words in info.value.reason
+
+
+def test_a_lower_day_sample_rate_ceiling_refuses_a_larger_q() -> None:
+    with pytest.raises(Refusal) as info:
+        DevicePolicy(day_sample_rate_max=0.25).check_request(day_request(day_sample_rate=0.3))
+    assert info.value.code == "sample-rate-above-max"
+    assert "day_sample_rate 0.3" in info.value.reason
+    assert "policy.toml day_sample_rate_max" in info.value.reason
+
+
+def test_record_requests_are_refused_by_an_employee_day_device_and_vice_versa() -> None:
+    with pytest.raises(Refusal) as info:
+        DevicePolicy().check_request(request())
+    assert info.value.code == "unit-mismatch"
+    assert info.value.grpc_status == "PERMISSION_DENIED"
+    with pytest.raises(Refusal) as info:
+        RECORD.check_request(day_request())
+    assert info.value.code == "unit-mismatch"
+
+
+def test_record_level_dp_inside_days_checks_the_record_rules_too() -> None:
+    inside = DevicePolicy(record_level_dp=True)
+    with pytest.raises(Refusal) as info:
+        inside.check_request(day_request(max_grad_norm=1.0))  # no record-level rate asked
+    assert info.value.code == "sample-rate-above-max"
+    with pytest.raises(Refusal) as info:
+        inside.check_request(day_request(sample_rate=0.1, max_grad_norm=3.0))
+    assert info.value.code == "clip-above-max"
+    inside.check_request(day_request(sample_rate=0.1, max_grad_norm=1.0))
 
 
 def test_refusal_codes_are_closed_and_map_to_grpc_status() -> None:

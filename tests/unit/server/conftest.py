@@ -34,12 +34,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from keystay.client.app import app as client_app
+from keystay.client.daemon.secagg_stages import SecAggStages, SessionKey
+from keystay.client.daemon.service import configs_from_bytes, configs_to_bytes
+from keystay.client.policy import Refusal
 from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.common.digest import weights_sha256
 from keystay.server.ledger.ledger import ServerLedger
@@ -142,7 +145,12 @@ def ledger(tmp_path: Path) -> Iterator[ServerLedger]:
 
 
 class StubDaemon(device_pb2_grpc.FederationServicer):
-    """A device daemon that 'trains' by adding a fixed random update, and signs a report."""
+    """A device daemon that 'trains' by adding a fixed random update, and signs a report.
+
+    ``SecAggStage`` runs the daemon's real SecAgg+ stages
+    (:class:`~keystay.client.daemon.secagg_stages.SecAggStages`, t = 2) and
+    encodes the update without noise, so the server's mean is checkable.
+    """
 
     def __init__(self, device: FakeDevice, index: int, scale: float, refuse: bool) -> None:
         self.device = device
@@ -150,6 +158,52 @@ class StubDaemon(device_pb2_grpc.FederationServicer):
         self.scale = scale
         self.refuse = refuse
         self.sent: dict[int, list[np.ndarray]] = {}  # round -> weights returned
+        self.stages = SecAggStages(2)
+
+    def SecAggStage(  # noqa: N802
+        self, request: device_pb2.SecAggStageRequest, context: grpc.ServicerContext
+    ) -> device_pb2.SecAggStageReply:
+        if self.refuse:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused: stub policy says no")
+        try:
+            return self._stage(request)
+        except Refusal as refusal:  # as the real servicer: the code only
+            context.abort(getattr(grpc.StatusCode, refusal.grpc_status), refusal.public_reason)
+            raise
+
+    def _stage(self, request: device_pb2.SecAggStageRequest) -> device_pb2.SecAggStageReply:
+        key = SessionKey(request.run_id, int(request.server_round), int(request.node_id))
+        configs = configs_from_bytes(request.configs)
+        if configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:
+            result = {
+                Stage.SETUP: self.stages.setup, Stage.SHARE_KEYS: self.stages.share_keys,
+                Stage.UNMASK: self.stages.unmask,
+            }[str(configs[Key.STAGE])](key, configs)
+            return device_pb2.SecAggStageReply(configs=configs_to_bytes(dict(result)))
+        masking = self.stages.open_masking(key, configs)
+        server_round = int(request.server_round)
+        weights = weights_from_proto(request.weights)
+        rng = np.random.default_rng(1000 * self.index + server_round)
+        new = [(w + rng.normal(0.0, self.scale, w.shape)).astype(w.dtype) for w in weights]
+        self.sent[server_round] = new
+        gamma = masking.quantization_range / (2 * masking.clipping_range)
+        encoded = [
+            np.rint(gamma * (n.astype(np.float64) - w + masking.clipping_range)).astype(np.int64)
+            for n, w in zip(new, weights, strict=True)
+        ]
+        masked = masking.mask(encoded)
+        payload, signature = self.device.report(
+            request.run_name, server_round, [("2024-01-02", 0.5 * server_round, 8.0, False)],
+            update_sha256=weights_sha256(masked),
+        )
+        reply = device_pb2.SecAggStageReply(
+            configs=configs_to_bytes(dict(self.stages.masked_result(masked)))
+        )
+        reply.report.CopyFrom(device_pb2.PrivacyReport(
+            device_id=self.device.device_id, epsilon_total=0.5 * server_round,
+            payload_json=payload, signature=signature,
+        ))
+        return reply
 
     def Train(  # noqa: N802
         self, request: device_pb2.TrainRequest, context: grpc.ServicerContext

@@ -41,7 +41,7 @@ RUN = "plain-unit"
 def _run(ledger: ServerLedger, grid: InProcessGrid, **overrides: Any) -> RunSettings:
     values: dict[str, Any] = dict(
         server_dir=Path(ledger.path).parent, run_name=RUN, num_server_rounds=2,
-        min_devices=len(grid.nodes), round_timeout=5.0,
+        min_devices=len(grid.nodes), round_timeout=5.0, privacy_unit="record",
         heldout_employees=1, heldout_days=1, heldout_events_per_day=200,
     )
     values.update(overrides)

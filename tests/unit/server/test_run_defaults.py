@@ -15,16 +15,23 @@ from pathlib import Path
 import click
 import pytest
 
+from keystay.client.employee_day.mechanism import (
+    DayRoundSpec,
+    Encoding,
+    check_scale,
+    mechanisms,
+)
 from keystay.client.ledger.accounting import (
     EMPTY_STATE,
-    Mechanism,
     compose_state,
     enforced,
     state_epsilons,
 )
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
+from keystay.common.model import ModelConfig, initial_weights
 from keystay.server.cli import round_start
 from keystay.server.demo import demo
+from keystay.server.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
 from keystay.server.settings import RUN_DEFAULTS, RunSettings
 
 APP_TOML = Path(__file__).parents[3] / "server" / "flwr_app" / "pyproject.toml"
@@ -35,7 +42,8 @@ def _request(settings: RunSettings, server_round: int = 1) -> TrainingRequest:
         noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
         local_steps=settings.local_steps, sample_rate=settings.sample_rate,
         learning_rate=settings.learning_rate, dp=settings.dp, blocks=(),
-        run_id="defaults", server_round=server_round,
+        run_id="defaults", server_round=server_round, privacy_unit=settings.privacy_unit,
+        update_clip=settings.update_clip, day_sample_rate=settings.day_sample_rate,
     )
 
 
@@ -71,20 +79,32 @@ def test_a_default_device_accepts_every_round_of_a_default_run() -> None:
     rounds = RUN_DEFAULTS.num_server_rounds
     for server_round in range(1, rounds + 1):
         policy.check_request(_request(RUN_DEFAULTS, server_round))
-    # Every round charges every day the device trains on: the day's ε after the
-    # run is the composition of all rounds, and it must fit the day's budget.
+    # Every round charges every eligible day both mechanisms of the
+    # employee-day round (at the server's SecAgg+ encoding): the day's ε after
+    # the run is the composition of all rounds, and it must fit both budgets.
     # Composed charge by charge, as the device ledger prices them.
-    per_round = Mechanism(RUN_DEFAULTS.noise_multiplier, RUN_DEFAULTS.sample_rate,
-                          RUN_DEFAULTS.local_steps)
+    assert RUN_DEFAULTS.privacy_unit == policy.privacy_unit == "employee-day"
+    assert RUN_DEFAULTS.secagg_reconstruction_threshold >= policy.min_summed_devices
+    spec = DayRoundSpec(RUN_DEFAULTS.noise_multiplier, RUN_DEFAULTS.update_clip,
+                        RUN_DEFAULTS.day_sample_rate, policy.min_summed_devices)
+    encoding = Encoding(CLIPPING_RANGE, QUANTIZATION_RANGE)
+    dim = sum(w.size for w in initial_weights(ModelConfig(), 0))
+    assert check_scale(spec, encoding, dim, RUN_DEFAULTS.min_devices) is None
+    for per_round, budget in zip(mechanisms(spec, encoding, dim),
+                                 (policy.epsilon_per_day,
+                                  policy.epsilon_per_day_broken_aggregation), strict=True):
+        state = EMPTY_STATE
+        for _ in range(rounds):
+            state = compose_state(state, per_round)
+            spent = enforced(state_epsilons(state, delta=policy.delta))
+            assert spent <= budget
+    # The defaults use the honest-server budget rather than a sliver of it:
+    # one more round would bring a day past half of it.
+    honest = mechanisms(spec, encoding, dim)[0]
     state = EMPTY_STATE
-    for _ in range(rounds):
-        state = compose_state(state, per_round)
-        spent = enforced(state_epsilons(state, delta=policy.delta))
-        assert spent <= policy.epsilon_per_block
-    # The defaults use the budget rather than a sliver of it: one more round
-    # would bring a day past half of it.
-    more = enforced(state_epsilons(compose_state(state, per_round), delta=policy.delta))
-    assert more > policy.epsilon_per_block / 2
+    for _ in range(rounds + 1):
+        state = compose_state(state, honest)
+    assert enforced(state_epsilons(state, delta=policy.delta)) > policy.epsilon_per_day / 2
 
 
 def test_the_check_above_can_fail() -> None:

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -23,20 +23,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.server.client_proxy import ClientProxy
 
 from keystay.client import secagg as client_secagg
-from keystay.common.flatclip import clip_update
+from keystay.client.daemon.secagg_stages import SecAggStages
 from keystay.common.model import ModelConfig, initial_weights, read_checkpoint
 from keystay.server import app as server_app
 from keystay.server import secagg as server_secagg
-from keystay.server.central_dp import aggregate_with_central_dp
 from keystay.server.heldout import HELDOUT_SET
 from keystay.server.ledger.ledger import ServerLedger
-from keystay.server.secagg import SecAggFedAvg, check_secagg_settings, run_secagg
-from keystay.server.settings import RunSettings, SettingsError
+from keystay.server.secagg import SecAggFedAvg, run_secagg
+from keystay.server.settings import RunSettings
 
 from .conftest import InProcessGrid, Node
 
 RUN = "secagg-unit"
-QUANTUM = 2 * server_secagg.CLIPPING_RANGE / 2**22  # one step of Flower's quantiser
+QUANTUM = 2 * server_secagg.CLIPPING_RANGE / server_secagg.QUANTIZATION_RANGE  # one step
 
 
 def _settings(ledger: ServerLedger, **overrides: Any) -> RunSettings:
@@ -111,7 +110,7 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
 
     # What the server received from each device in the masking stage: no
     # arrays, and a vector that looks nothing like a quantised update (those
-    # sit near 2**21, the quantiser's zero; masked entries are uniform mod 2**32).
+    # sit near R/2, the encoding's zero; masked entries are uniform mod M).
     masked = [reply for stage, reply in grid.received
               if stage == Stage.COLLECT_MASKED_VECTORS and reply.has_content()]
     assert len(masked) == (3 if drop in (None, Stage.UNMASK) else 2)
@@ -120,7 +119,8 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
         configs = reply.content.config_records[RECORD_KEY_CONFIGS]
         vector = [bytes_to_ndarray(b) for b in cast(list[bytes], configs[Key.MASKED_PARAMETERS])]
         flat = np.concatenate([np.asarray(v, dtype=np.int64).ravel() for v in vector[1:]])
-        near_zero_update = np.abs(flat - 2**21) < 2**16
+        zero = server_secagg.QUANTIZATION_RANGE // 2
+        near_zero_update = np.abs(flat - zero) < server_secagg.QUANTIZATION_RANGE // 8
         assert near_zero_update.mean() < 0.01, "masked vector looks unmasked"
         # ... while the report it carries is the device's, in clear, and verifies.
         metrics = reply.content.config_records["fitres.metrics"]
@@ -153,39 +153,6 @@ def test_too_few_survivors_halt_the_round_and_keep_the_model(
         np.testing.assert_array_equal(s, f)
     # The survivor's report was still recorded: its device spent the budget.
     assert [r.device_id for r in ledger.reports(run_id=RUN)] == [nodes[101].device.device_id]
-
-
-def test_central_dp_equals_the_plain_central_dp_aggregate(
-    task_identity: None, make_nodes: Any, ledger: ServerLedger
-) -> None:
-    # Large updates, so clipping to 0.05 matters; z = 0 makes the result exact.
-    nodes = make_nodes(3, scale=0.05)
-    grid = InProcessGrid(nodes, drop_at={103: Stage.COLLECT_MASKED_VECTORS})
-    settings = _run(ledger, grid, central_dp=True, central_clip=0.05,
-                    central_noise_multiplier=0.0)
-    start = initial_weights(ModelConfig(), settings.seed)
-    final = read_checkpoint(settings.run_dir / "final.pt").weights
-    # The plain path: server clips each reply, sums, divides by the 3 sampled.
-    plain = aggregate_with_central_dp(
-        start, [nodes[101].daemon.sent[1], nodes[102].daemon.sent[1]],
-        np.random.default_rng(0), clip_norm=0.05, noise_multiplier=0.0, num_sampled=3,
-    )
-    for f, p in zip(final, plain, strict=True):
-        np.testing.assert_allclose(f, p, atol=2 * QUANTUM)
-    records = ledger.central_dp(RUN)
-    assert [r.server_round for r in records] == [1] and records[0].clip == 0.05
-
-
-def test_central_dp_noise_is_recorded_with_its_epsilon(
-    task_identity: None, make_nodes: Any, ledger: ServerLedger
-) -> None:
-    nodes = make_nodes(3)
-    settings = _run(ledger, InProcessGrid(nodes), num_server_rounds=2, central_dp=True,
-                    central_clip=0.1, central_noise_multiplier=1.0)
-    rows = _rows(settings)
-    epsilons = [row["central_epsilon"] for row in rows]
-    assert 0 < epsilons[0] < epsilons[1] < float("inf")
-    assert [r.epsilon for r in ledger.central_dp(RUN)] == pytest.approx(epsilons)
 
 
 def test_unverifiable_report_keeps_its_update_out_of_the_sum(
@@ -270,71 +237,48 @@ class _Proxy(ClientProxy):
         raise NotImplementedError
 
 
-@pytest.mark.parametrize(("shares", "threshold", "ok"),
-                         [(3, 2, True), (5, 3, True), (2, 1, False), (4, 2, False),
-                          (5, 2, False), (3, 3, False)])
-def test_settings_and_device_agree_on_safe_thresholds(
-    ledger: ServerLedger, shares: int, threshold: int, ok: bool
-) -> None:
-    settings = _settings(ledger, secagg_num_shares=shares,
-                         secagg_reconstruction_threshold=threshold)
-    setup = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SHARE_NUMBER: shares,
-                          Key.THRESHOLD: threshold})
-    refusal = client_secagg.check_protocol(setup, 5)
-    if ok:
-        check_secagg_settings(settings)
-        assert refusal is None
-    else:
-        with pytest.raises(SettingsError, match="secagg-"):
-            check_secagg_settings(settings)
-        # A threshold the server allows only when equal to the shares (3, 3) is
-        # Flower's to reject; every weaker one the device refuses itself.
-        if 2 * threshold <= shares or shares < 3:
-            assert refusal is not None and refusal.startswith("refused:")
-
-
-def test_device_refuses_inconsistent_unmask() -> None:
-    def unmask(active: list[int], dead: list[int]) -> ConfigRecord:
-        return ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,
-                             Key.DEAD_NODE_ID_LIST: dead})
-
-    assert client_secagg.check_protocol(unmask([5, 6], [7]), 5) is None
-    assert "both alive and dropped" in str(client_secagg.check_protocol(unmask([5, 6], [6]), 5))
-    assert "as dropped" in str(client_secagg.check_protocol(unmask([6, 7], [5]), 5))
-
-
-def test_device_masks_the_clipped_update() -> None:
-    rng = np.random.default_rng(3)
-    start = [np.zeros((4, 5), np.float32), np.zeros(7, np.float32)]
-    update = [rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=7).astype(np.float32)]
-    for norm in (0.1, 1.0, 100.0):
-        vector = client_secagg.masked_vector(start, update, norm)
-        expected = np.concatenate([u.ravel() for u in clip_update(update, norm)[0]])
-        np.testing.assert_allclose(np.concatenate([v.ravel() for v in vector]), expected,
-                                    rtol=1e-6)
-
-
-def test_device_never_masks_a_non_finite_update() -> None:
-    start = [np.zeros(3, np.float32)]
-    with pytest.raises(ValueError, match="not finite"):
-        client_secagg.masked_vector(start, [np.array([0.0, np.nan, 0.0], np.float32)], None)
-    with pytest.raises(ValueError, match="not finite"):
-        client_secagg.masked_vector(start, [np.array([0.0, np.inf, 0.0], np.float32)], None)
-    vector = client_secagg.masked_vector(start, [np.ones(3, np.float32)], 1.0)
-    # The clipped update and nothing else: no loss entry rides in the secure sum.
-    assert len(vector) == 1
-    assert np.linalg.norm(vector[0]) == pytest.approx(1.0)
-
-
 def test_wire_constants_are_the_shared_ones() -> None:
     from keystay.client import app as client_app
     from keystay.common import wire
 
-    assert client_secagg.CONFIG_UPDATE_CLIP == wire.CONFIG_UPDATE_CLIP
-    assert server_secagg.CONFIG_UPDATE_CLIP == wire.CONFIG_UPDATE_CLIP
     assert client_secagg.SECAGG_WEIGHT == server_secagg.MAX_WEIGHT
     for name in ("ERROR_REFUSED", "ERROR_UNAVAILABLE", "ERROR_FAILED"):
         assert getattr(server_app, name) == getattr(client_app, name) == getattr(wire, name)
     assert len({wire.ERROR_REFUSED, wire.ERROR_UNAVAILABLE, wire.ERROR_FAILED}) == 3
 
 
+
+
+def _policy_t3(nodes: dict[int, Node]) -> None:
+    for node in nodes.values():
+        node.daemon.stages = SecAggStages(3)
+
+
+def test_devices_with_t3_refuse_a_server_threshold_below_it(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3)
+    _policy_t3(nodes)
+    settings = _run(ledger, InProcessGrid(nodes))  # shares 3, threshold 2
+    row = _rows(settings)[0]
+    assert row["secagg"]["aggregate_only"] is False and row["devices_reported"] == 0
+    assert [r["reason"] for r in row["refusals"]] == [
+        "refused by device policy: secagg-below-threshold"] * 3
+    assert all(not node.daemon.sent for node in nodes.values())  # nothing trained
+
+
+def test_with_t3_a_dropout_after_setup_leaves_nothing_aggregated(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    nodes = make_nodes(3)
+    _policy_t3(nodes)
+    grid = InProcessGrid(nodes, drop_at={103: Stage.COLLECT_MASKED_VECTORS})
+    settings = _run(ledger, grid, secagg_num_shares=5, secagg_reconstruction_threshold=3)
+    row = _rows(settings)[0]
+    assert row["secagg"]["aggregate_only"] is False and row["checkpoint"] == ""
+    start = initial_weights(ModelConfig(), settings.seed)
+    final = read_checkpoint(settings.run_dir / "final.pt").weights
+    for s, f in zip(start, final, strict=True):
+        np.testing.assert_array_equal(s, f)
+    # Two survivors never hand over the shares that would unmask a sum of two.
+    assert not any(stage == Stage.UNMASK for stage, _ in grid.received)

@@ -17,7 +17,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("noise_multiplier", "max_grad_norm", "local_steps", "learning_rate", "dp", "blocks", "sample_rate")
+    __slots__ = ("noise_multiplier", "max_grad_norm", "local_steps", "learning_rate", "dp", "blocks", "sample_rate", "privacy_unit", "update_clip", "day_sample_rate")
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class TrainSpec(_message.Message):
     DP_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_UNIT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CLIP_FIELD_NUMBER: _ClassVar[int]
+    DAY_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     noise_multiplier: float
     max_grad_norm: float
     local_steps: int
@@ -32,7 +35,10 @@ class TrainSpec(_message.Message):
     dp: bool
     blocks: _containers.RepeatedScalarFieldContainer[str]
     sample_rate: float
-    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dp: _Optional[bool] = ..., blocks: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[float] = ...) -> None: ...
+    privacy_unit: str
+    update_clip: float
+    day_sample_rate: float
+    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., dp: _Optional[bool] = ..., blocks: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[float] = ..., privacy_unit: _Optional[str] = ..., update_clip: _Optional[float] = ..., day_sample_rate: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("run_id", "server_round", "weights", "spec")
@@ -104,6 +110,32 @@ class TrainReply(_message.Message):
     report: PrivacyReport
     def __init__(self, weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., report: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
 
+class SecAggStageRequest(_message.Message):
+    __slots__ = ("run_id", "server_round", "node_id", "configs", "weights", "spec", "run_name")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    RUN_NAME_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    server_round: int
+    node_id: int
+    configs: bytes
+    weights: _containers.RepeatedCompositeFieldContainer[Tensor]
+    spec: TrainSpec
+    run_name: str
+    def __init__(self, run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., node_id: _Optional[int] = ..., configs: _Optional[bytes] = ..., weights: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., spec: _Optional[_Union[TrainSpec, _Mapping]] = ..., run_name: _Optional[str] = ...) -> None: ...
+
+class SecAggStageReply(_message.Message):
+    __slots__ = ("configs", "report")
+    CONFIGS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    configs: bytes
+    report: PrivacyReport
+    def __init__(self, configs: _Optional[bytes] = ..., report: _Optional[_Union[PrivacyReport, _Mapping]] = ...) -> None: ...
+
 class EvaluateRequest(_message.Message):
     __slots__ = ("run_id", "server_round", "weights")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -131,18 +163,26 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BlockStatus(_message.Message):
-    __slots__ = ("block", "events", "epsilon", "budget", "retired")
+    __slots__ = ("block", "events", "epsilon", "budget", "retired", "unit", "has_broken", "epsilon_broken", "budget_broken")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     RETIRED_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    HAS_BROKEN_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BROKEN_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BROKEN_FIELD_NUMBER: _ClassVar[int]
     block: str
     events: int
     epsilon: float
     budget: float
     retired: bool
-    def __init__(self, block: _Optional[str] = ..., events: _Optional[int] = ..., epsilon: _Optional[float] = ..., budget: _Optional[float] = ..., retired: _Optional[bool] = ...) -> None: ...
+    unit: str
+    has_broken: bool
+    epsilon_broken: float
+    budget_broken: float
+    def __init__(self, block: _Optional[str] = ..., events: _Optional[int] = ..., epsilon: _Optional[float] = ..., budget: _Optional[float] = ..., retired: _Optional[bool] = ..., unit: _Optional[str] = ..., has_broken: _Optional[bool] = ..., epsilon_broken: _Optional[float] = ..., budget_broken: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("device_id", "recording", "paused_until", "source", "events_today", "store_bytes", "blocks", "delta", "trainer_ready", "version", "store_writing_stopped", "store_problem")

@@ -39,6 +39,11 @@ class FederationStub:
                 request_serializer=keystay_dot_v1_dot_device__pb2.TrainRequest.SerializeToString,
                 response_deserializer=keystay_dot_v1_dot_device__pb2.TrainReply.FromString,
                 _registered_method=True)
+        self.SecAggStage = channel.unary_unary(
+                '/keystay.v1.Federation/SecAggStage',
+                request_serializer=keystay_dot_v1_dot_device__pb2.SecAggStageRequest.SerializeToString,
+                response_deserializer=keystay_dot_v1_dot_device__pb2.SecAggStageReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -48,6 +53,18 @@ class FederationServicer:
         """Train the shared model on this device's data under the device policy.
         Refusals end the call with FAILED_PRECONDITION or PERMISSION_DENIED and
         a reason meant for a person.
+        Record-level policies only: a device whose policy's unit is the
+        employee-day refuses it (its update leaves only masked, below).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggStage(self, request, context):
+        """One stage of Flower's SecAgg+ protocol, run inside the daemon: the
+        masking keys, the key shares and the update never leave it in clear.
+        The ClientApp relays each stage's ConfigRecord and the reply. Refusals
+        end the call as Train's do.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +77,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=keystay_dot_v1_dot_device__pb2.TrainRequest.FromString,
                     response_serializer=keystay_dot_v1_dot_device__pb2.TrainReply.SerializeToString,
+            ),
+            'SecAggStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggStage,
+                    request_deserializer=keystay_dot_v1_dot_device__pb2.SecAggStageRequest.FromString,
+                    response_serializer=keystay_dot_v1_dot_device__pb2.SecAggStageReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +111,33 @@ class Federation:
             '/keystay.v1.Federation/Train',
             keystay_dot_v1_dot_device__pb2.TrainRequest.SerializeToString,
             keystay_dot_v1_dot_device__pb2.TrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystay.v1.Federation/SecAggStage',
+            keystay_dot_v1_dot_device__pb2.SecAggStageRequest.SerializeToString,
+            keystay_dot_v1_dot_device__pb2.SecAggStageReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ calls, and prices rounds with an additive accountant so figures are exact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,14 +19,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
 from keystay.client.daemon.core import DeviceCore, check_weights, window_count
+from keystay.client.daemon.refusals import REFUSALS_FILE
+from keystay.client.daemon.secagg_stages import SessionKey
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Epsilons, Mechanism
 from keystay.client.ledger.ledger import LEDGER_FILE, Ledger
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.client.store import EventStore
 from keystay.client.trainer.job import TrainJob, TrainOutcome
+from keystay.common.digest import weights_sha256
 from keystay.common.windows import TRAIN_STRIDE, WINDOW, make_windows
 from keystay.sim.employees import fill_store
 
@@ -77,11 +84,13 @@ def request(**changes: Any) -> TrainingRequest:
 
 
 def make_core(data_dir: Path, *, events_per_day: int = 100 * (WINDOW + 1),
-              days: int = 2) -> tuple[DeviceCore, FakeTrainer]:
+              days: int = 2, unit: str = "record") -> tuple[DeviceCore, FakeTrainer]:
     store = EventStore.open(data_dir)
     fill_store(store, seed=7, days=days, events_per_day=events_per_day, end_day=YESTERDAY)
     trainer = FakeTrainer()
-    core = DeviceCore(data_dir, store, DevicePolicy(), Ledger.open(data_dir),
+    # Record-level unless a test asks: most tests here are about Train.
+    policy = DevicePolicy(privacy_unit=unit)  # type: ignore[arg-type]
+    core = DeviceCore(data_dir, store, policy, Ledger.open(data_dir),
                       DeviceIdentity.open(data_dir), trainer)  # type: ignore[arg-type]
     return core, trainer
 
@@ -229,3 +238,86 @@ def test_the_employees_show_lists_refusals_with_full_reasons(
     [entry] = summary["refusals"]
     assert entry["code"] == "noise-below-floor" and "floor is 0.8" in entry["reason"]
     assert entry["run_id"] == "run-a" and entry["server_round"] == 1
+
+
+# --- the employee-day unit: SecAgg+ only ------------------------------------------------
+
+
+def test_train_is_refused_when_the_unit_is_the_employee_day(tmp_path: Path) -> None:
+    core, trainer = make_core(tmp_path / "d", unit="employee-day")
+    before = ledger_rows(tmp_path / "d")
+    with pytest.raises(Refusal) as refused:
+        core.train(request(), weights())
+    assert refused.value.code == "secure-aggregation-only"
+    assert refused.value.public_reason == "refused by device policy: secure-aggregation-only"
+    assert trainer.jobs == [] and ledger_rows(tmp_path / "d") == before
+
+
+def _stage(stage: str, **values: Any) -> ConfigRecord:
+    return ConfigRecord({Key.STAGE: stage, **values})
+
+
+def _open_round(core: DeviceCore) -> dict[int, SessionKey]:
+    """Three sessions (nodes 1-3) in one daemon through setup and share keys."""
+    keys = {n: SessionKey("flwr-run", 1, n) for n in (1, 2, 3)}
+    setup = _stage(Stage.SETUP, **{
+        Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 5, Key.THRESHOLD: 3,
+        Key.CLIPPING_RANGE: 64.0, Key.TARGET_RANGE: 2**24, Key.MOD_RANGE: 2**40,
+        Key.MAX_WEIGHT: 1.0})
+    pks = {n: core.secagg_stage(k, copy.deepcopy(setup)).configs for n, k in keys.items()}
+    record = {str(n): [pk[Key.PUBLIC_KEY_1], pk[Key.PUBLIC_KEY_2]] for n, pk in pks.items()}
+    inbox: dict[int, list[tuple[int, bytes]]] = {n: [] for n in keys}
+    for n, k in keys.items():
+        out = core.secagg_stage(k, _stage(Stage.SHARE_KEYS, **record)).configs
+        for dst, ct in zip(out[Key.DESTINATION_LIST], out[Key.CIPHERTEXT_LIST],  # type: ignore[arg-type]
+                           strict=True):
+            inbox[dst].append((n, ct))
+    core._inbox = inbox  # type: ignore[attr-defined]
+    return keys
+
+
+def _masking(core: DeviceCore, node: int) -> ConfigRecord:
+    inbox = core._inbox[node]  # type: ignore[attr-defined]
+    return _stage(Stage.COLLECT_MASKED_VECTORS, **{
+        Key.SOURCE_LIST: [s for s, _ in inbox], Key.CIPHERTEXT_LIST: [c for _, c in inbox]})
+
+
+def _day_request() -> TrainingRequest:
+    return request(privacy_unit="employee-day", update_clip=0.5, day_sample_rate=1.0,
+                   noise_multiplier=1.0)
+
+
+def test_an_employee_day_round_charges_every_day_both_series_and_sends_masked(
+    tmp_path: Path,
+) -> None:
+    core, trainer = make_core(tmp_path / "d", unit="employee-day")
+    keys = _open_round(core)
+    result = core.secagg_stage(keys[1], _masking(core, 1), _day_request(), weights())
+    assert result.report is not None
+    payload = json.loads(result.payload)
+    days = [b["block"] for b in payload["blocks"]]
+    assert len(days) == 2  # every eligible day charged, under both assumptions
+    totals = {t.block: t for t in core.ledger.totals()}
+    assert sorted(totals) == sorted(days)
+    for total in totals.values():
+        assert total.unit == "employee-day"
+        assert total.epsilon_broken is not None and total.epsilon_broken > total.epsilon > 0
+    # q = 1: every day trained, separately, without DP-SGD (the policy's default).
+    assert len(trainer.jobs) == 2 and not any(j.record_level_dp for j in trainer.jobs)
+    # What leaves is the masked vector (Flower's factor first), bound to the report.
+    masked = [bytes_to_ndarray(b) for b in result.configs[Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+    assert [m.shape for m in masked] == [(1,), *(s for s, _ in SPEC)]
+    assert payload["update_sha256"] == weights_sha256(masked)
+    assert all(m.dtype == np.int64 and np.all((m >= 0) & (m < 2**40)) for m in masked)
+
+
+def test_masking_with_too_few_shares_charges_nothing(tmp_path: Path) -> None:
+    core, trainer = make_core(tmp_path / "d", unit="employee-day")
+    keys = _open_round(core)
+    core._inbox[1] = core._inbox[1][:1]  # type: ignore[attr-defined]
+    before = ledger_rows(tmp_path / "d")
+    with pytest.raises(Refusal) as refused:
+        core.secagg_stage(keys[1], _masking(core, 1), _day_request(), weights())
+    assert refused.value.code == "secagg-below-threshold"
+    assert trainer.jobs == [] and ledger_rows(tmp_path / "d") == before
+    assert "secagg-below-threshold" in (tmp_path / "d" / REFUSALS_FILE).read_text()

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -68,7 +69,7 @@ def admit(
     req = request(sigma, steps, run_id=run_id, server_round=server_round)
     return ledger.admit(
         request=req,
-        policy=policy or DevicePolicy(),
+        policy=policy or DevicePolicy(privacy_unit="record"),
         blocks=blocks,
         mechanism=Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps),
         epsilon_fn=additive,
@@ -129,7 +130,7 @@ def test_epsilon_fn_receives_the_full_history_and_policy_delta(ledger: Ledger) -
         seen.append((len(history), delta))
         return additive(history, delta)
 
-    policy = DevicePolicy(delta=1e-7)
+    policy = DevicePolicy(privacy_unit="record", delta=1e-7)
     for n in range(3):
         ledger.admit(
             request=request(),
@@ -145,7 +146,7 @@ def test_epsilon_fn_receives_the_full_history_and_policy_delta(ledger: Ledger) -
 
 def test_enforced_bound_follows_the_policy_accountant(ledger: Ledger) -> None:
     prv = admit(ledger, [DAY1])
-    rdp = admit(ledger, [DAY2], policy=DevicePolicy(accountant="rdp"))
+    rdp = admit(ledger, [DAY2], policy=DevicePolicy(privacy_unit="record", accountant="rdp"))
     assert prv.blocks[0].epsilon == pytest.approx(1.0)  # min(rdp 1.25, prv_upper 1.0)
     assert prv.accountant == accounting.ACCOUNTANT
     assert rdp.blocks[0].epsilon == pytest.approx(1.25)
@@ -156,7 +157,7 @@ def test_enforced_bound_follows_the_policy_accountant(ledger: Ledger) -> None:
 
 
 def test_budget_exceeded_names_block_spent_cost_and_budget(tmp_path: Path) -> None:
-    policy = DevicePolicy(epsilon_per_block=4.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=4.0)
     with Ledger.open(tmp_path) as ledger:
         admit(ledger, [DAY1], q=0.015, steps=100, policy=policy)  # 1.5 spent on DAY1
         before = dump(tmp_path / LEDGER_FILE)
@@ -185,7 +186,7 @@ def test_policy_refusals_come_before_anything_is_written(tmp_path: Path) -> None
         with pytest.raises(Refusal) as info:
             ledger.admit(
                 request=request(sigma=0.3),
-                policy=DevicePolicy(),
+                policy=DevicePolicy(privacy_unit="record"),
                 blocks=[DAY1],
                 mechanism=Mechanism(0.3, 0.01, 100),
                 epsilon_fn=additive,
@@ -198,7 +199,7 @@ def test_policy_refusals_come_before_anything_is_written(tmp_path: Path) -> None
 
 
 def test_participation_gap(ledger: Ledger) -> None:
-    policy = DevicePolicy(min_participation_gap_seconds=60)
+    policy = DevicePolicy(privacy_unit="record", min_participation_gap_seconds=60)
     admit(ledger, [DAY1], policy=policy, now=1_000.0)
     with pytest.raises(Refusal) as info:
         admit(ledger, [DAY2], policy=policy, now=1_030.0)
@@ -219,7 +220,7 @@ def test_nan_epsilon_is_an_error_not_an_admission(tmp_path: Path) -> None:
         with pytest.raises(DeviceLedgerError, match="nothing was charged"):
             ledger.admit(
                 request=request(),
-                policy=DevicePolicy(),
+                policy=DevicePolicy(privacy_unit="record"),
                 blocks=[DAY1],
                 mechanism=Mechanism(1.0, 0.01, 100),
                 epsilon_fn=broken,
@@ -231,7 +232,7 @@ def test_mechanism_must_match_the_request(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="differs from the request"):
         ledger.admit(
             request=request(sigma=1.0),
-            policy=DevicePolicy(),
+            policy=DevicePolicy(privacy_unit="record"),
             blocks=[DAY1],
             mechanism=Mechanism(2.0, 0.01, 100),
             epsilon_fn=additive,
@@ -239,7 +240,7 @@ def test_mechanism_must_match_the_request(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="local_steps"):
         ledger.admit(
             request=request(steps=100),
-            policy=DevicePolicy(),
+            policy=DevicePolicy(privacy_unit="record"),
             blocks=[DAY1],
             mechanism=Mechanism(1.0, 0.01, 99),
             epsilon_fn=additive,
@@ -267,7 +268,7 @@ rounds = st.lists(
 def test_refused_rounds_never_change_the_ledger(
     rounds: list[tuple[float, float, int, set[str], int]],
 ) -> None:
-    policy = DevicePolicy(epsilon_per_block=6.0, min_participation_gap_seconds=30)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=6.0, min_participation_gap_seconds=30)
     with tempfile.TemporaryDirectory() as tmp, Ledger.open(Path(tmp)) as ledger:
         path = Path(tmp) / LEDGER_FILE
         now = 10_000.0
@@ -310,7 +311,7 @@ def test_block_retires_when_the_same_round_cannot_be_afforded_again(tmp_path: Pa
         assert "2025-03-03" in info.value.reason and "never trained on again" in info.value.reason
         # Raising the budget later does not bring a spent day back.
         with pytest.raises(Refusal):
-            admit(ledger, [DAY1], policy=DevicePolicy(epsilon_per_block=30.0))
+            admit(ledger, [DAY1], policy=DevicePolicy(privacy_unit="record", epsilon_per_block=30.0))
         totals = ledger.totals()
         assert totals[0].retired and totals[0].remaining == pytest.approx(2.0)
 
@@ -350,7 +351,7 @@ def test_charge_survives_a_process_killed_before_answering(tmp_path: Path) -> No
 
         ledger = Ledger.open(Path({str(tmp_path)!r}))
         req = TrainingRequest(1.0, 1.0, 100, 0.04, 0.01, True, (), "run-x", 3)
-        ledger.admit(request=req, policy=DevicePolicy(), blocks=["{DAY1}"],
+        ledger.admit(request=req, policy=DevicePolicy(privacy_unit="record"), blocks=["{DAY1}"],
                      mechanism=Mechanism(1.0, 0.04, 100), epsilon_fn=fake)
         os._exit(9)  # dies mid-round: no answer, no close
         """
@@ -447,7 +448,7 @@ def test_with_the_real_accountant(tmp_path: Path) -> None:
     def real(history: Sequence[Mechanism], delta: float) -> Epsilons:
         return accounting.epsilons(history, delta=delta)
 
-    policy = DevicePolicy(epsilon_per_block=8.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=8.0)
     mechanism = Mechanism(noise_multiplier=1.0, sample_rate=0.02, steps=200)
     with Ledger.open(tmp_path) as ledger:
         charges = [
@@ -507,7 +508,7 @@ def _state_row(path: Path, block: str) -> tuple[object, ...] | None:
 
 
 def test_builtin_accountant_stores_a_state_that_equals_the_history(tmp_path: Path) -> None:
-    policy = DevicePolicy(epsilon_per_block=16.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=16.0)
     with Ledger.open(tmp_path) as ledger:
         for n, m in enumerate(MIX[:4], start=1):
             charge = _charge_real(ledger, [DAY1, DAY2] if n % 2 else [DAY1], m, n, policy)
@@ -526,7 +527,7 @@ def test_builtin_accountant_stores_a_state_that_equals_the_history(tmp_path: Pat
 def test_a_missing_or_foreign_state_is_rebuilt_from_the_history(
     tmp_path: Path, damage: str
 ) -> None:
-    policy = DevicePolicy(epsilon_per_block=16.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=16.0)
     with Ledger.open(tmp_path) as ledger:
         for n, m in enumerate(MIX[:3], start=1):
             _charge_real(ledger, [DAY1], m, n, policy)
@@ -566,7 +567,7 @@ def test_a_ledger_from_before_the_state_table_gains_it(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     with Ledger.open(tmp_path) as ledger:
-        charge = _charge_real(ledger, [DAY1], MIX[0], 2, DevicePolicy())
+        charge = _charge_real(ledger, [DAY1], MIX[0], 2, DevicePolicy(privacy_unit="record"))
         assert _state_row(ledger.path, DAY1) == (accounting.STATE_VERSION, charge.id, 2)
 
 
@@ -588,7 +589,7 @@ def test_a_thousand_mixed_rounds_on_one_block_stay_valid(tmp_path: Path) -> None
     import dp_accounting
     from dp_accounting import pld as google_pld
 
-    policy = DevicePolicy(epsilon_per_block=32.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=32.0)
     previous = 0.0
     counts: dict[Mechanism, int] = {}
     shm = Path("/dev/shm")
@@ -619,7 +620,7 @@ def test_a_thousand_mixed_rounds_on_one_block_stay_valid(tmp_path: Path) -> None
 
 
 def test_a_refused_round_leaves_the_stored_state_alone(tmp_path: Path) -> None:
-    policy = DevicePolicy(epsilon_per_block=1.0)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=1.0)
     with Ledger.open(tmp_path) as ledger:
         _charge_real(ledger, [DAY1], Mechanism(1.5, 0.01, 100), 1, policy)
         before = dump(ledger.path)
@@ -627,3 +628,184 @@ def test_a_refused_round_leaves_the_stored_state_alone(tmp_path: Path) -> None:
             _charge_real(ledger, [DAY1], Mechanism(0.8, 0.2, 200), 2, policy)
         assert refused.value.code == "budget-exceeded"
         assert dump(ledger.path) == before
+
+
+# --- the employee-day unit: two series per day ------------------------------------------
+
+DAY_POLICY = DevicePolicy(epsilon_per_day=1.0, epsilon_per_day_broken_aggregation=2.0,
+                          min_summed_devices=4)
+
+
+def day_request(sigma: float = 1.0, q: float = 0.5, **changes: object) -> TrainingRequest:
+    base = request(sigma, 10, privacy_unit="employee-day", update_clip=0.5,
+                   day_sample_rate=q, sample_rate=0.0, max_grad_norm=0.0)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def day_mechanisms(sigma: float, q: float, t: int) -> tuple[Mechanism, Mechanism]:
+    return Mechanism(sigma, q, 1), Mechanism(sigma / t**0.5, q, 1)
+
+
+def admit_day(
+    ledger: Ledger,
+    blocks: Sequence[str],
+    *,
+    sigma: float = 1.0,
+    q: float = 0.5,
+    policy: DevicePolicy = DAY_POLICY,
+    server_round: int = 1,
+    epsilon_fn: object = additive,
+):
+    honest, broken = day_mechanisms(sigma, q, policy.min_summed_devices)
+    return ledger.admit(
+        request=day_request(sigma, q, server_round=server_round),
+        policy=policy,
+        blocks=blocks,
+        mechanism=honest,
+        broken_mechanism=broken,
+        epsilon_fn=epsilon_fn,  # type: ignore[arg-type]
+        now=1_000.0 + server_round,
+    )
+
+
+def test_an_employee_day_charge_records_both_series(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        charge = admit_day(ledger, [DAY1, DAY2])
+        # additive: honest ε = q/σ = 0.5, broken = q·√t/σ = 1.0
+        assert charge.unit == "employee-day"
+        assert charge.min_summed_devices == 4 and charge.update_clip == 0.5
+        assert charge.broken_mechanism == Mechanism(0.5, 0.5, 1)
+        for block in charge.blocks:
+            assert block.epsilon == pytest.approx(0.5) and block.budget == 1.0
+            assert block.epsilon_broken == pytest.approx(1.0) and block.budget_broken == 2.0
+            assert block.cost_broken == pytest.approx(1.0)
+        assert charge.epsilon_total_broken == pytest.approx(1.0)
+        assert charge.epsilon_round_broken_enforced == pytest.approx(1.0)
+        totals = {t.block: t for t in ledger.totals()}
+        assert totals[DAY1].unit == "employee-day"
+        assert totals[DAY1].epsilon_broken == pytest.approx(1.0)
+        assert totals[DAY1].remaining_broken == pytest.approx(1.0)
+        assert ledger.history(DAY1, broken=True) == [Mechanism(0.5, 0.5, 1)]
+        assert ledger.device_epsilon_broken() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("policy", "which"),
+    [
+        # Two rounds at σ = 2 (honest 0.25, broken 0.5 each), then σ = 0.8
+        # (honest 0.625, broken 1.25). Honest binds: 1.125 > 1 while broken 2.25 <= 10.
+        (DevicePolicy(epsilon_per_day=1.0, epsilon_per_day_broken_aggregation=10.0,
+                      min_summed_devices=4), "budget 1;"),
+        # Broken binds: honest 1.125 <= 10 while broken 2.25 > 2.
+        (DevicePolicy(epsilon_per_day=10.0, epsilon_per_day_broken_aggregation=2.0,
+                      min_summed_devices=4), "server that breaks secure aggregation"),
+    ],
+)
+def test_over_budget_on_either_series_refuses_and_charges_nothing(
+    tmp_path: Path, policy: DevicePolicy, which: str
+) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        admit_day(ledger, [DAY1], sigma=2.0, policy=policy, server_round=1)
+        admit_day(ledger, [DAY1], sigma=2.0, policy=policy, server_round=2)
+        before = dump(ledger.path)
+        with pytest.raises(Refusal) as info:
+            admit_day(ledger, [DAY1, DAY2], sigma=0.8, policy=policy, server_round=3)
+        assert info.value.code == "budget-exceeded"
+        assert info.value.blocks == (DAY1,)
+        assert which in info.value.reason
+        assert dump(ledger.path) == before
+
+
+def test_a_day_retires_when_either_budget_could_not_afford_the_round_again(
+    tmp_path: Path,
+) -> None:
+    # Broken budget 2.0 affords two rounds of 1.0: retired after the second,
+    # while the honest series (1.0 of 10) is far from its budget.
+    policy = DevicePolicy(epsilon_per_day=10.0, epsilon_per_day_broken_aggregation=2.0,
+                          min_summed_devices=4)
+    with Ledger.open(tmp_path) as ledger:
+        first = admit_day(ledger, [DAY1], policy=policy, server_round=1)
+        assert not first.blocks[0].retired
+        second = admit_day(ledger, [DAY1], policy=policy, server_round=2)
+        assert second.blocks[0].retired and second.blocks[0].epsilon < 10.0
+        assert ledger.retired_blocks() == {DAY1}
+        with pytest.raises(Refusal) as info:
+            admit_day(ledger, [DAY1], policy=policy, server_round=3)
+        assert info.value.code == "block-retired"
+
+
+def test_both_series_survive_a_reopen_and_keep_composing(tmp_path: Path) -> None:
+    policy = DevicePolicy(epsilon_per_day=20.0, epsilon_per_day_broken_aggregation=60.0)
+    with Ledger.open(tmp_path) as ledger:
+        admit_day(ledger, [DAY1], policy=policy, server_round=1, epsilon_fn=None)
+        stored = ledger.accountant_state(DAY1, broken=True)
+    with Ledger.open(tmp_path) as ledger:
+        again = ledger.accountant_state(DAY1, broken=True)
+        assert np.array_equal(again.rdp, stored.rdp)
+        charge = admit_day(ledger, [DAY1], policy=policy, server_round=2, epsilon_fn=None)
+        honest, broken = day_mechanisms(1.0, 0.5, policy.min_summed_devices)
+        expected = accounting.epsilons([broken, broken], delta=policy.delta)
+        assert charge.blocks[0].epsilon_broken == pytest.approx(
+            accounting.enforced(expected), rel=1e-6
+        )
+        assert charge.blocks[0].epsilon == pytest.approx(
+            accounting.enforced(accounting.epsilons([honest, honest], delta=policy.delta)),
+            rel=1e-6,
+        )
+
+
+def test_a_ledger_from_before_the_employee_day_tables_opens_and_keeps_its_charges(
+    tmp_path: Path,
+) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        admit(ledger, [DAY1])
+        path = ledger.path
+    conn = sqlite3.connect(path)
+    for table in ("charge_units", "broken_charges", "broken_accountant_state"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.commit()
+    conn.close()
+    with Ledger.open(tmp_path) as ledger:
+        (total,) = ledger.totals()
+        assert total.unit == "record" and total.epsilon_broken is None
+        assert total.remaining_broken is None
+        # Its record-level charge closes the day to employee-day rounds.
+        assert ledger.retired_blocks("employee-day") == {DAY1}
+        assert ledger.retired_blocks() == set()
+        with pytest.raises(Refusal) as info:
+            admit_day(ledger, [DAY1, DAY2])
+        assert info.value.code == "block-retired" and info.value.blocks == (DAY1,)
+        assert "record-level" in info.value.reason
+        assert admit_day(ledger, [DAY2]).blocks[0].block == DAY2
+
+
+def test_record_level_charges_keep_working_without_a_second_series(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        charge = admit(ledger, [DAY1])
+        assert charge.unit == "record" and charge.broken_mechanism is None
+        assert charge.blocks[0].epsilon_broken is None and charge.blocks[0].budget_broken is None
+        assert charge.blocks[0].cost_broken is None
+        with pytest.raises(ValueError, match="no broken-aggregation"):
+            ledger.admit(request=request(), policy=DevicePolicy(privacy_unit="record"),
+                         blocks=[DAY2], mechanism=Mechanism(1.0, 0.01, 100),
+                         broken_mechanism=Mechanism(0.5, 0.01, 100), epsilon_fn=additive)
+
+
+@pytest.mark.parametrize(
+    ("honest", "broken", "words"),
+    [
+        (Mechanism(1.0, 0.5, 1), None, "needs its broken-aggregation mechanism"),
+        (Mechanism(1.0, 0.5, 2), Mechanism(0.5, 0.5, 1), "steps"),
+        (Mechanism(1.0, 0.4, 1), Mechanism(0.5, 0.4, 1), "day_sample_rate"),
+        (Mechanism(1.5, 0.5, 1), Mechanism(0.5, 0.5, 1), "the request's σ"),
+        (Mechanism(1.0, 0.5, 1), Mechanism(0.6, 0.5, 1), "σ_eff / √t"),
+    ],
+)
+def test_employee_day_mechanisms_that_overstate_the_noise_raise(
+    tmp_path: Path, honest: Mechanism, broken: Mechanism | None, words: str
+) -> None:
+    with Ledger.open(tmp_path) as ledger:
+        with pytest.raises(ValueError, match=words):
+            ledger.admit(request=day_request(), policy=DAY_POLICY, blocks=[DAY1],
+                         mechanism=honest, broken_mechanism=broken, epsilon_fn=additive)
+        assert ledger.totals() == []

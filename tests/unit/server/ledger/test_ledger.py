@@ -397,3 +397,96 @@ def test_report_signed_by_device_identity_verifies(tmp_path: Path, ledger: Serve
     payload, signature = sign_report(report, identity)
     verdict = ledger.record_report("run-1", 2, payload.decode("ascii"), signature)
     assert verdict.ok, verdict.findings
+
+
+# --- employee-day reports (format v2): both series, recomputed ---------------------------
+
+
+def _day_report(tmp_path: Path, device: Any, rounds: int = 1) -> list[dict[str, Any]]:
+    """Real employee-day charges from a device ledger, as the device reports them."""
+    import dataclasses as dc
+
+    from keystay.client.ledger.accounting import Mechanism
+    from keystay.client.ledger.ledger import Ledger
+    from keystay.client.ledger.report import report_from_charge
+    from keystay.client.policy import DevicePolicy, TrainingRequest
+
+    policy = DevicePolicy(min_summed_devices=3, epsilon_per_day=10.0,
+                          epsilon_per_day_broken_aggregation=40.0)
+    payloads = []
+    with Ledger.open(tmp_path / "device") as device_ledger:
+        for n in range(1, rounds + 1):
+            sigma_eff, q = 0.98, 0.5
+            charge = device_ledger.admit(
+                request=TrainingRequest(
+                    noise_multiplier=1.0, max_grad_norm=0.0, local_steps=20, sample_rate=0.0,
+                    learning_rate=0.01, dp=True, blocks=(), run_id="run-1", server_round=n,
+                    privacy_unit="employee-day", update_clip=0.5, day_sample_rate=q),
+                policy=policy, blocks=[D1, D2],
+                mechanism=Mechanism(sigma_eff, q, 1),
+                broken_mechanism=Mechanism(sigma_eff / 3**0.5, q, 1),
+                now=1_000.0 + n,
+            )
+            report = dc.replace(report_from_charge(charge, device_id=device.device_id,
+                                                   max_grad_norm=0.0))
+            payloads.append(report.to_dict())
+    return payloads
+
+
+def _signed(device: Any, payload: dict[str, Any]) -> tuple[bytes, bytes]:
+    from keystay.common.canonical import canonical_json
+
+    data = canonical_json(payload)
+    return data, device.key.sign(data)
+
+
+def test_an_employee_day_report_is_verified_with_both_series(
+    tmp_path: Path, ledger: ServerLedger, make_device: MakeDevice
+) -> None:
+    device = enrolled(ledger, make_device)
+    payloads = _day_report(tmp_path, device, rounds=2)
+    first = payloads[0]
+    assert first["format"] == "keystay.privacy-report.v2" and first["unit"] == "employee-day"
+    assert first["assumptions"] == ["honest-but-curious server",
+                                    "server that breaks secure aggregation"]
+    assert first["min_summed_devices"] == 3 and first["steps"] == 1
+    assert first["blocks"][0]["epsilon_broken"] > first["blocks"][0]["epsilon"]
+    for n, payload in enumerate(payloads, start=1):
+        verdict = ledger.record_report("run-1", n, *_signed(device, payload))
+        assert verdict.ok, verdict.reasons
+    assert ledger.audit() == []
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"epsilon_round_broken_rdp": 0.01}, "broken-aggregation ε of the round is reported"),
+        ({"epsilon_round_rdp": 0.01}, "honest-but-curious ε of the round is reported"),
+        ({"noise_multiplier_broken": 0.9}, "overstates its noise"),
+        ({"steps": 2}, "steps must be 1"),
+        ({"assumptions": ["trusted server"]}, "names the assumptions"),
+        ({"unit": "record"}, "unit must be 'employee-day'"),
+        ({"epsilon_total_broken": None}, "no valid 'epsilon_total_broken'"),
+    ],
+)
+def test_an_employee_day_report_whose_figures_do_not_follow_is_unverifiable(
+    tmp_path: Path, ledger: ServerLedger, make_device: MakeDevice,
+    change: dict[str, Any], words: str,
+) -> None:
+    device = enrolled(ledger, make_device)
+    payload = {**_day_report(tmp_path, device)[0], **change}
+    verdict = ledger.record_report("run-1", 1, *_signed(device, payload))
+    assert not verdict.verified and FLAG_UNVERIFIABLE in verdict.flags
+    assert any(words in reason for reason in verdict.reasons), verdict.reasons
+    assert ledger.block_epsilons() == []
+
+
+def test_an_employee_day_block_over_its_broken_budget_is_flagged(
+    tmp_path: Path, ledger: ServerLedger, make_device: MakeDevice
+) -> None:
+    device = enrolled(ledger, make_device)
+    payload = _day_report(tmp_path, device)[0]
+    payload["blocks"][0]["budget_broken"] = payload["blocks"][0]["epsilon_broken"] / 2
+    verdict = ledger.record_report("run-1", 1, *_signed(device, payload))
+    assert verdict.verified and FLAG_OVER_BUDGET in verdict.flags
+    assert any("breaks secure aggregation" in r for r in verdict.reasons)
