@@ -81,7 +81,7 @@ def make_core(data_dir: Path, *, events_per_day: int = 100 * (WINDOW + 1),
     store = EventStore.open(data_dir)
     fill_store(store, seed=7, days=days, events_per_day=events_per_day, end_day=YESTERDAY)
     trainer = FakeTrainer()
-    core = DeviceCore(data_dir, store, DevicePolicy(), Ledger.open(data_dir),
+    core = DeviceCore(data_dir, store, DevicePolicy(privacy_unit="record"), Ledger.open(data_dir),
                       DeviceIdentity.open(data_dir), trainer)  # type: ignore[arg-type]
     return core, trainer
 
