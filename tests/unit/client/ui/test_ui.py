@@ -263,8 +263,8 @@ def test_rounds_and_days_come_from_the_ledger(tmp_path: Path) -> None:
             request = TrainingRequest(noise_multiplier=2.0, max_grad_norm=1.0, local_steps=10,
                                       sample_rate=0.1, learning_rate=0.1, dp=True, blocks=(),
                                       run_id="r", server_round=rnd)
-            charge = ledger.admit(request=request, policy=DevicePolicy(), blocks=blocks,
-                                  mechanism=Mechanism(2.0, 0.1, 10), epsilon_fn=_additive,
+            charge = ledger.admit(request=request, policy=DevicePolicy(privacy_unit="record"),
+                                  blocks=blocks, mechanism=Mechanism(2.0, 0.1, 10), epsilon_fn=_additive,
                                   now=100.0 * rnd)
             if rnd == 1:
                 ledger.mark_answered(charge)

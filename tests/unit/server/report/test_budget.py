@@ -111,7 +111,7 @@ def test_json_follows_the_documented_schema(tmp_path: Path, make_device: MakeDev
     assert set(data) == {
         "schema", "generated_at", "ledger", "clean", "summary", "violations",
         "unverifiable_reports", "devices", "central_dp", "refusals", "privacy_unit",
-        "units_reported",
+        "units_reported", "units", "assumptions",
     }
     assert data["privacy_unit"] == PRIVACY_UNIT
     assert data["units_reported"] == [PRIVACY_UNIT]  # what the verified reports state
@@ -129,10 +129,15 @@ def test_json_follows_the_documented_schema(tmp_path: Path, make_device: MakeDev
     [dev] = data["devices"]
     assert dev["device_id"] == device.device_id and dev["epsilon_total"] == 9.5
     block = {b["block"]: b for b in dev["blocks"]}[D2]
+    # A record-level block: one ε per record, no second series, no assumption.
     assert block == {
-        "block": D2, "epsilon": 9.5, "budget": 8.0, "remaining": 0.0, "retired": True,
-        "over_budget": True, "charges": 2, "runs": ["run-a", "run-b"],
+        "block": D2, "unit": "record", "epsilon": 9.5, "budget": 8.0, "remaining": 0.0,
+        "retired": True, "over_budget": True, "charges": 2, "runs": ["run-a", "run-b"],
+        "assumption": None, "assumption_broken_aggregation": None,
+        "epsilon_broken_aggregation": None, "budget_broken_aggregation": None,
+        "remaining_broken_aggregation": None, "over_budget_broken_aggregation": False,
     }
+    assert dev["epsilon_total_broken_aggregation"] is None
     [central] = data["central_dp"]
     assert central["sampling"] == "all devices every round, no amplification"
     assert central["epsilon"] == 1.9 and central["rounds"] == 2
