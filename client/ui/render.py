@@ -219,24 +219,27 @@ def _days_section(
             events = str(block.get("events", 0))
             retired = bool(block.get("retired"))
         state = day_state(day, retired, ledger, block is not None)
+        left = f', <span class="left">{max(0.0, budget - epsilon):.3f}</span> left'
         if broken is None or broken_budget is None:
             meters = _meter(epsilon, budget, "eps")
-            left = f'<span class="left">{max(0.0, budget - epsilon):.3f}</span> left'
         else:
+            left_broken = max(0.0, broken_budget - broken)
             meters = (
                 f'<span class="series honest">honest-but-curious server: '
-                f'{_meter(epsilon, budget, "eps")}</span><br>'
-                f'<span class="series broken">server that breaks secure aggregation: '
-                f'{_meter(broken, broken_budget, "eps-broken")}</span>'
+                f'{_meter(epsilon, budget, "eps")}'
+                + ("" if block is None else left) + "</span><br>"
+                '<span class="series broken">server that breaks secure aggregation: '
+                f'{_meter(broken, broken_budget, "eps-broken")}'
+                + ("" if block is None else
+                   f', <span class="left-broken">{left_broken:.3f}</span> left')
+                + "</span>"
             )
-            left = (f'<span class="left">{max(0.0, budget - epsilon):.3f}</span> and '
-                    f'<span class="left-broken">{max(0.0, broken_budget - broken):.3f}</span> '
-                    "left")
+            left = ""
         if block is None:
             spent_cell = f"{meters}; the data is gone, the ledger keeps these figures"
             actions = ""
         else:
-            spent_cell = f"{meters}<br>{left}"
+            spent_cell = f"{meters}{left}"
             actions = (
                 f'<a class="button" href="/export?day={_e(day)}" download>Export</a> '
                 f'<form method="post" action="/forget" class="inline">{_token_field(token)}'
