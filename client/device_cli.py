@@ -251,9 +251,12 @@ def _call(data_dir: Path, method: str, request: object,
 def status(data_dir: Path, as_json: bool) -> None:
     """Show whether recording is on, what is kept, and ε spent and left per day.
 
-    ε is per record: 33 consecutive input events of one day. Records do not
-    overlap, so each event is in exactly one; the JSON says so in
-    ``privacy_unit``.
+    With the employee-day unit (the default policy) each day has two ε, each
+    per employee-day and each of its own budget: against an honest-but-curious
+    server and against a server that breaks secure aggregation. With the
+    record unit, ε is per record: 33 consecutive input events of one day.
+    Each day's ``unit`` says which; the JSON's ``privacy_unit`` states the
+    unit in words.
     """
     from keystay.common.windows import PRIVACY_UNIT, PRIVACY_UNIT_SENTENCE
 
@@ -263,7 +266,8 @@ def status(data_dir: Path, as_json: bool) -> None:
         from google.protobuf.json_format import MessageToDict
 
         document = MessageToDict(reply, always_print_fields_with_no_presence=True)
-        document["privacy_unit"] = PRIVACY_UNIT
+        days = any(b.unit == "employee-day" for b in reply.blocks)
+        document["privacy_unit"] = EMPLOYEE_DAY_UNIT if days else PRIVACY_UNIT
         click.echo(json.dumps(document, indent=2))
         return
     state = "recording" if reply.recording else "paused" if reply.source != "none" else "idle"
@@ -308,6 +312,9 @@ def _echo_day_blocks(reply: device_pb2.StatusReply) -> None:
         "breaks secure aggregation and sees this device's update alone can learn. A day "
         "retires when either budget is spent.", width=88))
 
+
+#: What an employee-day ε protects, in words (``status --json``'s ``privacy_unit``).
+EMPLOYEE_DAY_UNIT = "one employee-day = everything one employee did on one day"
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 

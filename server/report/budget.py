@@ -5,7 +5,7 @@ how much ε has been spent, against which budget, what remains, whether the
 block is retired, and which runs touched it; per run, the central-DP ε (if
 central DP was on); and, listed first, everything that needs a person:
 
-* ``over-budget``: a device reported a block past its budget;
+* ``over-budget``: a device reported a block past its budget (either budget);
 * ``contradiction``: a device's figures went down, a retired block was
   charged again, two reports for one round, or a report from the wrong device;
 * ``unverifiable``: a report that does not verify under the enrolled key
@@ -19,12 +19,29 @@ Only verified reports are counted in the per-block figures. A block's
 "spent" is the largest ε any verified report gave it (budgets only grow, so
 the largest is the conservative figure even if a contradiction was flagged).
 
-JSON schema (``keystay budget report --json``), ``keystay.budget-report/v1``::
+Two units, two kinds of block
+-----------------------------
+A block charged by employee-day rounds (signed report v2) has **two** ε,
+each per employee-day and each with its own budget: against an
+*honest-but-curious server* (which sees only the sum of several devices'
+updates) and against a *server that breaks secure aggregation* (which sees
+this device's share alone). A block charged by record-level rounds (report
+v1) has one ε per record (:data:`PRIVACY_UNIT`), which holds against anyone
+who sees the device's update. Each block says which (``unit``).
+
+JSON schema (``keystay budget report --json``), ``keystay.budget-report/v2``
+(v1 plus ``units``, ``assumptions`` and the per-block ``unit`` and
+``*_broken_aggregation`` keys; every v1 key keeps its meaning for
+record-level blocks)::
 
     {
-      "schema": "keystay.budget-report/v1",
+      "schema": "keystay.budget-report/v2",
       "generated_at": "ISO 8601 UTC",
-      "privacy_unit": str,               # what one device ε protects, in words
+      "privacy_unit": str,               # what one record-level ε protects, in words
+      "units": {"record": str, "employee-day": str},   # each unit in words
+      "assumptions": {                   # what each ε of an employee-day block holds against
+        "epsilon": "honest-but-curious server",
+        "epsilon_broken_aggregation": "server that breaks secure aggregation"},
       "units_reported": [str],           # units named by verified reports (older devices differ)
       "ledger": "path of ledger.v1.sqlite",
       "clean": true | false,             # no violations
@@ -43,10 +60,21 @@ JSON schema (``keystay budget report --json``), ``keystay.budget-report/v1``::
         {"device_id": str, "enrolled_at": str | null, "revoked_at": str | null,
          "reports": int, "verified_reports": int, "flagged_reports": int,
          "epsilon_total": number | null,  # largest verified device total
+         "epsilon_total_broken_aggregation": number | null,  # the same, broken aggregation
          "runs": [str],
          "blocks": [
-           {"block": str, "epsilon": number, "budget": number, "remaining": number,
-            "retired": bool, "over_budget": bool, "charges": int, "runs": [str]}
+           {"block": str,
+            "unit": "employee-day" | "record",
+            "assumption": "honest-but-curious server" | null,   # null: record level
+            "epsilon": number, "budget": number, "remaining": number,
+            "assumption_broken_aggregation": "server that breaks secure aggregation" | null,
+            "epsilon_broken_aggregation": number | null,        # null: record level
+            "budget_broken_aggregation": number | null,
+            "remaining_broken_aggregation": number | null,
+            "retired": bool,
+            "over_budget": bool,            # past either budget
+            "over_budget_broken_aggregation": bool,
+            "charges": int, "runs": [str]}
          ]}
       ],
       "central_dp": [
@@ -68,11 +96,13 @@ The model lives here; :mod:`keystay.server.report.render` renders it as the
 text table, the JSON above and the plot, and :mod:`keystay.server.report.html`
 as a page.
 
-Unit of privacy (``privacy_unit``): a device's ε is per *record*, one
+Unit of privacy (``privacy_unit``): a record-level ε is per *record*, one
 non-overlapping run of 33 input events of one employee-day; each event is in
-exactly one record. Every signed report states its unit; ``units_reported``
-lists the units the verified reports name, so a device on an older release
-(whose records overlapped) shows up rather than being read at the new unit.
+exactly one record. An employee-day ε is per *employee-day*
+(:data:`EMPLOYEE_DAY_UNIT`). Every signed report states its unit;
+``units_reported`` lists the units the verified reports name, so a device on
+an older release (whose records overlapped) shows up rather than being read
+at the new unit.
 """
 
 from __future__ import annotations
@@ -84,6 +114,14 @@ from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
 
+from keystay.server.ledger.figures import (
+    ASSUMPTION_BROKEN,
+    ASSUMPTION_HONEST,
+    UNIT_DAY,
+    UNIT_RECORD,
+    day_figures,
+    report_unit,
+)
 from keystay.server.ledger.ledger import (
     FLAG_CONTRADICTION,
     FLAG_OVER_BUDGET,
@@ -93,7 +131,7 @@ from keystay.server.ledger.ledger import (
     StoredReport,
 )
 
-SCHEMA = "keystay.budget-report/v1"
+SCHEMA = "keystay.budget-report/v2"
 #: The unit devices sign into their reports (``keystay.common.windows.PRIVACY_UNIT``;
 #: restated here because the server does not import device code, and a unit
 #: test holds the two equal).
@@ -101,6 +139,25 @@ PRIVACY_UNIT = (
     "one training record = 33 consecutive input events of one employee-day; "
     "records do not overlap, so each event is in exactly one record"
 )
+
+#: The employee-day unit, in words (what a v2 report's two ε protect).
+EMPLOYEE_DAY_UNIT = (
+    "one employee-day = everything one employee did on one day; removing or changing "
+    "any one day changes what the device sends by at most one clipped update"
+)
+#: The units a block can be in, by their short name, in words.
+UNITS: dict[str, str] = {UNIT_RECORD: PRIVACY_UNIT, UNIT_DAY: EMPLOYEE_DAY_UNIT}
+#: The two trust assumptions of an employee-day block, each in one sentence.
+ASSUMPTION_SENTENCES: dict[str, str] = {
+    ASSUMPTION_HONEST: (
+        "an honest-but-curious server follows the protocol and sees only the sum of at "
+        "least t devices' updates, whose noise adds up"
+    ),
+    ASSUMPTION_BROKEN: (
+        "a server that breaks secure aggregation sees this device's update alone, with "
+        "only the device's own share of the noise"
+    ),
+}
 
 KIND_OVER_BUDGET = FLAG_OVER_BUDGET
 KIND_CONTRADICTION = FLAG_CONTRADICTION
@@ -158,7 +215,14 @@ class Violation:
 
 @dataclass(frozen=True, slots=True)
 class BlockLine:
-    """One block of one device: what verified reports say it has spent."""
+    """One block of one device: what verified reports say it has spent.
+
+    ``epsilon``/``budget`` are against an honest-but-curious server for an
+    employee-day block, the record-level figures otherwise;
+    ``epsilon_broken``/``budget_broken`` are against a server that breaks
+    secure aggregation (None for a record-level block). ``unit`` is the unit
+    of the block's latest verified charge.
+    """
 
     block: str
     epsilon: float
@@ -166,14 +230,33 @@ class BlockLine:
     retired: bool
     charges: int
     runs: tuple[str, ...]
+    unit: str = UNIT_RECORD
+    epsilon_broken: float | None = None
+    budget_broken: float | None = None
+
+    @property
+    def employee_day(self) -> bool:
+        return self.unit == UNIT_DAY
 
     @property
     def remaining(self) -> float:
         return max(0.0, self.budget - self.epsilon)
 
     @property
+    def remaining_broken(self) -> float | None:
+        if self.epsilon_broken is None or self.budget_broken is None:
+            return None
+        return max(0.0, self.budget_broken - self.epsilon_broken)
+
+    @property
     def over_budget(self) -> bool:
-        return self.epsilon > self.budget
+        """Past either budget."""
+        return self.epsilon > self.budget or self.over_budget_broken
+
+    @property
+    def over_budget_broken(self) -> bool:
+        return (self.epsilon_broken is not None and self.budget_broken is not None
+                and self.epsilon_broken > self.budget_broken)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +272,8 @@ class DeviceLine:
     epsilon_total: float | None
     runs: tuple[str, ...]
     blocks: tuple[BlockLine, ...]
+    epsilon_total_broken: float | None = None
+    """Largest verified device total against a server that breaks secure aggregation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +306,11 @@ class BudgetReport:
     verified_reports: int
     flagged_reports: int
     series: dict[str, list[tuple[int, float, bool]]] = field(default_factory=dict)
-    """Per device: (report id, most-spent block ε so far, report flagged) in report order."""
+    """Per device: (report id, most-spent block ε so far, report flagged) in report order
+    (against an honest-but-curious server for employee-day reports)."""
+    series_broken: dict[str, list[tuple[int, float, bool]]] = field(default_factory=dict)
+    """The same against a server that breaks secure aggregation, for devices that sent
+    employee-day reports (from their first one)."""
     received: dict[int, str] = field(default_factory=dict)
     """Report id -> when the server received it (ISO 8601), to put ``series`` on a time axis."""
     units_reported: tuple[str, ...] = ()
@@ -362,18 +451,25 @@ def build_report(
     )
     devices = []
     series: dict[str, list[tuple[int, float, bool]]] = {}
+    series_broken: dict[str, list[tuple[int, float, bool]]] = {}
     for device_id in device_ids:
         mine = [r for r in reports if r.device_id == device_id]
         verified = [r for r in mine if r.verified]
         blocks: dict[str, dict[str, Any]] = {}
         running = 0.0
+        running_broken: float | None = None
         points = []
+        points_broken = []
         for report in verified:
+            # The honest (or record) figure from the rows the audit checks; the
+            # broken-aggregation figure from the same verified signed payload.
+            figures = {f.block: f for f in day_figures(report.payload() or {})}
             for row in charges.get(report.id, []):
                 entry = blocks.setdefault(
                     row.block,
                     {"epsilon": 0.0, "budget": row.budget, "retired": False, "charges": 0,
-                     "runs": set()},
+                     "runs": set(), "unit": UNIT_RECORD, "epsilon_broken": None,
+                     "budget_broken": None},
                 )
                 entry["epsilon"] = max(entry["epsilon"], row.epsilon)
                 entry["budget"] = row.budget  # the budget in force at the latest charge
@@ -381,10 +477,25 @@ def build_report(
                 entry["charges"] += 1
                 entry["runs"].add(row.run_id)
                 running = max(running, row.epsilon)
+                day = figures.get(row.block)
+                if day is None:
+                    continue
+                entry["unit"] = day.unit
+                if day.epsilon_broken is not None:
+                    entry["epsilon_broken"] = max(entry["epsilon_broken"] or 0.0,
+                                                  day.epsilon_broken)
+                    entry["budget_broken"] = day.budget_broken
+                    running_broken = max(running_broken or 0.0, day.epsilon_broken)
             points.append((report.id, running, bool(report.flags)))
+            if running_broken is not None:
+                points_broken.append((report.id, running_broken, bool(report.flags)))
         series[device_id] = points
+        if points_broken:
+            series_broken[device_id] = points_broken
         totals = [r.payload() or {} for r in verified]
         total_values = [float(p["epsilon_total"]) for p in totals if "epsilon_total" in p]
+        broken_totals = [float(p["epsilon_total_broken"]) for p in totals
+                         if report_unit(p) == UNIT_DAY and "epsilon_total_broken" in p]
         device = enrolled.get(device_id)
         devices.append(
             DeviceLine(
@@ -395,6 +506,7 @@ def build_report(
                 verified_reports=len(verified),
                 flagged_reports=sum(1 for r in mine if r.flags),
                 epsilon_total=max(total_values) if total_values else None,
+                epsilon_total_broken=max(broken_totals) if broken_totals else None,
                 runs=tuple(sorted({r.run_id for r in verified})),
                 blocks=tuple(
                     BlockLine(
@@ -404,6 +516,9 @@ def build_report(
                         retired=e["retired"],
                         charges=e["charges"],
                         runs=tuple(sorted(e["runs"])),
+                        unit=e["unit"],
+                        epsilon_broken=e["epsilon_broken"],
+                        budget_broken=e["budget_broken"],
                     )
                     for name, e in sorted(blocks.items())
                 ),
@@ -432,6 +547,7 @@ def build_report(
         verified_reports=sum(1 for r in reports if r.verified),
         flagged_reports=sum(1 for r in reports if r.flags),
         series=series,
+        series_broken=series_broken,
         received={r.id: r.received_at for r in reports},
         units_reported=_units(reports),
     )

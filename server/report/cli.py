@@ -52,10 +52,14 @@ def _open(server_dir: Path) -> ServerLedger:
 @click.group(
     help=(
         "Privacy budgets, as the devices signed them.\n\n"
-        "Every device enforces its own budget (epsilon per employee-day block, per "
-        "record: 33 consecutive input events, each event in exactly one record) and "
-        "sends, with each model update, a privacy report signed with its enrolled "
-        "Ed25519 key. The server ledger stores each report with its exact bytes and "
+        "Every device enforces its own budgets and sends, with each model update, a "
+        "privacy report signed with its enrolled Ed25519 key. Employee-day rounds "
+        "(the default) give each day two epsilons, each per employee-day and each with "
+        "its own budget: against an honest-but-curious server (it sees only the sum of "
+        "several devices' updates) and against a server that breaks secure aggregation "
+        "(it sees this device's update alone). Record-level rounds give one epsilon per "
+        "record (33 consecutive input events, each event in exactly one record). "
+        "The server ledger stores each report with its exact bytes and "
         "signature and a verdict. These commands read that ledger: they never change "
         "it and never contact a device.\n\n"
         "Figures are only counted from reports that verify under the device's "
@@ -81,7 +85,7 @@ def budget() -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help="Print JSON (schema keystay.budget-report/v1, documented in "
+    help="Print JSON (schema keystay.budget-report/v2, documented in "
     "keystay.server.report.budget) instead of the table.",
 )
 @click.option(
@@ -89,7 +93,9 @@ def budget() -> None:
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
     default=None,
     help="Also write a PNG: each device's most-spent block epsilon in report order, "
-    "against the budget line; red crosses mark flagged reports.",
+    "against the budget line; red crosses mark flagged reports. With employee-day "
+    "reports, a second panel shows the epsilon against a server that breaks secure "
+    "aggregation, against its own budget.",
 )
 @click.option(
     "--html",
@@ -118,8 +124,11 @@ def report_command(
                             central-DP problems
       UNVERIFIABLE REPORTS  unknown or revoked device, bad signature, replayed or
                             malformed report: their figures are not counted
-      DEVICES AND BLOCKS    per pseudonymous device id and block (employee-day):
+      DEVICES AND BLOCKS    per pseudonymous device id and record-level block:
                             epsilon spent, budget, remaining, retired, runs
+      DEVICES AND DAYS      per device and employee-day: epsilon against an
+                            honest-but-curious server and against a server that
+                            breaks secure aggregation, each of its own budget
       CENTRAL DP PER RUN    server-side user-level DP: noise, clip, sampling, epsilon
       REFUSALS              rounds a device declined, in the device's words
 

@@ -12,9 +12,13 @@ reviewer's script) can compare the two without parsing prose.
 
 Order follows what a reviewer must see first: the status (clean, violations,
 or only unverifiable reports), then violations and unverifiable reports,
-then per device and day the ε spent against budget as bars, ε over time per
-device, refusals with their reasons, central DP per run, and last the
-ledger the report was made from with its SHA-256 and the time.
+then per device and day the ε spent against budget as bars (employee-day
+blocks: both ε, against an honest-but-curious server and against a server
+that breaks secure aggregation, each beside its budget, with the unit and
+the assumptions in words), ε over time per device (one chart per
+assumption when there are employee-day blocks), refusals with their reasons,
+central DP per run, and last the ledger the report was made from with its
+SHA-256 and the time.
 
 Device ids, run ids, reasons and details are attacker-influenced (a device
 chooses its report's text; a hostile ledger row can hold anything), so every
@@ -31,7 +35,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from keystay.server.report.budget import KIND_UNVERIFIABLE, BudgetReport
+from keystay.server.ledger.figures import ASSUMPTION_BROKEN, ASSUMPTION_HONEST, UNIT_DAY
+from keystay.server.report.budget import ASSUMPTION_SENTENCES, KIND_UNVERIFIABLE, BudgetReport
 from keystay.server.report.render import report_to_dict
 
 STATUS_CLEAN = "clean"
@@ -161,40 +166,101 @@ def _bar(epsilon: float, budget: float) -> str:
     )
 
 
+def _record_row(d: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    over = ' <span class="over">OVER BUDGET</span>' if b["over_budget"] else ""
+    return (
+        f'<tr class="block" data-device="{_e(d["device_id"])}" '
+        f'data-block="{_e(b["block"])}" data-unit="{_e(b["unit"])}" '
+        f'data-epsilon="{float(b["epsilon"])!r}" '
+        f'data-budget="{float(b["budget"])!r}" '
+        f'data-remaining="{float(b["remaining"])!r}">'
+        f"<td>{_e(b['block'])}</td><td>{_bar(b['epsilon'], b['budget'])}</td>"
+        f'<td class="num">{_num(b["epsilon"])}</td><td class="num">{b["budget"]:g}</td>'
+        f'<td class="num">{_num(b["remaining"])}</td>'
+        f"<td>{'yes' if b['retired'] else 'no'}{over}</td>"
+        f"<td>{b['charges']}</td><td>{_e(', '.join(b['runs']))}</td></tr>"
+    )
+
+
+def _spent_cell(epsilon: float | None, budget: float | None, over: bool) -> str:
+    if epsilon is None or budget is None:
+        return '<td class="muted">- (record level)</td>'
+    flag = ' <span class="over">OVER BUDGET</span>' if over else ""
+    return (f"<td>{_bar(epsilon, budget)} <span class=\"num\">{_num(epsilon)}</span> of "
+            f"{budget:g}, {_num(max(0.0, budget - epsilon))} left{flag}</td>")
+
+
+def _day_row(d: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """A block of a device with employee-day blocks: both ε, each beside its budget."""
+    broken = b["epsilon_broken_aggregation"]
+    broken_budget = b["budget_broken_aggregation"]
+    attrs = "" if broken is None else (
+        f' data-epsilon-broken="{float(broken)!r}" '
+        f'data-budget-broken="{float(broken_budget)!r}"'
+    )
+    honest_over = float(b["epsilon"]) > float(b["budget"])
+    return (
+        f'<tr class="block" data-device="{_e(d["device_id"])}" '
+        f'data-block="{_e(b["block"])}" data-unit="{_e(b["unit"])}" '
+        f'data-epsilon="{float(b["epsilon"])!r}" data-budget="{float(b["budget"])!r}" '
+        f'data-remaining="{float(b["remaining"])!r}"{attrs}>'
+        f"<td>{_e(b['block'])}</td><td>{_e(b['unit'])}</td>"
+        + _spent_cell(float(b["epsilon"]), float(b["budget"]), honest_over)
+        + _spent_cell(broken, broken_budget, bool(b["over_budget_broken_aggregation"]))
+        + f"<td>{'yes' if b['retired'] else 'no'}</td>"
+        f"<td>{b['charges']}</td><td>{_e(', '.join(b['runs']))}</td></tr>"
+    )
+
+
 def _devices_section(data: Mapping[str, Any]) -> str:
     parts = []
+    any_days = False
     for d in data["devices"]:
         state = ("revoked" if d["revoked_at"] else "enrolled" if d["enrolled_at"] else
                  "not enrolled")
-        rows = []
-        for b in d["blocks"]:
-            over = ' <span class="over">OVER BUDGET</span>' if b["over_budget"] else ""
-            rows.append(
-                f'<tr class="block" data-device="{_e(d["device_id"])}" '
-                f'data-block="{_e(b["block"])}" data-epsilon="{float(b["epsilon"])!r}" '
-                f'data-budget="{float(b["budget"])!r}" '
-                f'data-remaining="{float(b["remaining"])!r}">'
-                f"<td>{_e(b['block'])}</td><td>{_bar(b['epsilon'], b['budget'])}</td>"
-                f'<td class="num">{_num(b["epsilon"])}</td><td class="num">{b["budget"]:g}</td>'
-                f'<td class="num">{_num(b["remaining"])}</td>'
-                f"<td>{'yes' if b['retired'] else 'no'}{over}</td>"
-                f"<td>{b['charges']}</td><td>{_e(', '.join(b['runs']))}</td></tr>"
-            )
+        days = any(b["unit"] == UNIT_DAY for b in d["blocks"])
+        any_days = any_days or days
         total = d["epsilon_total"]
+        totals = f"largest verified total ε {_num(total)}"
+        if days:
+            totals = (f"largest verified total ε {_num(total)} against an "
+                      f"{ASSUMPTION_HONEST}, {_num(d['epsilon_total_broken_aggregation'])} "
+                      f"against a {ASSUMPTION_BROKEN}")
+            table = _table(
+                ["day", "unit", f"ε against an {ASSUMPTION_HONEST}, of budget",
+                 f"ε against a {ASSUMPTION_BROKEN}, of budget", "retired", "rounds", "runs"],
+                [_day_row(d, b) for b in d["blocks"]], "No verified charges.")
+        else:
+            table = _table(
+                ["day", "ε spent of budget", "ε spent", "budget", "remaining", "retired",
+                 "rounds", "runs"], [_record_row(d, b) for b in d["blocks"]],
+                "No verified charges.")
         parts.append(
             f'<h3 class="device" data-device="{_e(d["device_id"])}">Device '
             f"<code>{_e(d['device_id'])}</code></h3>"
             f'<p class="muted">{state}; {d["verified_reports"]}/{d["reports"]} reports verified; '
-            f"largest verified total ε {_num(total)}.</p>"
-            + _table(["day", "ε spent of budget", "ε spent", "budget", "remaining", "retired",
-                      "rounds", "runs"], rows, "No verified charges.")
+            f"{totals}.</p>" + table
         )
     body = "".join(parts) or '<p class="muted">No devices enrolled or reporting.</p>'
-    return (
-        '<section id="devices"><h2>Per device and day: ε spent against budget</h2>'
+    units = (
         '<p class="muted">A day is one block (employee-day); figures from verified reports '
         "only. A day's ε is the largest any verified report gave it.</p>"
-        f"{body}</section>"
+    )
+    if any_days:
+        units += (
+            '<ul id="assumptions" class="muted">'
+            f'<li data-unit="{UNIT_DAY}"><b>employee-day</b>: '
+            f"ε per {_e(data['units'][UNIT_DAY])}.</li>"
+            '<li data-unit="record"><b>record</b>: ε per '
+            f"{_e(data['units']['record'])}; it holds against anyone who sees the update.</li>"
+            + "".join(f"<li><b>{_e(name)}</b>: {_e(sentence)}.</li>"
+                      for name, sentence in ASSUMPTION_SENTENCES.items())
+            + "<li>A day retires when either budget could not afford the same round "
+            "again.</li></ul>"
+        )
+    return (
+        '<section id="devices"><h2>Per device and day: ε spent against budget</h2>'
+        f"{units}{body}</section>"
     )
 
 
@@ -205,10 +271,17 @@ def _time(text: str) -> float | None:
         return None
 
 
-def _chart(report: BudgetReport, data: Mapping[str, Any]) -> str:
+def _chart(
+    report: BudgetReport,
+    points_by_device: Mapping[str, list[tuple[int, float, bool]]],
+    budgets: Sequence[float],
+    *,
+    chart_id: str = "chart",
+    label: str = "ε of each device's most-spent day over time",
+) -> str:
     """ε of each device's most-spent day over time, as an inline SVG step chart."""
     series: dict[str, list[tuple[float, float, bool]]] = {}
-    for device_id, points in sorted(report.series.items()):
+    for device_id, points in sorted(points_by_device.items()):
         timed = []
         for report_id, eps, flagged in points:
             when = _time(report.received.get(report_id, ""))
@@ -217,9 +290,8 @@ def _chart(report: BudgetReport, data: Mapping[str, Any]) -> str:
             series[device_id] = timed
     if not series:
         return '<p class="muted">No verified reports yet.</p>'
-    budgets = sorted({float(b["budget"]) for d in data["devices"] for b in d["blocks"]})
     xs = [p[0] for pts in series.values() for p in pts]
-    y_max = max([p[1] for pts in series.values() for p in pts] + budgets + [1e-9]) * 1.1
+    y_max = max([p[1] for pts in series.values() for p in pts] + list(budgets) + [1e-9]) * 1.1
     x0, x1 = min(xs), max(xs)
     span = (x1 - x0) or 1.0
     width, height, left, right, top, bottom = 760, 280, 48, 170, 12, 36
@@ -230,8 +302,8 @@ def _chart(report: BudgetReport, data: Mapping[str, Any]) -> str:
     def py(y: float) -> float:
         return top + (1 - y / y_max) * (height - top - bottom)
 
-    out = [f'<svg id="chart" width="{width}" height="{height}" role="img" '
-           'aria-label="ε of each device\'s most-spent day over time">',
+    out = [f'<svg id="{_e(chart_id)}" width="{width}" height="{height}" role="img" '
+           f'aria-label="{_e(label)}">',
            f'<line x1="{left}" y1="{py(0):.1f}" x2="{width - right}" y2="{py(0):.1f}" '
            'stroke="#5b6474"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{py(0):.1f}" stroke="#5b6474"/>']
@@ -277,6 +349,29 @@ def _chart(report: BudgetReport, data: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def _over_time_section(report: BudgetReport, data: Mapping[str, Any]) -> str:
+    """One chart, or two when devices sent employee-day reports (one per assumption)."""
+    budgets = sorted({float(b["budget"]) for d in data["devices"] for b in d["blocks"]})
+    intro = ('<section id="over-time"><h2>ε spent over time, per device</h2><p class="muted">'
+             "The most-spent day of each device after each verified report; ✕ marks a "
+             "flagged report; dashed lines are day budgets.</p>")
+    if not report.series_broken:
+        return intro + _chart(report, report.series, budgets) + "</section>"
+    broken_budgets = sorted({float(b["budget_broken_aggregation"]) for d in data["devices"]
+                             for b in d["blocks"]
+                             if b["budget_broken_aggregation"] is not None})
+    return (
+        intro
+        + f"<h3>Against an {_e(ASSUMPTION_HONEST)} (record-level blocks: per record)</h3>"
+        + _chart(report, report.series, budgets,
+                 label=f"ε against an {ASSUMPTION_HONEST}, over time")
+        + f"<h3>Against a {_e(ASSUMPTION_BROKEN)}</h3>"
+        + _chart(report, report.series_broken, broken_budgets, chart_id="chart-broken",
+                 label=f"ε against a {ASSUMPTION_BROKEN}, over time")
+        + "</section>"
+    )
+
+
 def _refusals_section(data: Mapping[str, Any]) -> str:
     rows = [
         f'<tr class="refusal"><td>{_e(r["run_id"])}</td><td>{_e(r["server_round"])}</td>'
@@ -320,11 +415,7 @@ def render_html(report: BudgetReport, *, ledger_sha256: str | None) -> str:
         + _status_section(data, status)
         + _violations_section(data)
         + _devices_section(data)
-        + '<section id="over-time"><h2>ε spent over time, per device</h2><p class="muted">The '
-          "most-spent day of each device after each verified report; ✕ marks a flagged "
-          "report; dashed lines are day budgets.</p>"
-        + _chart(report, data)
-        + "</section>"
+        + _over_time_section(report, data)
         + _refusals_section(data)
         + _central_section(data)
         + '<section id="source"><h2>Made from</h2><dl>'

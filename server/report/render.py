@@ -5,7 +5,7 @@ Design
 :mod:`keystay.server.report.budget` builds a :class:`BudgetReport` from the
 server ledger; this module only renders one, so a renderer never reads the
 ledger and the model never formats text. The JSON schema
-(``keystay.budget-report/v1``) is stated in the model's module docstring;
+(``keystay.budget-report/v2``) is stated in the model's module docstring;
 :func:`report_to_dict` is its one writer (the HTML page reads it too). The
 plot uses matplotlib's Agg canvas, imported only when a plot is asked for
 (a server extra: ``keystay[server]``).
@@ -19,8 +19,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from keystay.server.ledger.figures import ASSUMPTION_BROKEN, ASSUMPTION_HONEST, UNIT_DAY
 from keystay.server.ledger.records import FLAG_UNVERIFIABLE
-from keystay.server.report.budget import SCHEMA, BudgetReport
+from keystay.server.report.budget import (
+    ASSUMPTION_SENTENCES,
+    EMPLOYEE_DAY_UNIT,
+    SCHEMA,
+    UNITS,
+    BlockLine,
+    BudgetReport,
+    DeviceLine,
+)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -58,9 +67,13 @@ def render_table(report: BudgetReport) -> str:
         f"{report.verified_reports} verified, {report.flagged_reports} flagged",
         f"unit:      eps is per record: {report.privacy_unit}",
         *(
+            [f"           employee-day eps is per employee-day: {EMPLOYEE_DAY_UNIT}"]
+            if _has_days(report) else []
+        ),
+        *(
             f"           (a verified report states another unit: {unit})"
             for unit in report.units_reported
-            if unit != report.privacy_unit
+            if unit not in (report.privacy_unit, UNIT_DAY)
         ),
         "",
         f"VIOLATIONS ({len(report.violations)})",
@@ -104,13 +117,15 @@ def render_table(report: BudgetReport) -> str:
     else:
         out.append("  none")
 
+    days = _has_days(report)
     out += ["", "DEVICES AND BLOCKS (eps from verified reports only, per record; see unit above)"]
     rows = []
     for d in report.devices:
-        status = "revoked" if d.revoked_at else ("enrolled" if d.enrolled_at else "unknown")
+        status = _device_status(d)
+        record_blocks = [b for b in d.blocks if not b.employee_day]
         if not d.blocks:
             rows.append([d.device_id, "-", "-", "-", "-", "-", "-", status])
-        for b in d.blocks:
+        for b in record_blocks:
             rows.append(
                 [
                     d.device_id,
@@ -128,13 +143,20 @@ def render_table(report: BudgetReport) -> str:
             ["device", "block", "eps spent", "budget", "remaining", "retired", "runs", "status"],
             rows,
         )
+    elif days:
+        out.append("  none at record level (every block below is an employee-day)")
+    if days:
+        out += ["", *_day_section(report)]
+    if report.devices:
         out += ["", "  device totals (largest verified total; reports verified/received):"]
         out += _table(
-            ["device", "eps total", "reports", "runs"],
+            ["device", "eps total", *(["eps total broken aggr."] if days else []),
+             "reports", "runs"],
             [
                 [
                     d.device_id,
                     _num(d.epsilon_total),
+                    *([_num(d.epsilon_total_broken)] if days else []),
                     f"{d.verified_reports}/{d.reports}",
                     ",".join(d.runs) or "-",
                 ]
@@ -178,16 +200,85 @@ def render_table(report: BudgetReport) -> str:
     return "\n".join(out) + "\n"
 
 
+def _has_days(report: BudgetReport) -> bool:
+    return any(b.employee_day for d in report.devices for b in d.blocks)
+
+
+def _device_status(d: DeviceLine) -> str:
+    return "revoked" if d.revoked_at else ("enrolled" if d.enrolled_at else "unknown")
+
+
+def _day_section(report: BudgetReport) -> list[str]:
+    """Employee-day blocks: both ε, each beside its budget, and the assumptions in words."""
+    rows = []
+    for d in report.devices:
+        for b in d.blocks:
+            if not b.employee_day:
+                continue
+            over = (" OVER BUDGET (honest server)" if b.epsilon > b.budget else "") + (
+                " OVER BUDGET (broken aggregation)" if b.over_budget_broken else "")
+            rows.append(
+                [
+                    d.device_id,
+                    b.block,
+                    f"{_num(b.epsilon)} / {b.budget:g}",
+                    f"{_num(b.epsilon_broken)} / "
+                    + ("-" if b.budget_broken is None else f"{b.budget_broken:g}"),
+                    "yes" if b.retired else "no",
+                    ",".join(b.runs),
+                    _device_status(d) + over,
+                ]
+            )
+    return [
+        "DEVICES AND DAYS, EMPLOYEE-DAY (eps per employee-day from verified reports; "
+        "spent / budget)",
+        *_table(
+            ["device", "day", "eps honest-but-curious server",
+             "eps server breaking secure aggregation", "retired", "runs", "status"],
+            rows,
+        ),
+        "",
+        *(f"  {name}: {sentence}." for name, sentence in ASSUMPTION_SENTENCES.items()),
+        "  A day retires when either budget could not afford the same round again.",
+    ]
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _block_dict(b: BlockLine) -> dict[str, Any]:
+    day = b.employee_day
+    return {
+        "block": b.block,
+        "unit": b.unit,
+        "assumption": ASSUMPTION_HONEST if day else None,
+        "epsilon": b.epsilon,
+        "budget": b.budget,
+        "remaining": b.remaining,
+        "assumption_broken_aggregation": ASSUMPTION_BROKEN if day else None,
+        "epsilon_broken_aggregation": b.epsilon_broken,
+        "budget_broken_aggregation": b.budget_broken,
+        "remaining_broken_aggregation": b.remaining_broken,
+        "retired": b.retired,
+        "over_budget": b.over_budget,
+        "over_budget_broken_aggregation": b.over_budget_broken,
+        "charges": b.charges,
+        "runs": list(b.runs),
+    }
+
+
 def report_to_dict(report: BudgetReport) -> dict[str, Any]:
-    """The report in the documented ``keystay.budget-report/v1`` shape (module docstring)."""
+    """The report in the documented ``keystay.budget-report/v2`` shape (module docstring)."""
     return {
         "schema": SCHEMA,
         "generated_at": report.generated_at,
         "privacy_unit": report.privacy_unit,
+        "units": dict(UNITS),
+        "assumptions": {
+            "epsilon": ASSUMPTION_HONEST,
+            "epsilon_broken_aggregation": ASSUMPTION_BROKEN,
+        },
         "units_reported": list(report.units_reported),
         "ledger": report.ledger,
         "clean": report.clean,
@@ -221,20 +312,9 @@ def report_to_dict(report: BudgetReport) -> dict[str, Any]:
                 "verified_reports": d.verified_reports,
                 "flagged_reports": d.flagged_reports,
                 "epsilon_total": _finite_or_none(d.epsilon_total),
+                "epsilon_total_broken_aggregation": _finite_or_none(d.epsilon_total_broken),
                 "runs": list(d.runs),
-                "blocks": [
-                    {
-                        "block": b.block,
-                        "epsilon": b.epsilon,
-                        "budget": b.budget,
-                        "remaining": b.remaining,
-                        "retired": b.retired,
-                        "over_budget": b.over_budget,
-                        "charges": b.charges,
-                        "runs": list(b.runs),
-                    }
-                    for b in d.blocks
-                ],
+                "blocks": [_block_dict(b) for b in d.blocks],
             }
             for d in report.devices
         ],
@@ -266,8 +346,12 @@ def render_plot(report: BudgetReport, path: Path) -> Path:
 
     x: report order (ledger report id); y: the largest block ε a device's
     verified reports have shown so far; dashed lines: the block budgets in
-    force; red crosses: verified reports that carry a flag. Written with
-    matplotlib's Agg canvas (no display needed, no global backend change).
+    force; red crosses: verified reports that carry a flag. When any device
+    sent employee-day reports, a second panel below draws the same against a
+    server that breaks secure aggregation, with that series' budgets; the
+    first panel is then titled for the honest-but-curious server (and
+    record-level blocks). Written with matplotlib's Agg canvas (no display
+    needed, no global backend change).
 
     Returns
     -------
@@ -277,12 +361,40 @@ def render_plot(report: BudgetReport, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    two = bool(report.series_broken)
+    fig = Figure(figsize=(8, 8 if two else 4.5), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_subplot(2 if two else 1, 1, 1)
     budgets = sorted({b.budget for d in report.devices for b in d.blocks})
+    if not two:
+        _plot_panel(ax, report.series, budgets, "epsilon of most-spent block",
+                    "Per-device privacy spend against block budget")
+    else:
+        _plot_panel(ax, report.series, budgets, "epsilon of most-spent day / block",
+                    f"Against an {ASSUMPTION_HONEST} (employee-day; record-level blocks "
+                    "per record)")
+        broken_budgets = sorted({b.budget_broken for d in report.devices for b in d.blocks
+                                 if b.budget_broken is not None})
+        below = fig.add_subplot(2, 1, 2, sharex=ax)
+        _plot_panel(below, report.series_broken, broken_budgets,
+                    "epsilon of most-spent day",
+                    f"Against a {ASSUMPTION_BROKEN} (per employee-day)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _plot_panel(
+    ax: Any,
+    series: dict[str, list[tuple[int, float, bool]]],
+    budgets: Sequence[float],
+    ylabel: str,
+    title: str,
+) -> None:
+    """One panel: a step line per device, its flagged reports, and the budgets in force."""
     plotted = flagged_labelled = False
-    for device_id, points in sorted(report.series.items()):
+    for device_id, points in sorted(series.items()):
         if not points:
             continue
         xs = [p[0] for p in points]
@@ -302,12 +414,8 @@ def render_plot(report: BudgetReport, path: Path) -> Path:
         ax.text(0.5, 0.5, "no verified reports yet", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set_xlabel("report order (server ledger report id)")
-    ax.set_ylabel("epsilon of most-spent block")
-    ax.set_title("Per-device privacy spend against block budget")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.set_ylim(bottom=0)
     if plotted:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path

@@ -22,6 +22,8 @@ from keystay.client.policy import DevicePolicy, TrainingRequest
 from keystay.server.ledger.ledger import ServerLedger
 
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+#: The demo's server ledger is record-level (the default policy is now employee-day).
+RECORD_POLICY = DevicePolicy(privacy_unit="record")
 
 
 def _request(run_id: str, server_round: int, sigma: float, steps: int,
@@ -33,8 +35,8 @@ def _request(run_id: str, server_round: int, sigma: float, steps: int,
 
 def charge_device(data_dir: Path, rounds: list[tuple[list[str], float, float, int]],
                   *, forget: tuple[str, ...] = (), run_id: str = "demo") -> None:
-    """Charge ``rounds`` = [(days, σ, q, steps)] to the device ledger in ``data_dir``."""
-    policy = DevicePolicy()
+    """Charge record-level ``rounds`` = [(days, σ, q, steps)] to the ledger in ``data_dir``."""
+    policy = DevicePolicy(privacy_unit="record")
     now = time.time() - 3600 * len(rounds)
     with Ledger.open(data_dir) as ledger:
         for i, (days, sigma, q, steps) in enumerate(rounds, start=1):
@@ -47,6 +49,27 @@ def charge_device(data_dir: Path, rounds: list[tuple[list[str], float, float, in
             ledger.mark_answered(charge)
         for day in forget:
             ledger.forget_block_data(day)
+
+
+def charge_device_days(data_dir: Path, rounds: list[list[str]], *, honest: float = 10.0,
+                       broken: float = 40.0, t: int = 3, sigma_eff: float = 0.98,
+                       q: float = 0.5) -> None:
+    """Charge employee-day ``rounds`` (the days each could read) as the daemon does:
+    both mechanisms of each round, the honest-but-curious server's and the share's."""
+    policy = DevicePolicy(privacy_unit="employee-day", min_summed_devices=t,
+                          epsilon_per_day=honest, epsilon_per_day_broken_aggregation=broken)
+    now = time.time() - 3600 * len(rounds)
+    with Ledger.open(data_dir) as ledger:
+        for i, days in enumerate(rounds, start=1):
+            charge = ledger.admit(
+                request=TrainingRequest(
+                    noise_multiplier=1.0, max_grad_norm=0.0, local_steps=20, sample_rate=0.0,
+                    learning_rate=0.01, dp=True, blocks=(), run_id="demo-days", server_round=i,
+                    privacy_unit="employee-day", update_clip=0.5, day_sample_rate=q),
+                policy=policy, blocks=days, mechanism=Mechanism(sigma_eff, q, 1),
+                broken_mechanism=Mechanism(sigma_eff / t**0.5, q, 1), now=now + 3600 * i,
+            )
+            ledger.mark_answered(charge)
 
 
 def server_ledger(server_dir: Path, keys_dir: Path) -> ServerLedger:
@@ -63,7 +86,7 @@ def server_ledger(server_dir: Path, keys_dir: Path) -> ServerLedger:
             with Ledger.open(dev_ledger_dir) as dev_ledger:
                 sigma = 1.0 + 0.2 * device_no
                 charge = dev_ledger.admit(
-                    request=_request("run-demo", rnd, sigma, 60), policy=DevicePolicy(),
+                    request=_request("run-demo", rnd, sigma, 60), policy=RECORD_POLICY,
                     blocks=days[: rnd], mechanism=Mechanism(sigma, 0.05, 60),
                     epsilon_fn=lambda h, d: accounting.epsilons(h, delta=d),
                     now=1_000.0 + rnd * 10,
@@ -80,7 +103,7 @@ def server_ledger(server_dir: Path, keys_dir: Path) -> ServerLedger:
     # A device nobody enrolled: its report must not count.
     with Ledger.open(keys_dir / "ledger-stranger") as dev_ledger:
         charge = dev_ledger.admit(
-            request=_request("run-demo", 3, 1.0, 60), policy=DevicePolicy(), blocks=days[:1],
+            request=_request("run-demo", 3, 1.0, 60), policy=RECORD_POLICY, blocks=days[:1],
             mechanism=Mechanism(1.0, 0.05, 60),
             epsilon_fn=lambda h, d: accounting.epsilons(h, delta=d), now=2_000.0,
         )

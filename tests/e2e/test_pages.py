@@ -68,8 +68,12 @@ def daemon(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def page(daemon: Path, tmp_path: Path) -> Iterator[str]:
+def page(daemon: Path) -> Iterator[str]:
     """``keystay device ui`` for the daemon; yields the URL it printed."""
+    yield from _serve(daemon)
+
+
+def _serve(daemon: Path) -> Iterator[str]:
     process = subprocess.Popen(
         # --refresh 0: the page's own reloads would race the test's clicks.
         [executable("keystay"), "device", "ui", "--data", str(daemon), "--no-browser",
@@ -178,6 +182,46 @@ def test_page_shows_the_daemons_figures_and_pauses(page: str, daemon: Path,
         click_and_wait(driver, driver.find_element(By.ID, "confirm-forget"))
         assert DAY_BEFORE not in {b["block"] for b in status(daemon)["blocks"]}
     assert (tmp_path / "employee-page.png").stat().st_size > 0
+
+
+@pytest.fixture
+def day_page(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A daemon whose ledger holds employee-day rounds; YESTERDAY retired by the broken budget."""
+    data = tmp_path / "device"
+    data.mkdir()
+    demo_ledgers.charge_device_days(data, [[DAY_BEFORE, YESTERDAY], [YESTERDAY]], broken=12.0)
+    with simulated_daemon(data, tmp_path / "daemon.log", seed=5):
+        for url in _serve(data):
+            yield data, url
+
+
+def test_page_shows_both_epsilons_per_employee_day(day_page: tuple[Path, str],
+                                                   tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    daemon, url = day_page
+    with browser.chromium(tmp_path / "profile") as driver:
+        driver.get(url)
+        truth = {b["block"]: b for b in status(daemon)["blocks"]}
+        rows = {r.get_attribute("data-day"): r
+                for r in driver.find_elements(By.CSS_SELECTOR, "tr.day")}
+        for day in (DAY_BEFORE, YESTERDAY):
+            row, block = rows[day], truth[day]
+            assert block["unit"] == row.get_attribute("data-unit") == "employee-day"
+            assert float(row.get_attribute("data-epsilon")) == block["epsilon"]
+            assert float(row.get_attribute("data-epsilon-broken")) == block["epsilonBroken"]
+            assert float(row.get_attribute("data-budget-broken")) == block["budgetBroken"]
+            assert "server that breaks secure aggregation" in row.text
+        assert rows[YESTERDAY].get_attribute("data-state") == "retired"
+        assert rows[YESTERDAY].get_attribute("data-retired-by") == \
+            "server that breaks secure aggregation"
+        assert "Retired by the budget against a server that breaks secure aggregation" in \
+            rows[YESTERDAY].text
+        units = driver.find_element(By.ID, "units").text
+        assert "per employee-day" in units and "honest-but-curious server" in units
+        rounds = driver.find_elements(By.CSS_SELECTOR, "li.round")
+        assert [r.get_attribute("data-unit") for r in rounds] == ["employee-day"] * 2
+        driver.save_screenshot(str(tmp_path / "employee-day-page.png"))
 
 
 def test_page_refuses_strangers(page: str, daemon: Path) -> None:

@@ -268,7 +268,8 @@ rounds = st.lists(
 def test_refused_rounds_never_change_the_ledger(
     rounds: list[tuple[float, float, int, set[str], int]],
 ) -> None:
-    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=6.0, min_participation_gap_seconds=30)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=6.0,
+                          min_participation_gap_seconds=30)
     with tempfile.TemporaryDirectory() as tmp, Ledger.open(Path(tmp)) as ledger:
         path = Path(tmp) / LEDGER_FILE
         now = 10_000.0
@@ -311,7 +312,8 @@ def test_block_retires_when_the_same_round_cannot_be_afforded_again(tmp_path: Pa
         assert "2025-03-03" in info.value.reason and "never trained on again" in info.value.reason
         # Raising the budget later does not bring a spent day back.
         with pytest.raises(Refusal):
-            admit(ledger, [DAY1], policy=DevicePolicy(privacy_unit="record", epsilon_per_block=30.0))
+            admit(ledger, [DAY1],
+                  policy=DevicePolicy(privacy_unit="record", epsilon_per_block=30.0))
         totals = ledger.totals()
         assert totals[0].retired and totals[0].remaining == pytest.approx(2.0)
 

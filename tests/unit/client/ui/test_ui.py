@@ -263,9 +263,9 @@ def test_rounds_and_days_come_from_the_ledger(tmp_path: Path) -> None:
             request = TrainingRequest(noise_multiplier=2.0, max_grad_norm=1.0, local_steps=10,
                                       sample_rate=0.1, learning_rate=0.1, dp=True, blocks=(),
                                       run_id="r", server_round=rnd)
-            charge = ledger.admit(request=request, policy=DevicePolicy(), blocks=blocks,
-                                  mechanism=Mechanism(2.0, 0.1, 10), epsilon_fn=_additive,
-                                  now=100.0 * rnd)
+            charge = ledger.admit(request=request, policy=DevicePolicy(privacy_unit="record"),
+                                  blocks=blocks, mechanism=Mechanism(2.0, 0.1, 10),
+                                  epsilon_fn=_additive, now=100.0 * rnd)
             if rnd == 1:
                 ledger.mark_answered(charge)
         ledger.forget_block_data(days[0])
@@ -328,3 +328,99 @@ def test_ui_without_a_daemon_exits_40_with_the_fix(tmp_path: Path,
     (tmp_path / "control.sock").touch()
     result = CliRunner().invoke(device, ["ui", "--data", str(tmp_path), "--no-browser"])
     assert result.exit_code == 40 and "does not answer" in result.output
+
+
+# --- employee-day days: both ε, the unit and the assumptions, which budget retired -----
+
+
+def _status_of(data_dir: Path, policy: DevicePolicy, days: Sequence[str]) -> dict[str, Any]:
+    """What the daemon's Status answers for ``days`` over this ledger, as the page reads it."""
+    from types import SimpleNamespace
+
+    from google.protobuf.json_format import MessageToDict
+
+    from keystay.client.daemon.controls import Controls
+
+    with Ledger.open(data_dir) as ledger:
+        totals = {t.block: t for t in ledger.totals()}
+    controls = Controls(SimpleNamespace(policy=policy), None, "none", "t")  # type: ignore[arg-type]
+    blocks = [controls._block_status(day, 10, totals.get(day)) for day in days]
+    return {"deviceId": "dev-1", "recording": False, "source": "none", "eventsToday": "0",
+            "delta": policy.delta, "version": "t",
+            "blocks": [MessageToDict(b, always_print_fields_with_no_presence=True)
+                       for b in blocks]}
+
+
+def test_employee_day_rounds_and_days_carry_both_series(
+    tmp_path: Path, employee_days: Any
+) -> None:
+    days = ["2026-12-01", "2026-12-02"]
+    employee_days.charge(tmp_path, [days, days[1:]])
+    access = DaemonAccess(tmp_path)
+    with Ledger.open(tmp_path) as ledger:
+        totals = {t.block: t for t in ledger.totals()}
+    newest, oldest = access.rounds()
+    assert newest.employee_day and newest.unit == "employee-day"
+    assert newest.min_summed_devices == employee_days.policy().min_summed_devices
+    [day] = newest.days
+    assert day.epsilon == totals[days[1]].epsilon
+    assert day.epsilon_broken == totals[days[1]].epsilon_broken
+    first = {d.block: d for d in oldest.days}[days[1]]
+    assert day.cost_broken == pytest.approx(day.epsilon_broken - (first.epsilon_broken or 0))
+    ledger_days = access.day_ledger()
+    assert ledger_days[days[0]].epsilon_broken == totals[days[0]].epsilon_broken
+    assert ledger_days[days[0]].unit == "employee-day"
+    assert ledger_days[days[0]].retired_by == ()  # open days name no budget
+    words = render._rounds_section([newest, oldest])
+    assert "against a server that breaks secure aggregation" in words
+    assert f"{day.epsilon_broken:.3f}" in words
+
+
+@pytest.mark.parametrize(
+    ("budgets", "which"),
+    [((10.0, 12.0), "server that breaks secure aggregation"),
+     ((5.5, 40.0), "honest-but-curious server")],
+)
+def test_the_page_says_which_budget_retired_a_day(
+    tmp_path: Path, employee_days: Any, budgets: tuple[float, float], which: str
+) -> None:
+    day = "2026-12-02"
+    policy = employee_days.policy(*budgets)
+    employee_days.charge(tmp_path, [[day], [day]], policy=policy)
+    with Ledger.open(tmp_path) as ledger:
+        [total] = ledger.totals()
+        assert total.retired  # the ledger retired it: the page only says why
+    access = DaemonAccess(tmp_path)
+    assert access.day_ledger()[day].retired_by == (which,)
+    status = _status_of(tmp_path, policy, [day])
+    html = render._days_section(status, {"blocks": []}, access.day_ledger(), TOKEN)
+    row = re.search(r'<tr class="day"[^>]*>', html)
+    assert row is not None
+    assert f'data-retired-by="{which}"' in row.group(0)
+    assert f'data-epsilon-broken="{total.epsilon_broken!r}"' in row.group(0)
+    assert f'data-budget-broken="{budgets[1]!r}"' in row.group(0)
+    assert f"Retired by the budget against {'a' if 'breaks' in which else 'an'} {which}" in html
+
+
+def test_the_page_explains_the_unit_and_both_assumptions(
+    tmp_path: Path, employee_days: Any
+) -> None:
+    days = ["2026-12-01", "2026-12-02"]
+    employee_days.charge(tmp_path, [days])
+    status = _status_of(tmp_path, employee_days.policy(), days)
+    access = DaemonAccess(tmp_path)
+    page = render.main_page(status=status, show={"blocks": []}, rounds=access.rounds(),
+                            day_ledger=access.day_ledger(), policy="p", token=TOKEN)
+    assert render.UNIT_SENTENCES["employee-day"] in page
+    for sentence in render.ASSUMPTION_SENTENCES.values():
+        assert sentence.replace("'", "&#x27;") in page
+    assert "retires when either is spent" in page
+    for block in status["blocks"]:
+        assert block["unit"] == "employee-day" and block["hasBroken"]
+        assert f'data-epsilon-broken="{block["epsilonBroken"]!r}"' in page
+    # A record-level day keeps one figure and names no second series.
+    record = render._days_section(
+        {"delta": 1e-5, "blocks": [{"block": "2026-11-30", "events": "4", "epsilon": 1.0,
+                                    "budget": 8.0, "retired": False, "unit": "record"}]},
+        {"blocks": []}, {}, TOKEN)
+    assert "data-epsilon-broken" not in record and render.UNIT_SENTENCES["record"] in record

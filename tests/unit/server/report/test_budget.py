@@ -111,7 +111,7 @@ def test_json_follows_the_documented_schema(tmp_path: Path, make_device: MakeDev
     assert set(data) == {
         "schema", "generated_at", "ledger", "clean", "summary", "violations",
         "unverifiable_reports", "devices", "central_dp", "refusals", "privacy_unit",
-        "units_reported",
+        "units_reported", "units", "assumptions",
     }
     assert data["privacy_unit"] == PRIVACY_UNIT
     assert data["units_reported"] == [PRIVACY_UNIT]  # what the verified reports state
@@ -129,10 +129,15 @@ def test_json_follows_the_documented_schema(tmp_path: Path, make_device: MakeDev
     [dev] = data["devices"]
     assert dev["device_id"] == device.device_id and dev["epsilon_total"] == 9.5
     block = {b["block"]: b for b in dev["blocks"]}[D2]
+    # A record-level block: one ε per record, no second series, no assumption.
     assert block == {
-        "block": D2, "epsilon": 9.5, "budget": 8.0, "remaining": 0.0, "retired": True,
-        "over_budget": True, "charges": 2, "runs": ["run-a", "run-b"],
+        "block": D2, "unit": "record", "epsilon": 9.5, "budget": 8.0, "remaining": 0.0,
+        "retired": True, "over_budget": True, "charges": 2, "runs": ["run-a", "run-b"],
+        "assumption": None, "assumption_broken_aggregation": None,
+        "epsilon_broken_aggregation": None, "budget_broken_aggregation": None,
+        "remaining_broken_aggregation": None, "over_budget_broken_aggregation": False,
     }
+    assert dev["epsilon_total_broken_aggregation"] is None
     [central] = data["central_dp"]
     assert central["sampling"] == "all devices every round, no amplification"
     assert central["epsilon"] == 1.9 and central["rounds"] == 2
@@ -287,3 +292,144 @@ def test_the_privacy_unit_is_stated_and_matches_the_devices(
     assert old in report.units_reported
     assert f"another unit: {old}" in render_table(report)
     led.close()
+
+
+# --- employee-day blocks: both ε, each beside its budget ------------------------------
+
+
+def _device_totals(keys_dir: Path) -> dict[str, Any]:
+    """The device ledger's own view of each day: the figures the report must repeat."""
+    from keystay.client.ledger.ledger import Ledger
+
+    with Ledger.open(keys_dir / "day-ledger") as device_ledger:
+        return {t.block: t for t in device_ledger.totals()}
+
+
+def _png_height(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[20:24], "big")  # IHDR: width, then height
+
+
+def test_employee_day_blocks_carry_both_series_from_the_signed_reports(
+    tmp_path: Path, employee_days: Any
+) -> None:
+    led, identity = employee_days.server_ledger(tmp_path / "srv", tmp_path / "keys",
+                                                [[D1, D2], [D2]])
+    truth = _device_totals(tmp_path / "keys")
+    report = build_report(led)
+    assert report.clean, report.violations
+    [device] = report.devices
+    blocks = {b.block: b for b in device.blocks}
+    for day in (D1, D2):
+        line, total = blocks[day], truth[day]
+        assert line.unit == "employee-day" and line.employee_day
+        assert (line.epsilon, line.budget) == (total.epsilon, total.budget)
+        assert (line.epsilon_broken, line.budget_broken) == (total.epsilon_broken,
+                                                             total.budget_broken)
+        # The share alone carries less noise than the sum: the second figure is larger.
+        assert line.epsilon_broken is not None and line.epsilon_broken > line.epsilon
+    assert blocks[D2].epsilon > blocks[D1].epsilon  # two rounds against one
+    assert device.epsilon_total_broken == max(t.epsilon_broken for t in truth.values())
+    assert [p[1] for p in report.series_broken[identity.device_id]] == [
+        truth[D1].epsilon_broken, truth[D2].epsilon_broken]
+    led.close()
+
+
+def test_table_shows_both_series_with_budgets_unit_and_assumptions(
+    tmp_path: Path, employee_days: Any
+) -> None:
+    led, identity = employee_days.server_ledger(tmp_path / "srv", tmp_path / "keys",
+                                                [[D1, D2], [D2]])
+    report = build_report(led)
+    text = render_table(report)
+    line = {b.block: b for b in report.devices[0].blocks}[D2]
+    assert "DEVICES AND DAYS, EMPLOYEE-DAY" in text
+    row = next(r for r in text.splitlines() if r.startswith(f"  {identity.device_id}  {D2}"))
+    assert f"{line.epsilon:.4f} / {line.budget:g}" in row
+    assert f"{line.epsilon_broken:.4f} / {line.budget_broken:g}" in row
+    assert "eps honest-but-curious server" in text
+    assert "eps server breaking secure aggregation" in text
+    assert "employee-day eps is per employee-day" in text
+    for name in ("honest-but-curious server: ", "server that breaks secure aggregation: "):
+        assert f"  {name}" in text
+    # Nothing here is record-level, and the employee-day unit is not "another unit".
+    assert "none at record level" in text and "another unit" not in text
+    led.close()
+
+
+def test_record_rows_keep_their_look_beside_employee_days(
+    tmp_path: Path, make_device: MakeDevice, employee_days: Any
+) -> None:
+    led, device = clean_ledger(tmp_path, make_device)
+    before = render_table(build_report(led)).splitlines()
+    led.close()
+    led, identity = employee_days.server_ledger(tmp_path, tmp_path / "keys", [[D1]])
+    after = render_table(build_report(led)).splitlines()
+    header = next(r for r in before if "eps spent" in r and "remaining" in r)
+    rows = [r for r in before if r.startswith(f"  {device.device_id}  ")]
+    assert rows and header in after and all(r in after for r in rows)
+    assert "DEVICES AND DAYS, EMPLOYEE-DAY" in "\n".join(after)
+    assert not any(r.startswith(f"  {identity.device_id}  ") and "eps" not in r
+                   and "/" not in r for r in after)  # its days are in the day table only
+    led.close()
+
+
+def test_json_names_both_series_and_assumptions_explicitly(
+    tmp_path: Path, employee_days: Any
+) -> None:
+    led, _ = employee_days.server_ledger(tmp_path / "srv", tmp_path / "keys", [[D1, D2], [D2]])
+    report = build_report(led)
+    data = json.loads(render_json(report))
+    assert data["schema"] == SCHEMA == "keystay.budget-report/v2"
+    assert data["assumptions"] == {
+        "epsilon": "honest-but-curious server",
+        "epsilon_broken_aggregation": "server that breaks secure aggregation",
+    }
+    assert set(data["units"]) == {"record", "employee-day"}
+    assert data["units_reported"] == ["employee-day"]
+    [dev] = data["devices"]
+    lines = {b.block: b for b in report.devices[0].blocks}
+    for block in dev["blocks"]:
+        line = lines[block["block"]]
+        assert block["unit"] == "employee-day"
+        assert block["assumption"] == "honest-but-curious server"
+        assert block["assumption_broken_aggregation"] == "server that breaks secure aggregation"
+        assert (block["epsilon"], block["budget"]) == (line.epsilon, line.budget)
+        assert block["epsilon_broken_aggregation"] == line.epsilon_broken
+        assert block["budget_broken_aggregation"] == line.budget_broken
+        assert block["remaining_broken_aggregation"] == line.remaining_broken
+        assert block["over_budget"] is block["over_budget_broken_aggregation"] is False
+    assert dev["epsilon_total_broken_aggregation"] == report.devices[0].epsilon_total_broken
+    led.close()
+
+
+def test_plot_draws_a_second_panel_for_broken_aggregation(
+    tmp_path: Path, make_device: MakeDevice, employee_days: Any
+) -> None:
+    record = render_plot(build_report(clean_ledger(tmp_path / "a", make_device)[0]),
+                         tmp_path / "record.png")
+    led, _ = employee_days.server_ledger(tmp_path / "srv", tmp_path / "keys", [[D1], [D1]])
+    days = render_plot(build_report(led), tmp_path / "days.png")
+    assert days.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Two panels stacked: the figure is taller than the one-panel record plot.
+    assert _png_height(days) > 1.5 * _png_height(record)
+    led.close()
+
+
+def test_report_command_every_format_on_an_employee_day_ledger(
+    tmp_path: Path, employee_days: Any
+) -> None:
+    employee_days.server_ledger(tmp_path / "srv", tmp_path / "keys", [[D1, D2]])[0].close()
+    args = ["report", "--server-dir", str(tmp_path / "srv")]
+    plot, page = tmp_path / "p.png", tmp_path / "r.html"
+    result = CliRunner().invoke(budget, [*args, "--json", "--plot", str(plot),
+                                         "--html", str(page)])
+    assert result.exit_code == ExitCode.OK, result.output
+    data = json.loads(result.stdout)
+    blocks = data["devices"][0]["blocks"]
+    assert all(b["epsilon_broken_aggregation"] > b["epsilon"] for b in blocks)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert 'id="chart-broken"' in page.read_text()
+    table = CliRunner().invoke(budget, args)
+    assert table.exit_code == ExitCode.OK and "DEVICES AND DAYS" in table.output
+    assert "server that breaks secure aggregation" in CliRunner().invoke(
+        budget, ["--help"]).output

@@ -126,3 +126,31 @@ def test_cli_writes_html_with_the_ledgers_sha256(
     bad = CliRunner().invoke(budget, ["report", "--server-dir", str(tmp_path), "--html",
                                       str(tmp_path / "missing" / "r.html")])
     assert bad.exit_code == 2 and "cannot write" in bad.output
+
+
+def test_employee_day_blocks_show_both_series_beside_their_budgets(
+    tmp_path: Path, employee_days: Any
+) -> None:
+    led, _ = employee_days.server_ledger(tmp_path / "srv", tmp_path / "keys", [[D1, D2], [D2]])
+    report = build_report(led)
+    data = report_to_dict(report)
+    page = parse(render_html(report, ledger_sha256="0" * 64))
+    rows = {a["data-block"]: a for tag, a in page.tags
+            if tag == "tr" and "block" in (a.get("class") or "")}
+    expected = {b["block"]: b for b in data["devices"][0]["blocks"]}
+    assert set(rows) == set(expected) == {D1, D2}
+    for day, block in expected.items():
+        attrs = rows[day]
+        assert attrs["data-unit"] == "employee-day"
+        assert float(attrs["data-epsilon"] or "nan") == block["epsilon"]
+        assert float(attrs["data-budget"] or "nan") == block["budget"]
+        assert float(attrs["data-epsilon-broken"] or "nan") == \
+            block["epsilon_broken_aggregation"]
+        assert float(attrs["data-budget-broken"] or "nan") == block["budget_broken_aggregation"]
+    text = " ".join(page.text)
+    assert "ε against an honest-but-curious server, of budget" in text
+    assert "ε against a server that breaks secure aggregation, of budget" in text
+    assert "sees this device's update alone" in text  # the assumption, in words
+    charts = [a.get("id") for tag, a in page.tags if tag == "svg" and a.get("id")]
+    assert charts == ["chart", "chart-broken"]
+    led.close()
