@@ -45,6 +45,7 @@ class ExitCode(IntEnum):
     SERVER_RUN_FAILED = 22
     SERVER_ENROLL_REFUSED = 23
     SERVER_LEDGER = 24
+    SERVER_DISK_FULL = 25
 
     ENROLL_SERVER_UNREACHABLE = 30
     ENROLL_SERVER_UNTRUSTED = 31
@@ -80,6 +81,10 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.SERVER_ENROLL_REFUSED: "keystay server enroll/revoke: the request was refused",
     ExitCode.SERVER_LEDGER: (
         "keystay server: the server ledger cannot be opened or read; nothing was changed"
+    ),
+    ExitCode.SERVER_DISK_FULL: (
+        "keystay round start: the server's disk is full, so the run stopped; nothing "
+        "half-written was kept; free space, then start a new run"
     ),
     ExitCode.ENROLL_SERVER_UNREACHABLE: "keystay device enroll: the server cannot be reached",
     ExitCode.ENROLL_SERVER_UNTRUSTED: (

@@ -17,6 +17,12 @@ half of one. Every such write goes through this module:
    at once both end up with whichever landed first);
 4. the folder is ``fsync``'d so the new name survives a power cut.
 
+A full disk fails step 1 or 2 (``ENOSPC``; ``EDQUOT`` over a quota;
+``EFBIG`` over ``RLIMIT_FSIZE``): the temporary file is removed and the
+target keeps its old content. :func:`out_of_space` tells those errors (and
+SQLite's "database or disk is full") from others, so a command can say the
+disk is full rather than print an ``OSError``.
+
 >>> import tempfile, stat
 >>> folder = Path(tempfile.mkdtemp())
 >>> write_private(folder / "k", b"secret")
@@ -29,14 +35,54 @@ half of one. Every such write goes through this module:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 #: The mode of every private file keystay writes.
 PRIVATE_MODE = 0o600
+
+#: The errors a write gets when there is no room: a full file system, a quota,
+#: a file-size limit.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def out_of_space(error: BaseException) -> bool:
+    """True when ``error`` (or what it was raised from) means a write found no room.
+
+    An :class:`OSError` with an errno of :data:`NO_SPACE_ERRNOS`, or SQLite's
+    ``SQLITE_FULL`` ("database or disk is full").
+
+    >>> out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    >>> out_of_space(sqlite3.OperationalError("database or disk is full"))
+    True
+    >>> out_of_space(OSError(errno.EACCES, "Permission denied"))
+    False
+    """
+    seen: BaseException | None = error
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and (
+            getattr(seen, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or "disk is full" in str(seen)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer can still add to the file system holding ``path``."""
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def fsync_dir(path: Path) -> None:

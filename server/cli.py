@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from keystay.common.exitcodes import ExitCode
+from keystay.common.files import free_bytes, out_of_space
 from keystay.common.processes import signal_group, terminate_group
 from keystay.server.deploy.superlink import (
     ServerConfig,
@@ -24,6 +27,9 @@ from keystay.server.deploy.superlink import (
 )
 from keystay.server.ledger.ledger import LedgerEnrollmentError, ServerLedgerError
 from keystay.server.settings import RUN_DEFAULTS
+
+if TYPE_CHECKING:
+    from keystay.server.rounds import RunOutcome
 
 server_dir_option = click.option(
     "--dir",
@@ -153,7 +159,7 @@ def start(server_dir: Path) -> None:
 
     Prints 'ready' once the Fleet and Control APIs accept connections.
     Exit codes: 0 stopped, 20 bad server folder or TLS files, 21 SuperLink did
-    not come up or died (see DIR/logs/superlink.log).
+    not come up or died, or its SuperExec died (see DIR/logs/superlink.log).
     """
     server_dir = server_dir.resolve()
     try:
@@ -213,10 +219,86 @@ def start(server_dir: Path) -> None:
     click.echo(f"ready: fleet {config.fleet_address}, control {config.control_address}"
                f"{' (INSECURE)' if config.insecure else ' (TLS, enrolled devices only)'}")
     sys.stdout.flush()
-    code = process.wait()
+    code = _watch(process, lambda: stopping)
+    if code is None:
+        # The SuperLink lives on without its SuperExec (it died on a full
+        # disk, say), and then accepts runs that never start: stop it, so
+        # that systemd restarts both.
+        stop()
+        process.wait()
+        click.echo("keystay server: the SuperLink's SuperExec exited, so no run could start; "
+                   f"stopped the SuperLink to be restarted; see {log_path}", err=True)
+        sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
     if not stopping:
         click.echo(f"keystay server: the SuperLink exited ({code}); see {log_path}", err=True)
         sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
+
+
+def _watch(process: subprocess.Popen[bytes], stopping: Callable[[], bool]) -> int | None:
+    """Wait for the SuperLink to exit (its code), or for its SuperExec to go (None).
+
+    The SuperLink starts its SuperExec a moment after its ports open, so the
+    SuperExec is only missed once it has been seen.
+    """
+    seen = False
+    while True:
+        try:
+            return process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if stopping():
+            continue
+        running = _has_child(process.pid, "flower-superexec")
+        if seen and not running:
+            return None
+        seen = seen or running
+
+
+def _has_child(pid: int, name: str) -> bool:
+    """Whether process ``pid`` has a live child whose command line names ``name`` (Linux)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat[0] != "Z" and int(stat[1]) == pid and name.encode() in cmdline:
+            return True
+    return False
+
+
+#: Below this much free space, a failed run is put down to a full disk.
+_NEARLY_FULL = 1 << 20
+
+
+def _disk_full(run_dir: Path, errors: list[OSError]) -> bool:
+    """Whether a failed run met a full disk: a write here failed for room, or none is left."""
+    if any(out_of_space(error) for error in errors):
+        return True
+    try:
+        return free_bytes(run_dir) < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def _say_disk_full(run_name: str, rounds: int, outcome: RunOutcome) -> None:
+    """The full-disk message, and the run's last log lines if no file could keep them."""
+    try:
+        free = f"{free_bytes(outcome.settings.run_dir)} bytes free"
+    except OSError:
+        free = "free space unknown"
+    click.echo(
+        f"keystay round: run {run_name} stopped after {len(outcome.rounds)} of {rounds} rounds: "
+        f"the server's disk is full ({free} on the file system holding "
+        f"{outcome.settings.run_dir}). Checkpoints, rounds.jsonl rows and ledger entries are "
+        "written whole or not at all, so what is on disk is consistent; the devices' "
+        "charges for this run stay charged. Free space, then start a new run.", err=True)
+    if outcome.log_problem:
+        click.echo(f"keystay round: {outcome.log_problem}; its last lines:", err=True)
+        for line in outcome.log_tail:
+            click.echo(f"  {line}", err=True)
 
 
 def _die_with_parent() -> None:
@@ -424,7 +506,8 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
 
     \b
     Exit codes: 0 every round completed, 20 bad configuration, 22 the run
-    failed or ended early (see RUN_DIR/flwr-run.log).
+    failed or ended early (see RUN_DIR/flwr-run.log), 25 the server's disk is
+    full (free space, then start a new run).
     """
     from keystay.server.metrics import RoundMetrics
     from keystay.server.progress import RoundProgress
@@ -465,17 +548,31 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
     started = time.monotonic()
     metrics = RoundMetrics(settings.run_dir, tensorboard_dir, settings.run_name)
 
+    write_errors: list[OSError] = []
+
     def on_round(row: dict[str, Any]) -> None:
         progress.round_done(row, format_round(row))
-        metrics.add(row)
+        try:
+            metrics.add(row)
+        except OSError as error:  # a full disk: say so once, keep following the run
+            if not write_errors:
+                click.echo(f"keystay round: the round figures cannot be written to "
+                           f"{metrics.csv_path} ({error.strerror or error})", err=True)
+            write_errors.append(error)
 
     try:
         with RoundProgress(settings.num_server_rounds, sys.stdout,
                            connected=connected_devices(server_dir)) as progress:
             outcome = start_run(server_dir, settings, on_round=on_round)
     finally:
-        metrics.close()
+        with contextlib.suppress(OSError):
+            metrics.close()
     seconds = time.monotonic() - started
+    if outcome.log_error is not None:
+        write_errors.append(outcome.log_error)
+    if not outcome.ok and _disk_full(settings.run_dir, write_errors):
+        _say_disk_full(settings.run_name, settings.num_server_rounds, outcome)
+        sys.exit(ExitCode.SERVER_DISK_FULL)
     if not outcome.ok:
         click.echo(f"keystay round: run {settings.run_name} ended after {len(outcome.rounds)} "
                    f"of {settings.num_server_rounds} rounds (flwr exit {outcome.returncode}); "

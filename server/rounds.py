@@ -15,26 +15,41 @@ lives in the SuperLink and its ServerApp goes on writing ``rounds.jsonl``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from keystay.server.deploy.superlink import FEDERATION_NAME, ServerConfig, executable, flower_env
 from keystay.server.flwr_app import app_dir
 from keystay.server.settings import RunSettings
 
+#: How many of the run's last log lines :class:`RunOutcome` keeps in memory.
+LOG_TAIL_LINES = 30
+
 
 @dataclass(frozen=True)
 class RunOutcome:
+    """How a run ended, as ``keystay round start`` saw it.
+
+    ``log_problem`` is empty, or says why ``log_file`` could not be written
+    (a full disk); ``log_tail`` then holds the run's last lines, which
+    reached no file.
+    """
+
     settings: RunSettings
     rounds: list[dict[str, Any]]
     returncode: int
     log_file: Path
+    log_problem: str = ""
+    log_tail: tuple[str, ...] = ()
+    log_error: OSError | None = None
 
     @property
     def ok(self) -> bool:
@@ -122,16 +137,70 @@ def start_run(
 
     follower = threading.Thread(target=follow, name="rounds", daemon=True)
     follower.start()
-    with log_file.open("wb") as log:
-        process = subprocess.run(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=flower_env(flwr_home),
-            stdin=subprocess.DEVNULL, check=False,
-        )
+    log = _RunLog(log_file)
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=flower_env(flwr_home),
+        stdin=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        for line in process.stdout:
+            log.write(line)
+    process.wait()
+    log.close()
     # The ServerApp writes its last row just before the run ends; give the
     # follower one more look.
     done.set()
     follower.join()
-    return RunOutcome(settings, rows, process.returncode, log_file)
+    return RunOutcome(settings, rows, process.returncode, log_file,
+                      log_problem=log.problem, log_tail=tuple(log.tail), log_error=log.error)
+
+
+class _RunLog:
+    """``flwr run``'s output, copied to the run's log file line by line.
+
+    ``flwr run`` is not given the file itself: on a full disk its writes
+    would fail and it would end (with status 0) while the run goes on,
+    leaving ``keystay round start`` blind. Copied through here, a write that
+    fails stops the copy (``problem`` says why) but not the reading, so the
+    run is followed to its end and its last lines are kept in ``tail``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.problem = ""
+        self.error: OSError | None = None
+        self._file: BinaryIO | None = None
+        try:
+            self._file = path.open("wb")
+        except OSError as error:
+            self._fail(path, error)
+        self._path = path
+
+    def _fail(self, path: Path, error: OSError) -> None:
+        self.error = error
+        self.problem = f"the run's log {path} could not be written ({error.strerror or error})"
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def write(self, line: bytes) -> None:
+        self.tail.append(line.decode(errors="replace").rstrip("\n"))
+        if self._file is None:
+            return
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as error:
+            self._fail(self._path, error)
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as error:
+                self._fail(self._path, error)
 
 
 def connected_devices(server_dir: Path) -> Callable[[], int] | None:

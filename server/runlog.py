@@ -19,6 +19,7 @@ An error reply's kind comes from the ClientApp's codes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -31,6 +32,9 @@ import numpy as np
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
+from keystay.common.files import out_of_space
 from keystay.common.model import ModelConfig
 from keystay.common.wire import ERROR_REFUSED, ERROR_UNAVAILABLE
 from keystay.server.central_dp import (
@@ -170,13 +174,49 @@ def score_and_write(
             round_log.server_round, error)
     round_log.heldout_population = evaluator.population.describe()
     line = round_log.as_json()
-    with rounds_file.open("a+b") as out:
-        # A ServerApp killed mid-append leaves a line without its newline;
-        # start on a fresh line so this row is not glued to the torn one.
-        torn = out.tell() > 0 and (out.seek(-1, os.SEEK_END), out.read(1))[1] != b"\n"
-        out.write((("\n" if torn else "") + line + "\n").encode())
+    append_row(rounds_file, line, round_log.server_round)
     log(INFO, "round %s: %s", round_log.server_round, line)
     return round_log.heldout
+
+
+class RoundsFileError(KeystayError, OSError):
+    """A round's row could not be appended to ``rounds.jsonl`` (the disk is full, say).
+
+    The file is left as it was before the row: never half a row.
+    """
+
+    exit_code = ExitCode.SERVER_RUN_FAILED
+
+
+def append_row(rounds_file: Path, line: str, server_round: int) -> None:
+    """Append one row to ``rounds_file``: whole, or (when the write fails) not at all.
+
+    Raises
+    ------
+    RoundsFileError
+        The row could not be written or flushed; the bytes already written
+        are cut off again, so readers never meet a torn row of a live writer.
+    """
+    with rounds_file.open("a+b", buffering=0) as out:
+        end = out.seek(0, os.SEEK_END)
+        # A ServerApp killed mid-append leaves a line without its newline;
+        # start on a fresh line so this row is not glued to the torn one.
+        torn = end > 0 and (out.seek(-1, os.SEEK_END), out.read(1))[1] != b"\n"
+        data = (("\n" if torn else "") + line + "\n").encode()
+        try:
+            written = 0
+            while written < len(data):  # a raw write may write part of what it is given
+                written += out.write(data[written:]) or 0
+            os.fsync(out.fileno())
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                out.truncate(end)
+            why = "the server's disk is full" if out_of_space(error) else "it cannot be written"
+            raise RoundsFileError(
+                f"round {server_round}'s row was not appended to {rounds_file}: "
+                f"{why} ({error.strerror or error}); the run stops here, with the rows "
+                "before it whole"
+            ) from error
 
 
 def heldout_evaluator(settings: RunSettings, model_config: ModelConfig) -> HeldoutEvaluator:

@@ -55,11 +55,12 @@ policy or identity code; the canonical form and the signature check live in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -67,7 +68,7 @@ from typing import Any
 
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
-from keystay.common.files import ensure_private
+from keystay.common.files import ensure_private, out_of_space
 from keystay.common.sqlite import ForeignFileError, FormatVersionError, open_versioned
 from keystay.server.ledger.audit import audit_reports
 from keystay.server.ledger.records import (
@@ -286,6 +287,22 @@ class ServerLedger:
     def _now(self) -> str:
         return _iso(self._clock())
 
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Turn a write that SQLite could not make into a :class:`ServerLedgerError`.
+
+        Every write is one statement or one transaction, so a failed one
+        stored nothing: the message says so, and which write it was.
+        """
+        try:
+            yield
+        except sqlite3.OperationalError as error:
+            cause = "the server's disk is full" if out_of_space(error) else str(error)
+            raise ServerLedgerError(
+                f"the server ledger {self.path} could not store the {what}: {cause}; nothing "
+                "of it was stored, and what the ledger held before is unchanged"
+            ) from error
+
     # --- devices --------------------------------------------------------------
 
     def enroll_device(self, device_id: str, public_key_pem: str, name: str = "") -> Device:
@@ -422,6 +439,13 @@ class ServerLedger:
         Returns
         -------
         Verdict
+
+        Raises
+        ------
+        ServerLedgerError
+            The ledger cannot be written (the disk is full, say). Nothing of
+            the report is stored: its row and its block rows are one
+            transaction, rolled back.
         """
         payload_bytes = (
             payload_json.encode("utf-8") if isinstance(payload_json, str) else bytes(payload_json)
@@ -429,7 +453,7 @@ class ServerLedger:
         payload_text = payload_bytes.decode("utf-8", errors="backslashreplace")
         signature = bytes(signature)
         findings: list[Finding] = []
-        with self._lock:
+        with self._lock, self._writing(f"report of run {run_id} round {int(server_round)}"):
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 claimed, payload, signature_valid = self._authenticate(
@@ -485,7 +509,10 @@ class ServerLedger:
                         )
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite may have rolled back already (it does on SQLITE_FULL
+                # and I/O errors); a second ROLLBACK would raise and hide why.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
         return Verdict(
             report_id=report_id,
@@ -676,7 +703,7 @@ class ServerLedger:
         for a device that was unavailable or failed.
         """
         now = self._now()
-        with self._lock:
+        with self._lock, self._writing(f"refusal in run {run_id} round {int(server_round)}"):
             cursor = self._conn.execute(
                 "INSERT INTO refusals (received_at, run_id, server_round, device, reason) "
                 "VALUES (?,?,?,?,?)",
@@ -731,7 +758,7 @@ class ServerLedger:
             run_id, int(server_round), float(noise_multiplier), float(clip), float(sample_rate),
             str(sampling), float(epsilon), float(delta), self._now(),
         )
-        with self._lock:
+        with self._lock, self._writing(f"central DP of run {run_id} round {int(server_round)}"):
             try:
                 self._conn.execute(
                     "INSERT INTO central_dp (run_id, server_round, noise_multiplier, clip, "

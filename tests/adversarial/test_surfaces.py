@@ -54,7 +54,9 @@ HARMFUL: dict[str, bytes] = {
 def test_harmful_list_covers_the_whole_control_service() -> None:
     methods = device_pb2.DESCRIPTOR.services_by_name["Control"].methods_by_name
     assert set(HARMFUL) == set(methods)
-    assert set(device_pb2.DESCRIPTOR.services_by_name["Federation"].methods_by_name) == {"Train"}
+    # Train (record-level rounds) and SecAggStage (employee-day rounds) only.
+    federation = device_pb2.DESCRIPTOR.services_by_name["Federation"].methods_by_name
+    assert set(federation) == {"Train", "SecAggStage"}
 
 
 def keystay(*args: str) -> subprocess.CompletedProcess[str]:

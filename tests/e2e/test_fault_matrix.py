@@ -39,11 +39,13 @@ from pathlib import Path
 import pytest
 
 from keystay.client.control_client import ControlClient
+from keystay.common.exitcodes import ExitCode
 from keystay.server.deploy.local import LocalDevice, LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.rounds import RunOutcome, complete_rows, start_run
 from keystay.server.settings import RunSettings
+from tests.e2e.full_disk import fill, mount_tmpfs, unmount
 
 pytestmark = pytest.mark.e2e
 
@@ -158,7 +160,8 @@ class Snapshot:
         return snap
 
 
-def _check_invariants(federation: LocalFederation, before: Snapshot) -> None:
+def _check_invariants(federation: LocalFederation, before: Snapshot, *,
+                      require_reports: bool = True) -> None:
     """The four promises of issue 13, checked after a fault and its restart."""
     after = Snapshot.take(federation)
     for device in federation.device_list:
@@ -172,7 +175,7 @@ def _check_invariants(federation: LocalFederation, before: Snapshot) -> None:
     by_id = {after.ids[d.name]: d for d in federation.device_list}
     with ServerLedger.open(federation.server_dir, create=False) as ledger:
         reports = ledger.reports()
-    assert reports, "the server holds no report at all"
+    assert reports or not require_reports, "the server holds no report at all"
     for report in reports:
         payload = report.payload()
         assert payload is not None and report.verified, report
@@ -198,11 +201,30 @@ def _check_checkpoints(server_dir: Path) -> None:
 # ----------------------------------------------------------------- runs
 
 
+@dataclass
+class ServerDisk:
+    """The server folder's own file system: a small tmpfs a cell can fill."""
+
+    path: Path
+    unavailable: str | None  # why no tmpfs could be mounted (then that cell skips)
+
+
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+def server_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerDisk]:
+    path = tmp_path_factory.mktemp("faults") / "fed" / "server"
+    # Room for the SuperLink's state, the ledger, logs and a dozen runs'
+    # checkpoints; the disk-full cell fills what is left.
+    disk = ServerDisk(path, mount_tmpfs(path, "256m"))
+    yield disk
+    if disk.unavailable is None:
+        unmount(path)
+
+
+@pytest.fixture(scope="module")
+def federation(server_disk: ServerDisk) -> Iterator[LocalFederation]:
     # The largest budget a policy may set: about ten rounds run here, and a
     # device whose days retire would refuse, which is another test's subject.
-    fed = LocalFederation(tmp_path_factory.mktemp("faults") / "fed", devices=2,
+    fed = LocalFederation(server_disk.path.parent, devices=2,
                           simulate_days=2, events_per_day=2500,
                           policy_toml="[policy]\nepsilon_per_block = 32.0\n")
     try:
@@ -413,6 +435,51 @@ def test_superlink_killed_mid_training(federation: LocalFederation) -> None:
     assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
 
 
+def test_laptop_asleep_mid_round(federation: LocalFederation) -> None:
+    """A laptop sleeps mid-round: the round goes on without it; awake, its ledger is right.
+
+    Sleep is SIGSTOP to the daemon and everything under it (trainer,
+    SuperNode, SuperExec, ClientApp), parents first, once it has charged;
+    SIGCONT after the round. Its charge stays (never refunded), the server
+    holds no report from it for that round, and the next run has it back.
+    """
+    victim = federation.device_list[0]
+    assert victim.part is not None
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-sleep", num_server_rounds=1, round_timeout=30.0)
+    run = Background(federation, settings)
+    _when_charged(victim, settings.run_name)
+    os.kill(victim.part.process.pid, signal.SIGSTOP)
+    asleep = [victim.part.process.pid]
+    try:
+        for pid in _descendants(victim.part.process.pid):  # parents before children
+            os.kill(pid, signal.SIGSTOP)
+            asleep.append(pid)
+        charged = _block_epsilons(victim)
+        outcome = run.wait()
+    finally:
+        for pid in asleep:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    tail = outcome.log_file.read_text(errors="replace")[-3000:]
+    assert outcome.returncode == 0 and len(outcome.rounds) == 1, tail
+    (first,) = outcome.rounds
+    victim_id = before.ids[victim.name]
+    assert victim_id not in first["devices"] and first["devices_reported"] == 1, first
+    assert len(first["unavailable"]) == 1 and "no reply" in first["unavailable"][0]["reason"]
+    # Awake: the charge made before sleeping stays, whatever the daemon does next.
+    assert {row[2] for row in _charges(victim, settings.run_name)} == {1}
+    assert all(_block_epsilons(victim)[b] >= eps for b, eps in charged.items())
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        assert not ledger.reports(device_id=victim_id, run_id=settings.run_name)
+    federation.wait_online(2, timeout=180)
+    _check_invariants(federation, before)
+    again = start_run(federation.server_dir, _settings(federation, "fault-sleep-next",
+                                                       num_server_rounds=1))
+    assert again.ok, again.log_file.read_text(errors="replace")[-3000:]
+    assert victim_id in again.rounds[0]["devices"], again.rounds[0]
+
+
 def test_daemon_killed_mid_training(federation: LocalFederation) -> None:
     """Daemon x mid-training: its SuperNode and trainer die with it; restarted, it lost nothing."""
     victim = federation.device_list[1]
@@ -483,3 +550,67 @@ def test_checkpoint_write_killed_midway(tmp_path: Path) -> None:
         # The name holds a whole checkpoint, never the half being written.
         meta = read_checkpoint(path).meta
         assert meta["i"] >= 1, (attempt, meta)
+
+
+def test_server_disk_full_mid_round(federation: LocalFederation, server_disk: ServerDisk) -> None:
+    """The server's disk fills mid-round: the run stops cleanly; with space back, runs go on.
+
+    The whole server folder (SuperLink state, ledger, logs, runs) is on a
+    tmpfs, filled while the devices train. The SuperLink cannot store their
+    replies, the round times out, the ServerApp cannot append its row and
+    the run fails; ``keystay round start`` says the disk is full (exit 25),
+    with the run's last log lines, since its log file could not hold them.
+    Nothing is half-written and the devices' charges stay. The SuperLink's
+    SuperExec dies on the full disk: ``keystay server start`` then stops the
+    SuperLink and exits 21, and is restarted as systemd would.
+    """
+    if server_disk.unavailable is not None:
+        pytest.skip(server_disk.unavailable)
+    before = Snapshot.take(federation)
+    name = "fault-disk-full"
+    link = next(p for p in federation.parts if p.name == "SuperLink")
+    cli = subprocess.Popen(
+        [executable("keystay"), "round", "start", "--server-dir", str(federation.server_dir),
+         "--name", name, "--rounds", "2", "--min-devices", "2", "--local-steps", "40",
+         "--sample-rate", "0.05", "--run-config", "round-timeout=30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=flower_env(),
+        start_new_session=True)
+    try:
+        for device in federation.device_list:
+            _when_charged(device, name)
+        filler = fill(federation.server_dir)
+        try:
+            _, err = cli.communicate(timeout=300)
+            # The run's ServerApp is gone too: nothing keeps writing.
+            _wait_for("the run's ServerApp to end", lambda: not [
+                c for c in _descendants(link.process.pid).values() if "flwr-serverapp" in c],
+                60, every=0.5)
+        finally:
+            filler.unlink()  # space returns
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(cli.pid, signal.SIGKILL)
+    message = err.decode(errors="replace")
+    assert cli.returncode == ExitCode.SERVER_DISK_FULL, message
+    assert "the server's disk is full" in message and "Traceback" not in message, message
+    # Nothing half-written: no temporary file, no torn row, no partial report.
+    assert not [p for p in federation.server_dir.rglob(".*.tmp")]
+    rounds = federation.server_dir / "runs" / name / "rounds.jsonl"
+    assert None not in complete_rows(rounds.read_text() if rounds.exists() else "")
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        assert ledger.audit() == []
+    for device in federation.device_list:
+        assert _charges(device, name)  # charged before the disk filled: kept
+    # The SuperLink's SuperExec may die on the full disk; `keystay server
+    # start` then stops the SuperLink and exits 21, and systemd restarts it.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        link.process.wait(5)
+    if not link.alive:
+        assert link.process.returncode == ExitCode.SERVER_SUPERLINK_DOWN
+        assert "SuperExec exited" in link.log.read_text(errors="replace")
+        federation.stop_server()
+        federation.start_server()  # "ready", on the same folder
+    # Not checked: that a new run completes. After the restart the devices'
+    # SuperNodes stayed offline for 3 minutes (docs/faults.md, Gaps); this
+    # cell runs last so that no other cell meets that.
+    _check_invariants(federation, before, require_reports=False)

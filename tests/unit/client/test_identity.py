@@ -200,7 +200,7 @@ def test_report_from_charge_and_failed_prv_figure(tmp_path: Path) -> None:
 
 def test_build_report_from_a_real_charge_states_what_was_charged(tmp_path: Path) -> None:
     identity = DeviceIdentity.open(tmp_path)
-    policy = DevicePolicy()
+    policy = DevicePolicy(privacy_unit="record")
     req = TrainingRequest(1.0, 0.7, 100, 0.02, 0.01, True, (), "run-z", 5)
     mechanism = Mechanism(1.0, 0.02, 100)
 

@@ -8,12 +8,8 @@ without a mount.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,39 +18,7 @@ from keystay.client.capture.recorder import Recorder
 from keystay.client.store import EventStore
 from keystay.common.events import KeyEvent
 from keystay.common.tokens import Tokenizer
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root"
-)
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str = "2m") -> Iterator[Path]:
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True, text=True, check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(path: Path) -> Path:
-    """Write zeros until the file system refuses; return the filler file."""
-    filler = path / "filler"
-    chunk = b"\0" * 65536
-    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(chunk)
-    # Then byte by byte: the last partial chunk must be used up too.
-    with open(filler, "ab", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 512)
-    return filler
+from tests.e2e.full_disk import fill, needs_root, small_tmpfs
 
 
 def type_keys(rec: Recorder, n: int) -> None:

@@ -27,6 +27,7 @@ from keystay.server.ledger.ledger import (
     ServerLedger,
     ServerLedgerError,
 )
+from tests.e2e.full_disk import fill, needs_root, small_tmpfs
 
 D1, D2, D3 = "2025-03-03", "2025-03-04", "2025-03-05"
 # The fixture's FakeDevice (tests/unit/server/conftest.py); conftest is not imported.
@@ -490,3 +491,33 @@ def test_an_employee_day_block_over_its_broken_budget_is_flagged(
     verdict = ledger.record_report("run-1", 1, *_signed(device, payload))
     assert verdict.verified and FLAG_OVER_BUDGET in verdict.flags
     assert any("breaks secure aggregation" in r for r in verdict.reasons)
+
+
+# --- a full disk -----------------------------------------------------------------------
+
+
+@needs_root
+def test_a_full_disk_stores_no_part_of_a_report(tmp_path: Path, make_device: MakeDevice) -> None:
+    """The disk fills while reports arrive: each is stored whole or refused clearly."""
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        ledger = ServerLedger.open(disk)
+        device = enrolled(ledger, make_device)
+        stored = 0
+        filler = fill(disk)
+        # SQLite may still have room in pages it holds: report until it refuses.
+        with pytest.raises(ServerLedgerError, match="server's disk is full") as raised:
+            for round_no in range(1, 2000):
+                blocks = [(f"2025-{1 + i // 28:02d}-{1 + i % 28:02d}", 0.01 * round_no, 64.0,
+                           False) for i in range(40)]
+                payload, signature = device.report("run-full", round_no, blocks)
+                assert ledger.record_report("run-full", round_no, payload, signature).ok
+                stored += 1
+        assert "nothing of it was stored" in str(raised.value)
+        ledger.close()
+        filler.unlink()
+        with ServerLedger.open(disk, create=False) as reopened:
+            assert len(reopened.reports()) == stored
+            assert len(reopened.block_epsilons()) == 40 * stored
+            assert reopened.audit() == []
+            payload, signature = device.report("run-full", stored + 1, blocks)
+            assert reopened.record_report("run-full", stored + 1, payload, signature).ok
