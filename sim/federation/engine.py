@@ -184,6 +184,9 @@ def backend_config(options: SimOptions) -> dict[str, Any]:
     init_args: dict[str, Any] = {"logging_level": "error", "log_to_driver": False}
     if options.ray_address:
         init_args["address"] = options.ray_address
+    else:
+        # A private Ray: no dashboard (about 200 MB of processes nobody looks at).
+        init_args["include_dashboard"] = False
     return {
         "client_resources": {"num_cpus": options.cpus_per_device, "num_gpus": 0.0},
         "init_args": init_args,
