@@ -8,7 +8,6 @@ away), and prints the peak in MiB on stderr when it ends.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

@@ -549,7 +549,10 @@ class _Session:
             self.t += rng.uniform(0.1, 0.3)
             self.buf.append(KeyEvent(self.t, False, _NAMED_VK["alt"], None, "alt"))
         else:
-            self.click_at(60 + 80 * APPS.index(target), SCREEN_H - 20)
+            # Taskbar slot: the common apps in APPS order, a role's own apps after them.
+            slot = (APPS.index(target) if target in APPS
+                    else len(APPS) + self.s.apps.index(target))
+            self.click_at(60 + 80 * slot, SCREEN_H - 20)
         self.t += rng.uniform(0.05, 0.2)
         self.buf.append(AppFocus(self.t, target))
         self.app = target

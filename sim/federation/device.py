@@ -116,7 +116,7 @@ class EmployeeData:
     end_day: date
 
 
-class RoundAborted(grpc.RpcError):
+class RoundAborted(grpc.RpcError):  # type: ignore[misc]  # grpc ships no stubs
     """The servicer ended the call: its status and public sentence, as a socket would carry."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
@@ -205,6 +205,6 @@ class SimulatedDevice:
         """
         with self.core() as core:
             reply: device_pb2.TrainReply = FederationServicer(core).Train(
-                request, _CallContext()  # type: ignore[arg-type]
+                request, _CallContext()
             )
             return reply

@@ -193,7 +193,9 @@ def backend_config(options: SimOptions) -> dict[str, Any]:
     }
 
 
-def run(options: SimOptions, on_row: Callable[[dict[str, Any], dict[str, Any]], None]) -> RunSettings:
+def run(
+    options: SimOptions, on_row: Callable[[dict[str, Any], dict[str, Any]], None]
+) -> RunSettings:
     """Run the simulation; ``on_row(server_row, sim_row)`` per round as it lands.
 
     Raises
@@ -239,7 +241,7 @@ def run(options: SimOptions, on_row: Callable[[dict[str, Any], dict[str, Any]], 
             client_app=client_app(people),
             server_app=server_app,
             backend_name="ray",
-            backend_config=backend_config(options),  # type: ignore[arg-type]
+            backend_config=backend_config(options),
             server_app_context=context,
         )
     except Exception as error:

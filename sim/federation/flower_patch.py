@@ -40,9 +40,9 @@ from typing import Any
 
 import flwr
 from flwr.app import Message
-from flwr.supercore.date import now
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkState
+from flwr.supercore.date import now
 
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode

@@ -1,4 +1,4 @@
-"""A simulated device answers Federation.Train in-process with the daemon's own servicer and core."""
+"""A simulated device answers Federation.Train in-process: the daemon's servicer and core."""
 
 from __future__ import annotations
 

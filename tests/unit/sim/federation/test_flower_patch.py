@@ -21,7 +21,7 @@ def test_the_installed_flower_is_the_release_the_patch_was_written_for() -> None
 
 def test_check_refuses_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flwr, "__version__", "1.40.0")
-    with pytest.raises(flower_patch.FlowerPatchError, match="1.40.0"):
+    with pytest.raises(flower_patch.FlowerPatchError, match=r"1\.40\.0"):
         flower_patch.check()
 
 
