@@ -5,6 +5,7 @@
 - ``keystay round ...``   starting federated rounds
 - ``keystay budget ...``  privacy budget reports for security
 - ``keystay demo``        a whole federation on this machine, on simulated employees
+- ``keystay sim``         N simulated employees on Flower's Simulation Engine (Ray)
 
 Groups are imported only when used, so ``keystay device run`` never loads the
 server side (or torch).
@@ -42,6 +43,8 @@ _GROUPS: dict[str, tuple[str, str, str]] = {
                "Privacy budget reports and checks (security)."),
     "demo": ("keystay.server.demo", "demo",
              "Run a whole federation here on simulated employees."),
+    "sim": ("keystay.sim.federation.cli", "sim",
+            "Simulate a federation of N employees on Flower's Simulation Engine (ML team)."),
 }
 
 

@@ -54,6 +54,9 @@ class ExitCode(IntEnum):
     PAGE_NO_DAEMON = 40
     PAGE_CANNOT_LISTEN = 41
 
+    SIM_ENGINE = 50
+    SIM_RUN_FAILED = 51
+
     REAPER_PARENT_GONE = 75
 
 
@@ -93,6 +96,12 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.ENROLL_KEYS: "keystay device enroll: the device keys cannot be made or read",
     ExitCode.PAGE_NO_DAEMON: "keystay device ui: no daemon answers on the control socket",
     ExitCode.PAGE_CANNOT_LISTEN: "keystay device ui: the page's port cannot be opened",
+    ExitCode.SIM_ENGINE: (
+        "keystay sim: the simulation engine cannot start (Flower is not the 1.39 release "
+        "keystay's extractor fix was written for, the 'sim' extra is not installed, or the "
+        "Ray cluster named by --ray-address cannot be reached)"
+    ),
+    ExitCode.SIM_RUN_FAILED: "keystay sim: the run failed or completed fewer rounds than asked",
     ExitCode.REAPER_PARENT_GONE: (
         "the SuperNode's reaper: the daemon that started it is gone, so it stopped it"
     ),

@@ -126,7 +126,7 @@ class KeystayFedAvg(FedAvg):
         evaluator: HeldoutEvaluator | None = None,
     ) -> None:
         super().__init__(
-            fraction_train=1.0,
+            fraction_train=settings.fraction_train,
             # No federated evaluation: devices are never asked to score weights
             # (see the module docstring); configure_evaluate also sends nothing.
             fraction_evaluate=0.0,

@@ -61,6 +61,10 @@ class RunSettings:
     run_name: str
     num_server_rounds: int = 3
     min_devices: int = 3
+    # The share of connected devices each round is sent to (Flower's
+    # fraction_train; at least min-devices). Below 1 this is sampling without
+    # replacement, a fixed count: no privacy amplification is claimed for it.
+    fraction_train: float = 1.0
     # Tuned by bench/bench_tuning.py (README, Performance): ε ≈ 8 per day after
     # the 3 default rounds; see the module docstring.
     privacy_unit: str = "employee-day"
@@ -127,6 +131,8 @@ class RunSettings:
                self.num_server_rounds, "an integer >= 1")
         _check(_positive_int(self.min_devices), "min-devices", self.min_devices,
                "an integer >= 1")
+        _check(_number(self.fraction_train) and 0 < self.fraction_train <= 1,
+               "fraction-train", self.fraction_train, "a number > 0 and <= 1")
         _check(_number(self.noise_multiplier) and self.noise_multiplier >= 0,
                "noise-multiplier", self.noise_multiplier, "a number >= 0 (devices enforce a floor)")
         _check(_number(self.max_grad_norm) and self.max_grad_norm > 0,

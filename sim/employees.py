@@ -49,11 +49,15 @@ class BlockSink(Protocol):
 
 __all__ = [
     "APPS",
+    "ROLES",
     "WORDS",
     "EmployeeStyle",
+    "Role",
     "SimulatedEmployee",
     "SimulatedSource",
+    "day_volumes",
     "fill_store",
+    "roster",
 ]
 
 APPS: tuple[str, ...] = ("firefox", "code", "slack", "libreoffice", "gnome-terminal",
@@ -126,6 +130,100 @@ for _row in _ROWS:
 
 
 @dataclass(frozen=True, slots=True)
+class Role:
+    """What a kind of job does to how someone works, as ranges a style is drawn from.
+
+    A population of one company mixes roles (:data:`ROLES`, :func:`roster`):
+    developers live in an editor and a terminal and use shortcuts, designers
+    in mouse-heavy tools, support staff switch between mail, chat and a
+    browser all day, managers type little and have days of meetings. The
+    volume of a day varies too (:func:`day_volumes`): a role's median day,
+    a log-normal spread around it, and the chance of a nearly empty day
+    (meetings, leave), so that some days are too thin to train on at all.
+
+    Attributes
+    ----------
+    name : str
+    share : float
+        Its share of a company's employees (the shares of :data:`ROLES` sum to 1).
+    apps, app_weights : tuple
+        The applications the role uses and how much time each gets.
+    wpm, shortcut_rate, switch_rate : tuple of float
+        ``(low, high)`` ranges of the :class:`EmployeeStyle` fields of those names.
+    events_per_day : int
+        Token records on a median working day.
+    day_spread : float
+        Log-normal sigma of a day's volume around the median.
+    quiet_day : float
+        Chance that a day has almost no input (a tenth of the median or less).
+    """
+
+    name: str
+    share: float
+    apps: tuple[str, ...]
+    app_weights: tuple[float, ...]
+    wpm: tuple[float, float]
+    shortcut_rate: tuple[float, float]
+    switch_rate: tuple[float, float]
+    events_per_day: int
+    day_spread: float
+    quiet_day: float
+
+
+#: The roles of a simulated company, by share of employees.
+ROLES: tuple[Role, ...] = (
+    Role("developer", 0.4, ("code", "gnome-terminal", "firefox", "slack"), (4.0, 2.0, 1.5, 0.8),
+         wpm=(55.0, 95.0), shortcut_rate=(0.6, 0.95), switch_rate=(0.5, 2.0),
+         events_per_day=4000, day_spread=0.35, quiet_day=0.05),
+    Role("designer", 0.15, ("gimp", "inkscape", "firefox", "slack"), (3.0, 2.0, 1.5, 0.7),
+         wpm=(30.0, 60.0), shortcut_rate=(0.3, 0.7), switch_rate=(0.3, 1.5),
+         events_per_day=3000, day_spread=0.5, quiet_day=0.08),
+    Role("support", 0.3, ("thunderbird", "slack", "firefox", "libreoffice"), (3.0, 3.0, 2.0, 0.5),
+         wpm=(45.0, 80.0), shortcut_rate=(0.1, 0.5), switch_rate=(2.5, 5.0),
+         events_per_day=6000, day_spread=0.25, quiet_day=0.03),
+    Role("manager", 0.15, ("thunderbird", "slack", "libreoffice", "firefox"), (3.0, 2.0, 2.0, 1.0),
+         wpm=(28.0, 65.0), shortcut_rate=(0.05, 0.4), switch_rate=(1.0, 3.0),
+         events_per_day=1800, day_spread=0.8, quiet_day=0.25),
+)
+_ROLE_BY_NAME = {r.name: r for r in ROLES}
+
+
+def role_named(name: str) -> Role:
+    """The role of :data:`ROLES` called ``name``."""
+    try:
+        return _ROLE_BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"no role {name!r}; roles: {', '.join(_ROLE_BY_NAME)}") from None
+
+
+def roster(employees: int, seed: int) -> list[tuple[int, Role]]:
+    """``employees`` (employee seed, role) pairs of one company, reproducible from ``seed``.
+
+    Employee seeds are ``seed * 1_000_000 + i + 1`` (below the server's
+    held-out seeds, :data:`keystay.server.heldout.FIRST_SEED`); roles are
+    drawn by :attr:`Role.share`.
+
+    >>> [(s, r.name) for s, r in roster(3, seed=0)]
+    [(1, 'support'), (2, 'support'), (3, 'developer')]
+    """
+    rng = random.Random(f"roster:{seed}")
+    roles = rng.choices(ROLES, weights=[r.share for r in ROLES], k=employees)
+    return [(seed * 1_000_000 + i + 1, role) for i, role in enumerate(roles)]
+
+
+def day_volumes(employee_seed: int, role: Role, days: int) -> tuple[int, ...]:
+    """Token records on each of ``days`` days of one employee (see :class:`Role`)."""
+    rng = random.Random(f"days:{employee_seed}")
+    volumes = []
+    for _ in range(days):
+        if rng.random() < role.quiet_day:
+            volumes.append(int(role.events_per_day * 0.1 * rng.random()))
+        else:
+            volumes.append(int(role.events_per_day * rng.lognormvariate(0.0, role.day_spread)))
+    return tuple(volumes)
+
+
+@dataclass(frozen=True, slots=True)
 class EmployeeStyle:
     """How one simulated employee works; drawn from a seed by :meth:`draw`.
 
@@ -192,8 +290,29 @@ class EmployeeStyle:
     app_weights: tuple[float, ...]
 
     @classmethod
-    def draw(cls, seed: int) -> EmployeeStyle:
-        """Draw a style from ``seed`` (same seed, same style)."""
+    def draw(cls, seed: int, role: Role | None = None) -> EmployeeStyle:
+        """Draw a style from ``seed`` (same seed, same style).
+
+        With a ``role``, its apps and its ranges of typing speed, shortcut
+        habit and app switching replace the general ones, drawn from a
+        second generator so that every other habit is the one the seed
+        alone gives.
+        """
+        style = cls._draw(seed)
+        if role is None:
+            return style
+        rng = random.Random(f"role:{role.name}:{seed}")
+        return replace(
+            style,
+            apps=role.apps,
+            app_weights=tuple(round(w * rng.uniform(0.7, 1.3), 3) for w in role.app_weights),
+            wpm=rng.uniform(*role.wpm),
+            shortcut_rate=rng.uniform(*role.shortcut_rate),
+            switch_rate=rng.uniform(*role.switch_rate),
+        )
+
+    @classmethod
+    def _draw(cls, seed: int) -> EmployeeStyle:
         rng = random.Random(seed)
         n_apps = rng.randint(3, 5)
         apps = tuple(rng.sample(APPS, n_apps))
@@ -430,7 +549,10 @@ class _Session:
             self.t += rng.uniform(0.1, 0.3)
             self.buf.append(KeyEvent(self.t, False, _NAMED_VK["alt"], None, "alt"))
         else:
-            self.click_at(60 + 80 * APPS.index(target), SCREEN_H - 20)
+            # Taskbar slot: the common apps in APPS order, a role's own apps after them.
+            slot = (APPS.index(target) if target in APPS
+                    else len(APPS) + self.s.apps.index(target))
+            self.click_at(60 + 80 * slot, SCREEN_H - 20)
         self.t += rng.uniform(0.05, 0.2)
         self.buf.append(AppFocus(self.t, target))
         self.app = target
@@ -637,11 +759,14 @@ class SimulatedEmployee:
     ----------
     seed : int
         Determines the style and, combined with a day or session seed, every event.
+    role : Role or None
+        The employee's job (see :class:`Role`); ``None``: any habits.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, role: Role | None = None) -> None:
         self.seed = seed
-        self.style = EmployeeStyle.draw(seed)
+        self.role = role
+        self.style = EmployeeStyle.draw(seed, role)
 
     def events(self, *, session_seed: int | None = None, start: float = 0.0,
                breaks: bool = True) -> Iterator[RawEvent]:
@@ -714,7 +839,8 @@ _EPOCH = date(2000, 1, 1).toordinal()
 
 
 def fill_store(store: BlockSink, *, seed: int, days: int, events_per_day: int, end_day: date,
-               tokenizer: Tokenizer | None = None, batch_size: int = 1000) -> int:
+               tokenizer: Tokenizer | None = None, batch_size: int = 1000,
+               role: Role | None = None) -> int:
     """Write ``days`` daily blocks of one simulated employee into ``store``.
 
     Parameters
@@ -734,6 +860,8 @@ def fill_store(store: BlockSink, *, seed: int, days: int, events_per_day: int, e
         default tokenizer per day otherwise.
     batch_size : int
         Records per encrypted batch.
+    role : Role or None
+        The employee's job (see :class:`Role`).
 
     Returns
     -------
@@ -741,7 +869,7 @@ def fill_store(store: BlockSink, *, seed: int, days: int, events_per_day: int, e
         Token records written (``days * events_per_day`` unless a tokenizer
         suppressed most of the stream).
     """
-    employee = SimulatedEmployee(seed)
+    employee = SimulatedEmployee(seed, role)
     total = 0
     for i in range(days):
         day = end_day - timedelta(days=days - 1 - i)

@@ -149,3 +149,59 @@ def test_source_thread_start_and_stop() -> None:
     finally:
         source.stop()
     assert not source.running
+
+
+# -- roles and populations -----------------------------------------------------
+
+import pytest  # noqa: E402
+
+from keystay.sim import employees as _emp  # noqa: E402
+
+
+def test_role_shares_sum_to_one() -> None:
+    assert abs(sum(r.share for r in _emp.ROLES) - 1.0) < 1e-9
+
+
+def test_a_roster_is_reproducible_and_mixes_every_role() -> None:
+    a, b = _emp.roster(200, seed=3), _emp.roster(200, seed=3)
+    assert a == b and a != _emp.roster(200, seed=4)
+    assert {r.name for _, r in a} == {r.name for r in _emp.ROLES}
+    assert len({s for s, _ in a}) == 200 and max(s for s, _ in a) < 1_000_000_000
+
+
+def test_a_role_sets_apps_and_habits_and_leaves_other_habits_to_the_seed() -> None:
+    dev, mgr = _emp.role_named("developer"), _emp.role_named("manager")
+    d, m = _emp.EmployeeStyle.draw(42, dev), _emp.EmployeeStyle.draw(42, mgr)
+    plain = _emp.EmployeeStyle.draw(42)
+    assert d.apps == dev.apps and m.apps == mgr.apps
+    assert dev.wpm[0] <= d.wpm <= dev.wpm[1] and mgr.wpm[0] <= m.wpm <= mgr.wpm[1]
+    assert d.error_rate == m.error_rate == plain.error_rate
+
+
+def test_day_volumes_differ_widely_by_role_and_by_day() -> None:
+    def median(role: str) -> float:
+        vols = sorted(v for s in range(1, 60)
+                      for v in _emp.day_volumes(s, _emp.role_named(role), 5))
+        return vols[len(vols) // 2]
+
+    assert median("support") > 2 * median("manager")
+    manager = _emp.role_named("manager")
+    manager_days = [v for s in range(1, 60) for v in _emp.day_volumes(s, manager, 5)]
+    assert min(manager_days) < 200 < 5000 < max(manager_days)
+    assert _emp.day_volumes(7, _emp.role_named("designer"), 4) == _emp.day_volumes(
+        7, _emp.role_named("designer"), 4)
+
+
+@pytest.mark.parametrize("role", [r.name for r in _emp.ROLES])
+def test_every_role_simulates_a_day(role: str) -> None:
+    from datetime import date
+
+    # Designers use apps outside APPS (their taskbar slots come after it).
+    records = _emp.SimulatedEmployee(5, _emp.role_named(role)).day_records(
+        date(2026, 1, 5), 3000)
+    assert len(records) == 3000
+
+
+def test_an_unknown_role_is_named_in_the_error() -> None:
+    with pytest.raises(ValueError, match="accountant"):
+        _emp.role_named("accountant")
