@@ -376,6 +376,10 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
         x11_dir.mkdir(parents=True)
         (x11_dir / "policy.toml").write_text(
             "[policy]\n"
+            # What the wire carries in clear is the question here: the record
+            # unit's plain Train reply (the employee-day default answers only
+            # with masked vectors, through SecAgg; tests/e2e/test_secagg.py).
+            'privacy_unit = "record"\n'
             f"raw_text = {'true' if raw_text else 'false'}\n"
             "min_block_age_days = 0\n"
             # Records are non-overlapping 33-event windows: the canary's few
@@ -388,6 +392,8 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
         devices.append(x11)
         stack.callback(stop_process, x11.process)
         sim_dir = tmp_path / "devices" / "employee-sim"
+        sim_dir.mkdir(parents=True)
+        (sim_dir / "policy.toml").write_text('[policy]\nprivacy_unit = "record"\n')
         sim = start_device("employee-sim", sim_dir, device_env(tmp_path / "device-tmp" / "sim"),
                            proxy.address, "--source", "none", "--simulate-days", "1",
                            "--events-per-day", "3000", "--employee-seed", "2")
@@ -438,6 +444,7 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
         settings = RunSettings(
             server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
             min_devices=2, local_steps=5, sample_rate=0.1, round_timeout=300.0,
+            privacy_unit="record", noise_multiplier=2.19,
         )
         outcome = start_run(federation.server_dir, settings)
         assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]

@@ -226,7 +226,8 @@ def federation(server_disk: ServerDisk) -> Iterator[LocalFederation]:
     # device whose days retire would refuse, which is another test's subject.
     fed = LocalFederation(server_disk.path.parent, devices=2,
                           simulate_days=2, events_per_day=2500,
-                          policy_toml="[policy]\nepsilon_per_block = 32.0\n")
+                          policy_toml='[policy]\nprivacy_unit = "record"\n'
+                                      "epsilon_per_block = 32.0\n")
     try:
         fed.start()
         fed.wait_online(2)
@@ -244,6 +245,7 @@ def _settings(federation: LocalFederation, run_name: str, **overrides: object) -
     values: dict[str, object] = dict(
         server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
         min_devices=2, local_steps=40, sample_rate=0.05, round_timeout=120.0,
+        privacy_unit="record", noise_multiplier=2.19,
     )
     values.update(overrides)
     return RunSettings(**values)  # type: ignore[arg-type]

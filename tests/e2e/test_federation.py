@@ -37,13 +37,17 @@ def _device_status(data_dir: Path) -> dict:
 def test_two_rounds_two_devices(tmp_path: Path) -> None:
     from keystay.common.model import initial_weights, read_checkpoint
 
+    # The record unit's plain rounds, with and without central DP (the
+    # employee-day default runs through SecAgg in the daemon: test_secagg.py).
     federation = LocalFederation(tmp_path / "fed", devices=2, simulate_days=2,
-                                 events_per_day=2500)
+                                 events_per_day=2500,
+                                 policy_toml='[policy]\nprivacy_unit = "record"\n')
     try:
         federation.start()
         settings = RunSettings(
             server_dir=federation.server_dir, run_name="e2e", num_server_rounds=2,
             min_devices=2, local_steps=10, sample_rate=0.1, round_timeout=600.0,
+            privacy_unit="record", noise_multiplier=2.19,
         )
         outcome = start_run(federation.server_dir, settings)
         assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]
@@ -91,6 +95,7 @@ def test_two_rounds_two_devices(tmp_path: Path) -> None:
             server_dir=federation.server_dir, run_name="e2e-central", num_server_rounds=1,
             min_devices=2, local_steps=10, sample_rate=0.1, round_timeout=600.0,
             central_dp=True, central_noise_multiplier=0.5, central_clip=0.5,
+            privacy_unit="record", noise_multiplier=2.19,
         )
         central_outcome = start_run(federation.server_dir, central)
         assert central_outcome.returncode == 0, central_outcome.log_file.read_text()[-3000:]

@@ -1,6 +1,6 @@
 """Hostile run configs, sent through real ``flwr run`` submissions, are refused.
 
-Two devices: ``employee-1`` keeps the default policy; ``employee-2`` is
+Two devices on the record unit: ``employee-1`` keeps the default limits; ``employee-2`` is
 stricter (higher noise floor, smaller clip, fewer steps, a small budget).
 Each run asks for something only the strict device's policy forbids, so the
 round must continue with the device that accepted, while the strict device's
@@ -57,6 +57,7 @@ def _run(federation: LocalFederation, name: str, **asks: object) -> RunOutcome:
               "max_grad_norm": 0.5, **asks}
     settings = RunSettings(server_dir=federation.server_dir, run_name=name,
                            num_server_rounds=1, min_devices=2, round_timeout=300.0,
+                           privacy_unit="record",
                            **values)  # type: ignore[arg-type]
     outcome = start_run(federation.server_dir, settings)
     assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]
@@ -74,11 +75,17 @@ def test_each_hostile_request_is_refused_and_the_round_goes_on(tmp_path: Path) -
     strict.mkdir(parents=True)
     (strict / "policy.toml").write_text(
         "[policy]\n"
+        # The record unit's request rules; the employee-day ones are unit-tested
+        # (tests/unit/client/test_policy.py) and refused through SecAgg in test_secagg.py.
+        'privacy_unit = "record"\n'
         "noise_multiplier_min = 1.5\n"
         "max_grad_norm_max = 0.5\n"
         "max_local_steps = 5\n"
         f"epsilon_per_block = {_strict_budget()}\n"
     )
+    lenient = root / "devices" / "employee-1"
+    lenient.mkdir(parents=True)
+    (lenient / "policy.toml").write_text('[policy]\nprivacy_unit = "record"\n')
     federation = LocalFederation(root, devices=2, simulate_days=2,
                                  events_per_day=EVENTS_PER_DAY)
     try:
