@@ -144,7 +144,8 @@ class Rounds(threading.Thread):
             n += 1
             cmd = [executable("keystay"), "round", "start", "--server-dir",
                    str(self.server_dir), "--rounds", "1", "--min-devices", "1",
-                   "--name", f"soak-{n}", "--local-steps", "5"]
+                   "--name", f"soak-{n}", "--local-steps", "5",
+                   "--privacy-unit", "record", "--noise-multiplier", "2.19"]
             t0 = time.monotonic()
             with self.log.open("ab") as out:
                 try:
@@ -164,8 +165,11 @@ def soak(xserver: Any, rate: int, minutes: float, round_every: float,
     from keystay.server.deploy.local import LocalFederation
 
     os.environ["DISPLAY"] = xserver.display  # the daemon records this X server
+    # One device: the record unit's plain rounds (employee-day rounds need at
+    # least the policy's min_summed_devices devices in every secure sum).
     federation = LocalFederation(root / f"rate-{rate}", devices=1, simulate_days=3,
-                                 events_per_day=4000, source="pynput")
+                                 events_per_day=4000, source="pynput",
+                                 policy_toml='[policy]\nprivacy_unit = "record"\n')
     samples: list[dict[str, Any]] = []
     try:
         federation.start()

@@ -460,38 +460,59 @@ def round_() -> None:
 @click.option("--rounds", type=int, default=RUN_DEFAULTS.num_server_rounds, show_default=True,
               help="Number of rounds (each charges every day a device trains on).")
 @click.option("--name", help="Run name (default: run-YYYYmmdd-HHMMSS).")
-@click.option("--min-devices", type=int, default=2, show_default=True,
-              help="Wait for this many connected devices before each round.")
+@click.option("--min-devices", type=int, default=RUN_DEFAULTS.min_devices, show_default=True,
+              help="Wait for this many connected devices before each round (employee-day "
+                   "rounds need at least each device's min_summed_devices, 3 by default).")
+@click.option("--privacy-unit", type=click.Choice(["employee-day", "record"]),
+              default=RUN_DEFAULTS.privacy_unit, show_default=True,
+              help="What one ε protects. employee-day: a whole day of one employee; devices "
+                   "add their own noise and answer only through secure aggregation. record: "
+                   "one 33-event window, DP-SGD, plain rounds (devices whose policy says so).")
 @click.option("--noise-multiplier", type=float, default=RUN_DEFAULTS.noise_multiplier,
               show_default=True,
-              help="DP-SGD σ asked of devices (each enforces its own floor).")
+              help="σ asked of devices (each enforces its own floor). employee-day: the noise "
+                   "the secure sum carries, over --update-clip; record: DP-SGD's σ (the tuned "
+                   "record-level value is 2.19).")
+@click.option("--update-clip", type=float, default=RUN_DEFAULTS.update_clip, show_default=True,
+              help="employee-day: each day's update is clipped to this L2 norm C (devices "
+                   "enforce their own maximum).")
+@click.option("--day-sample-rate", type=float, default=RUN_DEFAULTS.day_sample_rate,
+              show_default=True,
+              help="employee-day: each eligible day joins a round with this probability, "
+                   "drawn in secret on the device.")
 @click.option("--max-grad-norm", type=float, default=RUN_DEFAULTS.max_grad_norm, show_default=True,
-              help="Per-sample clip asked of devices (each enforces its own maximum).")
+              help="record: per-sample clip asked of devices (each enforces its own maximum).")
 @click.option("--local-steps", type=int, default=RUN_DEFAULTS.local_steps, show_default=True,
-              help="DP-SGD steps per device per round.")
+              help="Training steps per device per round (employee-day: per day trained).")
 @click.option("--sample-rate", type=float, default=RUN_DEFAULTS.sample_rate, show_default=True,
-              help="Poisson sampling rate q: each of a device's training records joins a "
+              help="record: Poisson sampling rate q: each of a device's training records joins a "
                    "step's batch with probability q (expected batch q x records). The same "
                    "for every device; devices refuse a q above their policy's ceiling.")
 @click.option("--learning-rate", type=float, default=RUN_DEFAULTS.learning_rate, show_default=True,
               help="Adam step size on each device (not a privacy parameter).")
 @click.option("--central-dp", is_flag=True,
-              help="Also clip each device update and noise the sum on the server.")
+              help="record: also clip each device update and noise the sum on the server.")
 @click.option("--central-noise-multiplier", type=float, default=0.5, show_default=True)
 @click.option("--central-clip", type=float, default=1.0, show_default=True)
 @click.option("--secagg", is_flag=True,
-              help="Secure aggregation (SecAgg+): the server learns only the sum of updates.")
-@click.option("--secagg-num-shares", type=int, default=3, show_default=True,
-              help="Devices each device's secrets are shared with (>= 3).")
-@click.option("--secagg-threshold", type=int, default=2, show_default=True,
-              help="Shares needed to reconstruct (more than half, fewer than all).")
+              help="Secure aggregation (SecAgg+): the server learns only the sum of updates "
+                   "(always on for employee-day rounds).")
+@click.option("--secagg-num-shares", type=int, default=RUN_DEFAULTS.secagg_num_shares,
+              show_default=True,
+              help="Devices each device's secrets are shared with (>= 3, and >= each "
+                   "device's min_summed_devices).")
+@click.option("--secagg-threshold", type=int, default=RUN_DEFAULTS.secagg_reconstruction_threshold,
+              show_default=True,
+              help="Shares needed to reconstruct (more than half, fewer than all, and >= each "
+                   "device's min_summed_devices).")
 @click.option("--run-config", "extra", multiple=True,
               help="Any other run config key=value (repeatable), e.g. blocks=\"2026-11-20\".")
 @click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write each round's figures as TensorBoard event files in DIR/RUN_NAME "
               "(view with: tensorboard --logdir DIR).")
 def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: int,
-                noise_multiplier: float, max_grad_norm: float, local_steps: int,
+                privacy_unit: str, noise_multiplier: float, update_clip: float,
+                day_sample_rate: float, max_grad_norm: float, local_steps: int,
                 sample_rate: float, learning_rate: float, central_dp: bool,
                 central_noise_multiplier: float, central_clip: float, secagg: bool,
                 secagg_num_shares: int, secagg_threshold: int,
@@ -520,7 +541,10 @@ def round_start(server_dir: Path, rounds: int, name: str | None, min_devices: in
         "run-name": name or datetime.now().strftime("run-%Y%m%d-%H%M%S"),
         "num-server-rounds": rounds,
         "min-devices": min_devices,
+        "privacy-unit": privacy_unit,
         "noise-multiplier": noise_multiplier,
+        "update-clip": update_clip,
+        "day-sample-rate": day_sample_rate,
         "max-grad-norm": max_grad_norm,
         "local-steps": local_steps,
         "sample-rate": sample_rate,

@@ -241,6 +241,10 @@ def federation(server_disk: ServerDisk) -> Iterator[LocalFederation]:
               lambda: not _mentioning(str(fed.root)), 20, every=0.2)
 
 
+#: The devices here train the record unit (their policy says so): plain rounds.
+RECORD_UNIT = ("--privacy-unit", "record", "--noise-multiplier", "2.19")
+
+
 def _settings(federation: LocalFederation, run_name: str, **overrides: object) -> RunSettings:
     values: dict[str, object] = dict(
         server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
@@ -353,7 +357,8 @@ def test_round_start_killed_after_a_round(federation: LocalFederation) -> None:
         cli = subprocess.Popen(
             [executable("keystay"), "round", "start", "--server-dir",
              str(federation.server_dir), "--name", name, "--rounds", "2",
-             "--min-devices", "2", "--local-steps", "40", "--sample-rate", "0.05"],
+             "--min-devices", "2", "--local-steps", "40", "--sample-rate", "0.05",
+             *RECORD_UNIT],
             stdout=out, stderr=subprocess.STDOUT, env=flower_env(), start_new_session=True)
     try:
         rounds = run_dir / "rounds.jsonl"
@@ -574,7 +579,7 @@ def test_server_disk_full_mid_round(federation: LocalFederation, server_disk: Se
     cli = subprocess.Popen(
         [executable("keystay"), "round", "start", "--server-dir", str(federation.server_dir),
          "--name", name, "--rounds", "2", "--min-devices", "2", "--local-steps", "40",
-         "--sample-rate", "0.05", "--run-config", "round-timeout=30"],
+         "--sample-rate", "0.05", "--run-config", "round-timeout=30", *RECORD_UNIT],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=flower_env(),
         start_new_session=True)
     try:
