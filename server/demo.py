@@ -78,6 +78,14 @@ def demo(devices: int, rounds: int, days: int, events_per_day: int, local_steps:
                        f"{root / 'devices'}/*/logs, the SuperLink's in "
                        f"{federation.server_dir / 'logs'}", err=True)
         else:
+            if RUN_DEFAULTS.privacy_unit == "employee-day":
+                # Say it where the figures are: the mechanism is sized for a company.
+                click.echo(
+                    f"\nnote: each device added noise σ·C/√t to its update, so the sum of "
+                    f"{devices} carries noise σ·C: enough to swamp {devices} clipped updates, "
+                    "which is why held-out accuracy does not improve here. The same noise "
+                    "averages away over hundreds of devices: `keystay sim --devices 1000` "
+                    "runs that scale on this machine (README, \"Scale\").")
             click.echo("\nprivacy budget report (what security reads):\n")
             subprocess.run([executable("keystay"), "budget", "report", "--server-dir",
                             str(federation.server_dir)], env=env, check=False)
