@@ -35,8 +35,8 @@ with the ledger, never leaves the device), keys HMAC-SHA256 tags over:
 ``answered`` is left out: it is a status flag the daemon sets after the
 charge, and no ε depends on it.
 
-Values are encoded with their SQLite type (``_encode``), so a number stored as
-text, or a REAL turned INTEGER, is an edit too.
+Values are encoded with their type (``_encode``), so a number stored as text,
+or a REAL turned INTEGER, is an edit too.
 
 Opening (:func:`open_chain`, one ``BEGIN IMMEDIATE`` transaction) verifies the
 whole chain: the ledger is small (1,000 charges verify in milliseconds,
@@ -78,8 +78,8 @@ answered charge (reconciliation). The chain detects; it never repairs.
 
 from __future__ import annotations
 
+import ast
 import contextlib
-import hashlib
 import hmac
 import logging
 import os
@@ -170,29 +170,32 @@ _BLOCK_COLUMNS = ("block", "budget", "retired", "retired_at", "forgotten_at")
 
 
 def _encode(values: Sequence[object]) -> bytes:
-    """An unambiguous byte string of SQLite values, type included.
+    r"""An unambiguous byte string of SQLite values, type included.
+
+    ``ascii()`` of the tuple: the values SQLite returns (None, int, float,
+    str, bytes) each have one spelling there, with their type (``1`` and
+    ``1.0`` differ, a float is written exactly), it escapes every non-ASCII
+    character (so a Python whose Unicode tables say otherwise about what is
+    printable spells it the same way), and it runs in C.
 
     >>> _encode([1, 1.0]) == _encode([1.0, 1])
     False
-    >>> _encode(["a", None]).hex()
-    '730000000000000001616e0000000000000000'
+    >>> _encode(["2025-03-03", None, 0.1, "é"])
+    b"('2025-03-03', None, 0.1, '\\xe9')"
     """
-    out = bytearray()
-    for value in values:
-        if value is None:
-            kind, payload = b"n", b""
-        elif isinstance(value, int):
-            kind, payload = b"i", str(value).encode()
-        elif isinstance(value, float):
-            kind, payload = b"f", value.hex().encode()
-        elif isinstance(value, str):
-            kind, payload = b"s", value.encode("utf-8", "surrogatepass")
-        elif isinstance(value, bytes):
-            kind, payload = b"b", value
-        else:
-            raise TypeError(f"not an SQLite value: {type(value).__name__}")
-        out += kind + len(payload).to_bytes(8, "big") + payload
-    return bytes(out)
+    return ascii(tuple(values)).encode("ascii")
+
+
+def _decode_key(encoded: bytes) -> tuple[object, ...]:
+    """The values of an encoded row key (for naming a row that is gone).
+
+    >>> _decode_key(_encode([3, "2025-03-03"]))
+    (3, '2025-03-03')
+    """
+    value = ast.literal_eval(encoded.decode("ascii"))
+    if not isinstance(value, tuple):
+        raise ValueError("not a row key")
+    return value
 
 
 def _select(table: _Table, where: str = "") -> str:
@@ -218,7 +221,7 @@ class LedgerChain:
         return "LedgerChain(<key hidden>)"  # never show key material
 
     def _mac(self, *parts: bytes) -> bytes:
-        return hmac.new(self._key, _DOMAIN + b"".join(parts), hashlib.sha256).digest()
+        return hmac.digest(self._key, _DOMAIN + b"".join(parts), "sha256")
 
     def _row_tag(self, previous: bytes, table: _Table, row: Sequence[object]) -> bytes:
         return self._mac(b"row", previous, _encode([table.name]), _encode(row))
@@ -382,14 +385,11 @@ def _later(a: object, b: object) -> bool:
 
 def _described(table: _Table, row_key: bytes) -> str:
     """``table.describe`` of an encoded key (for a row that is gone)."""
-    values: list[object] = []
-    rest = row_key
-    while len(rest) >= 9:
-        kind, size = rest[:1], int.from_bytes(rest[1:9], "big")
-        payload, rest = rest[9: 9 + size], rest[9 + size:]
-        text = payload.decode("utf-8", "replace")
-        values.append(int(text) if kind == b"i" else text)
-    return table.describe(values)
+    try:
+        return table.describe(_decode_key(row_key))
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        # a key edited into nonsense
+        return f"{table.name} row (key {row_key!r})"
 
 
 # --- the key file and opening -----------------------------------------------------------
