@@ -239,7 +239,9 @@ class LedgerChain:
 
     # --- writing (inside the caller's transaction) ---------------------------------------
 
-    def append_charge(self, conn: sqlite3.Connection, charge_id: int) -> None:
+    def append_charge(
+        self, conn: sqlite3.Connection, charge_id: int, *, tag_blocks: bool = True
+    ) -> None:
         """Chain every row of charge ``charge_id``, then re-tag the blocks it charged."""
         row = conn.execute("SELECT seq, tag FROM chain ORDER BY seq DESC LIMIT 1").fetchone()
         seq, previous = (0, _GENESIS) if row is None else (int(row[0]), bytes(row[1]))
@@ -258,7 +260,7 @@ class LedgerChain:
             "SET seq = excluded.seq, tag = excluded.tag",
             (seq, self._head_tag(seq, previous)),
         )
-        for block in blocks:
+        for block in blocks if tag_blocks else ():
             self.tag_block(conn, block)
 
     def tag_block(self, conn: sqlite3.Connection, block: str) -> None:
@@ -287,7 +289,11 @@ class LedgerChain:
             " UNION ".join(f"SELECT {t.charge} FROM {t.name}" for t in TABLES) + " ORDER BY 1"
         ).fetchall()]
         for charge_id in ids:
-            self.append_charge(conn, charge_id)
+            self.append_charge(conn, charge_id, tag_blocks=False)
+        for (block,) in conn.execute(
+            "SELECT block FROM blocks WHERE block IN (SELECT block FROM charges)"
+        ).fetchall():
+            self.tag_block(conn, block)  # a row with no charge stays untagged: verify names it
         return int(conn.execute("SELECT count(*) FROM chain").fetchone()[0])
 
     # --- verifying ----------------------------------------------------------------------
@@ -429,17 +435,28 @@ def _started(conn: sqlite3.Connection) -> bool:
     )
 
 
-def check_not_replaced(ledger_path: Path) -> None:
-    """Refuse a missing or empty ledger file beside an existing key: it was deleted.
+_SQLITE_MAGIC = b"SQLite format 3\0"
 
-    Called before the ledger file is created. A new ledger gets its key only
-    once its schema is written, so a key with no ledger never occurs by itself.
+
+def check_not_replaced(ledger_path: Path) -> None:
+    """Refuse a missing or headless ledger file beside an existing key: it was deleted.
+
+    Called before SQLite opens the file. A new ledger gets its key only once
+    its schema is written (and a WAL ledger's first page, with the header, is
+    written when it is created), so a key beside no ledger never occurs by
+    itself. SQLite would take a file emptied, or cut to a byte, for a new
+    database and create an empty ledger in it: a refund of every ε.
     """
     key_path = ledger_path.with_name(KEY_FILE)
     if not key_path.exists():
         return
-    if not ledger_path.exists() or ledger_path.stat().st_size == 0:
-        state = "missing" if not ledger_path.exists() else "empty"
+    try:
+        with ledger_path.open("rb") as handle:
+            header = handle.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        header = None
+    if header != _SQLITE_MAGIC:
+        state = "missing" if header is None else "empty or cut short"
         raise ChainError(
             f"{ledger_path} is {state} but its key {key_path} exists: the ledger was deleted "
             "or truncated, and starting a new one would refund every ε it held"
