@@ -39,8 +39,9 @@ Values are encoded with their type (``_encode``), so a number stored as text,
 or a REAL turned INTEGER, is an edit too.
 
 Opening (:func:`open_chain`, one ``BEGIN IMMEDIATE`` transaction) verifies the
-whole chain: the ledger is small (1,000 charges verify in milliseconds,
-``bench/bench_ledger_open.py``) and opened once per daemon. The first bad row
+whole chain: the ledger is small and opened once per daemon (a ledger of
+1,000 charges opens in about 45 ms of CPU, against 1.5 ms without the chain:
+``bench/bench_ledger_open.py``). The first bad row
 is named in a :class:`ChainError`. An edit made while the daemon runs is
 caught at its next start.
 

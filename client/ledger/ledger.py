@@ -50,7 +50,8 @@ covered by an HMAC chain under a device-local key, ``DATA_DIR/ledger.v1.key``
 (:mod:`keystay.client.ledger.chain`, which says what the chain can and cannot
 prove). It is verified on every open: a row edited, deleted, added or
 reordered behind the daemon's back (a refund) is refused. A ledger written
-before the chain is adopted once, as found (logged).
+before the chain is adopted once, as found (logged): adoption cannot prove
+anything about edits made before that first open.
 
 Errors: an unreadable or unknown-version ledger, one that fails its chain, or
 one whose key is missing raises :class:`DeviceLedgerError` (exit code
@@ -104,13 +105,14 @@ from typing import Protocol
 
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
-from keystay.client.ledger.chain import SCHEMA as CHAIN_SCHEMA
 from keystay.client.ledger.chain import (
+    KEY_FILE,
     ChainError,
     LedgerChain,
     check_not_replaced,
     open_chain,
 )
+from keystay.client.ledger.chain import SCHEMA as CHAIN_SCHEMA
 from keystay.client.policy import (
     ASSUMPTION_BROKEN,
     POLICY_FILE,
@@ -462,7 +464,7 @@ def _key(history: Sequence[Mechanism]) -> tuple[tuple[float, float, int], ...]:
 
 _RESTORE = (
     "Training stays stopped and nothing is charged: restore the ledger and its key file "
-    "(ledger.v1.sqlite, ledger.v1.key) from a backup; never delete the ledger (that would "
+    f"({LEDGER_FILE}, {KEY_FILE}) from a backup; never delete the ledger (that would "
     "reset spent budgets)"
 )
 
