@@ -154,7 +154,9 @@ def run(
     unreadable (wrong key or altered bytes), 12 no X display for --source
     pynput, 13 trainer failed to start, 14 another daemon already runs here,
     15 single-user federation without --accept-server-code-access (nothing
-    was started or changed).
+    was started or changed), 16 the privacy ledger is unreadable or was
+    changed behind the daemon's back (restore it and ledger.v1.key from a
+    backup; never delete it).
     """
     from keystay.client.daemon.main import (
         SINGLE_USER_REFUSAL,

@@ -39,6 +39,7 @@ class ExitCode(IntEnum):
     DEVICE_TRAINER = 13
     DEVICE_SOCKET = 14
     DEVICE_SERVER_CODE_ACCESS = 15
+    DEVICE_LEDGER = 16
 
     SERVER_CONFIG = 20
     SERVER_SUPERLINK_DOWN = 21
@@ -77,6 +78,11 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.DEVICE_SERVER_CODE_ACCESS: (
         "keystay device run: --superlink in single-user mode without "
         "--accept-server-code-access"
+    ),
+    ExitCode.DEVICE_LEDGER: (
+        "keystay device run: the privacy ledger cannot be read, or was changed behind the "
+        "daemon's back (it fails its integrity chain, or its key is missing); nothing was "
+        "charged; restore it from a backup, never delete it"
     ),
     ExitCode.SERVER_CONFIG: "keystay server/round: the server folder or settings are invalid",
     ExitCode.SERVER_SUPERLINK_DOWN: "keystay server/round: the SuperLink cannot be reached",

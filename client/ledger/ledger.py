@@ -45,10 +45,21 @@ Storage
 holds mechanisms and ε figures only: never an event, token or window. That is
 all that is needed to prove, later, that budgets were respected.
 
-Errors: an unreadable or unknown-version ledger raises :class:`DeviceLedgerError`
-and training must stop (never start a fresh ledger next to a broken one:
-that would be a silent refund). An accountant returning NaN or a negative ε
-raises :class:`DeviceLedgerError` (never admit on an unknown ε).
+Every charge row, every ``blocks`` row and every stored accountant state is
+covered by an HMAC chain under a device-local key, ``DATA_DIR/ledger.v1.key``
+(:mod:`keystay.client.ledger.chain`, which says what the chain can and cannot
+prove). It is verified on every open: a row edited, deleted, added or
+reordered behind the daemon's back (a refund) is refused. A ledger written
+before the chain is adopted once, as found (logged): adoption cannot prove
+anything about edits made before that first open.
+
+Errors: an unreadable or unknown-version ledger, one that fails its chain, or
+one whose key is missing raises :class:`DeviceLedgerError` (exit code
+``DEVICE_LEDGER`` when it stops ``keystay device run``) and training must stop
+(never start a fresh ledger next to a broken one: that would be a silent
+refund; a ledger file deleted or emptied beside its key is refused too). An
+accountant returning NaN or a negative ε raises :class:`DeviceLedgerError`
+(never admit on an unknown ε).
 
 Accounting in bounded time
 --------------------------
@@ -80,6 +91,7 @@ whole history (tests; comparisons) and then prices from scratch.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import math
 import sqlite3
 import threading
@@ -93,6 +105,14 @@ from typing import Protocol
 
 from keystay.client.ledger import accounting
 from keystay.client.ledger.accounting import Epsilons, Mechanism
+from keystay.client.ledger.chain import (
+    KEY_FILE,
+    ChainError,
+    LedgerChain,
+    check_not_replaced,
+    open_chain,
+)
+from keystay.client.ledger.chain import SCHEMA as CHAIN_SCHEMA
 from keystay.client.policy import (
     ASSUMPTION_BROKEN,
     POLICY_FILE,
@@ -101,6 +121,7 @@ from keystay.client.policy import (
     TrainingRequest,
 )
 from keystay.common.errors import KeystayError
+from keystay.common.exitcodes import ExitCode
 from keystay.common.files import ensure_private
 from keystay.common.sqlite import ForeignFileError, FormatVersionError, open_versioned
 
@@ -214,6 +235,8 @@ _BROKEN = _Series(charges="broken_charges", state="broken_accountant_state")
 
 class DeviceLedgerError(KeystayError, RuntimeError):
     """The ledger cannot be trusted or written; training must stop."""
+
+    exit_code = ExitCode.DEVICE_LEDGER
 
 
 def enforced_epsilon(eps: Epsilons, accountant: str) -> float:
@@ -439,6 +462,13 @@ def _key(history: Sequence[Mechanism]) -> tuple[tuple[float, float, int], ...]:
     return tuple((float(m.noise_multiplier), float(m.sample_rate), int(m.steps)) for m in history)
 
 
+_RESTORE = (
+    "Training stays stopped and nothing is charged: restore the ledger and its key file "
+    f"({LEDGER_FILE}, {KEY_FILE}) from a backup; never delete the ledger (that would "
+    "reset spent budgets)"
+)
+
+
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -452,25 +482,32 @@ class Ledger:
     check on the same remaining ε, even from two processes.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, chain: LedgerChain) -> None:
         self._conn = conn
         self.path = path
+        self._chain = chain
         self._lock = threading.RLock()
 
     # --- opening ----------------------------------------------------------------
 
     @classmethod
     def open(cls, data_dir: Path) -> Ledger:
-        """Open (or create) ``data_dir/ledger.v1.sqlite``.
+        """Open (or create) ``data_dir/ledger.v1.sqlite`` and verify its integrity chain.
 
         Raises
         ------
         DeviceLedgerError
-            If the file is unreadable or of another format version.
+            If the file is unreadable, of another format version, or fails its
+            chain (the first bad row is named), or its key is missing.
         """
         data_dir = Path(data_dir)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = data_dir / LEDGER_FILE
+        try:
+            # Before the file is created: a key beside no ledger means it was deleted.
+            check_not_replaced(path)
+        except ChainError as error:
+            raise DeviceLedgerError(f"{error}. {_RESTORE}") from error
         # The ledger holds no event data, but when and how much this device
         # trained is still nobody else's business: 0600.
         ensure_private(path)
@@ -480,16 +517,25 @@ class Ledger:
         # transaction: see keystay.common.sqlite.
         try:
             conn = open_versioned(path, version=SCHEMA_VERSION, schema=_SCHEMA,
-                                  always=_STATE_SCHEMA + ";" + _DAY_SCHEMA)
-            # A damaged file can open and still fail half-way through a later
-            # query; a full check now (the ledger is small, and opened once per
-            # daemon) refuses it before anything is read from it or charged to it.
-            problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-            if problems != ["ok"]:
+                                  always=";".join((_STATE_SCHEMA, _DAY_SCHEMA, CHAIN_SCHEMA)))
+            try:
+                # A damaged file can open and still fail half-way through a later
+                # query; a full check now (the ledger is small, and opened once per
+                # daemon) refuses it before anything is read from it or charged to it.
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError(
+                        f"damaged: {'; '.join(str(p) for p in problems[:3])}"
+                    )
+                # SQLite's checks see pages, not meaning: the chain sees every row.
+                chain = open_chain(conn, data_dir)
+            except BaseException:
                 conn.close()
-                raise sqlite3.DatabaseError(
-                    f"damaged: {'; '.join(str(p) for p in problems[:3])}"
-                )
+                raise
+        except ChainError as error:
+            raise DeviceLedgerError(
+                f"{path} fails its integrity check: {error}. {_RESTORE}"
+            ) from error
         except ForeignFileError as error:
             raise DeviceLedgerError(
                 f"{path} has tables but no format version; it is not a keystay "
@@ -506,7 +552,7 @@ class Ledger:
                 f"{path} cannot be read ({error}). Training stays stopped: restore the "
                 "ledger from a backup; never delete it (that would reset spent budgets)"
             ) from error
-        return cls(conn, path)
+        return cls(conn, path, chain)
 
     def close(self) -> None:
         with self._lock:
@@ -772,13 +818,15 @@ class Ledger:
                     charge = self._admit_locked(
                         request, policy, wanted, mechanism, pricer, broken_pricer, now
                     )
+                    # In the same transaction: a charge is never committed untagged.
+                    self._chain.append_charge(conn, charge.id)
                     conn.execute("COMMIT")
                 except BaseException:
                     # A failed COMMIT may already have ended the transaction.
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
-            except sqlite3.Error as error:
+            except (sqlite3.Error, ChainError) as error:
                 # Nothing was committed, so nothing was charged: the round must
                 # not train (the daemon answers with an error, not an update).
                 raise DeviceLedgerError(
@@ -1134,11 +1182,12 @@ class Ledger:
             return self._state(block, _BROKEN if broken else _HONEST)
 
     def _state(self, block: str, series: _Series = _HONEST) -> accounting.AccountantState:
-        """The stored state if it is of this version and covers every charge row, else rebuilt.
+        """The stored state if it is of this version, covers every charge row and verifies.
 
         The history is the source of truth: a state written by another grid
-        or order set, or missing rows written without it (an older keystay,
-        ``epsilon_fn`` charges), is recomputed from it (cost: once per
+        or order set, missing rows written without it (an older keystay,
+        ``epsilon_fn`` charges), or whose chain tag does not verify (edited,
+        or stored before the chain), is recomputed from it (cost: once per
         distinct mechanism, then stored again with the next charge).
         """
         last, count = self._conn.execute(
@@ -1153,12 +1202,27 @@ class Ledger:
         ).fetchone()
         if row is not None and (row[0], row[1], row[2]) == (
             accounting.STATE_VERSION, last, count
-        ):
+        ) and self._state_verifies(block, series, int(last), int(count), row[3]):
             try:
                 return accounting.state_from_bytes(bytes(row[3]))
             except ValueError:
                 pass  # a damaged cache: rebuild it from the history below
         return accounting.state_of(self._history(block, series))
+
+    def _state_verifies(
+        self, block: str, series: _Series, last: int, count: int, state: object
+    ) -> bool:
+        """Whether the stored state of this version, ``last`` and ``count`` has a valid tag."""
+        stored = self._conn.execute(
+            "SELECT tag FROM state_tags WHERE state_table = ? AND block = ?",
+            (series.state, block),
+        ).fetchone()
+        if stored is None or not isinstance(state, bytes) or not isinstance(stored[0], bytes):
+            return False
+        expected = self._chain.state_tag(
+            series.state, block, accounting.STATE_VERSION, last, count, state
+        )
+        return hmac.compare_digest(expected, stored[0])
 
     def _store_state(
         self,
@@ -1167,16 +1231,22 @@ class Ledger:
         charge_id: int,
         series: _Series = _HONEST,
     ) -> None:
-        count = self._conn.execute(
+        count = int(self._conn.execute(
             f"SELECT count(*) FROM {series.charges} WHERE block = ?", (block,)
-        ).fetchone()[0]
+        ).fetchone()[0])
+        blob = accounting.state_to_bytes(state)
         self._conn.execute(
             f"INSERT INTO {series.state} (block, version, last_charge, charges, state) "
             "VALUES (?,?,?,?,?) ON CONFLICT(block) DO UPDATE SET version = excluded.version, "
             "last_charge = excluded.last_charge, charges = excluded.charges, "
             "state = excluded.state",
-            (block, accounting.STATE_VERSION, charge_id, count,
-             accounting.state_to_bytes(state)),
+            (block, accounting.STATE_VERSION, charge_id, count, blob),
+        )
+        self._conn.execute(
+            "INSERT INTO state_tags (state_table, block, tag) VALUES (?,?,?) "
+            "ON CONFLICT(state_table, block) DO UPDATE SET tag = excluded.tag",
+            (series.state, block, self._chain.state_tag(
+                series.state, block, accounting.STATE_VERSION, charge_id, count, blob)),
         )
 
     def mark_answered(self, charge: Charge | int) -> None:
@@ -1205,11 +1275,22 @@ class Ledger:
         """
         stamp = time.time() if now is None else float(now)
         with self._lock:
-            cursor = self._conn.execute(
-                "UPDATE blocks SET forgotten_at = coalesce(forgotten_at, ?) WHERE block = ?",
-                (stamp, block),
-            )
-            return cursor.rowcount > 0
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = conn.execute(
+                    "UPDATE blocks SET forgotten_at = coalesce(forgotten_at, ?) WHERE block = ?",
+                    (stamp, block),
+                )
+                charged = cursor.rowcount > 0
+                if charged:
+                    self._chain.tag_block(conn, block)  # the row changed: so does its tag
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return charged
 
 
 # --- pricing a round -------------------------------------------------------------------

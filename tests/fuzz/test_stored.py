@@ -2,16 +2,20 @@
 
 Store: bits flipped in any column of any batch row (ciphertext, nonce, block,
 seq, event count), and the database file truncated or bit-flipped. Ledger:
-the database file truncated or bit-flipped. The contract: opening and reading
-either gives back exactly what was written, or raises the module's own error
-(``StoreError`` / ``DeviceLedgerError``) with a sentence; a damaged block is never
-half-read (no partial or altered tokens returned), and no raw ``sqlite3``
-error or other exception escapes.
+the database file truncated or bit-flipped, and one byte of one value of one
+row changed as the ``sqlite3`` command line would (an ε lowered, a day
+un-retired: a refund). The contract: opening and reading either gives back
+exactly what was written, or raises the module's own error (``StoreError`` /
+``DeviceLedgerError``) with a sentence; a damaged block is never half-read (no
+partial or altered tokens returned), a ledger row changed behind the daemon's
+back is always refused (its integrity chain), and no raw ``sqlite3`` error or
+other exception escapes.
 """
 from __future__ import annotations
 
 import shutil
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from keystay.client.ledger.chain import TABLES
 from keystay.client.ledger.ledger import LEDGER_FILE, DeviceLedgerError, Ledger
 from keystay.client.store import DB_NAME, EventStore, StoreError
 from keystay.common.tokens import TokenRecord
@@ -173,9 +178,84 @@ def test_ledger_file_truncated_or_flipped(tmp_path: Path, ledger_dir: Path, cut:
     damaged = damaged[: max(1, int(len(damaged) * cut))] if cut > 0 else damaged
     assume(damaged != raw)
     db.write_bytes(damaged)
+    with Ledger.open(_copy(ledger_dir, tmp_path / "orig")) as ledger:
+        original = (ledger.totals(), ledger.retired_blocks())
     try:
         with Ledger.open(data) as ledger:
-            ledger.totals()
-            ledger.retired_blocks()
+            # Opened: then exactly as written, never an altered figure.
+            assert (ledger.totals(), ledger.retired_blocks()) == original
     except DeviceLedgerError as error:
         assert str(error)
+
+
+@pytest.fixture(scope="module")
+def chained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Record-level and employee-day charges and a retired day (every chained table)."""
+    from tests.unit.client.ledger.test_chain import build
+
+    data = build(tmp_path_factory.mktemp("chained"))
+    conn = sqlite3.connect(data / LEDGER_FILE)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return data
+
+
+#: Every value the chain covers: each chained table's columns, and the blocks row.
+COVERED = [(t.name, c) for t in TABLES for c in t.columns] + [
+    ("blocks", c) for c in ("block", "budget", "retired", "retired_at", "forgotten_at")
+]
+
+
+def _flip_byte(value: object, at: int, mask: int) -> object:
+    """``value`` with one byte of its stored form XOR-ed with ``mask`` (1..255)."""
+    if isinstance(value, float):
+        raw = bytearray(struct.pack(">d", value))
+        raw[at % 8] ^= mask
+        return struct.unpack(">d", bytes(raw))[0]
+    if isinstance(value, int):
+        raw = bytearray(value.to_bytes(8, "big", signed=True))
+        raw[at % 8] ^= mask
+        return int.from_bytes(raw, "big", signed=True)
+    assert isinstance(value, str)
+    raw = bytearray(value.encode())
+    raw[at % len(raw)] ^= mask
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return bytes(raw)  # not text any more: stored as a blob, still an edit
+
+
+@examples(200)
+@given(column=st.sampled_from(COVERED), row=st.integers(min_value=0),
+       at=st.integers(min_value=0), mask=st.integers(min_value=1, max_value=255))
+def test_a_byte_of_a_ledger_row_changed_behind_the_daemons_back_is_refused(
+    tmp_path: Path, chained_dir: Path, column: tuple[str, str], row: int, at: int, mask: int
+) -> None:
+    table, name = column
+    data = _copy(chained_dir, tmp_path / "d")
+    conn = sqlite3.connect(data / LEDGER_FILE)
+    try:
+        rowids = [r[0] for r in conn.execute(f"SELECT rowid FROM {table} ORDER BY rowid")]
+        rowid = rowids[row % len(rowids)]
+        (value,) = conn.execute(f"SELECT {name} FROM {table} WHERE rowid = ?",
+                                (rowid,)).fetchone()
+        assume(value is not None)  # a NULL has no byte to change
+        flipped = _flip_byte(value, at, mask)
+        try:
+            conn.execute(f"UPDATE {table} SET {name} = ? WHERE rowid = ?", (flipped, rowid))
+            conn.commit()
+        except sqlite3.IntegrityError:
+            assume(False)  # a duplicate key or a NaN into NOT NULL: SQLite refused it itself
+        # An INTEGER PRIMARY KEY is the rowid itself: the row moved with it.
+        alias = [r[1] for r in conn.execute(f"PRAGMA table_info({table})") if r[5]] == [name] \
+            and isinstance(flipped, int)
+        (stored,) = conn.execute(f"SELECT {name} FROM {table} WHERE rowid = ?",
+                                 (flipped if alias else rowid,)).fetchone()
+        assume((type(stored), stored) != (type(value), value))  # SQLite may convert it back
+    finally:
+        conn.close()
+    with pytest.raises(DeviceLedgerError) as info:
+        Ledger.open(data)
+    message = str(info.value)
+    assert f"{table} row" in message or "chain" in message, message
+    assert "never delete the ledger" in message
