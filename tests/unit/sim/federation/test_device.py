@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.app.user_config import UserConfig
 
 from keystay.client.ledger.ledger import Ledger
+from keystay.client.policy import DevicePolicy
 from keystay.client.requests import train_request
 from keystay.client.serde import weights_from_proto
 from keystay.common.model import ModelConfig, initial_weights
@@ -25,19 +26,25 @@ from keystay.sim.federation.device import (
 )
 from keystay.v1 import device_pb2
 
+#: The plain Train path is the record unit's (employee-day devices answer only
+#: through SecAgg+; see test_secagg_stages below).
+RECORD = DevicePolicy(privacy_unit="record")
+
 
 def request(**overrides: object) -> device_pb2.TrainRequest:
     config = {**RUN_DEFAULTS.train_config(), "run-name": "unit", "server-round": 1,
-              "local-steps": 2, **overrides}
+              "local-steps": 2, "privacy-unit": "record", **overrides}
     context = Context(run_id=1, node_id=1, node_config=UserConfig(), state=RecordDict(),
                       run_config=UserConfig())
     return train_request(ConfigRecord(config), initial_weights(ModelConfig(), seed=0), context)
 
 
-def device(tmp_path: Path, seed: int | None = 7) -> SimulatedDevice:
+def device(tmp_path: Path, seed: int | None = 7,
+           policy: DevicePolicy = RECORD) -> SimulatedDevice:
     employee = EmployeeData(seed=3, role="developer", day_events=(2600, 0, 2600),
                             end_day=date.today() - timedelta(days=1))
-    return SimulatedDevice(tmp_path / "dev", employee, trainer=InProcessTrainer(seed=seed))
+    return SimulatedDevice(tmp_path / "dev", employee, policy=policy,
+                           trainer=InProcessTrainer(), seed=seed)
 
 
 def test_a_round_trains_charges_and_signs(tmp_path: Path) -> None:
