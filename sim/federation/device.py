@@ -33,8 +33,10 @@ after it, so a thousand devices hold no open files between rounds.
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -56,6 +58,9 @@ from keystay.v1 import device_pb2
 
 #: The file in a device folder that says its store holds its simulated days.
 FILLED_MARK = "simulated-days.done"
+#: Per call of a virtual device: the call, round, wall seconds and the seconds
+#: of it spent training (the simulation's own measurement; see docs/scale.md).
+TIMINGS_FILE = "sim-timings.jsonl"
 
 
 class InProcessTrainer(WarmTrainer):
@@ -72,6 +77,8 @@ class InProcessTrainer(WarmTrainer):
 
     def __init__(self) -> None:
         super().__init__(warm_up=False)
+        #: Seconds spent in the trainer's handlers (training), for the timings file.
+        self.busy_seconds = 0.0
 
     @classmethod
     def handlers(cls) -> dict[str, Callable[..., Any]]:
@@ -92,7 +99,11 @@ class InProcessTrainer(WarmTrainer):
 
     def _call(self, op: str, args: tuple[Any, ...], timeout: float) -> Any:
         with self._lock:
-            return self.handlers()[op](*args)
+            started = time.perf_counter()
+            try:
+                return self.handlers()[op](*args)
+            finally:
+                self.busy_seconds += time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,20 @@ class SimulatedDevice:
         mark.touch()
 
     @contextlib.contextmanager
+    def _timed(self, call: str, server_round: int) -> Iterator[None]:
+        """Append the call's wall and training seconds to the device's timings file."""
+        started = time.perf_counter()
+        trained = getattr(self.trainer, "busy_seconds", 0.0)
+        try:
+            yield
+        finally:
+            line = {"call": call, "round": int(server_round),
+                    "seconds": time.perf_counter() - started,
+                    "training_seconds": getattr(self.trainer, "busy_seconds", 0.0) - trained}
+            with contextlib.suppress(OSError), (self.data_dir / TIMINGS_FILE).open("a") as out:
+                out.write(json.dumps(line) + "\n")
+
+    @contextlib.contextmanager
     def core(self) -> Iterator[DeviceCore]:
         """The device's core for one round: opened, filled on first use, closed after."""
         store = EventStore.open(self.data_dir)
@@ -202,7 +227,7 @@ class SimulatedDevice:
             Where the daemon would end the call: a refusal, a ledger or
             trainer failure, with the servicer's status and public sentence.
         """
-        with self.core() as core:
+        with self._timed("train", request.server_round), self.core() as core:
             reply: device_pb2.TrainReply = FederationServicer(core).Train(
                 request, _CallContext()
             )
@@ -227,7 +252,7 @@ class SimulatedDevice:
         """
         key = SessionKey(request.run_id, int(request.server_round), int(request.node_id))
         name = session_name(key)
-        with self.core() as core:
+        with self._timed("secagg", request.server_round), self.core() as core:
             held = sessions.pop(name, None)
             if held is not None:
                 core.secagg.import_session(key, pickle.loads(held))

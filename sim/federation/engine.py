@@ -24,7 +24,9 @@ virtual nodes are registered and never samples fewer. At fraction 1 that is
 the whole population in every round, the first one included. An
 employee-day run never asks for fewer than the devices' policy's
 ``min_summed_devices`` t (each device refuses a SecAgg+ round that could
-unmask a sum of fewer), and needs a population of at least t.
+unmask a sum of fewer), and needs a population of at least t. From
+:data:`WIDE_SHARES` devices per round up, SecAgg+ neighbourhoods are wider
+than the deployment default unless the run config names them.
 
 Privacy unit: the run's (``privacy_unit``, default the employee-day, as in
 deployment) is also every simulated device's policy unit. Employee-day
@@ -63,6 +65,15 @@ ASSUMPTIONS = {
     "epsilon": "honest-but-curious server",
     "epsilon_broken": "server that breaks secure aggregation",
 }
+
+
+#: SecAgg+ neighbourhood (shares, reconstruction threshold) of a simulated run
+#: of at least that many devices per round. The deployment default (5, 3)
+#: halts a round when any device has 3 of its 5 neighbours drop out; in a
+#: simulated company about a tenth of the devices hold no eligible day and
+#: refuse every round (``no-data``), which at 100 devices stopped one round in
+#: three. 11 shares, threshold 6, need 6 of 11 neighbours to drop.
+WIDE_SHARES = (11, 6)
 
 
 class SimError(KeystayError, RuntimeError):
@@ -121,6 +132,9 @@ class SimOptions:
             per_round = max(per_round, t)
         if "min-devices" not in self.run_config:
             config["min-devices"] = per_round
+        if asked.employee_day and per_round >= WIDE_SHARES[0] and not (
+                {"secagg-num-shares", "secagg-reconstruction-threshold"} & set(self.run_config)):
+            config["secagg-num-shares"], config["secagg-reconstruction-threshold"] = WIDE_SHARES
         return RunSettings.from_run_config(config)
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from keystay.common.model import ModelConfig, initial_weights
 from keystay.server.settings import RUN_DEFAULTS
 from keystay.sim.federation.device import (
     FILLED_MARK,
+    TIMINGS_FILE,
     EmployeeData,
     InProcessTrainer,
     RoundAborted,
@@ -78,3 +80,15 @@ def test_a_refusal_ends_the_call_as_the_daemon_would(tmp_path: Path) -> None:
     assert isinstance(refused.value, grpc.RpcError)
     with Ledger.open(dev.data_dir) as ledger:
         assert ledger.totals() == []  # refused before anything was charged
+
+
+def test_each_call_appends_its_seconds_and_training_seconds(tmp_path: Path) -> None:
+    dev = device(tmp_path)
+    dev.prepare()
+    dev.train(request())
+    with pytest.raises(RoundAborted):
+        dev.train(request(**{"noise-multiplier": 0.01}))
+    lines = [json.loads(x) for x in (dev.data_dir / TIMINGS_FILE).read_text().splitlines()]
+    assert [x["call"] for x in lines] == ["train", "train"]
+    assert 0 < lines[0]["training_seconds"] <= lines[0]["seconds"]
+    assert lines[1]["training_seconds"] == 0  # refused before training

@@ -13,6 +13,7 @@ from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.settings import SettingsError
 from keystay.sim.federation.engine import (
     ASSUMPTIONS,
+    WIDE_SHARES,
     SimOptions,
     backend_config,
     enroll,
@@ -107,3 +108,14 @@ def test_backend_config_reserves_one_cpu_per_device_and_can_join_a_cluster(
     joined = backend_config(SimOptions(devices=1, rounds=1, out=tmp_path,
                                        ray_address="127.0.0.1:6390"))
     assert joined["init_args"]["address"] == "127.0.0.1:6390"
+
+
+def test_large_employee_day_runs_widen_secagg_neighbourhoods(tmp_path: Path) -> None:
+    wide = SimOptions(devices=100, rounds=1, fraction=0.5, out=tmp_path).settings()
+    assert (wide.secagg_num_shares, wide.secagg_reconstruction_threshold) == WIDE_SHARES
+    assert wide.secagg_reconstruction_threshold >= DevicePolicy().min_summed_devices
+    small = SimOptions(devices=5, rounds=1, out=tmp_path).settings()
+    asked = SimOptions(devices=100, rounds=1, out=tmp_path,
+                       run_config={"secagg-num-shares": 7,
+                                   "secagg-reconstruction-threshold": 4}).settings()
+    assert (small.secagg_num_shares, asked.secagg_num_shares) == (5, 7)
