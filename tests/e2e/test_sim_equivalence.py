@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from flwr.app import Context, Message
 
 from keystay.client.ledger.ledger import Ledger
@@ -43,6 +44,8 @@ from keystay.sim.employees import fill_store
 from keystay.sim.federation.clientapp import secagg_reply
 from keystay.sim.federation.device import FILLED_MARK, EmployeeData, SimulatedDevice
 from tests.e2e.secagg_grid import Node, NodesGrid, node_context, reports, secagg_round, zero_peer
+
+pytestmark = pytest.mark.e2e
 
 SEED = 20261207
 EMPLOYEE = 5
@@ -90,10 +93,10 @@ def _charges(folder: Path) -> list[dict[str, Any]]:
 
 
 def _compared(payload: dict[str, Any]) -> dict[str, Any]:
-    # What differs by construction: who signed, and the digest of the masked
-    # bytes (masks come from keys each setup draws afresh).
+    # What differs by construction: who signed, when, and the digest of the
+    # masked bytes (masks come from keys each setup draws afresh).
     return {k: v for k, v in payload.items()
-            if k not in ("device_id", "update_sha256", "created_at", "signed_at")}
+            if k not in ("device_id", "update_sha256", "created")}
 
 
 def test_a_simulated_device_and_a_real_daemon_send_the_same_update(tmp_path: Path) -> None:
