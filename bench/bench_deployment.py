@@ -9,8 +9,8 @@ waits until every SuperNode is online, runs ``--rounds`` employee-day rounds
 
 * ``seconds``: the round's wall time (``rounds.jsonl``);
 * ``link cpu s``: CPU seconds of the ``flower-superlink`` process during the
-  round, and ``server cpu s`` of the whole server session (SuperLink,
-  SuperExec, the ServerApp process);
+  round, and ``server cpu s`` of the whole server side (``keystay server
+  start`` and its process tree: SuperLink, SuperExec, the ServerApp process);
 * ``link MiB`` / ``server MiB``: the highest RSS of the same, sampled every
   0.5 s;
 * ``KB/device``: bytes on the SuperLink's fleet connections during the round
@@ -51,6 +51,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 @dataclass(frozen=True)
 class Proc:
     pid: int
+    ppid: int
     sid: int
     cpu_s: float
     rss: int
@@ -68,9 +69,29 @@ def processes() -> list[Proc]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        out.append(Proc(int(entry.name), int(fields[3]),
+        out.append(Proc(int(entry.name), int(fields[1]), int(fields[3]),
                         (int(fields[11]) + int(fields[12])) / TICK, int(fields[21]) * PAGE, cmd))
     return out
+
+
+def server_tree(root_pid: int, marker: str) -> list[Proc]:
+    """``keystay server start`` and its descendants (SuperLink, SuperExec, ServerApp).
+
+    Some start sessions of their own, so the tree is followed by parent id;
+    ``marker`` (the server folder) also catches a process re-parented away.
+    """
+    procs = processes()
+    children: dict[int, list[Proc]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p)
+    found = {p.pid: p for p in procs if p.pid == root_pid or marker in p.cmd}
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child.pid not in found:
+                found[child.pid] = child
+                todo.append(child.pid)
+    return list(found.values())
 
 
 def fleet_bytes(port: int) -> int:
@@ -87,7 +108,8 @@ def fleet_bytes(port: int) -> int:
 class Sampler:
     """CPU, peak RSS of the server session and its SuperLink, and fleet bytes, per interval."""
 
-    server_sid: int
+    server_pid: int
+    marker: str
     port: int
     peak_link: int = 0
     peak_server: int = 0
@@ -98,9 +120,7 @@ class Sampler:
     def cpu(self) -> tuple[float, float]:
         link = server = 0.0
         alive = {}
-        for p in processes():
-            if p.sid != self.server_sid:
-                continue
+        for p in server_tree(self.server_pid, self.marker):
             alive[p.pid] = p.cpu_s
             server += p.cpu_s
             if "flower-superlink" in p.cmd:
@@ -115,11 +135,10 @@ class Sampler:
     def run(self) -> None:
         while not self.stop.is_set():
             link = server = 0
-            for p in processes():
-                if p.sid == self.server_sid:
-                    server += p.rss
-                    if "flower-superlink" in p.cmd:
-                        link += p.rss
+            for p in server_tree(self.server_pid, self.marker):
+                server += p.rss
+                if "flower-superlink" in p.cmd:
+                    link += p.rss
             self.peak_link, self.peak_server = max(self.peak_link, link), max(self.peak_server,
                                                                               server)
             self.cpu()
@@ -135,19 +154,14 @@ class Sampler:
 
 
 def device_memory(fed: LocalFederation) -> float:
-    """Mean RSS (MiB) of one device's session (daemon, trainer, SuperNode and children)."""
-    sids = {d.part.process.pid for d in fed.device_list if d.part is not None}
-    per: dict[int, int] = {}
-    for p in processes():
-        if p.sid in sids:
-            per[p.sid] = per.get(p.sid, 0) + p.rss
-    # The daemon starts its SuperNode in a session of its own: count its children too.
-    children: dict[int, int] = {}
-    for p in processes():
-        if "flower-supernode" in p.cmd or "flwr-clientapp" in p.cmd or "flower-superexec" in p.cmd:
-            children[p.sid] = children.get(p.sid, 0) + p.rss
-    extra = sum(v for s, v in children.items() if s not in sids)
-    return (sum(per.values()) + extra) / max(1, len(sids)) / 2**20
+    """Mean RSS (MiB) of one device: its daemon's process tree (trainer, SuperNode and
+    what the SuperNode starts: SuperExec, ClientApp), and any process naming its folder."""
+    total = 0
+    for device in fed.device_list:
+        if device.part is not None:
+            total += sum(p.rss for p in server_tree(device.part.process.pid,
+                                                    str(device.data_dir)))
+    return total / max(1, len(fed.device_list)) / 2**20
 
 
 def run(root: Path, devices: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -159,7 +173,7 @@ def run(root: Path, devices: int, args: argparse.Namespace) -> list[dict[str, An
         print(f"K = {devices}: federation up in {time.monotonic() - started:.0f} s", flush=True)
         link = next(p for p in fed.parts if p.name == "SuperLink")
         port = int(fed.fleet.rsplit(":", 1)[1])
-        sampler = Sampler(link.process.pid, port)
+        sampler = Sampler(link.process.pid, str(fed.server_dir), port)
         thread = threading.Thread(target=sampler.run, daemon=True)
         thread.start()
         settings = RunSettings(

@@ -212,19 +212,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="skip tuning's lr choice")
     parser.add_argument("--clip", type=float, default=None, help="skip tuning's C choice")
     parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--tune-lrs", default="0.005,0.02,0.05")
+    parser.add_argument("--tune-clips", default="0.5,1.0")
     parser.add_argument("--company", type=int, default=0)
     parser.add_argument("--tune-company", type=int, default=1)
     parser.add_argument("--heldout-employees", type=int, default=6)
     parser.add_argument("--no-central", action="store_true")
     parser.add_argument("--no-nonprivate", action="store_true")
     parser.add_argument("--workers", type=int, default=2, help="device processes")
+    parser.add_argument("--t", type=int, default=POLICY.min_summed_devices,
+                        help="the devices' min_summed_devices (policy default 3); each adds "
+                        "noise σC/√t, so a sum of N devices carries σC·√(N/t)")
     args = parser.parse_args(argv)
     pool = ProcessPoolExecutor(args.workers, initializer=_init_worker) if args.workers > 1 else None
 
     base = Setup(rounds=args.rounds, days=args.days, local_steps=args.local_steps,
                  batch=args.batch, lr=args.lr or RUN_DEFAULTS.learning_rate,
                  clip=args.clip or RUN_DEFAULTS.update_clip,
-                 day_rate=RUN_DEFAULTS.day_sample_rate, t=POLICY.min_summed_devices)
+                 day_rate=RUN_DEFAULTS.day_sample_rate, t=args.t)
     dim = sum(int(w.size) for w in initial_weights(ModelConfig(), seed=0))
     evaluator = HeldoutEvaluator(HeldoutPopulation(employees=args.heldout_employees),
                                  ModelConfig())
@@ -234,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if not args.no_tune:
         tune_people = company(100, args.tune_company, base.days)
-        grid = [(lr, c) for lr in ([args.lr] if args.lr else [0.005, 0.02, 0.05])
-                for c in ([args.clip] if args.clip else [0.5, 1.0])]
+        grid = [(lr, c) for lr in ([args.lr] if args.lr else parse_list(args.tune_lrs, float))
+                for c in ([args.clip] if args.clip else parse_list(args.tune_clips, float))]
         scores = []
         for lr, c in grid:
             setup = Setup(**{**base.__dict__, "lr": lr, "clip": c})
