@@ -200,8 +200,10 @@ def run(root: Path, devices: int, args: argparse.Namespace) -> list[dict[str, An
 
         outcome = start_run(fed.server_dir, settings, on_round=on_round)
         sampler.stop.set()
-        if outcome.returncode != 0:
-            raise SystemExit(outcome.log_file.read_text(errors="replace")[-3000:])
+        if outcome.returncode != 0 or len(rows) < args.rounds:
+            print(f"   the run ended after {len(rows)} of {args.rounds} rounds "
+                  f"(exit {outcome.returncode}); its log: {outcome.log_file}", flush=True)
+            print(outcome.log_file.read_text(errors="replace")[-2000:], flush=True)
         print(f"   memory per device (daemon, trainer, SuperNode, SuperExec, ClientApp): "
               f"{device_memory(fed):.0f} MiB", flush=True)
         return rows
@@ -224,13 +226,15 @@ def main() -> None:
     parser.add_argument("--devices", default="3,10,20")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=3)
+    parser.add_argument("--root", type=Path, help="keep every folder and log here "
+                        "(default: a temporary folder, removed at the end)")
     args = parser.parse_args()
     counts = [int(x) for x in args.devices.split(",") if x]
     print(HEADER, flush=True)
     medians = {}
     with tempfile.TemporaryDirectory(prefix="keystay-bench-deploy-") as tmp:
         for k in counts:
-            rows = run(Path(tmp) / f"k{k}", k, args)
+            rows = run((args.root or Path(tmp)) / f"k{k}", k, args)
             seconds = [r["seconds"] for r in rows]
             medians[k] = statistics.median(seconds[1:] or seconds)
     print("\nround time growth (median of rounds after the first):")
