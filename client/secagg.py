@@ -40,7 +40,9 @@ from keystay.client.serde import weights_to_proto
 from keystay.common.wire import SECAGG_WEIGHT
 from keystay.v1 import device_pb2
 
-__all__ = ["SECAGG_WEIGHT", "is_secagg_message", "secagg_train", "stage_request"]
+__all__ = [
+    "SECAGG_WEIGHT", "is_secagg_message", "secagg_train", "stage_reply", "stage_request",
+]
 
 
 def is_secagg_message(msg: Message) -> bool:
@@ -84,11 +86,28 @@ def secagg_train(msg: Message, context: Context) -> Message:
         request = stage_request(msg, context)
         with FederationClient(device_socket(context)) as device:
             reply = device.secagg_stage(request)
-        proto = ProtoConfigRecord()
-        proto.ParseFromString(reply.configs)
-        result = config_record_from_proto(proto)
+        return stage_reply(msg, reply)
     except (grpc.RpcError, DeviceUnavailableError, KeyError, ValueError) as error:
         return error_reply(msg, error)
+
+
+def stage_reply(msg: Message, reply: device_pb2.SecAggStageReply) -> Message:
+    """The Flower reply to ``msg`` carrying the daemon's stage answer.
+
+    Shared with the simulation's virtual nodes (:mod:`keystay.sim.federation.clientapp`),
+    which get ``reply`` from the daemon's servicer in-process.
+
+    Raises
+    ------
+    ValueError
+        The daemon's ConfigRecord does not parse.
+    """
+    proto = ProtoConfigRecord()
+    try:
+        proto.ParseFromString(reply.configs)
+    except Exception as error:  # protobuf's DecodeError
+        raise ValueError(f"the daemon's SecAgg+ reply does not parse: {error}") from None
+    result = config_record_from_proto(proto)
     content = RecordDict()
     if reply.HasField("report"):
         report = reply.report

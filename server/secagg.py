@@ -247,7 +247,9 @@ class SecAggFedAvg(FedAvg):
         evaluator: HeldoutEvaluator | None = None,
     ) -> None:
         super().__init__(
-            fraction_fit=1.0,
+            # As a plain run: a fixed count drawn without replacement (at least
+            # min-devices); no amplification by this sampling is claimed.
+            fraction_fit=settings.fraction_train,
             # No federated evaluation: devices are never asked to score weights.
             fraction_evaluate=0.0,
             min_fit_clients=settings.min_devices,

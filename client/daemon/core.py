@@ -170,6 +170,11 @@ class DeviceCore:
         Signs privacy reports.
     trainer : WarmTrainer
         The long-lived torch process.
+    seed : int or None
+        Tests only (a simulated device against a real daemon): draw the
+        employee-day round's day sampling and noise, and every trainer job's
+        randomness, from this seed instead of OS entropy. ``None`` (always, in
+        the daemon: its CLI has no way to set it, and a test checks that).
     """
 
     def __init__(
@@ -180,8 +185,10 @@ class DeviceCore:
         ledger: Ledger,
         identity: DeviceIdentity,
         trainer: WarmTrainer,
+        seed: int | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self._seed = seed
         self.store = store
         self.policy = policy
         self.ledger = ledger
@@ -290,7 +297,7 @@ class DeviceCore:
             )
             self._closed_blocks = None  # these blocks are closed to new tokens now
             outcome = self.trainer.train(
-                _job(weights, train, heldout, request, mechanism)
+                _job(weights, train, heldout, request, mechanism, self._seed)
             )
             report = build_report(
                 device_id=self.device_id,
@@ -396,11 +403,13 @@ class DeviceCore:
                 broken_mechanism=broken,
             )
             self._closed_blocks = None  # these blocks are closed to new tokens now
-            rng = CryptoRandom.from_os("employee-day")
+            rng = (CryptoRandom.from_os("employee-day") if self._seed is None
+                   else CryptoRandom.from_seed(self._seed, "employee-day"))
             updates = []
             for day in sample_days(days, spec.day_sample_rate, rng):
                 data = self._load([day])[0]
-                outcome = self.trainer.train(_day_job(weights, data, request, self.policy))
+                outcome = self.trainer.train(
+                    _day_job(weights, data, request, self.policy, self._seed))
                 updates.append([
                     np.asarray(new, np.float64) - np.asarray(old, np.float64)
                     for new, old in zip(outcome.weights, weights, strict=True)
@@ -535,14 +544,16 @@ def check_weights(weights: Sequence[np.ndarray], spec: WeightSpec) -> None:
 
 
 def _day_job(
-    weights: list[np.ndarray], data: BlockData, request: TrainingRequest, policy: DevicePolicy
+    weights: list[np.ndarray], data: BlockData, request: TrainingRequest, policy: DevicePolicy,
+    seed: int | None = None,
 ) -> TrainJob:
     """One sampled day's local training from the global weights.
 
     Plain minibatches unless the policy adds record-level DP-SGD inside
     (``record_level_dp``); either way the day's whole update is clipped to
     ``C`` afterwards. Batches of the run's record rate ``q_r`` of the day's
-    windows (at least one window); OS entropy, never a server seed.
+    windows (at least one window); OS entropy, never a server seed (``seed``
+    is the core's test-only seed, else None).
     """
     return TrainJob(
         weights=weights,
@@ -554,7 +565,7 @@ def _day_job(
         batch_size=max(1, round(request.sample_rate * len(data.train))),
         poisson_rate=request.sample_rate if policy.record_level_dp else None,
         learning_rate=request.learning_rate,
-        seed=None,
+        seed=seed,
         record_level_dp=policy.record_level_dp,
     )
 
@@ -565,9 +576,11 @@ def _job(
     heldout: np.ndarray,
     request: TrainingRequest,
     mechanism: Mechanism,
+    seed: int | None = None,
 ) -> TrainJob:
     # seed=None: sampling and noise draw fresh OS entropy. A seed from the
-    # server would let it predict the batches and subtract the noise.
+    # server would let it predict the batches and subtract the noise (``seed``
+    # is only ever the core's test-only seed).
     return TrainJob(
         weights=weights,
         train=train,
@@ -579,5 +592,5 @@ def _job(
         batch_size=max(1, round(mechanism.sample_rate * len(train))),
         poisson_rate=mechanism.sample_rate,
         learning_rate=request.learning_rate,
-        seed=None,
+        seed=seed,
     )

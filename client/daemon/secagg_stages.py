@@ -374,6 +374,25 @@ class SecAggStages:
             del self._sessions[key]
             return result
 
+    # -- sessions kept elsewhere (the simulation) --------------------------------
+
+    def export_session(self, key: SessionKey) -> _Session | None:
+        """The session for ``key`` (None if none), removed from this object.
+
+        For :mod:`keystay.sim.federation.device` only: a virtual node's four
+        stages may run in different Ray actors, so its session travels in the
+        node's Flower context between stages, as Flower's own SecAgg+ mod keeps
+        its state. The daemon never calls this: its sessions stay in its memory.
+        """
+        with self._lock:
+            return self._sessions.pop(key, None)
+
+    def import_session(self, key: SessionKey, session: _Session) -> None:
+        """Hold ``session`` for ``key`` again (see :meth:`export_session`)."""
+        with self._lock:
+            session.touched = self._clock()  # another process's monotonic clock
+            self._sessions[key] = session
+
     # -- helpers ----------------------------------------------------------------
 
     def _body(self, configs: ConfigRecord, stage: str) -> ConfigRecord:

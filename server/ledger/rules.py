@@ -19,6 +19,7 @@ history recomputed after a device restart may differ in the last bits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, TypeGuard
@@ -110,6 +111,7 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 _RECOMPUTE_REL_TOL = 1e-6
 
 
+@functools.lru_cache(maxsize=1024)
 def round_epsilon_rdp(noise_multiplier: float, sample_rate: float, steps: int,
                       delta: float) -> float:
     """RDP ε of one Poisson-subsampled Gaussian mechanism, as the device computes it.
@@ -117,6 +119,11 @@ def round_epsilon_rdp(noise_multiplier: float, sample_rate: float, steps: int,
     Opacus's RDP of the sampled Gaussian (Mironov, Talwar, Zhang 2019) over
     :data:`RDP_ORDERS`, converted with Balle et al. 2020, Thm. 21 (the
     device's conversion).
+
+    Cached: every device of a round reports the same mechanism, and the
+    recomputation (about 0.2 s of Opacus series per call) ran twice per report,
+    so at 100 devices it was most of the ServerApp's round (issue 11,
+    docs/scale.md). A pure function of its four numbers.
 
     >>> round(round_epsilon_rdp(4.0, 0.01, 10_000, 1e-5), 2)
     1.04

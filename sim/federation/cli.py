@@ -63,21 +63,27 @@ def summary_line(line: dict[str, Any]) -> str:
               "private one; see docs/scale.md.")
 @click.option("--cpus-per-device", type=float, default=1.0, show_default=True,
               help="Ray CPUs reserved per ClientApp actor (1: one device per core at a time).")
+@click.option("--privacy-unit", type=click.Choice(["employee-day", "record"]),
+              default="employee-day", show_default=True,
+              help="The run's and every device's privacy unit: employee-day rounds go "
+              "through SecAgg+ (the deployment default); record is DP-SGD per window.")
 @click.option("--verbose", is_flag=True, help="Show Flower's and Ray's own log lines too.")
 @click.option("--run-config", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any run config key (as keystay round start), e.g. noise-multiplier=3.0.")
 def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out: Path | None,
         days: int, seed: int, ray_address: str | None, cpus_per_device: float,
-        verbose: bool, extra: tuple[str, ...]) -> None:
+        privacy_unit: str, verbose: bool, extra: tuple[str, ...]) -> None:
     """Run a federation of simulated employees here, on Flower's Simulation Engine.
 
     \b
-    The server is keystay's own ServerApp (strategy, report verification,
-    central DP, checkpoints); every virtual device runs the real device code
-    in-process: policy, ledger, an encrypted store of a simulated employee
-    (developer, designer, support or manager), the trainer, the noise, the
-    signed report. No daemon, no socket. Accuracy is the server's held-out
-    score on simulated employees that never train.
+    The server is keystay's own ServerApp (strategy, SecAgg+, report
+    verification, checkpoints); every virtual device runs the real device
+    code in-process: policy, ledger, an encrypted store of a simulated
+    employee (developer, designer, support or manager), the daemon's SecAgg+
+    stages, the trainer, the noise, the signed report. No daemon, no socket.
+    Accuracy is the server's held-out score on simulated employees that
+    never train. An employee-day run needs at least the devices'
+    min_summed_devices (3) per round.
 
     \b
     Prints the table of keystay round start, one row per round, with the
@@ -114,6 +120,7 @@ def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out:
     options = SimOptions(devices=devices, rounds=rounds, fraction=fraction, out=folder,
                          days=days, seed=seed, cpus_per_device=cpus_per_device,
                          ray_address=ray_address, run_config=config,
+                         privacy_unit=privacy_unit,
                          run_name=time.strftime("sim-%Y%m%d-%H%M%S"))
     sink: IO[str] | None = None
     try:

@@ -1,13 +1,25 @@
 """The ClientApp of a virtual node: the deployment ClientApp's reply, the device in-process.
 
 What a virtual node sends back is exactly what :mod:`keystay.client.app`
-sends from a real SuperNode: the noised update, ``num-examples`` = 1, the
-report's ε copy and the signed report; a refusal, unavailable device or
-failure as the same Flower ``Error`` codes (built by the same
+sends from a real SuperNode. In an employee-day run (the default) that is
+each SecAgg+ stage's answer, built from the same request and into the same
+reply as the deployment's relay (:func:`keystay.client.secagg.stage_request`
+and :func:`~keystay.client.secagg.stage_reply`): keys, encrypted shares,
+the masked vector with the signed report, the unmasking shares. In a
+record-level run it is the noised update, ``num-examples`` = 1, the
+report's ε copy and the signed report. A refusal, unavailable device or
+failure comes back as the same Flower ``Error`` codes (built by the same
 :func:`~keystay.client.requests.error_reply`). The only difference is where
-``Federation.Train`` is answered: by :meth:`SimulatedDevice.train` in this
-process (the daemon's own servicer and core), not over a socket. Virtual
-nodes do not evaluate for the federation either.
+the device answers: :meth:`SimulatedDevice.secagg_stage` and
+:meth:`SimulatedDevice.train` call the daemon's own servicer and core in
+this process, not over a socket. Virtual nodes do not evaluate for the
+federation either.
+
+A virtual node's four SecAgg+ stages may run in different Ray actors, so
+its session (the keys and shares the daemon would keep in memory) waits
+between stages in the node's Flower context (``context.state``, record
+:data:`SESSIONS_RECORD`), which Flower's engine keeps per node, as Flower's
+own SecAgg+ mod keeps its state there.
 
 The node's ``partition-id`` (Flower's simulation numbering, 0 … N−1) picks
 the simulated employee in the :class:`Population`.
@@ -15,7 +27,7 @@ the simulated employee in the :class:`Population`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -31,7 +43,9 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from keystay.client.app import FEDAVG_WEIGHT, NO_EVALUATE
+from keystay.client.policy import DevicePolicy
 from keystay.client.requests import error_reply, train_request
+from keystay.client.secagg import is_secagg_message, stage_reply, stage_request
 from keystay.client.serde import weights_from_proto
 from keystay.common.wire import ERROR_REFUSED
 from keystay.sim.federation.device import EmployeeData, SimulatedDevice
@@ -39,6 +53,8 @@ from keystay.v1 import device_pb2
 
 #: The node-config key Flower's Simulation Engine numbers virtual nodes by.
 PARTITION_ID = "partition-id"
+#: The ``context.state`` record where a virtual node's SecAgg+ session waits.
+SESSIONS_RECORD = "keystay-sim-secagg-sessions"
 
 
 @dataclass(frozen=True)
@@ -47,9 +63,25 @@ class Population:
 
     devices_dir: Path
     employees: tuple[EmployeeData, ...]
+    #: Every device's policy (its privacy unit is the run's).
+    policy: DevicePolicy = field(default_factory=DevicePolicy)
 
     def device(self, partition: int) -> SimulatedDevice:
-        return SimulatedDevice(self.devices_dir / f"{partition:05d}", self.employees[partition])
+        return SimulatedDevice(self.devices_dir / f"{partition:05d}", self.employees[partition],
+                               policy=self.policy)
+
+
+def secagg_reply(msg: Message, context: Context, device: SimulatedDevice) -> Message:
+    """One SecAgg+ stage of a virtual node, as the deployment relay answers it."""
+    state = context.state.config_records
+    if SESSIONS_RECORD not in state:
+        state[SESSIONS_RECORD] = ConfigRecord()
+    sessions = state[SESSIONS_RECORD]
+    try:
+        reply = device.secagg_stage(stage_request(msg, context), sessions)  # type: ignore[arg-type]
+        return stage_reply(msg, reply)
+    except (grpc.RpcError, KeyError, ValueError) as error:  # as keystay.client.secagg files
+        return error_reply(msg, error)
 
 
 def reply_content(reply: device_pb2.TrainReply) -> RecordDict:
@@ -75,6 +107,9 @@ def client_app(population: Population) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_secagg_message(msg):
+            return secagg_reply(msg, context,
+                                population.device(int(context.node_config[PARTITION_ID])))
         try:
             config = msg.content.config_records["config"]
             weights = msg.content.array_records["arrays"].to_numpy_ndarrays()

@@ -33,9 +33,12 @@ after it, so a thousand devices hold no open files between rounds.
 from __future__ import annotations
 
 import contextlib
+import json
+import pickle
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -43,36 +46,39 @@ from typing import Any, NoReturn
 import grpc
 
 from keystay.client.daemon.core import DeviceCore
+from keystay.client.daemon.secagg_stages import SessionKey
 from keystay.client.daemon.service import FederationServicer
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.ledger import Ledger
 from keystay.client.policy import DevicePolicy
 from keystay.client.store import EventStore
-from keystay.client.trainer.job import TrainJob, TrainOutcome
 from keystay.client.trainer.process import WarmTrainer, _handlers
 from keystay.sim.employees import fill_store, role_named
 from keystay.v1 import device_pb2
 
 #: The file in a device folder that says its store holds its simulated days.
 FILLED_MARK = "simulated-days.done"
+#: Per call of a virtual device: the call, round, wall seconds and the seconds
+#: of it spent training (the simulation's own measurement; see docs/scale.md).
+TIMINGS_FILE = "sim-timings.jsonl"
 
 
 class InProcessTrainer(WarmTrainer):
     """A :class:`WarmTrainer` whose calls run in this process (for virtual nodes only).
 
     The handlers are the trainer child's own (:func:`keystay.client.trainer.process._handlers`),
-    imported once per process and shared by every device in it. ``seed``
-    replaces each job's ``seed=None`` (fresh OS entropy) with a fixed seed:
-    for tests that compare a simulated device with a real daemon, never for
-    a run whose figures anyone relies on.
+    imported once per process and shared by every device in it. A job's
+    seed is the core's: ``None`` (fresh OS entropy) unless a test seeds the
+    device (:class:`SimulatedDevice`'s ``seed``).
     """
 
     _shared: dict[str, Callable[..., Any]] | None = None
     _shared_lock = threading.Lock()
 
-    def __init__(self, *, seed: int | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__(warm_up=False)
-        self.seed = seed
+        #: Seconds spent in the trainer's handlers (training), for the timings file.
+        self.busy_seconds = 0.0
 
     @classmethod
     def handlers(cls) -> dict[str, Callable[..., Any]]:
@@ -91,15 +97,13 @@ class InProcessTrainer(WarmTrainer):
     def ready(self) -> bool:
         return True
 
-    def train(self, job: TrainJob, *, timeout: float = 0.0) -> TrainOutcome:
-        if self.seed is not None:
-            job = replace(job, seed=self.seed)
-        outcome: TrainOutcome = self._call("train", (job,), timeout)
-        return outcome
-
     def _call(self, op: str, args: tuple[Any, ...], timeout: float) -> Any:
         with self._lock:
-            return self.handlers()[op](*args)
+            started = time.perf_counter()
+            try:
+                return self.handlers()[op](*args)
+            finally:
+                self.busy_seconds += time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,11 @@ class SimulatedDevice:
     policy : DevicePolicy
         The device's policy (the employee's; the built-in defaults unless given).
     trainer : WarmTrainer or None
-        ``None``: an :class:`InProcessTrainer` with fresh OS entropy.
+        ``None``: an :class:`InProcessTrainer`.
+    seed : int or None
+        Tests only: the core's test seed (see :class:`DeviceCore`), so a
+        simulated device and a seeded real daemon draw the same randomness.
+        ``None`` (fresh OS entropy) in every run.
     """
 
     def __init__(
@@ -158,11 +166,13 @@ class SimulatedDevice:
         employee: EmployeeData,
         policy: DevicePolicy | None = None,
         trainer: WarmTrainer | None = None,
+        seed: int | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.employee = employee
         self.policy = policy or DevicePolicy()
         self.trainer = trainer or InProcessTrainer()
+        self.seed = seed
 
     def prepare(self) -> DeviceIdentity:
         """Create the folder and the signing key; return the identity to enroll."""
@@ -182,6 +192,20 @@ class SimulatedDevice:
         mark.touch()
 
     @contextlib.contextmanager
+    def _timed(self, call: str, server_round: int) -> Iterator[None]:
+        """Append the call's wall and training seconds to the device's timings file."""
+        started = time.perf_counter()
+        trained = getattr(self.trainer, "busy_seconds", 0.0)
+        try:
+            yield
+        finally:
+            line = {"call": call, "round": int(server_round),
+                    "seconds": time.perf_counter() - started,
+                    "training_seconds": getattr(self.trainer, "busy_seconds", 0.0) - trained}
+            with contextlib.suppress(OSError), (self.data_dir / TIMINGS_FILE).open("a") as out:
+                out.write(json.dumps(line) + "\n")
+
+    @contextlib.contextmanager
     def core(self) -> Iterator[DeviceCore]:
         """The device's core for one round: opened, filled on first use, closed after."""
         store = EventStore.open(self.data_dir)
@@ -189,7 +213,7 @@ class SimulatedDevice:
         try:
             self._fill(store)
             yield DeviceCore(self.data_dir, store, self.policy, ledger,
-                             DeviceIdentity.open(self.data_dir), self.trainer)
+                             DeviceIdentity.open(self.data_dir), self.trainer, seed=self.seed)
         finally:
             ledger.close()
             store.close()
@@ -203,8 +227,46 @@ class SimulatedDevice:
             Where the daemon would end the call: a refusal, a ledger or
             trainer failure, with the servicer's status and public sentence.
         """
-        with self.core() as core:
+        with self._timed("train", request.server_round), self.core() as core:
             reply: device_pb2.TrainReply = FederationServicer(core).Train(
                 request, _CallContext()
             )
             return reply
+
+    def secagg_stage(
+        self, request: device_pb2.SecAggStageRequest, sessions: MutableMapping[str, bytes]
+    ) -> device_pb2.SecAggStageReply:
+        """``Federation.SecAggStage``, in-process: the daemon's servicer on this device's core.
+
+        ``sessions`` is where this device's SecAgg+ session waits between
+        stages (the daemon keeps it in memory; a virtual node's four stages may
+        run in different Ray actors, so the simulation keeps it in the node's
+        Flower context, see :func:`keystay.sim.federation.clientapp.client_app`).
+        It is restored into the core before the stage and taken back after it,
+        refusal or not, exactly as the daemon's memory would hold it.
+
+        Raises
+        ------
+        RoundAborted
+            Where the daemon would end the call (see :meth:`train`).
+        """
+        key = SessionKey(request.run_id, int(request.server_round), int(request.node_id))
+        name = session_name(key)
+        with self._timed("secagg", request.server_round), self.core() as core:
+            held = sessions.pop(name, None)
+            if held is not None:
+                core.secagg.import_session(key, pickle.loads(held))
+            try:
+                reply: device_pb2.SecAggStageReply = FederationServicer(core).SecAggStage(
+                    request, _CallContext()
+                )
+                return reply
+            finally:
+                kept = core.secagg.export_session(key)
+                if kept is not None:
+                    sessions[name] = pickle.dumps(kept)
+
+
+def session_name(key: SessionKey) -> str:
+    """Where a session waits in a virtual node's context: run, round and node."""
+    return f"{key.run_id}/{key.server_round}/{key.node_id}"

@@ -21,7 +21,18 @@ is filled with its simulated days on the first round that reaches it.
 Sampling: the run's ``min-devices`` is ``int(N × fraction)`` (Flower's own
 rounding of ``fraction_train``), so the ServerApp waits until that many
 virtual nodes are registered and never samples fewer. At fraction 1 that is
-the whole population in every round, the first one included.
+the whole population in every round, the first one included. An
+employee-day run never asks for fewer than the devices' policy's
+``min_summed_devices`` t (each device refuses a SecAgg+ round that could
+unmask a sum of fewer), and needs a population of at least t. From
+:data:`WIDE_SHARES` devices per round up, SecAgg+ neighbourhoods are wider
+than the deployment default unless the run config names them.
+
+Privacy unit: the run's (``privacy_unit``, default the employee-day, as in
+deployment) is also every simulated device's policy unit. Employee-day
+rounds go through SecAgg+: the ServerApp runs Flower's SecAgg+ workflow and
+every virtual device answers each stage through the daemon's own
+``SecAggStage`` servicer and core (:mod:`keystay.sim.federation.clientapp`).
 
 While it runs, :func:`follow` reads the ServerApp's rows as they land and
 turns each into one line of the simulation's JSON output (:func:`sim_row`).
@@ -38,12 +49,13 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from keystay.client.policy import DevicePolicy
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.rounds import complete_rows
 from keystay.server.runlog import ROUNDS_FILE
-from keystay.server.settings import RunSettings
+from keystay.server.settings import RunSettings, SettingsError
 from keystay.sim.employees import day_volumes, roster
 from keystay.sim.federation.clientapp import Population
 from keystay.sim.federation.device import EmployeeData, SimulatedDevice
@@ -53,6 +65,15 @@ ASSUMPTIONS = {
     "epsilon": "honest-but-curious server",
     "epsilon_broken": "server that breaks secure aggregation",
 }
+
+
+#: SecAgg+ neighbourhood (shares, reconstruction threshold) of a simulated run
+#: of at least that many devices per round. The deployment default (5, 3)
+#: halts a round when any device has 3 of its 5 neighbours drop out; in a
+#: simulated company about a tenth of the devices hold no eligible day and
+#: refuse every round (``no-data``), which at 100 devices stopped one round in
+#: three. 11 shares, threshold 6, need 6 of 11 neighbours to drop.
+WIDE_SHARES = (11, 6)
 
 
 class SimError(KeystayError, RuntimeError):
@@ -78,20 +99,48 @@ class SimOptions:
     cpus_per_device: float = 1.0
     ray_address: str | None = None
     run_name: str = ""
+    privacy_unit: str = "employee-day"
     run_config: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> RunSettings:
-        """The run's settings: the deployment defaults, the population's size and overrides."""
+        """The run's settings: the deployment defaults, the population's size and overrides.
+
+        Raises
+        ------
+        SettingsError
+            A run config the ServerApp refuses, or an employee-day run over
+            fewer devices than the policy's ``min_summed_devices``.
+        """
         config: dict[str, Any] = {
             **RunSettings(server_dir=Path("/"), run_name="x").as_run_config(),
             "server-dir": str(self.out.resolve() / "server"),
             "run-name": self.run_name or time.strftime("sim-%Y%m%d-%H%M%S"),
             "num-server-rounds": self.rounds,
-            "min-devices": max(1, int(self.devices * self.fraction)),
             "fraction-train": float(self.fraction),
+            "privacy-unit": self.privacy_unit,
             **self.run_config,
         }
+        asked = RunSettings.from_run_config(config)  # refuses a bad key or value first
+        per_round = max(1, int(self.devices * asked.fraction_train))
+        if asked.employee_day:
+            t = self.policy(asked.privacy_unit).min_summed_devices
+            if self.devices < t:
+                raise SettingsError(
+                    f"an employee-day run needs at least {t} devices (the devices' "
+                    f"min_summed_devices); asked for {self.devices}"
+                )
+            per_round = max(per_round, t)
+        if "min-devices" not in self.run_config:
+            config["min-devices"] = per_round
+        if asked.employee_day and per_round >= WIDE_SHARES[0] and not (
+                {"secagg-num-shares", "secagg-reconstruction-threshold"} & set(self.run_config)):
+            config["secagg-num-shares"], config["secagg-reconstruction-threshold"] = WIDE_SHARES
         return RunSettings.from_run_config(config)
+
+    @staticmethod
+    def policy(privacy_unit: str) -> DevicePolicy:
+        """Every simulated device's policy: the built-in defaults, with the run's unit."""
+        return DevicePolicy(privacy_unit=privacy_unit)  # type: ignore[arg-type]
 
 
 def population(options: SimOptions) -> Population:
@@ -102,7 +151,8 @@ def population(options: SimOptions) -> Population:
                      end_day=end)
         for seed, role in roster(options.devices, options.seed)
     )
-    return Population(options.out.resolve() / "devices", employees)
+    unit = options.settings().privacy_unit
+    return Population(options.out.resolve() / "devices", employees, options.policy(unit))
 
 
 def enroll(population: Population, settings: RunSettings) -> None:

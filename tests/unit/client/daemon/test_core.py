@@ -321,3 +321,42 @@ def test_masking_with_too_few_shares_charges_nothing(tmp_path: Path) -> None:
     assert refused.value.code == "secagg-below-threshold"
     assert trainer.jobs == [] and ledger_rows(tmp_path / "d") == before
     assert "secagg-below-threshold" in (tmp_path / "d" / REFUSALS_FILE).read_text()
+
+
+def test_the_daemon_never_seeds_its_core() -> None:
+    # DeviceCore's seed is a test-only seam (a simulated device against a real
+    # daemon): the daemon builds its core without it, and its CLI offers no
+    # option that could reach it.
+    import ast
+    import inspect
+
+    import keystay.client.daemon.main as daemon_main
+    from keystay.cli.main import main
+    from keystay.client.device_cli import device
+
+    assert inspect.signature(DeviceCore).parameters["seed"].default is None
+    tree = ast.parse(inspect.getsource(daemon_main))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "DeviceCore"]
+    assert calls, "the daemon builds its core somewhere"
+    for call in calls:
+        assert len(call.args) == 6 and not call.keywords, ast.dump(call)
+    run = device.get_command(None, "run")  # type: ignore[arg-type]
+    assert run is not None and main is not None
+    names = {name for param in run.params for name in (*param.opts, param.name or "")}
+    assert not any("seed" in name and "employee" not in name for name in names), names
+
+
+def test_only_a_seeded_core_hands_its_seed_to_the_trainer(tmp_path: Path) -> None:
+    # Unseeded (the daemon): every day's job draws OS entropy (seed None).
+    # Seeded (a test): every job carries the seed, so a real daemon and a
+    # simulated device can be compared bit for bit.
+    seen = {}
+    for name, seed in (("os", None), ("seeded", 11)):
+        core, trainer = make_core(tmp_path / name, unit="employee-day")
+        core._seed = seed  # as DeviceCore(..., seed=seed) sets it
+        keys = _open_round(core)
+        core.secagg_stage(keys[1], _masking(core, 1), _day_request(), weights())
+        seen[name] = [job.seed for job in trainer.jobs]
+    assert seen["os"] and set(seen["os"]) == {None}
+    assert seen["seeded"] and set(seen["seeded"]) == {11}

@@ -299,3 +299,25 @@ def test_sessions_expire_and_are_bounded() -> None:
     now[0] = secagg_stages.SESSION_TTL_S + 1
     stages.setup(SessionKey("r", 999, 1), _setup(3, 3, 2))
     assert len(stages) == 1
+
+
+def test_an_exported_session_resumes_in_another_object_and_its_state_machine_holds() -> None:
+    # The simulation carries a virtual node's session between Ray actors: the
+    # session leaves one SecAggStages (which then knows nothing of it) and the
+    # next stage runs in another, with every rule of the state machine intact.
+    import pickle
+
+    trio = Trio(t=3)
+    key = trio.keys[1]
+    session = trio.daemons[1].export_session(key)
+    assert session is not None and trio.daemons[1].export_session(key) is None
+    with pytest.raises(Refusal, match="without a setup"):
+        trio.daemons[1].open_masking(key, trio.masking(1))
+    elsewhere = SecAggStages(3)
+    elsewhere.import_session(key, pickle.loads(pickle.dumps(session)))
+    with pytest.raises(Refusal, match="after share_keys"):
+        elsewhere.unmask(key, _unmask([1, 2, 3], []))
+    masking = elsewhere.open_masking(key, trio.masking(1))
+    masking.mask([np.zeros(s, np.int64) for s in SHAPES])
+    with pytest.raises(Refusal, match="after collect_masked_vectors"):
+        elsewhere.open_masking(key, trio.masking(1))

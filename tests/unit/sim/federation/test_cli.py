@@ -22,10 +22,17 @@ def test_sim_is_listed_at_the_top_level() -> None:
 
 
 def test_a_bad_run_config_key_exits_20(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["sim", "--devices", "2", "--out", str(tmp_path),
+    result = CliRunner().invoke(main, ["sim", "--devices", "3", "--out", str(tmp_path),
                                        "--run-config", "nosie=1"])
     assert result.exit_code == 20, result.output
     assert "nosie" in result.output
+
+
+def test_an_employee_day_run_below_t_devices_exits_20(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["sim", "--devices", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 20, result.output
+    assert "at least 3 devices" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_summary_line_names_each_assumption() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -12,12 +13,14 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.app.user_config import UserConfig
 
 from keystay.client.ledger.ledger import Ledger
+from keystay.client.policy import DevicePolicy
 from keystay.client.requests import train_request
 from keystay.client.serde import weights_from_proto
 from keystay.common.model import ModelConfig, initial_weights
 from keystay.server.settings import RUN_DEFAULTS
 from keystay.sim.federation.device import (
     FILLED_MARK,
+    TIMINGS_FILE,
     EmployeeData,
     InProcessTrainer,
     RoundAborted,
@@ -25,19 +28,25 @@ from keystay.sim.federation.device import (
 )
 from keystay.v1 import device_pb2
 
+#: The plain Train path is the record unit's (employee-day devices answer only
+#: through SecAgg+; see test_secagg_stages below).
+RECORD = DevicePolicy(privacy_unit="record")
+
 
 def request(**overrides: object) -> device_pb2.TrainRequest:
     config = {**RUN_DEFAULTS.train_config(), "run-name": "unit", "server-round": 1,
-              "local-steps": 2, **overrides}
+              "local-steps": 2, "privacy-unit": "record", **overrides}
     context = Context(run_id=1, node_id=1, node_config=UserConfig(), state=RecordDict(),
                       run_config=UserConfig())
     return train_request(ConfigRecord(config), initial_weights(ModelConfig(), seed=0), context)
 
 
-def device(tmp_path: Path, seed: int | None = 7) -> SimulatedDevice:
+def device(tmp_path: Path, seed: int | None = 7,
+           policy: DevicePolicy = RECORD) -> SimulatedDevice:
     employee = EmployeeData(seed=3, role="developer", day_events=(2600, 0, 2600),
                             end_day=date.today() - timedelta(days=1))
-    return SimulatedDevice(tmp_path / "dev", employee, trainer=InProcessTrainer(seed=seed))
+    return SimulatedDevice(tmp_path / "dev", employee, policy=policy,
+                           trainer=InProcessTrainer(), seed=seed)
 
 
 def test_a_round_trains_charges_and_signs(tmp_path: Path) -> None:
@@ -71,3 +80,15 @@ def test_a_refusal_ends_the_call_as_the_daemon_would(tmp_path: Path) -> None:
     assert isinstance(refused.value, grpc.RpcError)
     with Ledger.open(dev.data_dir) as ledger:
         assert ledger.totals() == []  # refused before anything was charged
+
+
+def test_each_call_appends_its_seconds_and_training_seconds(tmp_path: Path) -> None:
+    dev = device(tmp_path)
+    dev.prepare()
+    dev.train(request())
+    with pytest.raises(RoundAborted):
+        dev.train(request(**{"noise-multiplier": 0.01}))
+    lines = [json.loads(x) for x in (dev.data_dir / TIMINGS_FILE).read_text().splitlines()]
+    assert [x["call"] for x in lines] == ["train", "train"]
+    assert 0 < lines[0]["training_seconds"] <= lines[0]["seconds"]
+    assert lines[1]["training_seconds"] == 0  # refused before training

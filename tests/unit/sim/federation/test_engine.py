@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from keystay.client.identity import DeviceIdentity
+from keystay.client.policy import DevicePolicy
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.settings import SettingsError
 from keystay.sim.federation.engine import (
     ASSUMPTIONS,
+    WIDE_SHARES,
     SimOptions,
     backend_config,
     enroll,
@@ -20,16 +22,33 @@ from keystay.sim.federation.engine import (
 )
 
 
-@pytest.mark.parametrize(("devices", "fraction", "per_round"),
-                         [(1000, 1.0, 1000), (1000, 0.1, 100), (7, 0.1, 1)])
-def test_min_devices_follows_the_population(devices: int, fraction: float,
+@pytest.mark.parametrize(("unit", "devices", "fraction", "per_round"), [
+    ("employee-day", 1000, 1.0, 1000), ("employee-day", 1000, 0.1, 100),
+    ("record", 7, 0.1, 1),
+    # An employee-day round never asks for fewer than the policy's t = 3:
+    # every device would refuse a SecAgg+ round that could unmask a smaller sum.
+    ("employee-day", 7, 0.1, 3), ("employee-day", 3, 0.5, 3),
+])
+def test_min_devices_follows_the_population(unit: str, devices: int, fraction: float,
                                             per_round: int, tmp_path: Path) -> None:
     # Flower samples max(int(connected × fraction), min-devices) once min-devices
     # nodes are registered: the first round cannot sample a half-registered population.
-    settings = SimOptions(devices=devices, rounds=2, fraction=fraction, out=tmp_path).settings()
+    settings = SimOptions(devices=devices, rounds=2, fraction=fraction, out=tmp_path,
+                          privacy_unit=unit).settings()
     assert settings.min_devices == per_round
     assert settings.fraction_train == fraction
+    assert settings.privacy_unit == unit
     assert settings.server_dir == tmp_path.resolve() / "server"
+    assert population(SimOptions(devices=devices, rounds=1, out=tmp_path,
+                                 privacy_unit=unit)).policy.privacy_unit == unit
+
+
+def test_an_employee_day_run_needs_t_devices(tmp_path: Path) -> None:
+    t = DevicePolicy().min_summed_devices
+    with pytest.raises(SettingsError, match=f"at least {t} devices"):
+        SimOptions(devices=t - 1, rounds=1, out=tmp_path).settings()
+    assert SimOptions(devices=t - 1, rounds=1, out=tmp_path,
+                      privacy_unit="record").settings().min_devices == t - 1
 
 
 def test_run_config_overrides_are_validated_as_for_round_start(tmp_path: Path) -> None:
@@ -89,3 +108,14 @@ def test_backend_config_reserves_one_cpu_per_device_and_can_join_a_cluster(
     joined = backend_config(SimOptions(devices=1, rounds=1, out=tmp_path,
                                        ray_address="127.0.0.1:6390"))
     assert joined["init_args"]["address"] == "127.0.0.1:6390"
+
+
+def test_large_employee_day_runs_widen_secagg_neighbourhoods(tmp_path: Path) -> None:
+    wide = SimOptions(devices=100, rounds=1, fraction=0.5, out=tmp_path).settings()
+    assert (wide.secagg_num_shares, wide.secagg_reconstruction_threshold) == WIDE_SHARES
+    assert wide.secagg_reconstruction_threshold >= DevicePolicy().min_summed_devices
+    small = SimOptions(devices=5, rounds=1, out=tmp_path).settings()
+    asked = SimOptions(devices=100, rounds=1, out=tmp_path,
+                       run_config={"secagg-num-shares": 7,
+                                   "secagg-reconstruction-threshold": 4}).settings()
+    assert (small.secagg_num_shares, asked.secagg_num_shares) == (5, 7)
