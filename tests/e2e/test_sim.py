@@ -70,11 +70,19 @@ def _check(result: subprocess.CompletedProcess[str], lines: list[dict]) -> None:
     assert "round sampled" in result.stdout and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("unit", ["employee-day", "record"])
 def test_keystay_sim_runs_the_deployment_server_app_over_in_process_devices(
-    tmp_path: Path,
+    tmp_path: Path, unit: str,
 ) -> None:
-    result, lines = _sim(tmp_path)
+    # employee-day (the default): SecAgg+ through each device's daemon stages;
+    # record: plain Train rounds with DP-SGD.
+    result, lines = _sim(tmp_path, "--privacy-unit", unit)
     _check(result, lines)
+    # The reports name their unit: "employee-day", or the record unit's sentence.
+    for line in lines:
+        assert (line["privacy_unit"] == ["employee-day"]) == (unit == "employee-day"), line
+    assumptions = set(lines[-1]["epsilon_per_day_mean"])
+    assert ("server that breaks secure aggregation" in assumptions) == (unit == "employee-day")
     # The devices' own ledgers hold the charges the server verified.
     devices = sorted((tmp_path / "run" / "devices").iterdir())
     assert len(devices) == 3 and all((d / "ledger.v1.sqlite").exists() for d in devices)
