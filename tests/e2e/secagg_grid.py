@@ -18,7 +18,7 @@ import copy
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -85,34 +85,46 @@ def zero_peer(shapes: list[tuple[int, ...]], min_summed: int = 3) -> Node:
     return answer
 
 
-@dataclass
-class NodesGrid(Grid):
-    """A SuperLink whose SuperNodes are the given node functions, each with its Context."""
+class OneProcessGrid(Grid):
+    """Flower's Grid for a SuperLink whose SuperNodes live in this process.
 
-    nodes: dict[int, Node]
-    contexts: dict[int, Context]
-    replies: list[Message] = field(default_factory=list)
+    What every such stub shares: one run (:attr:`run_id`) and messages made
+    in place; a subclass names its nodes (``get_node_ids``) and answers them
+    (``send_and_receive``). The push/pull half of the API is never used by
+    the SecAgg+ workflow.
+    """
+
+    run_id: ClassVar[int] = RUN_ID
 
     def set_run(self, run: Run) -> None:
         raise NotImplementedError
 
     @property
     def run(self) -> Run:
-        return Run.create_empty(RUN_ID)
+        return Run.create_empty(self.run_id)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type,
                        group_id=group_id)
 
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         raise NotImplementedError
+
+
+@dataclass
+class NodesGrid(OneProcessGrid):
+    """A SuperLink whose SuperNodes are the given node functions, each with its Context."""
+
+    nodes: dict[int, Node]
+    contexts: dict[int, Context]
+    replies: list[Message] = field(default_factory=list)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

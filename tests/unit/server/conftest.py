@@ -35,8 +35,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from keystay.client.app import app as client_app
@@ -47,6 +45,7 @@ from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.common.digest import weights_sha256
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.v1 import device_pb2, device_pb2_grpc
+from tests.e2e.secagg_grid import OneProcessGrid
 
 Block = tuple[str, float, float, bool]  # block, epsilon, budget, retired
 
@@ -245,7 +244,7 @@ def _stage(msg: Message) -> str:
 
 
 @dataclass
-class InProcessGrid(Grid):
+class InProcessGrid(OneProcessGrid):
     """SuperLink + SuperNodes in one process (see module docstring)."""
 
     nodes: dict[int, Node]
@@ -257,26 +256,8 @@ class InProcessGrid(Grid):
     # ClientApp (server-shipped code is not trusted) could send instead.
     tamper: Callable[[int, Message], None] | None = None
 
-    def set_run(self, run: Run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Run:
-        return Run.create_empty(7)
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -25,13 +25,12 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from keystay.client.daemon import secagg_stages
 from keystay.client.daemon.secagg_stages import SecAggStages, SessionKey
 from keystay.client.policy import Refusal
+from tests.e2e.secagg_grid import OneProcessGrid
 
 C_RANGE = 16.0
 Q_RANGE = 2**20
@@ -49,7 +48,7 @@ def task_identity() -> Iterator[None]:
 
 
 @dataclass
-class StageGrid(Grid):
+class StageGrid(OneProcessGrid):
     """SuperLink + SuperNodes where each SuperNode is a daemon's SecAggStages."""
 
     daemons: dict[int, SecAggStages]
@@ -57,26 +56,8 @@ class StageGrid(Grid):
     drop_at: dict[int, str] = field(default_factory=dict)
     refused: list[tuple[int, str]] = field(default_factory=list)
 
-    def set_run(self, run: Run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Run:
-        return Run.create_empty(7)
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.daemons)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
