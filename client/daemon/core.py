@@ -95,7 +95,7 @@ from keystay.client.employee_day.mechanism import (
 )
 from keystay.client.identity import DeviceIdentity
 from keystay.client.ledger.accounting import Mechanism
-from keystay.client.ledger.ledger import Ledger
+from keystay.client.ledger.ledger import Charge, Ledger
 from keystay.client.ledger.report import PrivacyReport, build_report, sign_report
 from keystay.client.policy import DevicePolicy, Refusal, TrainingRequest
 from keystay.client.store import EventStore, block_for, is_block_id
@@ -299,23 +299,7 @@ class DeviceCore:
             outcome = self.trainer.train(
                 _job(weights, train, heldout, request, mechanism, self._seed)
             )
-            report = build_report(
-                device_id=self.device_id,
-                request=request,
-                mechanism=mechanism,
-                delta=self.policy.delta,
-                charge=charge,
-                ledger=self.ledger,
-                update_sha256=weights_sha256(outcome.weights),
-            )
-            payload, signature = sign_report(report, self.identity)
-            self.ledger.mark_answered(charge)
-            return TrainResult(
-                weights=outcome.weights,
-                report=report,
-                payload=payload,
-                signature=signature,
-            )
+            return self._answer(request, mechanism, charge, outcome.weights)
 
     def secagg_stage(
         self,
@@ -416,19 +400,33 @@ class DeviceCore:
                 ])
             total = clip_and_sum(updates, spec.update_clip, shapes)
             masked = masking.mask(encode(total, spec, encoding, rng))
-            report = build_report(
-                device_id=self.device_id,
-                request=request,
-                mechanism=honest,
-                delta=self.policy.delta,
-                charge=charge,
-                ledger=self.ledger,
-                update_sha256=weights_sha256(masked),
-            )
-            payload, signature = sign_report(report, self.identity)
-            self.ledger.mark_answered(charge)
-            return TrainResult(weights=masked, report=report, payload=payload,
-                               signature=signature)
+            return self._answer(request, honest, charge, masked)
+
+    def _answer(
+        self,
+        request: TrainingRequest,
+        mechanism: Mechanism,
+        charge: Charge,
+        weights: list[np.ndarray],
+    ) -> TrainResult:
+        """Sign the report of a charged round for ``weights``, mark it answered, reply.
+
+        The report names the digest of exactly what leaves (the update, or the
+        masked vector), so the server can bind the two.
+        """
+        report = build_report(
+            device_id=self.device_id,
+            request=request,
+            mechanism=mechanism,
+            delta=self.policy.delta,
+            charge=charge,
+            ledger=self.ledger,
+            update_sha256=weights_sha256(weights),
+        )
+        payload, signature = sign_report(report, self.identity)
+        self.ledger.mark_answered(charge)
+        return TrainResult(weights=weights, report=report, payload=payload,
+                           signature=signature)
 
     def evaluate(self, weights: list[np.ndarray]) -> EvalResult:
         """Score weights on the held-out records of every kept day, for the employee.
