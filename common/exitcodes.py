@@ -47,6 +47,7 @@ class ExitCode(IntEnum):
     SERVER_ENROLL_REFUSED = 23
     SERVER_LEDGER = 24
     SERVER_DISK_FULL = 25
+    SERVER_SUPERLINK_STATE = 26
 
     ENROLL_SERVER_UNREACHABLE = 30
     ENROLL_SERVER_UNTRUSTED = 31
@@ -94,6 +95,11 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.SERVER_DISK_FULL: (
         "keystay round start: the server's disk is full, so the run stopped; nothing "
         "half-written was kept; free space, then start a new run"
+    ),
+    ExitCode.SERVER_SUPERLINK_STATE: (
+        "keystay server start: the SuperLink's state file (DIR/superlink.db) is damaged or "
+        "does not match keystay's registry of enrolled devices, so the SuperLink was not "
+        "started; it holds no privacy record: move it aside and start again"
     ),
     ExitCode.ENROLL_SERVER_UNREACHABLE: "keystay device enroll: the server cannot be reached",
     ExitCode.ENROLL_SERVER_UNTRUSTED: (

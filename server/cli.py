@@ -159,8 +159,21 @@ def start(server_dir: Path) -> None:
 
     Prints 'ready' once the Fleet and Control APIs accept connections.
     Exit codes: 0 stopped, 20 bad server folder or TLS files, 21 SuperLink did
-    not come up or died, or its SuperExec died (see DIR/logs/superlink.log).
+    not come up or died, or its SuperExec died (see DIR/logs/superlink.log),
+    26 the SuperLink's state file DIR/superlink.db is damaged or does not
+    match the enrolled devices (nothing started; the message says what to
+    do). Started without that file while devices are enrolled (it was moved
+    aside), it registers the enrolled devices' keys again before 'ready'.
     """
+    from keystay.common.errors import KeystayError
+    from keystay.server.deploy.superlink_state import (
+        SuperLinkStateError,
+        check_state,
+        needs_reregistering,
+        reregister,
+        state_file,
+    )
+
     server_dir = server_dir.resolve()
     try:
         config = ServerConfig.load(server_dir)
@@ -182,6 +195,14 @@ def start(server_dir: Path) -> None:
     elif not config.supernode_auth:
         click.echo("WARNING: supernode_auth = false: any SuperNode that trusts this CA can join "
                    "without being enrolled.", err=True)
+    try:
+        state = check_state(server_dir, config)
+    except SuperLinkStateError as error:
+        click.echo(f"keystay server: {error}", err=True)
+        sys.exit(error.exit_code)
+    for message in state.warnings:
+        click.echo(f"WARNING: {message}", err=True)
+    reregister_devices = not state.exists and needs_reregistering(server_dir, config)
     (server_dir / "logs").mkdir(exist_ok=True)
     log_path = server_dir / "logs" / "superlink.out"
     with log_path.open("ab") as log:
@@ -216,6 +237,17 @@ def start(server_dir: Path) -> None:
         terminate_group(process, 15.0)
         click.echo(f"keystay server: the SuperLink did not come up; see {log_path}", err=True)
         sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
+    if reregister_devices:
+        try:
+            names = reregister(server_dir, config)
+        except KeystayError as error:
+            stop()
+            process.wait()
+            click.echo(f"keystay server: a new SuperLink state was started, but registering "
+                       f"the enrolled devices in it failed: {error}", err=True)
+            sys.exit(error.exit_code)
+        click.echo(f"{state_file(server_dir)} was new: registered the SuperNode keys of "
+                   f"{len(names)} enrolled device(s) again ({', '.join(names)})")
     click.echo(f"ready: fleet {config.fleet_address}, control {config.control_address}"
                f"{' (INSECURE)' if config.insecure else ' (TLS, enrolled devices only)'}")
     sys.stdout.flush()

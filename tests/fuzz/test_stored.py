@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 from keystay.client.ledger.chain import TABLES
@@ -216,6 +216,10 @@ def _flip_byte(value: object, at: int, mask: int) -> object:
         raw = bytearray(value.to_bytes(8, "big", signed=True))
         raw[at % 8] ^= mask
         return int.from_bytes(raw, "big", signed=True)
+    if isinstance(value, bytes):
+        raw = bytearray(value)
+        raw[at % len(raw)] ^= mask
+        return bytes(raw)
     assert isinstance(value, str)
     raw = bytearray(value.encode())
     raw[at % len(raw)] ^= mask
@@ -259,3 +263,119 @@ def test_a_byte_of_a_ledger_row_changed_behind_the_daemons_back_is_refused(
     message = str(info.value)
     assert f"{table} row" in message or "chain" in message, message
     assert "never delete the ledger" in message
+
+
+# ----------------------------------------------------------------- the SuperLink's state
+
+
+@pytest.fixture(scope="module")
+def superlink_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A server folder whose real Flower state file and keystay registry agree."""
+    from tests.unit.server.deploy.test_superlink_state import build
+
+    return build(tmp_path_factory.mktemp("superlink") / "server")
+
+
+def _enrolled_nodes(server: Path) -> dict[int, tuple[str, bytes]]:
+    """node id -> (status, key bytes) of every enrolled device's node row."""
+    from keystay.server.deploy.enrollment import Registry
+    from keystay.server.deploy.superlink_state import STATE_FILE
+
+    conn = sqlite3.connect(f"file:{server / STATE_FILE}?mode=ro", uri=True)
+    try:
+        rows = {n & ((1 << 64) - 1): (s, k) for n, s, k in
+                conn.execute("SELECT node_id, status, public_key FROM node")}
+    finally:
+        conn.close()
+    return {e.node_id: rows[e.node_id] for e in Registry.open(server).all()
+            if e.node_id in rows}
+
+
+def _superlink_verdict(server: Path) -> str | None:
+    """None if ``check_state`` accepts the folder, else its refusal; checks it changed nothing."""
+    from keystay.server.deploy.superlink import ServerConfig
+    from keystay.server.deploy.superlink_state import (
+        STATE_FILE,
+        SuperLinkStateError,
+        check_state,
+    )
+
+    db = server / STATE_FILE
+    before = db.read_bytes()
+    try:
+        check_state(server, ServerConfig())
+        verdict = None
+    except SuperLinkStateError as error:
+        verdict = str(error)
+        assert str(db) in verdict and "Move it aside" in verdict, verdict
+    assert db.read_bytes() == before  # read-only, refused or not
+    return verdict
+
+
+@examples(200)
+@given(cut=st.floats(min_value=0.0, max_value=0.999),
+       positions=st.lists(st.integers(min_value=0), max_size=3))
+def test_superlink_state_file_truncated_or_flipped(
+    tmp_path: Path, superlink_dir: Path, cut: float, positions: list[int]
+) -> None:
+    """A damaged state file is refused, or accepted with every enrolled node as it was."""
+    from keystay.server.deploy.superlink_state import STATE_FILE
+
+    server = _copy(superlink_dir, tmp_path / "s")
+    db = server / STATE_FILE
+    raw = db.read_bytes()
+    damaged = flip_bits(raw, positions) if positions else raw
+    damaged = damaged[: int(len(damaged) * cut)] if cut > 0 else damaged
+    assume(damaged != raw)
+    db.write_bytes(damaged)
+    verdict = _superlink_verdict(server)
+    event("accepted" if verdict is None else "refused")
+    if verdict is None:
+        # Accepted: what admits devices (their node rows) is exactly as registered.
+        assert _enrolled_nodes(server) == _enrolled_nodes(superlink_dir)
+
+
+#: The node columns that decide who is admitted; the others are Flower's bookkeeping.
+_ADMISSION = ("node_id", "status", "public_key")
+_NODE_COLUMNS = (*_ADMISSION, "owner_name", "registered_at", "online_until",
+                 "heartbeat_interval")
+
+
+@examples(200)
+@given(name=st.sampled_from(_NODE_COLUMNS), row=st.integers(min_value=0),
+       at=st.integers(min_value=0), mask=st.integers(min_value=1, max_value=255))
+def test_a_byte_of_a_superlink_node_row_changed_behind_its_back(
+    tmp_path: Path, superlink_dir: Path, name: str, row: int, at: int, mask: int
+) -> None:
+    """One byte of one node value changed with SQL: refused iff it decides admission."""
+    from keystay.server.deploy.superlink_state import STATE_FILE
+
+    server = _copy(superlink_dir, tmp_path / "s")
+    conn = sqlite3.connect(server / STATE_FILE)
+    try:
+        rowids = [r[0] for r in conn.execute("SELECT rowid FROM node ORDER BY rowid")]
+        rowid = rowids[row % len(rowids)]
+        (value, status) = conn.execute(f"SELECT {name}, status FROM node WHERE rowid = ?",
+                                       (rowid,)).fetchone()
+        assume(value is not None)
+        flipped = _flip_byte(value, at, mask)
+        try:
+            conn.execute(f"UPDATE node SET {name} = ? WHERE rowid = ?", (flipped, rowid))
+            conn.commit()
+        except sqlite3.IntegrityError:
+            assume(False)  # a duplicate node id or key: SQLite refused the edit itself
+        (stored,) = conn.execute(f"SELECT {name} FROM node WHERE rowid = ?",
+                                 (rowid,)).fetchone()
+        assume((type(stored), stored) != (type(value), value))
+    finally:
+        conn.close()
+    verdict = _superlink_verdict(server)
+    # An enrolled device's node: its id, state and key decide who connects as
+    # it. A revoked device's (unregistered) node: only its state does (moved
+    # or re-keyed, it is still unregistered; deleted, it is what a fresh state
+    # file holds for it, and its key is not registered either way).
+    decides = name in _ADMISSION if status != "unregistered" else name == "status"
+    if decides:
+        assert verdict is not None and "registry" in verdict, (name, value, stored)
+    else:
+        assert verdict is None, verdict
