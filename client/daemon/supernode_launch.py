@@ -1,4 +1,4 @@
-"""``flower-supernode`` with a shorter idle poll: how the daemon starts its SuperNode.
+"""``flower-supernode``, idle poll shortened and heartbeat kept alive: how the daemon runs it.
 
 Flower 1.39's SuperNode asks the SuperLink for a message, and when there is
 none sleeps a fixed 3 s (``time.sleep(3)`` in
@@ -21,6 +21,24 @@ day on the employee's laptop. At 1 s a round's message is picked up 1 s
 later at worst (was 3 s), for a pull a second on a machine that is otherwise
 idle.
 
+A second substitution keeps the SuperNode's heartbeat alive. Flower's
+``HeartbeatSender`` retries a heartbeat that returns False, and its docstring
+asks the heartbeat function to handle gRPC errors itself; the SuperNode's
+(in ``flwr.client.grpc_rere_client.connection``) returns False only for
+UNAVAILABLE and DEADLINE_EXCEEDED and re-raises every other error, which
+ends the heartbeat thread for good while the SuperNode process goes on
+pulling messages. An error from the SuperLink's side (its disk full: SQLite
+cannot record the heartbeat) thus leaves the device's node *offline* in the
+SuperLink 2 heartbeat intervals (60 s) later, and offline it stays, with a
+healthy-looking SuperNode, until something restarts that process: after the
+fault matrix filled the server's disk, both devices stayed offline. The
+launcher gives that module a ``HeartbeatSender`` whose heartbeat function
+turns a gRPC error into False (retried with Flower's back-off, at most 20 s
+apart, so the node is online again one heartbeat after the SuperLink
+recovers), and ends the SuperNode on any other error (SIGTERM to itself:
+Flower's clean exit), so that the daemon restarts it (see
+:mod:`keystay.client.daemon.supernode`) instead of leaving it deaf.
+
 Usage (what :class:`keystay.client.daemon.supernode.SuperNodeConfig` builds)::
 
     python -m keystay.client.daemon.supernode_launch /path/to/flower-supernode ARGS...
@@ -32,8 +50,11 @@ sees it as its program name.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -78,15 +99,73 @@ def shorten_idle_poll(idle_poll: float = IDLE_POLL) -> str | None:
     return None
 
 
+def _terminate_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def surviving(heartbeat_fn: Callable[[], bool],
+              fatal: Callable[[], None] = _terminate_self) -> Callable[[], bool]:
+    """``heartbeat_fn`` as Flower's ``HeartbeatSender`` documents it: errors become False.
+
+    A gRPC error (any status) is a failed heartbeat, retried with back-off.
+    Any other error (the SuperLink answered that it does not know this node)
+    is said on stderr and ``fatal`` is called: by default the SuperNode
+    stops itself, to be restarted by the daemon.
+    """
+    import grpc
+
+    def heartbeat() -> bool:
+        try:
+            return heartbeat_fn()
+        except grpc.RpcError as error:
+            code = getattr(error, "code", lambda: None)()
+            print(f"keystay: SuperNode heartbeat failed ({code}); retrying", file=sys.stderr,
+                  flush=True)
+            return False
+        except Exception as error:  # the thread would die silently
+            print(f"keystay: SuperNode heartbeat cannot go on ({error}); stopping the SuperNode "
+                  "so that the daemon restarts it", file=sys.stderr, flush=True)
+            fatal()
+            return False
+
+    return heartbeat
+
+
+def keep_heartbeat_alive() -> str | None:
+    """Give the SuperNode's connection a heartbeat that survives SuperLink errors.
+
+    Returns
+    -------
+    str | None
+        None when the substitution was made, else why not (another Flower).
+    """
+    import flwr
+    from flwr.client.grpc_rere_client import connection
+    from flwr.supercore.heartbeat import HeartbeatSender
+
+    if flwr.__version__ != FLOWER_VERSION:
+        return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose SuperNode heartbeat "
+                f"keystay read; a SuperLink error can stop the heartbeat for good")
+
+    class SurvivingHeartbeatSender(HeartbeatSender):
+        """Flower's sender, with :func:`surviving` around its heartbeat function."""
+
+        def __init__(self, heartbeat_fn: Callable[[], bool]) -> None:
+            super().__init__(surviving(heartbeat_fn))
+
+    connection.HeartbeatSender = SurvivingHeartbeatSender  # type: ignore[misc]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``flower-supernode`` (``argv[0]``, its path) with ``argv[1:]``."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
         sys.exit("usage: python -m keystay.client.daemon.supernode_launch "
                  "/path/to/flower-supernode ARGS...")
-    reason = shorten_idle_poll()
-    if reason is not None:
-        print(f"keystay: {reason}", file=sys.stderr, flush=True)
+    for reason in (shorten_idle_poll(), keep_heartbeat_alive()):
+        if reason is not None:
+            print(f"keystay: {reason}", file=sys.stderr, flush=True)
     sys.argv = list(args)
     from flwr.supernode.cli import flower_supernode
 

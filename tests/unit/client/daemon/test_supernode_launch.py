@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import flwr
+import grpc
 import pytest
 from flwr.supernode import start_client_internal
 
@@ -105,3 +106,77 @@ def test_the_launcher_runs_flowers_entry_point() -> None:
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "flower-supernode" in result.stdout and "--superlink" in result.stdout
+
+
+# ----------------------------------------------------------------- the heartbeat
+
+
+class _Unknown(grpc.RpcError):
+    """What a SuperLink whose SQLite write failed (disk full) answers a heartbeat with."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNKNOWN
+
+
+def test_flowers_heartbeat_still_reraises_what_its_sender_cannot_retry() -> None:
+    # Why the launcher wraps it: Flower's heartbeat returns False (retried)
+    # for UNAVAILABLE and DEADLINE_EXCEEDED only and re-raises the rest,
+    # while its HeartbeatSender retries HeartbeatFailure only.
+    from flwr.client.grpc_rere_client import connection
+    from flwr.supercore import heartbeat
+
+    source = inspect.getsource(connection.grpc_request_response)
+    body = source[source.index("def send_node_heartbeat"):source.index("heartbeat_sender =")]
+    assert "grpc.StatusCode.UNAVAILABLE" in body and body.rstrip().count("raise") >= 1
+    assert "HeartbeatFailure,  # The only exception we want to retry on" in \
+        inspect.getsource(heartbeat.HeartbeatSender)
+
+
+def test_a_grpc_error_is_a_failed_heartbeat_and_anything_else_stops_the_supernode() -> None:
+    fatal: list[bool] = []
+    answers: list[object] = [_Unknown(), RuntimeError("SuperLink does not recognize it"), True]
+
+    def heartbeat() -> bool:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return bool(answer)
+
+    wrapped = supernode_launch.surviving(heartbeat, fatal=lambda: fatal.append(True))
+    assert wrapped() is False and not fatal  # retried by Flower's back-off
+    assert wrapped() is False and fatal == [True]  # stops itself: the daemon restarts it
+    assert wrapped() is True
+
+
+@pytest.fixture
+def restore_heartbeat() -> Iterator[None]:
+    from flwr.client.grpc_rere_client import connection
+
+    original = connection.HeartbeatSender
+    yield
+    connection.HeartbeatSender = original  # type: ignore[misc]
+
+
+@pytest.mark.usefixtures("restore_heartbeat")
+def test_the_supernodes_heartbeat_thread_survives_a_superlink_error() -> None:
+    """Flower's own sender thread, given the launcher's: an UNKNOWN error, then beats again."""
+    from flwr.client.grpc_rere_client import connection
+
+    assert supernode_launch.keep_heartbeat_alive() is None
+    calls: list[float] = []
+
+    def heartbeat() -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise _Unknown()
+        return True
+
+    sender = connection.HeartbeatSender(heartbeat)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 2 and sender.is_running  # retried; stock Flower's thread died
+    finally:
+        sender.stop()
