@@ -320,6 +320,9 @@ class DeviceCore:
         """
         try:
             stage = self.secagg.stage_of(configs)
+            # One line per stage, before the stage runs: what an operator (and
+            # the fault matrix) reads to tell where a round stood when it died.
+            log.info("SecAgg+ run %.128r round %d: %s", key.run_id, key.server_round, stage)
             if stage == Stage.SETUP:
                 return StageResult(self.secagg.setup(key, configs))
             if stage == Stage.SHARE_KEYS:

@@ -14,7 +14,13 @@ federation serves every test (starting one costs more than a round):
   process (tests/unit/server/test_secagg.py) to keep this module to one
   federation. It runs last: a SuperNode killed without saying goodbye cannot
   re-activate until the SuperLink's heartbeat patience (about a minute) has
-  passed.
+  passed;
+* the fault matrix during SecAgg+ (issue 13, docs/faults.md): the ServerApp
+  killed while the devices mask, a ClientApp killed in the unmask stage, and
+  a daemon killed while it masks; after each, what a supervisor would
+  restart is restarted and the invariants of tests/e2e/faults.py are checked.
+  They run before the drop test; a cell that needs all three devices waits
+  for the one a previous cell killed to be online again.
 
 What the tests can see from outside is what the ServerApp and the ledgers
 wrote; that the ServerApp never held an individual update is checked
@@ -39,12 +45,29 @@ from keystay.server.deploy.local import LocalDevice, LocalFederation
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.rounds import format_round, start_run
 from keystay.server.settings import RunSettings
+from tests.e2e.faults import (
+    Background,
+    Snapshot,
+    block_epsilons,
+    broken_charges,
+    charges,
+    check_invariants,
+    descendants,
+    mentioning,
+    not_refunded,
+    one,
+    supernodes,
+    wait_for,
+    when_charged,
+)
 
 pytestmark = pytest.mark.e2e
 
 DEVICES = 3
-#: The default employee-day policy, except that two devices may be summed.
-POLICY = "[policy]\nmin_summed_devices = 2\n"
+#: The default employee-day policy, except that two devices may be summed, and
+#: the largest daily budget a policy may set: the fault cells add rounds, and a
+#: device whose days retire would refuse, which is another test's subject.
+POLICY = "[policy]\nmin_summed_devices = 2\nepsilon_per_day = 64.0\n"
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +81,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         started = [part.process for part in fed.parts]
         fed.stop()
     assert started and all(process.poll() is not None for process in started)
+    # No process of the federation outlived it (the fault cells restart parts of it).
+    wait_for("every process of the federation to end",
+             lambda: not mentioning(str(fed.root)), 20, every=0.2)
 
 
 def _settings(federation: LocalFederation, run_name: str, **overrides: object) -> RunSettings:
@@ -161,11 +187,159 @@ def test_employee_day_rounds_through_the_daemons_secagg(federation: LocalFederat
         assert "Receiving: evaluate message" not in supernode_log
 
 
+# ----------------------------------------------------------------- the fault matrix during SecAgg+
+#
+# Issue 13's cells "during SecAgg" (docs/faults.md), on this federation:
+# SIGKILL one process at a stage of a SecAgg+ round, restart what a
+# supervisor would, and check the invariants (tests/e2e/faults.py): no ε
+# refunded in either series, every report the server holds matches a device
+# charge, nothing orphaned, and the federation runs the next round. The
+# stage is observed, never guessed with a sleep: the first charge of the run
+# in a device's ledger means the masking stage (collect-masked-vectors) has
+# reached it, after setup and share-keys, and its masked vector is not made
+# yet; the daemon's log line "SecAgg+ run R round N: unmask" means the
+# server collected the masked vectors and asked it for its key shares.
+
+
+def _serverapp(federation: LocalFederation) -> int:
+    link = next(p for p in federation.parts if p.name == "SuperLink")
+    return one(descendants(link.process.pid), "flwr-serverapp")
+
+
+def _clientapps(federation: LocalFederation) -> dict[int, str]:
+    apps: dict[int, str] = {}
+    for device in federation.device_list:
+        if device.part is not None and device.part.alive:
+            apps.update({pid: cmd for pid, cmd in descendants(device.part.process.pid).items()
+                         if "flwr-clientapp" in cmd})
+    return apps
+
+
+def test_serverapp_killed_during_secagg(federation: LocalFederation) -> None:
+    """ServerApp x collect-masked-vectors: the run fails, the charges stay, the next run works.
+
+    Killed once every device has charged the run (each is masking, or has
+    sent its vector): the SecAgg+ ServerApp records reports when a stage's
+    replies are in, so the server holds none from this run; the devices'
+    charges, both series, stay (never refunded). Restarted, not resumed: the
+    operator starts a new run; the next cell's run is that run (it sums all
+    three devices), not repeated here: Flower takes a minute to notice the
+    dead ServerApp and end its run, which is this cell's cost.
+    """
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-secagg-serverapp", num_server_rounds=1,
+                         local_steps=20, day_sample_rate=1.0)
+    run = Background(federation, settings)
+    for device in federation.device_list:
+        when_charged(device, settings.run_name)
+    os.kill(_serverapp(federation), signal.SIGKILL)
+    outcome = run.wait(240)
+    assert not outcome.ok and not outcome.rounds
+    assert not (settings.run_dir / "final.pt").exists()
+    for device in federation.device_list:
+        assert charges(device, settings.run_name), device.name
+        assert broken_charges(device, settings.run_name), device.name
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        assert not ledger.reports(run_id=settings.run_name)
+    # The run's ClientApps end with it (Flower stops them once the run is over).
+    wait_for("the killed run's ClientApps to end", lambda: not _clientapps(federation),
+             60, every=0.5)
+    check_invariants(federation, before)
+
+
+def test_clientapp_killed_during_unmask(federation: LocalFederation) -> None:
+    """ClientApp x unmask: the victim's vector is in the sum all the same.
+
+    Killed when the daemon logs the unmask stage: the server already holds
+    the victim's masked vector and its verified report, and the victim's key
+    shares die with the ClientApp that relays them. The other two devices'
+    shares (t = 2) unmask it: the round sums all three, the victim's report
+    matches its charge (answered), and the next run gets a new ClientApp
+    (the daemon cell's run sums this device). This run, after the ServerApp
+    cell's, is also the new run that cell's operator starts: all three are
+    summed. (The SuperNode killed during SecAgg is the drop test below; a
+    ClientApp costs no re-activation wait.)
+    """
+    federation.wait_online(DEVICES, timeout=240)
+    victim = federation.device_list[0]
+    assert victim.part is not None
+    before = Snapshot.take(federation)
+    victim_id = before.ids[victim.name]
+    daemon_log = victim.data_dir / "logs" / "daemon.log"
+    unmasks = lambda: daemon_log.read_text(errors="replace").count(": unmask")  # noqa: E731
+    seen = unmasks()
+    settings = _settings(federation, "fault-secagg-unmask", num_server_rounds=1,
+                         round_timeout=30.0)
+    run = Background(federation, settings)
+    wait_for("the victim's unmask stage", lambda: unmasks() > seen, 240, every=0.02)
+    os.kill(one(descendants(victim.part.process.pid), "flwr-clientapp"), signal.SIGKILL)
+    outcome = run.wait()
+    tail = outcome.log_file.read_text(errors="replace")[-3000:]
+    assert outcome.returncode == 0 and len(outcome.rounds) == 1, tail
+    (first,) = outcome.rounds
+    assert len(first["secagg"]["summed_nodes"]) == DEVICES, first
+    assert first["devices"][victim_id]["verified"], first
+    rows = charges(victim, settings.run_name)
+    assert rows and [row[4] for row in rows] == [1] * len(rows), rows
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        assert [r.server_round for r in
+                ledger.reports(device_id=victim_id, run_id=settings.run_name)] == [1]
+    assert victim.part.alive and len(supernodes(victim)) == 1
+    check_invariants(federation, before)
+    # The next run (the daemon cell's, below) sums this victim again: a new
+    # ClientApp serves it. Not repeated here, to keep the module short.
+
+
+def test_daemon_killed_during_secagg_masking(federation: LocalFederation) -> None:
+    """Daemon x collect-masked-vectors: the round sums the other two; restarted, it lost nothing.
+
+    The daemon holds the SecAgg+ keys in memory only, so a daemon killed
+    after share-keys, while it masks, is a dropout: the other two devices are
+    summed (t = 2). Its SuperNode, ClientApp and trainer die with it; its
+    charge stays in both series, unanswered; restarted (systemd), it has one
+    SuperNode and enforces what was charged.
+    """
+    victim = federation.device_list[1]
+    assert victim.part is not None
+    before = Snapshot.take(federation)
+    victim_id = before.ids[victim.name]
+    settings = _settings(federation, "fault-secagg-daemon", num_server_rounds=1,
+                         local_steps=20, day_sample_rate=1.0, round_timeout=30.0)
+    run = Background(federation, settings)
+    when_charged(victim, settings.run_name)
+    charged = block_epsilons(victim)
+    os.kill(victim.part.process.pid, signal.SIGKILL)
+    victim.part.process.wait(10)
+    wait_for("the dead daemon's children to go",
+             lambda: not mentioning(str(victim.data_dir)), 20, every=0.2)
+    outcome = run.wait()
+    tail = outcome.log_file.read_text(errors="replace")[-3000:]
+    assert outcome.returncode == 0 and len(outcome.rounds) == 1, tail
+    (first,) = outcome.rounds
+    assert len(first["secagg"]["summed_nodes"]) == DEVICES - 1, first
+    assert len(first["secagg"]["dropped_nodes"]) == 1, first
+    survivors = {before.ids[d.name] for d in federation.device_list if d is not victim}
+    assert {d for d, e in first["devices"].items() if e["verified"]} == survivors, first
+    # Charged before it masked, in both series; never answered, never refunded.
+    rows = charges(victim, settings.run_name)
+    assert rows and all(row[4] == 0 for row in rows), rows
+    assert broken_charges(victim, settings.run_name)
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        assert not ledger.reports(device_id=victim_id, run_id=settings.run_name)
+    federation.restart_device(victim)
+    assert not not_refunded(charged, block_epsilons(victim))
+    wait_for("the restarted daemon's SuperNode", lambda: supernodes(victim), 60, every=0.2)
+    time.sleep(1)
+    assert len(supernodes(victim)) == 1
+    check_invariants(federation, before)
+
+
 def test_round_completes_with_the_survivors_when_a_device_drops(
     federation: LocalFederation,
 ) -> None:
     from keystay.common.model import initial_weights
 
+    federation.wait_online(DEVICES, timeout=240)  # the fault cells' victims are back
     victim = federation.device_list[-1]
     assert victim.part is not None
     victim_id, before = _spent(victim)
