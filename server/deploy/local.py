@@ -183,9 +183,11 @@ class LocalFederation:
             self.fleet, self.control_port = config.fleet_address, config.control_port
         mode = "INSECURE" if self.insecure else "TLS, enrolled devices only"
         say(f"starting the SuperLink (fleet {self.fleet}, {mode})")
+        log = self.server_dir / "logs" / "server-start.log"
+        # The log is appended to across restarts: only this start's "ready" counts.
+        offset = log.stat().st_size if log.exists() else 0
         link = self._spawn("SuperLink", self._keystay("server", "start", "--dir",
-                                                      str(self.server_dir)),
-                           self.server_dir / "logs" / "server-start.log")
+                                                      str(self.server_dir)), log)
         alive = lambda: link.alive  # noqa: E731
         if not (wait_for_port(self.fleet, self.startup_timeout, alive)
                 and wait_for_port(f"127.0.0.1:{self.control_port}", self.startup_timeout,
@@ -194,7 +196,7 @@ class LocalFederation:
                              "its ports did not open")
         # `keystay server start` says "ready" once its own checks passed.
         deadline = time.monotonic() + self.startup_timeout
-        while "ready:" not in link.log.read_text(errors="replace"):
+        while b"ready:" not in link.log.read_bytes()[offset:]:
             if not link.alive or time.monotonic() > deadline:
                 raise PartFailed("SuperLink", link.log, "keystay server start never said ready")
             time.sleep(0.1)

@@ -38,6 +38,10 @@ leaves one, and running the enrollment again finishes it.
 
 The check opens the file read-only (``mode=ro``): it never changes it, and a
 refused file is left exactly as found for the operator to keep or inspect.
+It judges the state as SQLite reads it, write-ahead log included: a SuperLink
+stopped without a checkpoint leaves its newest pages in ``superlink.db-wal``,
+and a main file damaged only under pages the log holds is read from the
+log, intact, so it is rightly accepted (the e2e cell removes the log too).
 The refusal says what to do: move the file aside and start again. Then the
 SuperLink starts on a new file, and :func:`reregister` (called by
 ``keystay server start`` once the SuperLink is up, when it started without
