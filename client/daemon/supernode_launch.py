@@ -153,7 +153,7 @@ def keep_heartbeat_alive() -> str | None:
         def __init__(self, heartbeat_fn: Callable[[], bool]) -> None:
             super().__init__(surviving(heartbeat_fn))
 
-    connection.HeartbeatSender = SurvivingHeartbeatSender  # type: ignore[misc]
+    connection.HeartbeatSender = SurvivingHeartbeatSender  # type: ignore[attr-defined]
     return None
 
 

@@ -154,7 +154,7 @@ def restore_heartbeat() -> Iterator[None]:
 
     original = connection.HeartbeatSender
     yield
-    connection.HeartbeatSender = original  # type: ignore[misc]
+    connection.HeartbeatSender = original  # type: ignore[attr-defined]
 
 
 @pytest.mark.usefixtures("restore_heartbeat")
