@@ -87,7 +87,9 @@ def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out:
 
     \b
     Prints the table of keystay round start, one row per round, with the
-    mean ε per employee-day the round's verified reports name; --json
+    mean ε per employee-day the round's verified reports name, and while a
+    round runs how many devices have answered each of its stages (a live
+    bar in a terminal, a "waiting:" line every 30 s in a log); --json
     writes the same per round as JSON lines.
 
     \b
@@ -100,10 +102,12 @@ def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out:
     """
     import tempfile
 
+    from keystay.server.progress import RoundProgress
     from keystay.server.rounds import TABLE_HEADER, format_round
     from keystay.server.settings import SettingsError
     from keystay.sim.federation.engine import SimError, SimOptions, run
     from keystay.sim.federation.flower_patch import FlowerPatchError
+    from keystay.sim.federation.progress import StageTally
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if not verbose:
@@ -134,13 +138,16 @@ def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out:
         def on_row(row: dict[str, Any], line: dict[str, Any]) -> None:
             # The round's line of the table; per-device lines only for a handful.
             lines = format_round(row)
-            click.echo("\n".join(lines if len(lines) <= 12 else lines[:1]))
-            click.echo(summary_line(line))
+            progress.round_done(row, [*(lines if len(lines) <= 12 else lines[:1]),
+                                      summary_line(line)])
             if sink is not None:
                 sink.write(json.dumps(line, sort_keys=True) + "\n")
                 sink.flush()
 
-        run(options, on_row)
+        # Inside a round: how many devices have answered each stage so far.
+        tally = StageTally(options.devices_dir, settings.min_devices)
+        with RoundProgress(rounds, sys.stdout, activity=tally.text) as progress:
+            run(options, on_row)
         click.echo(f"\n{rounds} rounds of {devices} devices in "
                    f"{time.monotonic() - started:.1f} s; run folder {settings.run_dir}")
     except SettingsError as error:
