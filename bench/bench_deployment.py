@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -229,6 +231,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help="keep every folder and log here "
                         "(default: a temporary folder, removed at the end)")
     args = parser.parse_args()
+    # SIGTERM (a supervisor, `kill`) unwinds like Ctrl-C, so the federation's
+    # finally stops every server and device process instead of orphaning them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     counts = [int(x) for x in args.devices.split(",") if x]
     print(HEADER, flush=True)
     medians = {}
