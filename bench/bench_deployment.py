@@ -241,10 +241,14 @@ def main() -> None:
         for k in counts:
             rows = run((args.root or Path(tmp)) / f"k{k}", k, args)
             seconds = [r["seconds"] for r in rows]
-            medians[k] = statistics.median(seconds[1:] or seconds)
+            if seconds:  # a run that completed no round has no time to compare
+                medians[k] = statistics.median(seconds[1:] or seconds)
     print("\nround time growth (median of rounds after the first):")
-    base = counts[0]
+    base = next((k for k in counts if k in medians), None)
     for k in counts:
+        if k not in medians or base is None:
+            print(f"  {k} devices: no round completed")
+            continue
         print(f"  {base} → {k} devices: {medians[k]:.1f} s ({medians[k] / medians[base]:.2f}×)")
     print(f"load average {os.getloadavg()}")
 
