@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -229,6 +231,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, help="keep every folder and log here "
                         "(default: a temporary folder, removed at the end)")
     args = parser.parse_args()
+    # SIGTERM (a supervisor, `kill`) unwinds like Ctrl-C, so the federation's
+    # finally stops every server and device process instead of orphaning them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     counts = [int(x) for x in args.devices.split(",") if x]
     print(HEADER, flush=True)
     medians = {}
@@ -236,10 +241,14 @@ def main() -> None:
         for k in counts:
             rows = run((args.root or Path(tmp)) / f"k{k}", k, args)
             seconds = [r["seconds"] for r in rows]
-            medians[k] = statistics.median(seconds[1:] or seconds)
+            if seconds:  # a run that completed no round has no time to compare
+                medians[k] = statistics.median(seconds[1:] or seconds)
     print("\nround time growth (median of rounds after the first):")
-    base = counts[0]
+    base = next((k for k in counts if k in medians), None)
     for k in counts:
+        if k not in medians or base is None:
+            print(f"  {k} devices: no round completed")
+            continue
         print(f"  {base} → {k} devices: {medians[k]:.1f} s ({medians[k] / medians[base]:.2f}×)")
     print(f"load average {os.getloadavg()}")
 

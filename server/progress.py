@@ -18,7 +18,11 @@ is a terminal:
 node list via ``flwr supernode list``) polled on a background thread every
 ``poll`` seconds; when it fails or there is none the figure is shown as
 unknown rather than guessed. "Replies" is the last round's
-``devices_reported`` of ``devices_sampled``.
+``devices_reported`` of ``devices_sampled``. A run that can see inside a
+round (``keystay sim`` counts the stages its virtual devices answered,
+:mod:`keystay.sim.federation.progress`) passes ``activity``, polled on the
+same thread with the round in progress; its text takes the place of the
+device count.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class RoundProgress:
         Where to write (stdout).
     connected : callable, optional
         Returns the number of devices connected now; may raise.
+    activity : callable, optional
+        Given the round in progress, returns what has happened in it so far
+        (e.g. ``setup 1000/1000, masked vectors 412/1000``); may raise.
     live : bool, optional
         Force the terminal face on or off (default: ``stream.isatty()``).
     poll, heartbeat : float
@@ -54,6 +61,7 @@ class RoundProgress:
         stream: TextIO,
         connected: Callable[[], int] | None = None,
         *,
+        activity: Callable[[int], str] | None = None,
         live: bool | None = None,
         poll: float = 5.0,
         heartbeat: float = 30.0,
@@ -63,6 +71,8 @@ class RoundProgress:
         self.live = stream.isatty() if live is None else live
         self._connected_fn = connected
         self.connected: int | None = None
+        self._activity_fn = activity
+        self.activity = ""
         self.rounds_done = 0
         self.replies = ""
         self._poll = poll
@@ -90,7 +100,7 @@ class RoundProgress:
             self._progress.start()
             self._task = self._progress.add_task("rounds", total=self.total, completed=0,
                                                  devices=self._devices_text(), replies="")
-        if self._connected_fn is not None:
+        if self._connected_fn is not None or self._activity_fn is not None:
             self._threads.append(threading.Thread(target=self._poll_devices,
                                                   name="devices", daemon=True))
         if not self.live:
@@ -127,14 +137,19 @@ class RoundProgress:
     def waiting_line(self) -> str:
         """The plain heartbeat: where the run is and for how long."""
         elapsed = time.monotonic() - self._started
-        return (f"waiting: round {min(self.rounds_done + 1, self.total)} of {self.total}, "
+        return (f"waiting: round {self._in_progress()} of {self.total}, "
                 f"{self._devices_text()}"
                 + (f", last round {self.replies}" if self.replies else "")
                 + f", {elapsed:.0f} s elapsed")
 
     def _devices_text(self) -> str:
+        if self._activity_fn is not None and self._connected_fn is None:
+            return self.activity or "starting"
         return ("devices connected ?" if self.connected is None
                 else f"devices connected {self.connected}")
+
+    def _in_progress(self) -> int:
+        return min(self.rounds_done + 1, self.total)
 
     def _update(self) -> None:
         if self._progress is not None:
@@ -147,14 +162,22 @@ class RoundProgress:
             self.stream.flush()
 
     def _poll_devices(self) -> None:
-        assert self._connected_fn is not None
         while not self._stop.is_set():
-            try:
-                count: int | None = int(self._connected_fn())
-            except Exception:
-                count = None
+            count: int | None = None
+            if self._connected_fn is not None:
+                try:
+                    count = int(self._connected_fn())
+                except Exception:
+                    count = None
+            activity = ""
+            if self._activity_fn is not None:
+                try:
+                    activity = self._activity_fn(self._in_progress())
+                except Exception:
+                    activity = ""
             with self._lock:
                 self.connected = count
+                self.activity = activity
             self._update()
             self._stop.wait(self._poll)
 

@@ -9,8 +9,17 @@ appends it to ``rounds.jsonl``. The CLI shows the run's progress
 
 The follower reads only newline-ended lines (:func:`complete_rows`), so a
 row being written, or one torn by a ServerApp killed mid-append, is never
-half-parsed. Killing ``keystay round start`` itself loses nothing: the run
-lives in the SuperLink and its ServerApp goes on writing ``rounds.jsonl``.
+half-parsed.
+
+``flwr run --stream`` ends with status 0 whenever the SuperLink closes its
+log stream, and under load (20 devices on two cores) it did so mid-run:
+``keystay round start`` then reported a run of 0 rounds while the ServerApp
+went on. So when the stream ends, the run's status is asked of the
+SuperLink (``flwr ls --run-id``), and while it is not finished the rows go
+on being followed (:func:`_follow_to_the_end`).
+
+Killing ``keystay round start`` itself loses nothing: the run lives in the
+SuperLink and its ServerApp goes on writing ``rounds.jsonl``.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from keystay.server.settings import RunSettings
 
 #: How many of the run's last log lines :class:`RunOutcome` keeps in memory.
 LOG_TAIL_LINES = 30
+#: How ``flwr run`` names the run it submitted (followed by its id).
+RUN_STARTED = "Successfully started run "
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,8 @@ def start_run(
         for line in process.stdout:
             log.write(line)
     process.wait()
+    if process.returncode == 0 and log.run_id is not None:
+        _follow_to_the_end(server_dir, log, log.run_id, poll)
     log.close()
     # The ServerApp writes its last row just before the run ends; give the
     # follower one more look.
@@ -154,6 +167,35 @@ def start_run(
     follower.join()
     return RunOutcome(settings, rows, process.returncode, log_file,
                       log_problem=log.problem, log_tail=tuple(log.tail), log_error=log.error)
+
+
+def _follow_to_the_end(server_dir: Path, log: _RunLog, run_id: int, poll: float) -> None:
+    """Wait until the SuperLink says run ``run_id`` finished (rows are followed meanwhile).
+
+    Gives up, as before this check, when the SuperLink cannot be asked
+    (stopped, or a Control API that does not answer): the run is then as
+    finished as ``keystay round start`` can know.
+    """
+    from keystay.server.deploy.enrollment import EnrollmentError, FlwrControl
+    from keystay.server.deploy.superlink import ServerConfigError
+
+    try:
+        control = FlwrControl(server_dir, ServerConfig.load(server_dir), timeout=30.0)
+    except (ServerConfigError, OSError):
+        return
+    noted = False
+    while True:
+        try:
+            status = control.run_status(run_id)
+        except (EnrollmentError, OSError):
+            return  # SuperLinkUnavailableError is an EnrollmentError
+        if not status or status.startswith("finished"):
+            return
+        if not noted:
+            log.write(f"keystay: flwr's log stream ended while run {run_id} is {status}; "
+                      "following its rounds until the SuperLink says it finished\n".encode())
+            noted = True
+        time.sleep(max(poll, 2.0))
 
 
 class _RunLog:
@@ -168,6 +210,8 @@ class _RunLog:
 
     def __init__(self, path: Path) -> None:
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        #: The SuperLink's id of the run, from ``flwr run``'s own line.
+        self.run_id: int | None = None
         self.problem = ""
         self.error: OSError | None = None
         self._file: BinaryIO | None = None
@@ -186,7 +230,11 @@ class _RunLog:
             self._file = None
 
     def write(self, line: bytes) -> None:
-        self.tail.append(line.decode(errors="replace").rstrip("\n"))
+        text = line.decode(errors="replace").rstrip("\n")
+        self.tail.append(text)
+        if self.run_id is None and text.startswith(RUN_STARTED):
+            with contextlib.suppress(ValueError):
+                self.run_id = int(text[len(RUN_STARTED):].split()[0])
         if self._file is None:
             return
         try:

@@ -117,7 +117,9 @@ def _model(job: TrainJob, module: nn.Module | None) -> nn.Module:
 def _windows(windows: np.ndarray) -> torch.Tensor:
     # One tensor indexed per step: a DataLoader over a TensorDataset would fetch and
     # collate window by window, which costs more than a small model's step.
-    return torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
+    # Writable too: windows from a read-only buffer (the store's decoded pages)
+    # are copied once rather than shared, which torch warns it cannot do safely.
+    return torch.from_numpy(np.require(windows, np.int64, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
 def _optimizer(job: TrainJob, model: nn.Module) -> torch.optim.Optimizer:

@@ -317,8 +317,8 @@ class FlwrControl:
         self.timeout = timeout
         self.home = config.write_flwr_home(server_dir)
 
-    def _flwr(self, *args: str) -> dict[str, Any]:
-        cmd = [executable("flwr"), "supernode", *args, "--format", "json"]
+    def _flwr(self, *args: str, group: tuple[str, ...] = ("supernode",)) -> dict[str, Any]:
+        cmd = [executable("flwr"), *group, *args, "--format", "json"]
         try:
             result = subprocess.run(cmd, capture_output=True, text=True,
                                     env=flower_env(self.home), timeout=self.timeout,
@@ -339,7 +339,7 @@ class FlwrControl:
                 f"cannot reach the SuperLink's Control API at {self.config.control_address}: "
                 f"{detail}. Start it with 'keystay server start --dir {self.server_dir}'"
             )
-        raise EnrollmentError(f"flwr supernode {args[0]} failed: {detail}")
+        raise EnrollmentError(f"flwr {' '.join(group)} {args[0]} failed: {detail}")
 
     def register(self, public_key_file: Path, name: str) -> int:
         data = self._flwr("register", str(public_key_file), FEDERATION_NAME, "--name", name)
@@ -352,6 +352,14 @@ class FlwrControl:
         """node id -> ``{"status": "online"|"offline"|"registered"|"unregistered", …}``."""
         data = self._flwr("list", FEDERATION_NAME)
         return {int(n["node-id"]): n for n in data.get("nodes", [])}
+
+    def run_status(self, run_id: int) -> str:
+        """The SuperLink's status of a run (``running``, ``finished:completed``, …)."""
+        data = self._flwr(FEDERATION_NAME, "--run-id", str(run_id), group=("ls",))
+        runs = data.get("runs", [])
+        if not runs:
+            raise EnrollmentError(f"the SuperLink knows no run {run_id}")
+        return str(runs[0].get("status", ""))
 
 
 def _last_json(text: str) -> dict[str, Any] | None:

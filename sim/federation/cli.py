@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +39,23 @@ def summary_line(line: dict[str, Any]) -> str:
     eps = "; ".join(f"{a}: {v:.3f}" for a, v in means.items()) or "no verified report"
     return (f"       {line.get('seconds', 0):.1f} s; mean ε per day charged "
             f"({line.get('days_charged', 0)} days): {eps}")
+
+
+def reasons_line(row: dict[str, Any]) -> str | None:
+    """Devices that did not answer, counted by kind and reason (``None`` if every one did).
+
+    E.g. ``refused: no-data 85; unavailable: no reply 2``: what the table's
+    per-device lines would say, for a population too large to list.
+    """
+    parts = []
+    for kind, key in (("refused", "refusals"), ("unavailable", "unavailable"),
+                      ("failed", "failed")):
+        counts = Counter(str(entry.get("reason", "?")) for entry in row.get(key, []))
+        if counts:
+            parts.append(f"{kind}: " + ", ".join(
+                f"{reason.removeprefix('refused by device policy: ')} {n}"
+                for reason, n in counts.most_common()))
+    return "       " + "; ".join(parts) if parts else None
 
 
 @click.command("sim")
@@ -87,7 +105,9 @@ def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out:
 
     \b
     Prints the table of keystay round start, one row per round, with the
-    mean ε per employee-day the round's verified reports name; --json
+    mean ε per employee-day the round's verified reports name, and while a
+    round runs how many devices have answered each of its stages (a live
+    bar in a terminal, a "waiting:" line every 30 s in a log); --json
     writes the same per round as JSON lines.
 
     \b
@@ -100,15 +120,19 @@ def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out:
     """
     import tempfile
 
+    from keystay.server.progress import RoundProgress
     from keystay.server.rounds import TABLE_HEADER, format_round
     from keystay.server.settings import SettingsError
     from keystay.sim.federation.engine import SimError, SimOptions, run
     from keystay.sim.federation.flower_patch import FlowerPatchError
+    from keystay.sim.federation.progress import StageTally
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if not verbose:
-        # The table is the progress; Flower logs every row as JSON besides.
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # The table is the progress; Flower logs every row as JSON besides, and
+        # the ServerApp a warning per refused or silent device (85 of them at
+        # 1,000 devices), which the round's summary counts by reason instead.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     config: dict[str, Any] = {}
     for item in extra:
         key, sep, raw = item.partition("=")
@@ -134,13 +158,18 @@ def sim(devices: int, rounds: int, fraction: float, json_path: Path | None, out:
         def on_row(row: dict[str, Any], line: dict[str, Any]) -> None:
             # The round's line of the table; per-device lines only for a handful.
             lines = format_round(row)
-            click.echo("\n".join(lines if len(lines) <= 12 else lines[:1]))
-            click.echo(summary_line(line))
+            if len(lines) > 12:
+                reasons = reasons_line(row)
+                lines = [lines[0], *([reasons] if reasons else [])]
+            progress.round_done(row, [*lines, summary_line(line)])
             if sink is not None:
                 sink.write(json.dumps(line, sort_keys=True) + "\n")
                 sink.flush()
 
-        run(options, on_row)
+        # Inside a round: how many devices have answered each stage so far.
+        tally = StageTally(options.devices_dir, settings.min_devices)
+        with RoundProgress(rounds, sys.stdout, activity=tally.text) as progress:
+            run(options, on_row)
         click.echo(f"\n{rounds} rounds of {devices} devices in "
                    f"{time.monotonic() - started:.1f} s; run folder {settings.run_dir}")
     except SettingsError as error:

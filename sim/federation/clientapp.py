@@ -41,6 +41,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from keystay.client.app import FEDAVG_WEIGHT, NO_EVALUATE
 from keystay.client.policy import DevicePolicy
@@ -48,6 +49,7 @@ from keystay.client.requests import error_reply, train_request
 from keystay.client.secagg import is_secagg_message, stage_reply, stage_request
 from keystay.client.serde import weights_from_proto
 from keystay.common.wire import ERROR_REFUSED
+from keystay.sim.federation import progress
 from keystay.sim.federation.device import EmployeeData, SimulatedDevice
 from keystay.v1 import device_pb2
 
@@ -107,6 +109,12 @@ def client_app(population: Population) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        reply = answer(msg, context)
+        # Counted after the answer, refusals included: the driver's progress line.
+        progress.record(population.devices_dir, _round(msg), _stage(msg))
+        return reply
+
+    def answer(msg: Message, context: Context) -> Message:
         if is_secagg_message(msg):
             return secagg_reply(msg, context,
                                 population.device(int(context.node_config[PARTITION_ID])))
@@ -125,3 +133,18 @@ def client_app(population: Population) -> ClientApp:
         return Message(error=Error(code=ERROR_REFUSED, reason=NO_EVALUATE), reply_to=msg)
 
     return app
+
+
+def _round(msg: Message) -> int:
+    """The message's round (Flower's group id), 0 when it carries none."""
+    try:
+        return int(msg.metadata.group_id)
+    except ValueError:
+        return 0
+
+
+def _stage(msg: Message) -> str:
+    """The SecAgg+ stage the message asks for, or ``train`` for a plain round."""
+    if is_secagg_message(msg):
+        return str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "unknown"))
+    return "train"

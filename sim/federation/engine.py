@@ -41,6 +41,7 @@ turns each into one line of the simulation's JSON output (:func:`sim_row`).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -137,6 +138,11 @@ class SimOptions:
             config["secagg-num-shares"], config["secagg-reconstruction-threshold"] = WIDE_SHARES
         return RunSettings.from_run_config(config)
 
+    @property
+    def devices_dir(self) -> Path:
+        """Where the virtual devices' folders (and the run's progress file) are."""
+        return self.out.resolve() / "devices"
+
     @staticmethod
     def policy(privacy_unit: str) -> DevicePolicy:
         """Every simulated device's policy: the built-in defaults, with the run's unit."""
@@ -152,7 +158,7 @@ def population(options: SimOptions) -> Population:
         for seed, role in roster(options.devices, options.seed)
     )
     unit = options.settings().privacy_unit
-    return Population(options.out.resolve() / "devices", employees, options.policy(unit))
+    return Population(options.devices_dir, employees, options.policy(unit))
 
 
 def enroll(population: Population, settings: RunSettings) -> None:
@@ -265,6 +271,10 @@ def run(
     from keystay.sim.federation.clientapp import client_app
 
     flower_patch.install()
+    # Ray 2.55 prints a FutureWarning on every start unless told the coming
+    # default (leave CUDA_VISIBLE_DEVICES alone when no GPU is asked for),
+    # which is what keystay wants anyway: its actors ask for none.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     settings = options.settings()
     people = population(options)
     enroll(people, settings)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from keystay.server.deploy.superlink import executable, flower_env
+from keystay.sim.federation.progress import StageTally
 
 pytestmark = pytest.mark.e2e
 
@@ -84,8 +85,14 @@ def test_keystay_sim_runs_the_deployment_server_app_over_in_process_devices(
     assumptions = set(lines[-1]["epsilon_per_day_mean"])
     assert ("server that breaks secure aggregation" in assumptions) == (unit == "employee-day")
     # The devices' own ledgers hold the charges the server verified.
-    devices = sorted((tmp_path / "run" / "devices").iterdir())
+    devices = sorted(d for d in (tmp_path / "run" / "devices").iterdir() if d.is_dir())
     assert len(devices) == 3 and all((d / "ledger.v1.sqlite").exists() for d in devices)
+    # What the progress line counted: every device's answer to every message.
+    stages = (["setup", "share_keys", "collect_masked_vectors", "unmask"]
+              if unit == "employee-day" else ["train"])
+    tally = StageTally(tmp_path / "run" / "devices", per_round=3)
+    for server_round in (1, 2):
+        assert tally.counts(server_round) == dict.fromkeys(stages, 3)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,21 @@ def test_terminal_progress_draws_a_bar() -> None:
         progress.round_done(OLD_ROW, ["  1  round one"])
     text = out.getvalue()
     assert "rounds done 1/3" in text and "  1  round one" in text and "replies 2/2" in text
+
+
+def test_activity_inside_a_round_replaces_the_device_count() -> None:
+    asked: list[int] = []
+
+    def activity(server_round: int) -> str:
+        asked.append(server_round)
+        return f"setup 7/9 of round {server_round}"
+
+    with RoundProgress(3, io.StringIO(), activity=activity, live=False,
+                       poll=0.01) as progress:
+        progress.round_done(OLD_ROW, ["  1  round one"])
+        deadline = time.monotonic() + 5
+        while "of round 2" not in progress.waiting_line() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        line = progress.waiting_line()
+    assert line.startswith("waiting: round 2 of 3, setup 7/9 of round 2, last round")
+    assert "devices connected" not in line and 2 in asked

@@ -41,3 +41,51 @@ def test_the_serverapp_starts_its_row_on_a_fresh_line(tmp_path: Path) -> None:
     assert rows[:2] == [{"round": 1}, None]
     assert rows[2] is not None and rows[2]["round"] == 2
     assert json.loads(rounds.read_text().splitlines()[-1])["round"] == 2
+
+
+FAKE_FLWR = r'''#!{python}
+import json, os, sys
+from pathlib import Path
+state = Path(os.environ["FAKE_FLWR_STATE"])
+if sys.argv[1] == "run":
+    # The log stream ends at once, while the run goes on (seen at 20 devices).
+    print("Successfully started run 42")
+    sys.exit(0)
+if sys.argv[1] == "ls":
+    assert sys.argv[2:5] == ["keystay", "--run-id", "42"], sys.argv
+    calls = int(state.read_text()) if state.exists() else 0
+    state.write_text(str(calls + 1))
+    if calls == 0:  # the ServerApp writes its row while the run is still running
+        rounds = Path(os.environ["FAKE_FLWR_ROUNDS"])
+        rounds.parent.mkdir(parents=True, exist_ok=True)
+        rounds.write_text(json.dumps({{"round": 1}}) + "\n")
+    status = "running" if calls == 0 else "finished:completed"
+    print(json.dumps({{"success": True, "runs": [{{"run-id": "42", "status": status}}]}}))
+    sys.exit(0)
+sys.exit(2)
+'''
+
+
+def test_a_log_stream_that_ends_early_does_not_end_the_run(tmp_path: Path,
+                                                            monkeypatch: Any) -> None:
+    import sys
+
+    from keystay.server import rounds as rounds_module
+    from keystay.server.deploy import enrollment
+    from keystay.server.settings import RunSettings
+
+    fake = tmp_path / "flwr"
+    fake.write_text(FAKE_FLWR.format(python=sys.executable))
+    fake.chmod(0o755)
+    settings = RunSettings(server_dir=tmp_path / "server", run_name="r", num_server_rounds=1)
+    monkeypatch.setenv("FAKE_FLWR_STATE", str(tmp_path / "calls"))
+    monkeypatch.setenv("FAKE_FLWR_ROUNDS", str(settings.run_dir / "rounds.jsonl"))
+    monkeypatch.setattr(rounds_module, "executable", lambda name: str(fake))
+    monkeypatch.setattr(enrollment, "executable", lambda name: str(fake))
+    config = SimpleNamespace(write_flwr_home=lambda d: tmp_path, control_address="x")
+    monkeypatch.setattr(rounds_module.ServerConfig, "load", classmethod(lambda cls, d: config))
+    outcome = rounds_module.start_run(settings.server_dir, settings, poll=0.05)
+    # Before: the outcome had 0 rounds as soon as `flwr run` ended.
+    assert [row["round"] for row in outcome.rounds] == [1] and outcome.ok
+    assert (tmp_path / "calls").read_text() == "2"
+    assert "log stream ended while run 42 is running" in outcome.log_file.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -430,3 +431,17 @@ def test_train_dp_draws_nothing_from_torch_generators(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch, "Generator", refuse)
     monkeypatch.setattr(torch, "manual_seed", refuse)
     assert train_dp(job).steps == 3
+
+
+def test_read_only_windows_are_copied_without_a_warning() -> None:
+    # The store hands windows out of read-only buffers; torch warned (and a
+    # write would have been undefined behaviour) before they were copied.
+    from keystay.client.trainer.dpsgd import _windows
+
+    frozen = np.arange(2 * WINDOW, dtype=np.int64).reshape(2, WINDOW)
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = _windows(frozen)
+    tensor[0, 0] = -1
+    assert frozen[0, 0] == 0 and tensor.dtype == torch.int64

@@ -7,7 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from keystay.cli.main import main
-from keystay.sim.federation.cli import summary_line
+from keystay.sim.federation.cli import reasons_line, summary_line
 
 
 def test_help_names_the_example_and_exit_codes() -> None:
@@ -39,3 +39,13 @@ def test_summary_line_names_each_assumption() -> None:
     line = summary_line({"seconds": 2.0, "days_charged": 4,
                          "epsilon_per_day_mean": {"honest-but-curious server": 1.5}})
     assert "honest-but-curious server: 1.500" in line and "4 days" in line
+
+
+def test_reasons_are_counted_for_a_population_too_large_to_list() -> None:
+    row = {"refusals": [{"node": n, "reason": "refused by device policy: no-data"}
+                        for n in range(85)]
+           + [{"node": 99, "reason": "refused by device policy: secagg-protocol"}],
+           "unavailable": [{"node": 7, "reason": "no reply"}], "failed": []}
+    assert reasons_line(row) == ("       refused: no-data 85, secagg-protocol 1; "
+                                 "unavailable: no reply 1")
+    assert reasons_line({"refusals": [], "unavailable": []}) is None

@@ -21,6 +21,7 @@ from keystay.sim.federation.clientapp import (
     client_app,
 )
 from keystay.sim.federation.device import EmployeeData
+from keystay.sim.federation.progress import StageTally
 from tests.e2e.secagg_grid import (
     Node,
     NodesGrid,
@@ -98,6 +99,9 @@ def test_virtual_nodes_run_secagg_through_the_daemon_stages(tmp_path: Path) -> N
     # Sessions are gone from every node's context once unmasked.
     for context in grid.contexts.values():
         assert not dict(context.state.config_records.get(SESSIONS_RECORD, {}))
+    # Every answered stage was counted for the driver's progress line.
+    assert StageTally(tmp_path / "devices", 3).counts(1) == {
+        "setup": 3, "share_keys": 3, "collect_masked_vectors": 3, "unmask": 3}
 
 
 def test_a_refused_stage_comes_back_as_a_flower_error(tmp_path: Path) -> None:
@@ -113,3 +117,4 @@ def test_a_refused_stage_comes_back_as_a_flower_error(tmp_path: Path) -> None:
     reply = _virtual_node(train, 0)(msg, node_context(1))
     assert reply.has_error()
     assert reply.error.reason == "refused by device policy: secagg-protocol"
+    assert StageTally(tmp_path / "devices", 3).counts(1) == {"unmask": 1}  # refusals count
