@@ -28,7 +28,9 @@ each run is shown but left out of the median: it pays one-off costs (the
 SuperNodes fetch the app bundle, a device starts its trainer on demand). The
 SecAgg+ variants also print their seconds per protocol stage (keystay's from
 ``stage_seconds`` in its rows), which is where keystay's time beyond the
-SecAgg+ floor shows. Goal (issue "Fast and light on the laptop"): keystay
+SecAgg+ floor shows, and every variant prints the CPU seconds per round of
+the federation's processes by role (:func:`federation_cpu`), which, unlike
+wall time, a busy machine hardly moves. Goal (issue "Fast and light on the laptop"): keystay
 ≤ 1.2× the bare floor; the ratio is printed against each variant.
 
 All apps run on the same device processes, so what the device side sets
@@ -49,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,51 @@ KEYSTAY = "keystay (employee-day SecAgg+)"
 #: held-out scoring (after them), as its rows' ``stage_seconds`` name them.
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask", "report_checks",
           "heldout_score")
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+#: How a process of the federation is named in the CPU table: the first
+#: keyword its command line contains (ClientApp and ServerApp processes are
+#: short-lived; once reaped, their CPU is their parent SuperExec's).
+ROLES = (("flower-superlink", "SuperLink"), ("supernode", "SuperNode"),
+         ("serverapp", "SuperExec+ServerApp"), ("clientapp", "SuperExec+ClientApps"),
+         ("trainer", "trainer"), ("device run", "daemon"), ("server start", "keystay server"),
+         ("flwr run", "flwr run"))
+
+
+def federation_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's descendants, by role (see :data:`ROLES`).
+
+    Each process counts its own CPU and that of the children it has reaped
+    (``/proc/PID/stat`` utime, stime, cutime, cstime), so a ClientApp that
+    came and went between two readings is in its SuperExec's figure. The
+    difference of two readings is what the federation spent between them, on
+    every core: unlike wall time, it hardly moves with the machine's load.
+    """
+    procs: dict[int, tuple[int, float, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        procs[int(entry.name)] = (int(fields[1]),
+                                  sum(int(f) for f in fields[11:15]) / TICK, cmd)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[str, float] = {}
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        _, cpu, cmd = procs[pid]
+        role = next((name for key, name in ROLES if key in cmd), "other")
+        out[role] = out.get(role, 0.0) + cpu
+    return out
 
 
 def _model_floats() -> int:
@@ -164,6 +212,10 @@ class Run:
 
     seconds: list[float]
     stages: list[dict[str, float]] = field(default_factory=list)
+    #: CPU seconds per round of the federation's processes, by role, over the
+    #: whole run (its first round and the ServerApp's start included).
+    cpu: dict[str, float] = field(default_factory=dict)
+    load: str = ""
 
     def steady(self) -> float:
         """Median round time, the first round left out (one-off costs)."""
@@ -185,17 +237,27 @@ def measure(devices: int, rounds: int, local_steps: int, floats: int, root: Path
     """Every variant's rounds on one federation of ``devices``, back to back."""
     folder = root / f"devices-{devices}"
     federation = LocalFederation(folder, devices=devices, simulate_days=2, events_per_day=4000)
+    variants: dict[str, Callable[[], Run]] = {
+        BARE: lambda: bare_rounds(federation, devices, rounds, floats, folder),
+        BARE_SECAGG: lambda: bare_secagg_rounds(federation, devices, rounds, floats, folder,
+                                                0.0),
+        BARE_SECAGG_PROMPT: lambda: bare_secagg_rounds(federation, devices, rounds, floats,
+                                                       folder, PULL_INTERVAL),
+        KEYSTAY: lambda: keystay_rounds(federation, devices, rounds, local_steps),
+    }
     with federation:
         federation.start()
         federation.wait_online(devices)
         before = _load()
-        runs = {
-            BARE: bare_rounds(federation, devices, rounds, floats, folder),
-            BARE_SECAGG: bare_secagg_rounds(federation, devices, rounds, floats, folder, 0.0),
-            BARE_SECAGG_PROMPT: bare_secagg_rounds(federation, devices, rounds, floats, folder,
-                                                   PULL_INTERVAL),
-            KEYSTAY: keystay_rounds(federation, devices, rounds, local_steps),
-        }
+        runs = {}
+        for name, variant in variants.items():
+            cpu_before, load = federation_cpu(), _load()
+            run = variant()
+            cpu_after = federation_cpu()
+            run.cpu = {role: (cpu_after.get(role, 0.0) - cpu_before.get(role, 0.0)) / rounds
+                       for role in sorted(set(cpu_after) | set(cpu_before))}
+            run.load = load
+            runs[name] = run
         return runs, f"{before}; after: {_load()}"
 
 
@@ -218,6 +280,15 @@ def report(devices: int, runs: dict[str, Run], load: str) -> None:
         for name, stages in staged.items():
             print(f"  {name:<34} " + " ".join(
                 f"{stages[s]:>22.2f}" if s in stages else f"{'-':>22}" for s in STAGES))
+    roles = sorted({role for run in runs.values() for role in run.cpu})
+    print("  CPU seconds per round of the federation's processes (all rounds of the run; "
+          "the load average when each started):")
+    print(f"  {'variant':<34} {'total':>6} " + " ".join(f"{r:>{max(len(r), 6)}}" for r in roles)
+          + "  load")
+    for name, run in runs.items():
+        print(f"  {name:<34} {sum(run.cpu.values()):>6.2f} " + " ".join(
+            f"{run.cpu.get(r, 0.0):>{max(len(r), 6)}.2f}" for r in roles)
+            + f"  {run.load.split(' (1 min)')[0].removeprefix('load ')}")
     sys.stdout.flush()
 
 

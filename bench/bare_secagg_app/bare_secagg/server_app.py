@@ -1,13 +1,9 @@
-"""The floor of a Flower SecAgg+ round: Flower's workflow and mod, a constant update.
+"""The ServerApp of the bare SecAgg+ app: Flower's own ``SecAggPlusWorkflow``, timed.
 
 Flower 1.39's own pieces, set up as its secure-aggregation example does: the
 ServerApp runs ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` over a
-``LegacyContext`` and Flower's legacy ``FedAvg`` (no evaluation), and the
-ClientApp's ``train`` sits behind ``secaggplus_mod``, which runs the four
-stages (setup, share keys, collect masked vectors, unmask) and calls ``train``
-only for the masked vector. ``train`` returns ``payload-floats`` zeros with
-weight 1 (keystay's devices send weight 1 too), so no work is done beyond
-Flower's protocol.
+``LegacyContext`` and Flower's legacy ``FedAvg`` (no evaluation); the
+ClientApp is :mod:`bare_secagg.client_app`.
 
 The protocol settings come from the run config: ``bench/bench_round.py``
 passes keystay's defaults (5 shares, threshold 3, keystay's clipping,
@@ -32,11 +28,8 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
-from flwr.app import Context, Message
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.compat.common import recorddict_compat as compat
+from flwr.app import Context
+from flwr.common import ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -45,20 +38,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
 
-client = ClientApp(mods=[secaggplus_mod])
 server = ServerApp()
 
 Stage = Callable[[Grid, LegacyContext, WorkflowState], bool]
-
-
-@client.train()
-def constant_update(msg: Message, context: Context) -> Message:
-    """The masked-vector stage's update: zeros the size of the model, weight 1."""
-    floats = int(context.run_config["payload-floats"])
-    fitres = FitRes(status=Status(code=Code.OK, message=""),
-                    parameters=ndarrays_to_parameters([np.zeros(floats, dtype=np.float32)]),
-                    num_examples=1, metrics={})
-    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
