@@ -77,17 +77,27 @@ STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask", "report_che
 
 
 TICK = os.sysconf("SC_CLK_TCK")
-#: How a process of the federation is named in the CPU table: the first
-#: keyword its command line contains (ClientApp and ServerApp processes are
-#: short-lived; once reaped, their CPU is their parent SuperExec's).
-ROLES = (("flower-superlink", "SuperLink"), ("supernode", "SuperNode"),
-         ("serverapp", "SuperExec+ServerApp"), ("clientapp", "SuperExec+ClientApps"),
-         ("trainer", "trainer"), ("device run", "daemon"), ("server start", "keystay server"),
-         ("flwr run", "flwr run"))
+#: How a process of the federation is named in the CPU table: by the program
+#: it runs (the words after the interpreter). ClientApp and ServerApp
+#: processes are short-lived; once reaped, their CPU is their SuperExec's.
+PROGRAMS = (("flower-superlink", "SuperLink"), ("supernode_launch", "SuperNode"),
+            ("flower-supernode", "SuperNode"), ("daemon.reaper", "SuperNode"),
+            ("multiprocessing.spawn", "trainer"), ("resource_tracker", "daemon"),
+            ("device run", "daemon"), ("server start", "keystay server"),
+            ("flwr run", "flwr run"), ("flower-superexec", "SuperExec"))
+
+
+def _role(cmd: str, parent: str) -> str:
+    words = cmd.split()
+    program = " ".join(words[1:5]) if words and "python" in words[0] else " ".join(words[:4])
+    role = next((name for key, name in PROGRAMS if key in program), "other")
+    if role == "SuperExec":  # a SuperLink's runs ServerApps, a SuperNode's ClientApps
+        return "SuperExec+ServerApps" if parent == "SuperLink" else "SuperExec+ClientApps"
+    return role
 
 
 def federation_cpu() -> dict[str, float]:
-    """CPU seconds so far of this process's descendants, by role (see :data:`ROLES`).
+    """CPU seconds so far of this process's descendants, by role (see :data:`PROGRAMS`).
 
     Each process counts its own CPU and that of the children it has reaped
     (``/proc/PID/stat`` utime, stime, cutime, cstime), so a ClientApp that
@@ -111,12 +121,12 @@ def federation_cpu() -> dict[str, float]:
     for pid, (ppid, _, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
     out: dict[str, float] = {}
-    todo = list(children.get(os.getpid(), []))
+    todo = [(pid, "") for pid in children.get(os.getpid(), [])]
     while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+        pid, parent = todo.pop()
         _, cpu, cmd = procs[pid]
-        role = next((name for key, name in ROLES if key in cmd), "other")
+        role = _role(cmd, parent)
+        todo.extend((child, role) for child in children.get(pid, []))
         out[role] = out.get(role, 0.0) + cpu
     return out
 
