@@ -78,8 +78,9 @@ STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask", "report_che
 
 TICK = os.sysconf("SC_CLK_TCK")
 #: How a process of the federation is named in the CPU table: by the program
-#: it runs (the words after the interpreter). ClientApp and ServerApp
-#: processes are short-lived; once reaped, their CPU is their SuperExec's.
+#: it runs (the words after the interpreter); a program not named here counts
+#: with its parent, so a ServerApp or ClientApp is its SuperExec's, alive or
+#: reaped.
 PROGRAMS = (("flower-superlink", "SuperLink"), ("supernode_launch", "SuperNode"),
             ("flower-supernode", "SuperNode"), ("daemon.reaper", "SuperNode"),
             ("multiprocessing.spawn", "trainer"), ("resource_tracker", "daemon"),
@@ -90,7 +91,8 @@ PROGRAMS = (("flower-superlink", "SuperLink"), ("supernode_launch", "SuperNode")
 def _role(cmd: str, parent: str) -> str:
     words = cmd.split()
     program = " ".join(words[1:5]) if words and "python" in words[0] else " ".join(words[:4])
-    role = next((name for key, name in PROGRAMS if key in program), "other")
+    # A program not named (a ServerApp or ClientApp, say) counts with its parent.
+    role = next((name for key, name in PROGRAMS if key in program), parent or "other")
     if role == "SuperExec":  # a SuperLink's runs ServerApps, a SuperNode's ClientApps
         return "SuperExec+ServerApps" if parent == "SuperLink" else "SuperExec+ClientApps"
     return role
