@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,7 +245,7 @@ def _steady(times: list[float]) -> float:
 
 
 def measure(devices: int, rounds: int, local_steps: int, floats: int, root: Path,
-            ) -> tuple[dict[str, Run], str]:
+            skip: Sequence[str] = ()) -> tuple[dict[str, Run], str]:
     """Every variant's rounds on one federation of ``devices``, back to back."""
     folder = root / f"devices-{devices}"
     federation = LocalFederation(folder, devices=devices, simulate_days=2, events_per_day=4000)
@@ -263,6 +263,8 @@ def measure(devices: int, rounds: int, local_steps: int, floats: int, root: Path
         before = _load()
         runs = {}
         for name, variant in variants.items():
+            if name in skip:
+                continue
             cpu_before, load = federation_cpu(), _load()
             run = variant()
             cpu_after = federation_cpu()
@@ -312,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, default=1,
                         help="DP-SGD steps per device per keystay round (1: the floor)")
     parser.add_argument("--out", type=Path, help="keep the federations' folders here")
+    parser.add_argument("--no-prompt-floor", action="store_true",
+                        help=f"skip the bare SecAgg+ run at keystay's {PULL_INTERVAL:g} s pull "
+                             "(saves a run at 10 devices)")
     args = parser.parse_args(argv)
     floats = _model_floats()
     print(f"keystay round vs bare Flower rounds ({args.rounds} rounds each, "
@@ -320,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         root = (args.out or Path(tmp)).resolve()
         for devices in args.devices:
             try:
-                runs, load = measure(devices, args.rounds, args.local_steps, floats, root)
+                runs, load = measure(devices, args.rounds, args.local_steps, floats, root,
+                                     skip=[BARE_SECAGG_PROMPT] if args.no_prompt_floor else [])
             except PartFailed as failure:
                 print(f"bench_round: {failure}", file=sys.stderr)
                 return 1
