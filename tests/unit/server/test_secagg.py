@@ -142,7 +142,7 @@ def test_row_says_where_the_round_time_went(
 ) -> None:
     # Each masked-vector reply takes DELAY longer to come back: that time must
     # show in the masking stage, and only there.
-    delay = 0.2
+    delay = 0.4
     nodes = make_nodes(3)
 
     def slow_masking(node_id: int, reply: Any) -> None:
@@ -158,7 +158,7 @@ def test_row_says_where_the_round_time_went(
     assert stages["collect_masked_vectors"] >= 3 * delay
     assert max(stages[s] for s in protocol) == stages["collect_masked_vectors"]
     # The stages and the scoring after them are parts of the round's time.
-    assert sum(stages[s] for s in (*protocol, "heldout_score")) <= row["seconds"] + 0.05
+    assert sum(stages[s] for s in (*protocol, "heldout_score")) <= row["seconds"] + 0.25
 
 
 def test_too_few_survivors_halt_the_round_and_keep_the_model(
