@@ -32,7 +32,12 @@ server runs itself. Nothing about it comes from a device:
   cheap (a fraction of a second per round on a laptop core) and makes the
   windows less redundant than stride-1 windows that share 31 of 32 tokens.
 * **Built once per run** (:class:`HeldoutEvaluator` caches the windows) and
-  scored after every round's aggregation.
+  scored after every round's aggregation, on one torch thread
+  (:data:`SCORE_THREADS`): the model is small, so a second thread buys
+  little even on a quiet machine, and on a busy one (the SuperLink, the
+  ServerApp and, in a local federation, the devices share the cores) torch's
+  waiting threads made the score 3–5× slower in wall time and 3–4× dearer
+  in CPU (``bench/bench_heldout.py``).
 
 What the figure means, honestly: accuracy on *simulated* behaviour, a proxy
 for how the model generalises to unseen employees, not a measurement on the
@@ -41,12 +46,14 @@ employees who trained it. Every round row says so (:data:`HELDOUT_SET`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
+import torch
 
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
@@ -62,6 +69,10 @@ FIRST_SEED = 1_000_000_000
 FIRST_DAY = date(2001, 1, 1)
 #: Tokens between the starts of two held-out windows.
 STRIDE = 4
+#: Intra-op threads torch may use while scoring (see the module docstring);
+#: ``KEYSTAY_SCORE_THREADS`` overrides it, as ``KEYSTAY_TRAIN_THREADS`` does
+#: the device trainer's.
+SCORE_THREADS = int(os.environ.get("KEYSTAY_SCORE_THREADS", "1"))
 
 
 class HeldoutError(KeystayError, ValueError):
@@ -190,7 +201,13 @@ class HeldoutEvaluator:
         if self._model is None:
             self._model = NextEventModel(self.model_config)
         set_weights(self._model, weights)
-        result = evaluate(self._model, self.windows)
+        # The setting is the process's; the caller's is put back afterwards.
+        previous = torch.get_num_threads()
+        torch.set_num_threads(SCORE_THREADS)
+        try:
+            result = evaluate(self._model, self.windows)
+        finally:
+            torch.set_num_threads(previous)
         return HeldoutScore(
             accuracy=float(result.accuracy), loss=float(result.loss),
             windows=int(self.windows.shape[0]),

@@ -9,6 +9,13 @@ refusal also goes to the ledger), score the global model on the server's own
 held-out employees and compose central-DP rounds in the ledger. Those shared
 pieces live here, below both paths, so neither imports the other.
 
+A row also says where the round's time went on the server
+(``stage_seconds``: the held-out scoring, and for SecAgg+ each protocol stage
+from sending to the last reply), so ``bench/bench_round.py`` can set a round
+beside Flower's bare floor stage by stage. These are the server's own clock
+readings; nothing about a device's timing is in them beyond when its reply
+landed, which the server sees anyway.
+
 An error reply's kind comes from the ClientApp's codes
 (:mod:`keystay.common.wire`) and Flower's own: only
 :data:`~keystay.common.wire.ERROR_REFUSED` is a device's policy declining.
@@ -102,6 +109,8 @@ class RoundLog:
     checkpoint: str = ""
     heldout: HeldoutScore | None = None
     heldout_population: dict[str, Any] = field(default_factory=dict)
+    #: Wall seconds of the round's parts on the server (see the module docstring).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def record_error(self, node: int, code: int, reason: str) -> str:
         """File an error reply under its kind; returns the kind."""
@@ -133,6 +142,7 @@ class RoundLog:
             **heldout,
             "heldout_set": HELDOUT_SET,
             "heldout_population": self.heldout_population,
+            "stage_seconds": self.stage_seconds,
         }
 
     def as_json(self) -> str:
@@ -166,12 +176,14 @@ def score_and_write(
     A model the evaluator cannot load (NaN weights, say) gets no figures; the
     row is written all the same, so the table never skips a round.
     """
+    started = time.perf_counter()
     try:
         round_log.heldout = evaluator.score(weights)
     except ValueError as error:
         round_log.heldout = None
         log(WARNING, "round %s: the global model could not be scored: %s",
             round_log.server_round, error)
+    round_log.stage_seconds["heldout_score"] = round(time.perf_counter() - started, 3)
     round_log.heldout_population = evaluator.population.describe()
     line = round_log.as_json()
     append_row(rounds_file, line, round_log.server_round)

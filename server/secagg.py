@@ -60,6 +60,11 @@ What keystay adds around Flower's workflow, and why:
   sends devices no evaluate message, as in a plain run; a SecAgg run writes
   the same ``rounds.jsonl`` rows, checkpoints and ``final.pt`` as a plain
   one, plus a ``secagg`` entry per row.
+* **Where the time goes.** Each row's ``stage_seconds`` holds the wall
+  seconds of the four protocol stages (each from sending to the last reply),
+  of the report checks inside them (:meth:`SecAggFedAvg.admit`) and of the
+  held-out scoring, so ``bench/bench_round.py`` can set a keystay round
+  beside Flower's own SecAgg+ stage by stage.
 """
 
 from __future__ import annotations
@@ -125,6 +130,8 @@ MODULUS_RANGE = 2**40
 MAX_WEIGHT = 1.0
 
 Gate = Callable[[list[Message], list[Message]], list[Message]]
+#: Told each stage's name and wall seconds (:meth:`SecAggFedAvg.record_stage`).
+StageClock = Callable[[str, float], None]
 
 
 def check_secagg_settings(settings: RunSettings) -> None:
@@ -322,8 +329,10 @@ class SecAggFedAvg(FedAvg):
         dropouts). A masked-vector reply carries the device's signed report:
         it is verified and recorded here, and removed from ``replies`` unless
         the report is verified and unflagged, so its vector never enters the
-        sum (to the protocol, that device dropped out).
+        sum (to the protocol, that device dropped out). The time it takes is
+        the row's ``stage_seconds["report_checks"]`` (part of the stage's own).
         """
+        started = time.perf_counter()
         round_log = self._current()
         server_round = round_log.server_round
         kept: list[Message] = []
@@ -342,6 +351,9 @@ class SecAggFedAvg(FedAvg):
                 server_round, node, metrics, msg
             ):
                 kept.append(msg)
+        spent = round_log.stage_seconds.get("report_checks", 0.0)
+        round_log.stage_seconds["report_checks"] = round(
+            spent + time.perf_counter() - started, 3)
         return kept
 
     def _bound(self, server_round: int, node: int, metrics: ConfigRecord, msg: Message) -> bool:
@@ -472,6 +484,10 @@ class SecAggFedAvg(FedAvg):
 
     # -- evaluation and the round's row -----------------------------------------
 
+    def record_stage(self, stage: str, seconds: float) -> None:
+        """Note a SecAgg+ stage's wall seconds in the round's row (``stage_seconds``)."""
+        self._current().stage_seconds[stage] = round(seconds, 3)
+
     def evaluate_workflow(self, grid: Grid, context: Context) -> None:
         """Score the new global model on the server's held-out set; write the row.
 
@@ -552,10 +568,14 @@ class KeystaySecAggPlusWorkflow(SecAggPlusWorkflow):
     timeout : float
         Seconds to wait for each stage's replies; a device that has not
         answered by then has dropped out of the round.
+    clock : callable or None
+        ``clock(stage, seconds)`` after each stage (setup, share_keys,
+        collect_masked_vectors, unmask), for the round's ``stage_seconds``.
     """
 
     def __init__(
-        self, gate: Gate, *, num_shares: int, reconstruction_threshold: int, timeout: float
+        self, gate: Gate, *, num_shares: int, reconstruction_threshold: int, timeout: float,
+        clock: StageClock | None = None,
     ) -> None:
         super().__init__(
             num_shares,
@@ -567,9 +587,14 @@ class KeystaySecAggPlusWorkflow(SecAggPlusWorkflow):
             timeout=timeout,
         )
         self._gate = gate
+        self._clock = clock
 
     def __call__(self, grid: Grid, context: Context) -> None:
         super().__call__(_GatedGrid(grid, self._gate), context)
+
+    def _timed(self, name: str, started: float) -> None:
+        if self._clock is not None:
+            self._clock(name, time.perf_counter() - started)
 
     def _check_threshold(self, state: WorkflowState) -> bool:
         # Flower checks each sampled device's neighbours only: once every
@@ -582,7 +607,9 @@ class KeystaySecAggPlusWorkflow(SecAggPlusWorkflow):
         return super()._check_threshold(state)
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        started = time.perf_counter()
         ok = super().setup_stage(grid, context, state)
+        self._timed("setup", started)
         if not state.sampled_node_ids:
             return ok  # nothing sampled: the round was cancelled
         _forget_early_dropouts(state)
@@ -591,9 +618,25 @@ class KeystaySecAggPlusWorkflow(SecAggPlusWorkflow):
     def share_keys_stage(
         self, grid: Grid, context: LegacyContext, state: WorkflowState
     ) -> bool:
+        started = time.perf_counter()
         super().share_keys_stage(grid, context, state)
+        self._timed("share_keys", started)
         _forget_early_dropouts(state)
         return self._check_threshold(state)
+
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        started = time.perf_counter()
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        self._timed("collect_masked_vectors", started)
+        return ok
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        started = time.perf_counter()
+        ok = super().unmask_stage(grid, context, state)
+        self._timed("unmask", started)
+        return ok
 
 
 def _forget_early_dropouts(state: WorkflowState) -> None:
@@ -647,6 +690,7 @@ def run_secagg(grid: Grid, context: Context, settings: RunSettings) -> None:
                 num_shares=settings.secagg_num_shares,
                 reconstruction_threshold=settings.secagg_reconstruction_threshold,
                 timeout=settings.round_timeout,
+                clock=strategy.record_stage,
             ),
             evaluate_workflow=strategy.evaluate_workflow,
         )

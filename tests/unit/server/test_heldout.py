@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from keystay.common.model import ModelConfig, NextEventModel, evaluate, initial_weights, set_weights
 from keystay.common.windows import WINDOW, make_windows
+from keystay.server import heldout
 from keystay.server.heldout import (
     FIRST_DAY,
     FIRST_SEED,
@@ -95,3 +98,23 @@ def test_nan_weights_are_refused_with_a_sentence() -> None:
     weights[0] = np.full_like(weights[0], np.nan)
     with pytest.raises(ValueError, match="NaN"):
         HeldoutEvaluator(SMALL, config).score(weights)
+
+
+def test_score_runs_on_score_threads_and_puts_the_callers_setting_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+
+    def spy(model: torch.nn.Module, windows: np.ndarray) -> Any:
+        seen.append(torch.get_num_threads())
+        return evaluate(model, windows)
+
+    monkeypatch.setattr(heldout, "evaluate", spy)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        HeldoutEvaluator(SMALL, ModelConfig()).score(initial_weights(ModelConfig()))
+        assert seen == [heldout.SCORE_THREADS] == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -10,6 +10,7 @@ device is asked to evaluate anything.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -134,6 +135,30 @@ def test_server_gets_the_survivors_mean_and_nothing_individual(
             assert device["verified"] and device["epsilon_total"] == pytest.approx(0.5)
         # Nothing per device but what its signed report says.
         assert not {"train_loss", "num_examples", "heldout_accuracy"} & set(device)
+
+
+def test_row_says_where_the_round_time_went(
+    task_identity: None, make_nodes: Any, ledger: ServerLedger
+) -> None:
+    # Each masked-vector reply takes DELAY longer to come back: that time must
+    # show in the masking stage, and only there.
+    delay = 0.4
+    nodes = make_nodes(3)
+
+    def slow_masking(node_id: int, reply: Any) -> None:
+        if "fitres.metrics" in reply.content.config_records:
+            time.sleep(delay)
+
+    settings = _run(ledger, InProcessGrid(nodes, tamper=slow_masking))
+    row = _rows(settings)[0]
+    stages = row["stage_seconds"]
+    protocol = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+    assert set(stages) == {*protocol, "report_checks", "heldout_score"}
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert stages["collect_masked_vectors"] >= 3 * delay
+    assert max(stages[s] for s in protocol) == stages["collect_masked_vectors"]
+    # The stages and the scoring after them are parts of the round's time.
+    assert sum(stages[s] for s in (*protocol, "heldout_score")) <= row["seconds"] + 0.25
 
 
 def test_too_few_survivors_halt_the_round_and_keep_the_model(

@@ -1,0 +1,1 @@
+"""The bare SecAgg+ Flower app of bench/bench_round.py (see app.py)."""
