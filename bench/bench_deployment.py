@@ -42,38 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procfs import Proc, processes
+
 from keystay.server.deploy.local import LocalFederation
 from keystay.server.rounds import start_run
 from keystay.server.settings import RunSettings
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    sid: int
-    cpu_s: float
-    rss: int
-    cmd: str
-
-
-def processes() -> list[Proc]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        out.append(Proc(int(entry.name), int(fields[1]), int(fields[3]),
-                        (int(fields[11]) + int(fields[12])) / TICK, int(fields[21]) * PAGE, cmd))
-    return out
 
 
 def server_tree(root_pid: int, marker: str) -> list[Proc]:

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procfs import processes
+
 from keystay.server.deploy.local import LocalFederation, PartFailed
 from keystay.server.deploy.superlink import FEDERATION_NAME, ServerConfig, executable, flower_env
 from keystay.server.grid_poll import PULL_INTERVAL
@@ -76,7 +78,6 @@ STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask", "report_che
           "heldout_score")
 
 
-TICK = os.sysconf("SC_CLK_TCK")
 #: How a process of the federation is named in the CPU table: by the program
 #: it runs (the words after the interpreter); a program not named here counts
 #: with its parent, so a ServerApp or ClientApp is its SuperExec's, alive or
@@ -107,18 +108,7 @@ def federation_cpu() -> dict[str, float]:
     difference of two readings is what the federation spent between them, on
     every core: unlike wall time, it hardly moves with the machine's load.
     """
-    procs: dict[int, tuple[int, float, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        procs[int(entry.name)] = (int(fields[1]),
-                                  sum(int(f) for f in fields[11:15]) / TICK, cmd)
+    procs = {p.pid: (p.ppid, p.cpu_s + p.reaped_cpu_s, p.cmd) for p in processes()}
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
