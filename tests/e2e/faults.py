@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -84,6 +85,15 @@ def one(processes: dict[int, str], name: str) -> int:
     matching = [pid for pid, cmd in processes.items() if name in cmd and "reaper" not in cmd]
     assert len(matching) == 1, f"expected one {name}: {processes}"
     return matching[0]
+
+
+def kill_daemon(device: LocalDevice) -> None:
+    """SIGKILL the device's daemon; supervision: nothing it started outlives it."""
+    assert device.part is not None
+    os.kill(device.part.process.pid, signal.SIGKILL)
+    device.part.process.wait(10)
+    wait_for("the dead daemon's children to go",
+             lambda: not mentioning(str(device.data_dir)), 20, every=0.2)
 
 
 def supernodes(device: LocalDevice) -> list[int]:

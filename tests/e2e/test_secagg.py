@@ -53,6 +53,7 @@ from tests.e2e.faults import (
     charges,
     check_invariants,
     descendants,
+    kill_daemon,
     mentioning,
     not_refunded,
     one,
@@ -308,10 +309,7 @@ def test_daemon_killed_during_secagg_masking(federation: LocalFederation) -> Non
     run = Background(federation, settings)
     when_charged(victim, settings.run_name)
     charged = block_epsilons(victim)
-    os.kill(victim.part.process.pid, signal.SIGKILL)
-    victim.part.process.wait(10)
-    wait_for("the dead daemon's children to go",
-             lambda: not mentioning(str(victim.data_dir)), 20, every=0.2)
+    kill_daemon(victim)
     outcome = run.wait()
     tail = outcome.log_file.read_text(errors="replace")[-3000:]
     assert outcome.returncode == 0 and len(outcome.rounds) == 1, tail
