@@ -22,7 +22,9 @@ between stages in the node's Flower context (``context.state``, record
 own SecAgg+ mod keeps its state there.
 
 The node's ``partition-id`` (Flower's simulation numbering, 0 … N−1) picks
-the simulated employee in the :class:`Population`.
+the simulated employee in the :class:`Population`. Each answered message,
+refusals included, is counted for the driver's progress line (round and
+stage only: :mod:`keystay.sim.federation.progress`).
 """
 
 from __future__ import annotations
