@@ -29,6 +29,7 @@ stage only: :mod:`keystay.sim.federation.progress`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from keystay.client.policy import DevicePolicy
 from keystay.client.requests import error_reply, train_request
 from keystay.client.secagg import is_secagg_message, stage_reply, stage_request
 from keystay.client.serde import weights_from_proto
-from keystay.common.wire import ERROR_REFUSED
+from keystay.common.wire import CONFIG_SERVER_ROUND, ERROR_REFUSED
 from keystay.sim.federation import progress
 from keystay.sim.federation.device import EmployeeData, SimulatedDevice
 from keystay.v1 import device_pb2
@@ -138,11 +139,17 @@ def client_app(population: Population) -> ClientApp:
 
 
 def _round(msg: Message) -> int:
-    """The message's round (Flower's group id), 0 when it carries none."""
-    try:
+    """The message's round, 0 when it names none.
+
+    A plain round names it in its config record (``server-round``, as the
+    device reads it); SecAgg+ stage messages in Flower's group id.
+    """
+    if not is_secagg_message(msg):
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return int(msg.content.config_records["config"][CONFIG_SERVER_ROUND])
+    with contextlib.suppress(ValueError):
         return int(msg.metadata.group_id)
-    except ValueError:
-        return 0
+    return 0
 
 
 def _stage(msg: Message) -> str:
