@@ -145,8 +145,10 @@ def _round(msg: Message) -> int:
     device reads it); SecAgg+ stage messages in Flower's group id.
     """
     if not is_secagg_message(msg):
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            return int(msg.content.config_records["config"][CONFIG_SERVER_ROUND])
+        with contextlib.suppress(KeyError, ValueError):
+            value = msg.content.config_records["config"][CONFIG_SERVER_ROUND]
+            if isinstance(value, int | float | str):
+                return int(value)
     with contextlib.suppress(ValueError):
         return int(msg.metadata.group_id)
     return 0
