@@ -20,12 +20,31 @@ A pull the SuperLink answers with a server error (its SQLite store locked
 under load) is retried at the next tick, up to :data:`MAX_PULL_FAILURES` in a
 row, instead of ending the run: pulling more often than Flower meets that
 error more often.
+
+A reply that is half uploaded must not hold the others back. The SuperLink
+hands the ServerApp a reply as soon as its sender has announced it, before
+its objects have arrived, and ``HttpGrid.pull_messages`` then waits for the
+missing objects with back-off until Flower's object-push session expires
+(180 s), one reply after another. A ClientApp killed between announcing its
+reply and uploading it (the fault-matrix cell "ClientApp killed after the
+reply is sent") therefore held a 30 s SecAgg+ stage for 189 s, after which
+the other devices' replies had expired as well: every device dropped out.
+While :meth:`PromptGrid.send_and_receive` waits with a deadline, the object
+pulls inside its ``pull_messages`` calls stop at that deadline instead
+(:func:`_pull_objects_by_the_deadline`, put in place of the one name
+``http_grid.pull_objects``): the half-uploaded reply comes back as Flower's
+own "objects are unavailable" error reply, a dropout, and the complete
+replies of the same pull are kept. ``test_grid_poll.py`` runs the real
+``HttpGrid.pull_messages`` over a fake SuperLink and fails if Flower moves
+the name.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from logging import WARNING
 from typing import Any
 
@@ -33,18 +52,59 @@ import httpx
 from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.superlink.grid import HttpGrid
+from flwr.superlink.grid import HttpGrid, http_grid
 
 #: Seconds between two pulls for replies (Flower's HttpGrid: 3 s). Each pull
 #: is a write to the SuperLink's SQLite store, which SuperNodes write too.
 PULL_INTERVAL = 0.5
 #: Consecutive failed pulls (the SuperLink answering 5xx) before giving up.
 MAX_PULL_FAILURES = 20
+#: Back-off between two tries of an object not yet uploaded, while a deadline
+#: holds (Flower's: 1 s doubling to 10 s, which could overshoot it by 10 s).
+OBJECT_RETRY_SECONDS = (0.1, 1.0)
+
+#: The deadline (time.monotonic()) of the send_and_receive running in this thread.
+_pull_deadline = threading.local()
+#: The name HttpGrid.pull_messages calls, in its module (imported there, not exported).
+PULL_OBJECTS = "pull_objects"
+#: Flower's own function, called with a bound when a deadline holds.
+_flower_pull_objects: Callable[..., dict[str, bytes]] = getattr(http_grid, PULL_OBJECTS)
+
+
+def _pull_objects_by_the_deadline(*args: Any, **kwargs: Any) -> dict[str, bytes]:
+    """Flower's ``pull_objects``, giving up at the current send_and_receive's deadline."""
+    deadline: float | None = getattr(_pull_deadline, "at", None)
+    if deadline is not None:
+        kwargs["max_time"] = max(0.0, deadline - time.monotonic())
+        kwargs["initial_backoff"], kwargs["backoff_cap"] = OBJECT_RETRY_SECONDS
+    return _flower_pull_objects(*args, **kwargs)
+
+
+@contextmanager
+def _pulls_end_at(deadline: float | None) -> Iterator[None]:
+    _pull_deadline.at = deadline
+    try:
+        yield
+    finally:
+        _pull_deadline.at = None
+
+
+def _bound_object_pulls() -> None:
+    """Put :func:`_pull_objects_by_the_deadline` where ``HttpGrid.pull_messages`` finds it."""
+    current = getattr(http_grid, PULL_OBJECTS)
+    if current is not _pull_objects_by_the_deadline:
+        if current is not _flower_pull_objects:
+            raise RuntimeError("flwr.superlink.grid.http_grid.pull_objects was replaced by "
+                               "something else; keystay's bounded pull needs Flower 1.39's")
+        setattr(http_grid, PULL_OBJECTS, _pull_objects_by_the_deadline)
 
 
 def prompt_grid(grid: Grid) -> Grid:
     """``grid`` wrapped in a :class:`PromptGrid` if it is Flower's polling ``HttpGrid``."""
-    return PromptGrid(grid) if isinstance(grid, HttpGrid) else grid
+    if not isinstance(grid, HttpGrid):
+        return grid
+    _bound_object_pulls()
+    return PromptGrid(grid)
 
 
 class PromptGrid(Grid):
@@ -105,7 +165,8 @@ class PromptGrid(Grid):
         failures = 0
         while waiting:
             try:
-                pulled = list(self._grid.pull_messages(waiting))
+                with _pulls_end_at(deadline):
+                    pulled = list(self._grid.pull_messages(waiting))
                 failures = 0
             except httpx.HTTPStatusError as error:
                 # A loaded SuperLink answers 500 when its SQLite store is locked

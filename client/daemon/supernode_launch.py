@@ -39,6 +39,24 @@ recovers), and ends the SuperNode on any other error (SIGTERM to itself:
 Flower's clean exit), so that the daemon restarts it (see
 :mod:`keystay.client.daemon.supernode`) instead of leaving it deaf.
 
+A third substitution frees a SuperNode whose ClientApp died mid-upload.
+Flower's ClientApp announces its reply to the SuperNode (the message and the
+ids of its objects), then uploads the objects. The SuperNode forwards the
+reply to the SuperLink at once and waits for each object with
+``while object_store.get(id) == b"": time.sleep(0.5)``; Flower expires an
+upload only when something asks the node state for that object, which
+nothing does here. A ClientApp killed between the two steps (the fault
+matrix's "after the reply is sent") thus held the SuperNode's only loop for
+good: the device served no further message until its daemon was restarted,
+and every later round counted it out. The launcher gives the SuperNode an
+object store (:class:`PatientStore`, through
+``flower_supernode.ObjectStoreFactory``) in which an object announced and
+not uploaded for :data:`UPLOAD_PATIENCE` seconds reads as absent (None, as
+Flower's own expiry leaves it): the loop's send fails, Flower logs "Failed to
+send message", deletes that reply and goes on to the next message. The
+ServerApp, for its part, stops waiting for the half-uploaded reply at the
+stage's deadline (:mod:`keystay.server.grid_poll`).
+
 Usage (what :class:`keystay.client.daemon.supernode.SuperNodeConfig` builds)::
 
     python -m keystay.client.daemon.supernode_launch /path/to/flower-supernode ARGS...
@@ -157,13 +175,91 @@ def keep_heartbeat_alive() -> str | None:
     return None
 
 
+#: Seconds an object may stay announced and not uploaded before the SuperNode
+#: reads it as absent. A ClientApp uploads its reply over loopback right after
+#: announcing it, in well under a second even on a loaded laptop; Flower's own
+#: upload session would wait 180 s, and in the SuperNode's loop forever.
+UPLOAD_PATIENCE = 30.0
+
+
+class PatientStore:
+    """Flower's object store, except that an upload stalled too long reads as absent.
+
+    Parameters
+    ----------
+    store : ObjectStore
+        The store Flower created; every call but ``get`` is forwarded to it.
+    patience : float
+        Seconds an object may read as announced-but-empty (``b""``) before
+        ``get`` answers None for it.
+    clock : Callable[[], float]
+        ``time.monotonic``, replaceable in tests.
+    """
+
+    def __init__(self, store: Any, patience: float = UPLOAD_PATIENCE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._patience = patience
+        self._clock = clock
+        self._empty_since: dict[str, float] = {}
+
+    def get(self, object_id: str) -> bytes | None:
+        content: bytes | None = self._store.get(object_id)
+        if content != b"":
+            self._empty_since.pop(object_id, None)
+            return content
+        since = self._empty_since.setdefault(object_id, self._clock())
+        if self._clock() - since < self._patience:
+            return content
+        print(f"keystay: object {object_id} was announced and not uploaded for "
+              f"{self._patience:.0f} s (its ClientApp died?); the SuperNode drops that reply",
+              file=sys.stderr, flush=True)
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def give_up_stalled_uploads(patience: float = UPLOAD_PATIENCE) -> str | None:
+    """Give the SuperNode a :class:`PatientStore`; the reason if it was not.
+
+    Returns
+    -------
+    str | None
+        None when the substitution was made, else why not (another Flower).
+    """
+    import flwr
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.cli import flower_supernode
+
+    if flwr.__version__ != FLOWER_VERSION:
+        return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose SuperNode upload "
+                f"wait keystay read; a ClientApp that dies mid-upload can stall the SuperNode")
+
+    class PatientStoreFactory(ObjectStoreFactory):
+        """Flower's factory, its one store wrapped in a :class:`PatientStore`."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._patient: Any = None
+
+        def store(self) -> Any:
+            if self._patient is None:
+                self._patient = PatientStore(super().store(), patience)
+            return self._patient
+
+    module = sys.modules[flower_supernode.__module__]
+    module.ObjectStoreFactory = PatientStoreFactory  # type: ignore[attr-defined]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``flower-supernode`` (``argv[0]``, its path) with ``argv[1:]``."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
         sys.exit("usage: python -m keystay.client.daemon.supernode_launch "
                  "/path/to/flower-supernode ARGS...")
-    for reason in (shorten_idle_poll(), keep_heartbeat_alive()):
+    for reason in (shorten_idle_poll(), keep_heartbeat_alive(), give_up_stalled_uploads()):
         if reason is not None:
             print(f"keystay: {reason}", file=sys.stderr, flush=True)
     sys.argv = list(args)

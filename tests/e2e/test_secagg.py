@@ -64,18 +64,6 @@ from tests.e2e.faults import (
 
 pytestmark = pytest.mark.e2e
 
-#: The three fault cells during SecAgg+ (ServerApp, ClientApp in unmask,
-#: daemon while masking) passed in two runs and failed in a fresh-clone CI
-#: run: there every device dropped out of the unmask stage ("Reply message
-#: objects are unavailable"), and the next cells found a restarted node
-#: offline. Until that is understood they run only when asked
-#: (KEYSTAY_SECAGG_FAULTS=1), so the rest of the module keeps CI's trust;
-#: docs/faults.md lists them as tested by hand.
-secagg_fault_cell = pytest.mark.skipif(
-    os.environ.get("KEYSTAY_SECAGG_FAULTS") != "1",
-    reason="SecAgg+ fault cells: flaky in CI, run with KEYSTAY_SECAGG_FAULTS=1 (docs/faults.md)",
-)
-
 DEVICES = 3
 #: The default employee-day policy, except that two devices may be summed, and
 #: the largest daily budget a policy may set: the fault cells add rounds, and a
@@ -228,7 +216,6 @@ def _clientapps(federation: LocalFederation) -> dict[int, str]:
     return apps
 
 
-@secagg_fault_cell
 def test_serverapp_killed_during_secagg(federation: LocalFederation) -> None:
     """ServerApp x collect-masked-vectors: the run fails, the charges stay, the next run works.
 
@@ -261,7 +248,6 @@ def test_serverapp_killed_during_secagg(federation: LocalFederation) -> None:
     check_invariants(federation, before)
 
 
-@secagg_fault_cell
 def test_clientapp_killed_during_unmask(federation: LocalFederation) -> None:
     """ClientApp x unmask: the victim's vector is in the sum all the same.
 
@@ -305,7 +291,6 @@ def test_clientapp_killed_during_unmask(federation: LocalFederation) -> None:
     # ClientApp serves it. Not repeated here, to keep the module short.
 
 
-@secagg_fault_cell
 def test_daemon_killed_during_secagg_masking(federation: LocalFederation) -> None:
     """Daemon x collect-masked-vectors: the round sums the other two; restarted, it lost nothing.
 

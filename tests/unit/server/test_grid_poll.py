@@ -3,21 +3,30 @@
 A fake Grid answers each pushed message after a set number of pulls, so the
 tests see exactly how many pulls a round took and how long it waited. One
 test pins the Grid interface PromptGrid forwards: if a Flower upgrade adds or
-renames an abstract method, it fails and names it.
+renames an abstract method, it fails and names it. A half-uploaded reply is
+played through Flower's own ``HttpGrid.pull_messages`` over a fake SuperLink.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import httpx
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import message_to_proto
+from flwr.proto.message_pb2 import PullObjectResponse
+from flwr.proto.runtime_pb2 import PullAppMessagesResponse
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid, InMemoryGrid
 
+from keystay.server import grid_poll
 from keystay.server.grid_poll import PromptGrid, prompt_grid
 
 
@@ -151,3 +160,112 @@ def test_a_client_error_or_a_superlink_that_keeps_failing_ends_it() -> None:
     with pytest.raises(httpx.HTTPStatusError):
         list(PromptGrid(LockedOnceGrid([1], fail=10**6), pull_interval=0.01)
              .send_and_receive(_messages(1), timeout=10.0))
+
+
+class HalfUploadedReplies(HttpGrid):
+    """Flower's HttpGrid, its ``pull_messages`` unchanged, over a fake SuperLink.
+
+    Every pushed message gets a reply; the reply to the first one was announced
+    by a ClientApp that died before uploading its top object (found, never
+    available: what the SuperLink serves until Flower's 180 s push session
+    expires), the others are complete.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(token="test")
+        self.set_run(Run.create_empty(7))
+        self.pushed: list[Message] = []
+        self.contents: dict[str, bytes] = {}
+        self.never_uploaded: set[str] = set()
+        self.replies: list[Message] = []
+
+    @property
+    def _runtime_client(self) -> Any:
+        return self
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self.pushed = list(messages)
+        for index, message in enumerate(self.pushed):
+            message.metadata.__dict__["_message_id"] = message.object_id
+            reply = Message(RecordDict({"answer": MetricRecord({"device": index})}),
+                            reply_to=message)
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            self.contents.update({object_id: nested.deflate() for object_id, nested
+                                  in get_all_nested_objects(reply).items()})
+            if index == 0:
+                self.never_uploaded.add(reply.object_id)
+            self.replies.append(reply)
+        return [m.metadata.message_id for m in self.pushed]
+
+    # The three Runtime API calls HttpGrid.pull_messages makes.
+    def PullMessages(self, request: Any) -> PullAppMessagesResponse:  # noqa: N802
+        replies, self.replies = self.replies, []
+        return PullAppMessagesResponse(messages_list=[message_to_proto(r) for r in replies],
+                                       message_object_trees=[get_object_tree(r) for r in replies])
+
+    def PullObject(self, request: Any) -> PullObjectResponse:  # noqa: N802
+        available = request.object_id not in self.never_uploaded
+        return PullObjectResponse(object_found=True, object_available=available,
+                                  object_content=self.contents[request.object_id]
+                                  if available else b"")
+
+    def ConfirmMessageReceived(self, request: Any) -> None:  # noqa: N802
+        return None
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_half_uploaded_reply_ends_at_the_deadline_and_keeps_the_others() -> None:
+    """The fault-matrix cell "ClientApp killed after announcing its reply".
+
+    Flower alone waits for the missing object with back-off up to 10 s until
+    its push session expires (180 s), holding the complete replies of the same
+    pull back meanwhile; with the bound, the stage's deadline ends the wait.
+    """
+    grid = HalfUploadedReplies()
+    prompt = prompt_grid(grid)
+    outcome: list[list[Message]] = []
+    started = time.monotonic()
+    worker = threading.Thread(
+        target=lambda: outcome.append(list(prompt.send_and_receive(_messages(3), timeout=1.0))),
+        daemon=True)
+    worker.start()
+    worker.join(30.0)
+    assert outcome, "a half-uploaded reply held send_and_receive past its deadline"
+    assert time.monotonic() - started < 5.0
+    (replies,) = outcome
+    by_request = {r.metadata.reply_to_message_id: r for r in replies}
+    assert set(by_request) == {m.metadata.message_id for m in grid.pushed}
+    dead = by_request[grid.pushed[0].metadata.message_id]
+    assert dead.has_error() and dead.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    for index, message in enumerate(grid.pushed[1:], start=1):
+        reply = by_request[message.metadata.message_id]
+        assert not reply.has_error()
+        assert reply.content["answer"]["device"] == index
+
+
+def test_flowers_pull_is_bounded_only_inside_a_deadline() -> None:
+    """Outside send_and_receive the name is Flower's behaviour; Flower moving it fails here."""
+    import inspect
+
+    from flwr.superlink.grid import http_grid
+
+    prompt_grid(object.__new__(HttpGrid))
+    pull_objects = getattr(http_grid, grid_poll.PULL_OBJECTS)
+    assert pull_objects is grid_poll._pull_objects_by_the_deadline
+    assert "pull_objects(" in inspect.getsource(HttpGrid.pull_messages), (
+        "flwr's HttpGrid.pull_messages no longer calls pull_objects; re-read grid_poll.py")
+    calls: list[dict[str, Any]] = []
+    original = grid_poll._flower_pull_objects
+    try:
+        def record(*args: Any, **kwargs: Any) -> dict[str, bytes]:
+            calls.append(kwargs)
+            return {}
+
+        grid_poll._flower_pull_objects = record
+        pull_objects(object_ids=[], pull_object_fn=str)
+        with grid_poll._pulls_end_at(time.monotonic() + 2.0):
+            pull_objects(object_ids=[], pull_object_fn=str)
+    finally:
+        grid_poll._flower_pull_objects = original
+    assert "max_time" not in calls[0]
+    assert 1.0 < calls[1]["max_time"] <= 2.0

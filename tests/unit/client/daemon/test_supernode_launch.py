@@ -28,6 +28,8 @@ from keystay.client.daemon.supernode_launch import (
     FLOWER_VERSION,
     IDLE_POLL,
     IdlePollTime,
+    PatientStore,
+    give_up_stalled_uploads,
     shorten_idle_poll,
 )
 
@@ -180,3 +182,52 @@ def test_the_supernodes_heartbeat_thread_survives_a_superlink_error() -> None:
         assert len(calls) >= 2 and sender.is_running  # retried; stock Flower's thread died
     finally:
         sender.stop()
+
+
+def test_flowers_supernode_waits_for_an_announced_object_without_end() -> None:
+    """What PatientStore is for: fails when Flower's upload wait or its store factory moves."""
+    source = inspect.getsource(start_client_internal._push_messages)
+    assert 'while (content := object_store.get(tree.object_id)) == b"":' in source, (
+        "flwr's SuperNode no longer waits for announced objects this way; re-read "
+        "_push_messages and keystay.client.daemon.supernode_launch.PatientStore")
+    from flwr.supernode.cli import flower_supernode as entry
+
+    assert "ObjectStoreFactory()" in inspect.getsource(sys.modules[entry.__module__])
+
+
+def test_an_announced_object_never_uploaded_reads_as_absent_after_the_patience() -> None:
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+
+    now = [0.0]
+    flower = InMemoryObjectStore()
+    store = PatientStore(flower, patience=30.0, clock=lambda: now[0])
+    message = RecordDict({"m": MetricRecord({"x": 1})})  # a reply's content, say
+    flower.preregister(7, get_object_tree(message))
+    assert store.get(message.object_id) == b""  # announced, not uploaded
+    now[0] = 29.0
+    assert store.get(message.object_id) == b""
+    now[0] = 30.5
+    assert store.get(message.object_id) is None  # the SuperNode's wait ends
+    assert store.get("not-announced") is None
+    # Everything else is Flower's own store; an object uploaded in time is served.
+    other = RecordDict({"m": MetricRecord({"x": 2})})
+    flower.preregister(7, get_object_tree(other))
+    assert store.get(other.object_id) == b""
+    now[0] = 100.0
+    store.put(other.object_id, other.deflate())
+    assert store.get(other.object_id) == other.deflate()
+
+
+def test_the_supernode_gets_patient_stores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode.cli import flower_supernode as entry
+
+    module = sys.modules[entry.__module__]
+    monkeypatch.setattr(module, "ObjectStoreFactory", module.ObjectStoreFactory)
+    assert give_up_stalled_uploads() is None
+    factory = module.ObjectStoreFactory()
+    assert isinstance(factory.store(), PatientStore)
+    assert factory.store() is factory.store()  # one store, shared with the node state
+    monkeypatch.setattr(flwr, "__version__", "9.9.9")
+    assert "9.9.9" in (give_up_stalled_uploads() or "")
