@@ -47,6 +47,7 @@ import time
 from types import FrameType
 
 from keystay.common.exitcodes import ExitCode
+from keystay.common.processes import proc_stat
 
 #: From <linux/prctl.h>.
 PR_SET_PDEATHSIG = 1
@@ -66,23 +67,14 @@ def _prctl(option: int, value: int) -> bool:
     return int(libc.prctl(option, value, 0, 0, 0)) == 0
 
 
-def _stat(pid: str) -> list[bytes] | None:
-    """Fields of ``/proc/PID/stat`` after ``(comm)``: state, ppid, pgrp, ...; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-
-
 def _group_members(pgid: int, me: int) -> list[int]:
     """Live processes (zombies excluded: they have exited) of group ``pgid`` other than ``me``."""
     members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
-        fields = _stat(entry)
-        if fields is not None and int(fields[2]) == pgid and fields[0] != b"Z":
+        fields = proc_stat(entry)
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry))
     return members
 
@@ -159,8 +151,8 @@ def _reap_children_except(keep: int) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == keep:
             continue
-        fields = _stat(entry)
-        if fields is not None and int(fields[1]) == os.getpid() and fields[0] == b"Z":
+        fields = proc_stat(entry)
+        if fields is not None and int(fields[1]) == os.getpid() and fields[0] == "Z":
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(entry), os.WNOHANG)
 
