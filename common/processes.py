@@ -1,4 +1,4 @@
-"""Stopping a process group: SIGTERM, a grace period, then SIGKILL.
+"""Stopping a process group, or a process tree: SIGTERM, a grace period, then SIGKILL.
 
 Design
 ------
@@ -34,8 +34,10 @@ a snapshot's processes only while the pid still has that start time, so a
 pid the kernel reused for another process is never signalled. Take the
 snapshot *before* signalling: a process whose parent died is no longer
 below it. :func:`become_subreaper` keeps such orphans below the caller
-(Linux), so that a later walk still finds them. This module is the one place
-keystay reads ``/proc`` outside tests and benchmarks.
+(Linux), so that a later walk still finds them, and :func:`reap_orphans`
+collects them once they exit. ``keystay server start`` uses all of it; the
+device reaper reads ``/proc/PID/stat`` through :func:`proc_stat` and reaps
+through :func:`reap_orphans` too.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ import time
 from types import FrameType
 
 from keystay.common.exitcodes import ExitCode
-from keystay.common.processes import proc_stat
+from keystay.common.processes import proc_stat, reap_orphans
 
 #: From <linux/prctl.h>.
 PR_SET_PDEATHSIG = 1
@@ -137,24 +137,13 @@ def main(argv: list[str]) -> int:
     while status is None and not stopping:
         status = child.poll()
         if status is None:
-            _reap_children_except(child.pid)
+            reap_orphans(keep=[child.pid])  # leave the child to Popen.poll
             time.sleep(0.1)
     stop_group()
     if status is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             status = child.wait(1.0)
     return 0 if status is None else (status if status >= 0 else 128 - status)
-
-
-def _reap_children_except(keep: int) -> None:
-    """Reap re-parented orphans, leaving ``keep`` for ``Popen.poll``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == keep:
-            continue
-        fields = proc_stat(entry)
-        if fields is not None and int(fields[1]) == os.getpid() and fields[0] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
 
 
 if __name__ == "__main__":
