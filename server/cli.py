@@ -1,15 +1,29 @@
-"""``keystay server`` and ``keystay round``: the ML team's commands."""
+"""``keystay server`` and ``keystay round``: the ML team's commands.
+
+``keystay server start`` is what systemd supervises, and it owns every
+process below it: the SuperLink (its own session, so its process group can be
+signalled), the SuperExec the SuperLink starts, and each run's
+``flwr-serverapp`` the SuperExec starts. Flower puts the last two in sessions
+of their own, out of the SuperLink's group, and a ServerApp whose SuperExec
+is gone is nobody's child. So the command is a child subreaper (orphans below
+it are re-parented to it), keeps a snapshot of its tree (:class:`_Tree`,
+refreshed each second and before any signal, each process with its start
+time), and on every way out (SIGTERM or SIGINT, the SuperLink dying, the
+SuperExec missing, a failed start) stops the SuperLink's group and then every
+process of the snapshot still running: SIGTERM, a bounded wait, SIGKILL
+(:func:`keystay.common.processes.stop_processes`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +32,18 @@ import click
 
 from keystay.common.exitcodes import ExitCode
 from keystay.common.files import free_bytes, out_of_space
-from keystay.common.processes import signal_group, terminate_group
+from keystay.common.processes import (
+    KILL_WAIT_S,
+    Proc,
+    become_subreaper,
+    descendants,
+    has_child,
+    process_table,
+    reap_orphans,
+    signal_group,
+    signal_processes,
+    stop_processes,
+)
 from keystay.server.deploy.superlink import (
     ServerConfig,
     ServerConfigError,
@@ -157,7 +182,10 @@ def start(server_dir: Path) -> None:
     loopback), and only enrolled devices admitted, unless the folder was made
     with --insecure (then a warning is printed on every start).
 
-    Prints 'ready' once the Fleet and Control APIs accept connections.
+    Prints 'ready' once the Fleet and Control APIs accept connections. When
+    it stops, for whatever reason, it stops everything the SuperLink started
+    too (its SuperExec, a running run's ServerApp): SIGTERM, then SIGKILL
+    for what is left after 15 s.
     Exit codes: 0 stopped, 20 bad server folder or TLS files, 21 SuperLink did
     not come up or died, or its SuperExec died (see DIR/logs/superlink.log),
     26 the SuperLink's state file DIR/superlink.db is damaged or does not
@@ -165,13 +193,10 @@ def start(server_dir: Path) -> None:
     do). Started without that file while devices are enrolled (it was moved
     aside), it registers the enrolled devices' keys again before 'ready'.
     """
-    from keystay.common.errors import KeystayError
     from keystay.server.deploy.superlink_state import (
         SuperLinkStateError,
         check_state,
         needs_reregistering,
-        reregister,
-        state_file,
     )
 
     server_dir = server_dir.resolve()
@@ -205,6 +230,10 @@ def start(server_dir: Path) -> None:
     reregister_devices = not state.exists and needs_reregistering(server_dir, config)
     (server_dir / "logs").mkdir(exist_ok=True)
     log_path = server_dir / "logs" / "superlink.out"
+    # The SuperExec and each run's ServerApp leave the SuperLink's session
+    # (Flower starts them with start_new_session): as a subreaper, this
+    # process adopts them if their parent dies, so they stay in its tree.
+    become_subreaper()
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             config.superlink_command(server_dir), stdout=log, stderr=subprocess.STDOUT,
@@ -214,17 +243,64 @@ def start(server_dir: Path) -> None:
             env=flower_env(server_dir / "flwr"), start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-    stopping = False
+    tree = _Tree(process)
+    try:
+        _supervise(process, tree, config, server_dir, log_path, reregister_devices)
+    finally:
+        # Every exit path: nothing the SuperLink started outlives this command.
+        _stop_tree(process, tree)
+
+
+#: Seconds the SuperLink gets between SIGTERM and SIGKILL.
+_STOP_GRACE_S = 15.0
+#: Seconds the processes it leaves behind get at least, after it has exited.
+_LEFTOVER_GRACE_S = 3.0
+
+
+class _Tree:
+    """The processes below ``keystay server start`` as last seen, for stopping them all.
+
+    A snapshot, refreshed every second while the SuperLink runs and once more
+    before anything is signalled: a process that leaves the tree (the
+    SuperExec and ServerApp when the SuperLink dies, had this command not
+    adopted them) is still known by pid and start time, and a process that
+    ended drops out of the next refresh.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.procs: dict[int, Proc] = {}
+        #: When the SuperLink was told to stop (``time.monotonic``), or None.
+        self.stop_asked: float | None = None
+
+    def refresh(self, table: dict[int, Proc] | None = None) -> dict[int, Proc]:
+        """Read the tree again, keep what still runs from before; returns the table read."""
+        table = process_table() if table is None else table
+        procs = {pid: proc for pid, proc in self.procs.items()
+                 if (now := table.get(pid)) is not None and now.started == proc.started}
+        procs.update((proc.pid, proc) for proc in descendants(os.getpid(), table)
+                     if proc.pid != self.process.pid)
+        self.procs = procs  # one assignment: a signal handler may read it at any time
+        return table
+
+
+def _supervise(process: subprocess.Popen[bytes], tree: _Tree, config: ServerConfig,
+               server_dir: Path, log_path: Path, reregister_devices: bool) -> None:
+    """Wait for the SuperLink to come up, say 'ready', and follow it until it stops."""
+    from keystay.common.errors import KeystayError
+    from keystay.server.deploy.superlink_state import reregister, state_file
 
     def stop(*_: Any) -> None:
         # Signal only: the main thread is inside process.wait(), and a second wait here
-        # would block on Popen's lock until its timeout. A timer escalates to SIGKILL.
-        nonlocal stopping
-        if stopping:
+        # would block on Popen's lock until its timeout. A timer escalates to SIGKILL;
+        # _stop_tree waits for the rest once the SuperLink has exited.
+        if tree.stop_asked is not None:
             return
-        stopping = True
+        tree.refresh()  # before any signal: then the tree is still whole
+        tree.stop_asked = time.monotonic()
         signal_group(process, signal.SIGTERM)
-        killer = threading.Timer(15.0, signal_group, (process, signal.SIGKILL))
+        signal_processes(tree.procs.values(), signal.SIGTERM)
+        killer = threading.Timer(_STOP_GRACE_S, signal_group, (process, signal.SIGKILL))
         killer.daemon = True
         killer.start()
 
@@ -233,16 +309,12 @@ def start(server_dir: Path) -> None:
     alive = lambda: process.poll() is None  # noqa: E731
     if not (wait_for_port(config.fleet_address, 60, alive)
             and wait_for_port(config.control_address, 60, alive)):
-        # The SuperLink and its SuperExec: the whole group.
-        terminate_group(process, 15.0)
         click.echo(f"keystay server: the SuperLink did not come up; see {log_path}", err=True)
         sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
     if reregister_devices:
         try:
             names = reregister(server_dir, config)
         except KeystayError as error:
-            stop()
-            process.wait()
             click.echo(f"keystay server: a new SuperLink state was started, but registering "
                        f"the enrolled devices in it failed: {error}", err=True)
             sys.exit(error.exit_code)
@@ -251,26 +323,56 @@ def start(server_dir: Path) -> None:
     click.echo(f"ready: fleet {config.fleet_address}, control {config.control_address}"
                f"{' (INSECURE)' if config.insecure else ' (TLS, enrolled devices only)'}")
     sys.stdout.flush()
-    code = _watch(process, lambda: stopping)
+    code = _watch(process, tree)
     if code is None:
         # The SuperLink lives on without its SuperExec (it died on a full
         # disk, say), and then accepts runs that never start: stop it, so
         # that systemd restarts both.
-        stop()
-        process.wait()
         click.echo("keystay server: the SuperLink's SuperExec exited, so no run could start; "
                    f"stopped the SuperLink to be restarted; see {log_path}", err=True)
         sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
-    if not stopping:
+    if tree.stop_asked is None:
         click.echo(f"keystay server: the SuperLink exited ({code}); see {log_path}", err=True)
         sys.exit(ExitCode.SERVER_SUPERLINK_DOWN)
 
 
-def _watch(process: subprocess.Popen[bytes], stopping: Callable[[], bool]) -> int | None:
+def _stop_tree(process: subprocess.Popen[bytes], tree: _Tree) -> None:
+    """Stop the SuperLink if it runs, then every process it left, in whatever session.
+
+    The SuperLink's group gets SIGTERM and, after :data:`_STOP_GRACE_S`,
+    SIGKILL. The rest of the tree (its SuperExec, the run's ServerApp) had
+    SIGTERM when the stop was asked, or gets it now; it has until
+    :data:`_STOP_GRACE_S` after that, and at least :data:`_LEFTOVER_GRACE_S`
+    after the SuperLink exited, before SIGKILL.
+    """
+    if tree.stop_asked is None:
+        tree.refresh()
+        tree.stop_asked = time.monotonic()
+    if process.poll() is None:
+        signal_group(process, signal.SIGTERM)
+        signal_processes(tree.procs.values(), signal.SIGTERM)
+    try:
+        process.wait(max(tree.stop_asked + _STOP_GRACE_S - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        signal_group(process, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(KILL_WAIT_S)
+    tree.refresh()  # orphans adopted since the last look
+    grace = max(tree.stop_asked + _STOP_GRACE_S - time.monotonic(), _LEFTOVER_GRACE_S)
+    killed = stop_processes(tree.procs.values(), grace)
+    reap_orphans(keep=[process.pid])
+    if killed:
+        names = "; ".join(f"pid {proc.pid} ({proc.cmdline[:80]})" for proc in killed)
+        click.echo(f"keystay server: killed what the SuperLink left running and SIGTERM did "
+                   f"not stop within {grace:.0f} s: {names}", err=True)
+
+
+def _watch(process: subprocess.Popen[bytes], tree: _Tree) -> int | None:
     """Wait for the SuperLink to exit (its code), or for its SuperExec to go (None).
 
     The SuperLink starts its SuperExec a moment after its ports open, so the
-    SuperExec is only missed once it has been seen.
+    SuperExec is only missed once it has been seen. Each second the tree is
+    read again (:class:`_Tree`) and adopted orphans that exited are reaped.
     """
     seen = False
     while True:
@@ -278,27 +380,14 @@ def _watch(process: subprocess.Popen[bytes], stopping: Callable[[], bool]) -> in
             return process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
             pass
-        if stopping():
+        if tree.stop_asked is not None:
             continue
-        running = _has_child(process.pid, "flower-superexec")
+        table = tree.refresh()
+        reap_orphans(keep=[process.pid])
+        running = has_child(process.pid, "flower-superexec", table)
         if seen and not running:
             return None
         seen = seen or running
-
-
-def _has_child(pid: int, name: str) -> bool:
-    """Whether process ``pid`` has a live child whose command line names ``name`` (Linux)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if stat[0] != "Z" and int(stat[1]) == pid and name.encode() in cmdline:
-            return True
-    return False
 
 
 #: Below this much free space, a failed run is put down to a full disk.

@@ -47,6 +47,7 @@ import time
 from types import FrameType
 
 from keystay.common.exitcodes import ExitCode
+from keystay.common.processes import proc_stat, reap_orphans
 
 #: From <linux/prctl.h>.
 PR_SET_PDEATHSIG = 1
@@ -66,23 +67,14 @@ def _prctl(option: int, value: int) -> bool:
     return int(libc.prctl(option, value, 0, 0, 0)) == 0
 
 
-def _stat(pid: str) -> list[bytes] | None:
-    """Fields of ``/proc/PID/stat`` after ``(comm)``: state, ppid, pgrp, ...; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-
-
 def _group_members(pgid: int, me: int) -> list[int]:
     """Live processes (zombies excluded: they have exited) of group ``pgid`` other than ``me``."""
     members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
-        fields = _stat(entry)
-        if fields is not None and int(fields[2]) == pgid and fields[0] != b"Z":
+        fields = proc_stat(entry)
+        if fields is not None and int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry))
     return members
 
@@ -145,24 +137,13 @@ def main(argv: list[str]) -> int:
     while status is None and not stopping:
         status = child.poll()
         if status is None:
-            _reap_children_except(child.pid)
+            reap_orphans(keep=[child.pid])  # leave the child to Popen.poll
             time.sleep(0.1)
     stop_group()
     if status is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             status = child.wait(1.0)
     return 0 if status is None else (status if status >= 0 else 128 - status)
-
-
-def _reap_children_except(keep: int) -> None:
-    """Reap re-parented orphans, leaving ``keep`` for ``Popen.poll``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == keep:
-            continue
-        fields = _stat(entry)
-        if fields is not None and int(fields[1]) == os.getpid() and fields[0] == b"Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 Used by ``keystay demo`` and by the end-to-end tests. Every part is a real
 process started through the ``keystay`` command a person would type, on free
 loopback ports, each with its own folder and log. :meth:`LocalFederation.stop`
-stops every process it started, by PID (and process group, which takes the
-SuperExec and ClientApp children with it); :meth:`LocalFederation.restart_device`
+stops every process it started, by PID, then its process group and every
+process that was below it when the stop began, in whatever session (a
+SuperLink's SuperExec and ServerApp leave its group; ``keystay server start``
+stops them itself, and this is the backstop should it be killed first);
+:meth:`LocalFederation.restart_device`
 starts a dead device's daemon again, as systemd would (the fault matrix,
 tests/e2e/test_fault_matrix.py).
 
@@ -35,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from keystay.common.processes import terminate_group
+from keystay.common.processes import descendants, stop_processes, terminate_group
 from keystay.server.deploy.superlink import (
     ServerConfig,
     executable,
@@ -341,6 +344,10 @@ class LocalFederation:
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    # SIGTERM to the process itself: daemons stop their own children cleanly;
-    # then the whole group, in case anything was left behind.
+    # The tree first, before any signal: a process whose parent exits leaves it.
+    below = descendants(process.pid) if process.poll() is None else []
+    # SIGTERM to the process itself: daemons and `keystay server start` stop
+    # their own children cleanly; then the whole group, in case anything was
+    # left behind, and whatever of the tree outlived both.
     terminate_group(process, timeout, leader_first=True, kill_leftovers=True)
+    stop_processes(below, 5.0)

@@ -250,8 +250,9 @@ def test_superlink_killed_mid_training(federation: LocalFederation) -> None:
     SuperLink dies, and is started again on the same folder (same SQLite
     state, same enrolled devices). The SuperLink's SuperExec runs in a
     session of its own, so a process group kill would miss it: Flower hands
-    it ``--parent-pid`` and it exits when the SuperLink is gone, with the
-    run's ServerApp. That is checked here, by pid.
+    it ``--parent-pid`` and it exits when the SuperLink is gone, and
+    ``keystay server start`` stops what is left of the tree (the run's
+    ServerApp) before it exits. That is checked here, by pid.
     """
     before = Snapshot.take(federation)
     settings = _settings(federation, "fault-superlink", num_server_rounds=1)
@@ -281,6 +282,46 @@ def test_superlink_killed_mid_training(federation: LocalFederation) -> None:
     # After the new run: then the server holds reports even when this cell
     # runs alone (-k), and they reconcile with the devices' charges.
     check_invariants(federation, before)
+
+
+def test_server_stopped_mid_training(federation: LocalFederation) -> None:
+    """``keystay server start`` stopped (SIGTERM, systemd's stop) mid-round: nothing outlives it.
+
+    Flower starts the SuperLink's SuperExec, and the SuperExec each run's
+    ServerApp, in sessions of their own, out of the SuperLink's process group:
+    before, the stopped server's ServerApp lived on, re-parented to init. The
+    command now stops its whole tree before it exits: checked the moment it
+    has exited, by pid and command line, and by what names the server folder.
+    Restarted, the server serves as after the SuperLink cell.
+    """
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-server-stopped", num_server_rounds=1)
+    run = Background(federation, settings)
+    for device in federation.device_list:
+        when_charged(device, settings.run_name)
+    link = next(p for p in federation.parts if p.name == "SuperLink")
+    tree = descendants(link.process.pid)
+    superlink = one(tree, "flower-superlink")
+    serverapp = one(tree, "flwr-serverapp")
+    assert one(tree, "flower-superexec")
+    assert os.getsid(serverapp) != os.getsid(superlink)  # what a group signal misses
+    link.process.send_signal(signal.SIGTERM)
+    assert link.process.wait(60) == 0, link.log.read_text(errors="replace")[-2000:]
+    live = proc_table()
+    outlived = {pid: cmd for pid, cmd in tree.items() if live.get(pid, (0, ""))[1] == cmd}
+    assert not outlived, f"outlived keystay server start: {outlived}"
+    flower = {pid: cmd for pid, cmd in mentioning(str(federation.server_dir)).items()
+              if "flwr-serverapp" in cmd or "flower-superexec" in cmd}
+    assert not flower, f"Flower processes of the server folder left: {flower}"
+    outcome = run.wait(240)
+    assert not outcome.ok
+    federation.stop_server()  # forget the stopped part
+    federation.start_server()
+    federation.wait_online(2, timeout=180)
+    # The devices' charges for the interrupted run stay; the ledgers reconcile.
+    for device in federation.device_list:
+        assert charges(device, settings.run_name)
+    check_invariants(federation, before, require_reports=False)
 
 
 def test_superlink_state_damaged_behind_its_back(federation: LocalFederation) -> None:

@@ -1,7 +1,8 @@
-"""Stopping a process group leaves no member behind."""
+"""Stopping a process group, or a process tree across sessions, leaves no member behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,7 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from keystay.common.processes import signal_group, terminate_group
+from keystay.common.processes import (
+    Proc,
+    descendants,
+    has_child,
+    is_running,
+    process_table,
+    signal_group,
+    stop_processes,
+    terminate_group,
+)
 
 # A leader that starts a child in its own group, writes the child's pid, and
 # (optionally) ignores SIGTERM, as a stuck process would.
@@ -86,3 +96,103 @@ def test_an_exited_process_is_left_alone(tmp_path: Path) -> None:
     terminate_group(done, timeout=1)
     signal_group(done, signal.SIGTERM)
     assert done.returncode == 0
+
+
+# ----------------------------------------------------------------- process trees
+
+# The SuperExec's shape: a leader whose child leaves its session, and whose
+# grandchild stays in the child's session. Every pid is written, then all wait.
+ESCAPER = """
+import os, signal, subprocess, sys, time
+escaped = subprocess.Popen(
+    [sys.executable, "-c",
+     "import subprocess, sys, time; "
+     "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+     "open(sys.argv[1], 'w').write(str(g.pid)); time.sleep(60)", sys.argv[1] + ".grand"],
+    start_new_session=True)
+while not os.path.exists(sys.argv[1] + ".grand") or not open(sys.argv[1] + ".grand").read():
+    time.sleep(0.02)
+open(sys.argv[1], "w").write(f"{escaped.pid} {open(sys.argv[1] + '.grand').read()}")
+time.sleep(60)
+"""
+
+
+def _start_escaper(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    pid_file = tmp_path / "pids"
+    leader = subprocess.Popen([sys.executable, "-c", ESCAPER, str(pid_file)],
+                              start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and len(pid_file.read_text().split()) == 2):
+        assert time.monotonic() < deadline, "the leader did not start its children"
+        time.sleep(0.05)
+    escaped, grandchild = map(int, pid_file.read_text().split())
+    return leader, escaped, grandchild
+
+
+def test_a_group_kill_misses_a_child_in_another_session(tmp_path: Path) -> None:
+    """Why trees: ``terminate_group`` alone leaves the session-escaped child running."""
+    leader, escaped, grandchild = _start_escaper(tmp_path)
+    try:
+        terminate_group(leader, timeout=10, kill_leftovers=True)
+        assert _alive(escaped) and _alive(grandchild)
+    finally:
+        for pid in (escaped, grandchild):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_snapshot_taken_before_the_signal_stops_every_session(tmp_path: Path) -> None:
+    leader, escaped, grandchild = _start_escaper(tmp_path)
+    tree = descendants(leader.pid)
+    assert {escaped, grandchild} <= {proc.pid for proc in tree}
+    assert any("time.sleep(60)" in proc.cmdline for proc in tree)
+    terminate_group(leader, timeout=10)
+    # The leader is gone: its children left the tree, but the snapshot knows them.
+    assert escaped not in {proc.pid for proc in descendants(leader.pid)}
+    assert stop_processes(tree, grace=10) == []
+    assert _gone(escaped) and _gone(grandchild)
+
+
+def test_what_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    leader, child = _start(tmp_path, "polite")
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time; "
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None and stubborn.stdout.readline()
+    (target,) = [proc for proc in descendants(os.getpid()) if proc.pid == stubborn.pid]
+    started = time.monotonic()
+    killed = stop_processes([target], grace=0.5)
+    assert killed == [target]
+    assert stubborn.wait(10) == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+    terminate_group(leader, timeout=10)
+    assert _gone(child)
+
+
+def test_a_reused_pid_is_never_signalled() -> None:
+    """A snapshot entry whose pid now names another process (other start time) is left alone."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (now,) = [proc for proc in descendants(os.getpid()) if proc.pid == other.pid]
+        assert is_running(now)
+        older = Proc(now.pid, now.ppid, now.started - 1, now.cmdline)  # "a process before it"
+        assert not is_running(older)
+        assert stop_processes([older], grace=0.2) == []
+        time.sleep(0.2)
+        assert other.poll() is None, "a reused pid was signalled"
+    finally:
+        other.kill()
+        other.wait(10)
+
+
+def test_has_child_reads_direct_children_only(tmp_path: Path) -> None:
+    leader, escaped, grandchild = _start_escaper(tmp_path)
+    try:
+        table = process_table()
+        assert has_child(leader.pid, ".grand", table)  # the escaped child's command line
+        assert not has_child(leader.pid, "time.sleep(60)\"", table)
+        assert table[grandchild].ppid == escaped
+    finally:
+        stop_processes(descendants(leader.pid), grace=5)
+        terminate_group(leader, timeout=10)

@@ -291,6 +291,11 @@ class _DeadProcess:
         return 1
 
 
+def _stay_no_subreaper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``keystay server start`` run in-process would make pytest a child subreaper for good."""
+    monkeypatch.setattr("keystay.server.cli.become_subreaper", lambda: False)
+
+
 def test_cli_start_warns_on_every_insecure_start(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     srv = tmp_path / "srv"
@@ -298,6 +303,7 @@ def test_cli_start_warns_on_every_insecure_start(tmp_path: Path,
     started: list[Any] = []
     monkeypatch.setattr("keystay.server.cli.subprocess.Popen",
                         lambda cmd, **kw: started.append(cmd) or _DeadProcess())
+    _stay_no_subreaper(monkeypatch)
     for _ in range(2):
         result = CliRunner().invoke(server, ["start", "--dir", str(srv)])
         assert "WITHOUT TLS" in result.output
@@ -313,6 +319,7 @@ def test_cli_start_refuses_a_readable_tls_key(tmp_path: Path,
     started: list[Any] = []
     monkeypatch.setattr("keystay.server.cli.subprocess.Popen",
                         lambda cmd, **kw: started.append(cmd) or _DeadProcess())
+    _stay_no_subreaper(monkeypatch)
     result = CliRunner().invoke(server, ["start", "--dir", str(srv)])
     assert result.exit_code == 20
     assert "chmod 600" in result.output
