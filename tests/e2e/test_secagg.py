@@ -16,9 +16,10 @@ federation serves every test (starting one costs more than a round):
   re-activate until the SuperLink's heartbeat patience (about a minute) has
   passed;
 * the fault matrix during SecAgg+ (issue 13, docs/faults.md): the ServerApp
-  killed while the devices mask, a ClientApp killed in the unmask stage, and
-  a daemon killed while it masks; after each, what a supervisor would
-  restart is restarted and the invariants of tests/e2e/faults.py are checked.
+  killed while the devices mask, a ClientApp killed in the unmask stage, a
+  daemon killed while it masks, and the SuperLink killed while they mask;
+  after each, what a supervisor would restart is restarted and the
+  invariants of tests/e2e/faults.py are checked.
   They run before the drop test; a cell that needs all three devices waits
   for the one a previous cell killed to be online again.
 
@@ -57,6 +58,7 @@ from tests.e2e.faults import (
     mentioning,
     not_refunded,
     one,
+    proc_table,
     supernodes,
     wait_for,
     when_charged,
@@ -329,6 +331,44 @@ def test_daemon_killed_during_secagg_masking(federation: LocalFederation) -> Non
     wait_for("the restarted daemon's SuperNode", lambda: supernodes(victim), 60, every=0.2)
     time.sleep(1)
     assert len(supernodes(victim)) == 1
+    check_invariants(federation, before)
+
+
+def test_superlink_killed_during_secagg_masking(federation: LocalFederation) -> None:
+    """SuperLink x collect-masked-vectors: the run fails, charges stay, restarted it serves.
+
+    Killed once every device has charged the run (it masks, or its vector is
+    on its way). ``keystay server start`` exits non-zero (systemd restarts
+    it) and leaves no SuperExec or ServerApp; the SuperLink keeps no SecAgg+
+    state beyond Flower's messages, and the daemons' stage keys expire in
+    memory, so the restarted server has all three devices back and the next
+    run (the drop test's) starts from nothing the dead one held. The record
+    unit's SuperLink cell is tests/e2e/test_fault_matrix.py's.
+    """
+    federation.wait_online(DEVICES, timeout=240)  # the daemon cell's victim is back
+    before = Snapshot.take(federation)
+    settings = _settings(federation, "fault-secagg-superlink", num_server_rounds=1,
+                         local_steps=20, day_sample_rate=1.0)
+    run = Background(federation, settings)
+    for device in federation.device_list:
+        when_charged(device, settings.run_name)
+    link = next(p for p in federation.parts if p.name == "SuperLink")
+    tree = descendants(link.process.pid)
+    os.kill(one(tree, "flower-superlink"), signal.SIGKILL)
+    link.process.wait(30)
+    assert link.process.returncode != 0  # systemd sees the failure and restarts
+    wait_for("the dead SuperLink's SuperExec and ServerApp to go",
+             lambda: not set(tree) & set(proc_table()), 30, every=0.2)
+    outcome = run.wait(240)
+    assert not outcome.ok and not outcome.rounds
+    for device in federation.device_list:  # both series, never refunded
+        assert charges(device, settings.run_name), device.name
+        assert broken_charges(device, settings.run_name), device.name
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        assert not ledger.reports(run_id=settings.run_name)
+    federation.stop_server()  # forget the dead part
+    federation.start_server()
+    federation.wait_online(DEVICES, timeout=180)
     check_invariants(federation, before)
 
 
