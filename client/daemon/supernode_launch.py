@@ -84,6 +84,16 @@ FLOWER_IDLE_SLEEP = 3
 IDLE_POLL = 1.0
 
 
+def _another_flower(what: str, consequence: str) -> str | None:
+    """Why a substitution is not made (the installed Flower is not the one read), or None."""
+    import flwr
+
+    if flwr.__version__ == FLOWER_VERSION:
+        return None
+    return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose {what} keystay read; "
+            f"{consequence}")
+
+
 class IdlePollTime:
     """``time``, except that ``sleep(FLOWER_IDLE_SLEEP)`` sleeps ``idle_poll``."""
 
@@ -107,12 +117,11 @@ def shorten_idle_poll(idle_poll: float = IDLE_POLL) -> str | None:
         None when the substitution was made, else a sentence saying why not
         (another Flower version), for the log.
     """
-    import flwr
     from flwr.supernode import start_client_internal
 
-    if flwr.__version__ != FLOWER_VERSION:
-        return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose SuperNode loop "
-                f"keystay read; the SuperNode keeps Flower's own idle poll")
+    if (reason := _another_flower("SuperNode loop", "the SuperNode keeps Flower's own idle "
+                                  "poll")) is not None:
+        return reason
     start_client_internal.time = IdlePollTime(idle_poll)  # type: ignore[assignment,attr-defined]
     return None
 
@@ -157,13 +166,12 @@ def keep_heartbeat_alive() -> str | None:
     str | None
         None when the substitution was made, else why not (another Flower).
     """
-    import flwr
     from flwr.client.grpc_rere_client import connection
     from flwr.supercore.heartbeat import HeartbeatSender
 
-    if flwr.__version__ != FLOWER_VERSION:
-        return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose SuperNode heartbeat "
-                f"keystay read; a SuperLink error can stop the heartbeat for good")
+    if (reason := _another_flower("SuperNode heartbeat", "a SuperLink error can stop the "
+                                  "heartbeat for good")) is not None:
+        return reason
 
     class SurvivingHeartbeatSender(HeartbeatSender):
         """Flower's sender, with :func:`surviving` around its heartbeat function."""
@@ -228,13 +236,12 @@ def give_up_stalled_uploads(patience: float = UPLOAD_PATIENCE) -> str | None:
     str | None
         None when the substitution was made, else why not (another Flower).
     """
-    import flwr
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supernode.cli import flower_supernode
 
-    if flwr.__version__ != FLOWER_VERSION:
-        return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose SuperNode upload "
-                f"wait keystay read; a ClientApp that dies mid-upload can stall the SuperNode")
+    if (reason := _another_flower("SuperNode upload wait", "a ClientApp that dies mid-upload "
+                                  "can stall the SuperNode")) is not None:
+        return reason
 
     class PatientStoreFactory(ObjectStoreFactory):
         """Flower's factory, its one store wrapped in a :class:`PatientStore`."""
