@@ -50,7 +50,7 @@ def _charge(ledger: Ledger, policy: DevicePolicy, m: Mechanism, n: int) -> tuple
     """Charge ``m``; return (wall ms, CPU ms of this process)."""
     request = TrainingRequest(
         noise_multiplier=m.noise_multiplier, max_grad_norm=1.0, local_steps=m.steps,
-        batch_size=32, learning_rate=0.01, dp=True, blocks=("2026-01-05",),
+        sample_rate=m.sample_rate, learning_rate=0.01, dp=True, blocks=("2026-01-05",),
         run_id="bench", server_round=n,
     )
     started, cpu = time.perf_counter(), time.process_time()
@@ -79,7 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--charges", type=int, default=1_000)
     charges = parser.parse_args().charges
-    policy = DevicePolicy(epsilon_per_block=32.0, noise_multiplier_min=0.5, delta=DELTA)
+    policy = DevicePolicy(privacy_unit="record", epsilon_per_block=32.0,
+                          noise_multiplier_min=0.5, delta=DELTA)
     print(f"δ = {DELTA:g}; {len(MIX)} distinct mechanisms cycled; goal ≤ {GOAL_MS:g} ms a charge")
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           "(wall time includes waiting for a CPU and the fsync; CPU time does not)")
