@@ -62,6 +62,7 @@ from keystay.client.store import EventStore, StoreError
 from keystay.client.trainer.process import WarmTrainer
 from keystay.common.errors import KeystayError
 from keystay.common.exitcodes import ExitCode
+from keystay.common.memory import MemoryReturner
 from keystay.v1 import device_pb2_grpc
 
 logger = logging.getLogger("keystay.device")
@@ -311,7 +312,8 @@ def run_daemon(options: DaemonOptions, stop: threading.Event | None = None) -> E
                                               private_dir)
         servers.append(control_server)
         owned += [control_sock, private_dir]
-        servers.append(_serve_federation(FederationServicer(core), sock, options.socket_group))
+        servers.append(_serve_federation(FederationServicer(core, MemoryReturner()), sock,
+                                           options.socket_group))
         owned.append(sock)
         (data_dir / PID_FILE).write_text(str(os.getpid()))
         owned.append(data_dir / PID_FILE)

@@ -43,6 +43,7 @@ from keystay.client.ledger.report import PrivacyReport
 from keystay.client.policy import Refusal, TrainingRequest
 from keystay.client.serde import weights_from_proto, weights_to_proto
 from keystay.client.trainer.process import TrainerError
+from keystay.common.memory import MemoryReturner
 from keystay.v1 import device_pb2, device_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -145,10 +146,41 @@ def _weights(
 
 
 class FederationServicer(device_pb2_grpc.FederationServicer):
-    def __init__(self, core: DeviceCore) -> None:
+    """The federation's calls; after each, free memory goes back to the system.
+
+    Parameters
+    ----------
+    core : DeviceCore
+        What decides.
+    memory : MemoryReturner | None
+        Returns the allocator's free memory once a round's calls are over
+        (:mod:`keystay.common.memory`): the long-running daemon passes one;
+        None (in-process uses: ``keystay sim``, tests) leaves memory as is.
+    """
+
+    def __init__(self, core: DeviceCore, memory: MemoryReturner | None = None) -> None:
         self.core = core
+        self.memory = memory
 
     def Train(  # noqa: N802 - gRPC method name
+        self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
+    ) -> device_pb2.TrainReply:
+        try:
+            return self._train(request, context)
+        finally:
+            if self.memory is not None:
+                self.memory.soon()
+
+    def SecAggStage(  # noqa: N802 - gRPC method name
+        self, request: device_pb2.SecAggStageRequest, context: grpc.ServicerContext
+    ) -> device_pb2.SecAggStageReply:
+        try:
+            return self._secagg_stage(request, context)
+        finally:
+            if self.memory is not None:
+                self.memory.soon()
+
+    def _train(
         self, request: device_pb2.TrainRequest, context: grpc.ServicerContext
     ) -> device_pb2.TrainReply:
         try:
@@ -170,7 +202,7 @@ class FederationServicer(device_pb2_grpc.FederationServicer):
         context.abort(code, message)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    def SecAggStage(  # noqa: N802 - gRPC method name
+    def _secagg_stage(
         self, request: device_pb2.SecAggStageRequest, context: grpc.ServicerContext
     ) -> device_pb2.SecAggStageReply:
         try:
