@@ -210,6 +210,7 @@ class PatientStore:
         self._patience = patience
         self._clock = clock
         self._empty_since: dict[str, float] = {}
+        self._given_up: set[str] = set()
 
     def get(self, object_id: str) -> bytes | None:
         content: bytes | None = self._store.get(object_id)
@@ -219,9 +220,11 @@ class PatientStore:
         since = self._empty_since.setdefault(object_id, self._clock())
         if self._clock() - since < self._patience:
             return content
-        print(f"keystay: object {object_id} was announced and not uploaded for "
-              f"{self._patience:.0f} s (its ClientApp died?); the SuperNode drops that reply",
-              file=sys.stderr, flush=True)
+        if object_id not in self._given_up:  # said once, however often it is asked for
+            self._given_up.add(object_id)
+            print(f"keystay: object {object_id} was announced and not uploaded for "
+                  f"{self._patience:.0f} s (its ClientApp died?); the SuperNode drops that "
+                  "reply", file=sys.stderr, flush=True)
         return None
 
     def __getattr__(self, name: str) -> Any:

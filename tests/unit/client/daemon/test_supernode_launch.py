@@ -195,7 +195,9 @@ def test_flowers_supernode_waits_for_an_announced_object_without_end() -> None:
     assert "ObjectStoreFactory()" in inspect.getsource(sys.modules[entry.__module__])
 
 
-def test_an_announced_object_never_uploaded_reads_as_absent_after_the_patience() -> None:
+def test_an_announced_object_never_uploaded_reads_as_absent_after_the_patience(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from flwr.app import MetricRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_object_tree
     from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
@@ -210,6 +212,8 @@ def test_an_announced_object_never_uploaded_reads_as_absent_after_the_patience()
     assert store.get(message.object_id) == b""
     now[0] = 30.5
     assert store.get(message.object_id) is None  # the SuperNode's wait ends
+    assert store.get(message.object_id) is None
+    assert capsys.readouterr().err.count("announced and not uploaded") == 1  # said once
     assert store.get("not-announced") is None
     # Everything else is Flower's own store; an object uploaded in time is served.
     other = RecordDict({"m": MetricRecord({"x": 2})})
