@@ -198,6 +198,24 @@ def _follow_to_the_end(server_dir: Path, log: _RunLog, run_id: int, poll: float)
         time.sleep(max(poll, 2.0))
 
 
+#: The lines of a Python traceback other than its last: the header, the
+#: chaining notes, and (indented) the frames, their code and carets.
+_TRACEBACK_LINES = ("Traceback (most recent call last):",
+                    "The above exception was the direct cause of the following exception:",
+                    "During handling of the above exception, another exception occurred:")
+
+
+def shown_to_a_person(line: str) -> bool:
+    """Whether a line of ``flwr run``'s output is one to show a person (no traceback frames).
+
+    >>> [shown_to_a_person(x) for x in ("Traceback (most recent call last):",
+    ...  '  File "app.py", line 3, in main', "    ^^^^", "", "OSError: disk full",
+    ...  "WARNING :   round 1: device on node 1 unavailable")]
+    [False, False, False, True, True, True]
+    """
+    return not (line.startswith((" ", "\t")) or line.strip() in _TRACEBACK_LINES)
+
+
 class _RunLog:
     """``flwr run``'s output, copied to the run's log file line by line.
 
@@ -206,6 +224,10 @@ class _RunLog:
     leaving ``keystay round start`` blind. Copied through here, a write that
     fails stops the copy (``problem`` says why) but not the reading, so the
     run is followed to its end and its last lines are kept in ``tail``.
+    ``tail`` is shown to a person when the file could not keep them, so it
+    leaves out Python tracebacks (Flower prints the ServerApp's own when a
+    full disk stops it): their frames and headers, keeping the last line,
+    which names what was raised and why (:func:`shown_to_a_person`).
     """
 
     def __init__(self, path: Path) -> None:
@@ -231,7 +253,8 @@ class _RunLog:
 
     def write(self, line: bytes) -> None:
         text = line.decode(errors="replace").rstrip("\n")
-        self.tail.append(text)
+        if shown_to_a_person(text):
+            self.tail.append(text)
         if self.run_id is None and text.startswith(RUN_STARTED):
             with contextlib.suppress(ValueError):
                 self.run_id = int(text[len(RUN_STARTED):].split()[0])

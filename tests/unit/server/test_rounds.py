@@ -89,3 +89,35 @@ def test_a_log_stream_that_ends_early_does_not_end_the_run(tmp_path: Path,
     assert [row["round"] for row in outcome.rounds] == [1] and outcome.ok
     assert (tmp_path / "calls").read_text() == "2"
     assert "log stream ended while run 42 is running" in outcome.log_file.read_text()
+
+
+def test_the_last_lines_shown_on_a_full_disk_leave_tracebacks_out(tmp_path: Path) -> None:
+    """``keystay round start`` shows these when the run's log could not keep them.
+
+    A CI run showed Flower's traceback of the ServerApp stopped by the full
+    disk there; a person gets the raised error's own line instead.
+    """
+    from keystay.server.rounds import _RunLog
+
+    log = _RunLog(tmp_path / "flwr-run.log")
+    lines = [
+        "INFO :      [ROUND 1]",
+        '    raise RoundsFileError(',  # the tail can start mid-traceback
+        "",
+        "The above exception was the direct cause of the following exception:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "/srv/.venv/lib/python3.11/site-packages/flwr/server/run_serverapp.py", line 60',
+        "    server_app(grid=grid, context=context)",
+        "    ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+        "keystay.server.runlog.RoundsFileError: round 1's row was not appended: the server's "
+        "disk is full",
+        "ERROR :     Exit Code: 201",
+    ]
+    for line in lines:
+        log.write(line.encode() + b"\n")
+    shown = "\n".join(log.tail)
+    assert "Traceback" not in shown and "File " not in shown and "^^^" not in shown
+    assert "RoundsFileError: round 1's row was not appended" in shown
+    assert shown.startswith("INFO :      [ROUND 1]") and shown.endswith("Exit Code: 201")
+    assert (tmp_path / "flwr-run.log").read_text().count("\n") == len(lines)  # the file has all
