@@ -14,9 +14,10 @@ the allocator held, not live objects.
 
 :class:`MemoryReturner` calls ``malloc_trim(0)`` shortly after the round's
 last call, once its reply has been sent and freed (one call per quiet
-moment, however many RPCs a round makes). It costs about a millisecond per
-100 MiB of heap. Where libc has no ``malloc_trim`` (another C library,
-another OS) it does nothing.
+moment, however many RPCs a round makes). Measured once here: 8 ms to give
+back about 100 MiB freed in 4 KB pieces, 0.3 ms when there is nothing to
+give back. Where libc has no ``malloc_trim`` (another C library, another
+OS) it does nothing.
 """
 
 from __future__ import annotations
