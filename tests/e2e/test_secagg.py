@@ -204,6 +204,25 @@ def test_employee_day_rounds_through_the_daemons_secagg(federation: LocalFederat
 # server collected the masked vectors and asked it for its key shares.
 
 
+def _all_charged(federation: LocalFederation, name: str) -> tuple[RunSettings, Background]:
+    """A one-round run started in the background, once every device has charged it."""
+    settings = _settings(federation, name, num_server_rounds=1, local_steps=20,
+                         day_sample_rate=1.0)
+    run = Background(federation, settings)
+    for device in federation.device_list:
+        when_charged(device, settings.run_name)
+    return settings, run
+
+
+def _charged_and_unreported(federation: LocalFederation, run_name: str) -> None:
+    """Every device keeps both ε series of its charge; the server holds no report of the run."""
+    for device in federation.device_list:
+        assert charges(device, run_name), device.name
+        assert broken_charges(device, run_name), device.name
+    with ServerLedger.open(federation.server_dir, create=False) as ledger:
+        assert not ledger.reports(run_id=run_name)
+
+
 def _serverapp(federation: LocalFederation) -> int:
     link = next(p for p in federation.parts if p.name == "SuperLink")
     return one(descendants(link.process.pid), "flwr-serverapp")
@@ -230,20 +249,12 @@ def test_serverapp_killed_during_secagg(federation: LocalFederation) -> None:
     dead ServerApp and end its run, which is this cell's cost.
     """
     before = Snapshot.take(federation)
-    settings = _settings(federation, "fault-secagg-serverapp", num_server_rounds=1,
-                         local_steps=20, day_sample_rate=1.0)
-    run = Background(federation, settings)
-    for device in federation.device_list:
-        when_charged(device, settings.run_name)
+    settings, run = _all_charged(federation, "fault-secagg-serverapp")
     os.kill(_serverapp(federation), signal.SIGKILL)
     outcome = run.wait(240)
     assert not outcome.ok and not outcome.rounds
     assert not (settings.run_dir / "final.pt").exists()
-    for device in federation.device_list:
-        assert charges(device, settings.run_name), device.name
-        assert broken_charges(device, settings.run_name), device.name
-    with ServerLedger.open(federation.server_dir, create=False) as ledger:
-        assert not ledger.reports(run_id=settings.run_name)
+    _charged_and_unreported(federation, settings.run_name)
     # The run's ClientApps end with it (Flower stops them once the run is over).
     wait_for("the killed run's ClientApps to end", lambda: not _clientapps(federation),
              60, every=0.5)
@@ -347,11 +358,7 @@ def test_superlink_killed_during_secagg_masking(federation: LocalFederation) -> 
     """
     federation.wait_online(DEVICES, timeout=240)  # the daemon cell's victim is back
     before = Snapshot.take(federation)
-    settings = _settings(federation, "fault-secagg-superlink", num_server_rounds=1,
-                         local_steps=20, day_sample_rate=1.0)
-    run = Background(federation, settings)
-    for device in federation.device_list:
-        when_charged(device, settings.run_name)
+    settings, run = _all_charged(federation, "fault-secagg-superlink")
     link = next(p for p in federation.parts if p.name == "SuperLink")
     tree = descendants(link.process.pid)
     os.kill(one(tree, "flower-superlink"), signal.SIGKILL)
@@ -361,11 +368,7 @@ def test_superlink_killed_during_secagg_masking(federation: LocalFederation) -> 
              lambda: not set(tree) & set(proc_table()), 30, every=0.2)
     outcome = run.wait(240)
     assert not outcome.ok and not outcome.rounds
-    for device in federation.device_list:  # both series, never refunded
-        assert charges(device, settings.run_name), device.name
-        assert broken_charges(device, settings.run_name), device.name
-    with ServerLedger.open(federation.server_dir, create=False) as ledger:
-        assert not ledger.reports(run_id=settings.run_name)
+    _charged_and_unreported(federation, settings.run_name)
     federation.stop_server()  # forget the dead part
     federation.start_server()
     federation.wait_online(DEVICES, timeout=180)
