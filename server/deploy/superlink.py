@@ -134,6 +134,9 @@ class ServerConfig:
 
     def superlink_command(self, server_dir: Path) -> list[str]:
         cmd = [
+            # Through keystay's launcher: a busy SQLite state is answered with
+            # "retry", not a dropped call (keystay.server.deploy.superlink_launch).
+            sys.executable, "-m", "keystay.server.deploy.superlink_launch",
             executable("flower-superlink"),
             "--database",
             str(server_dir / "superlink.db"),
