@@ -11,6 +11,16 @@ own held-out population, :mod:`keystay.server.heldout`), for
   ledger's own accountant (:func:`keystay.client.ledger.accounting.epsilons`,
   the enforced ``min(RDP, PLD)``, δ of the policy), and the ε against a
   server that breaks aggregation (σ/√t) is printed beside it;
+* the same N and ε under the record-level mechanism (``--units``; the
+  opt-in ``privacy-unit = "record"``): each device runs the trainer's own
+  DP-SGD (:func:`train_dp`: Poisson rate q, clip C, σ) on the windows of
+  its days, the server takes the plain mean of the updates (no SecAgg+ is
+  needed: the noise is the device's own, so the ε is the same against a
+  server that breaks aggregation). ε is then *per record per day*: every
+  day is trained every round, so σ is solved from the target over the run's
+  ``rounds × steps`` charges of ``(σ, q)`` with the same accountant. q,
+  steps, C and the learning rate are the record-level run defaults, tuned by
+  ``bench/bench_tuning.py`` on other simulated employees;
 * non-private FedAvg at the same N (every day every round, no clip, no noise);
 * a model trained centrally on the union of the same employees' days.
 
@@ -35,6 +45,7 @@ person's budget.
 
     python bench/bench_utility.py --sizes 10,100 --epsilons 1,2,4,8
     python bench/bench_utility.py --sizes 1000 --epsilons 4 --no-tune --lr 0.05 --clip 0.5
+    python bench/bench_utility.py --sizes 10,100 --units record --no-tune --lr 0.02 --clip 0.5
 
 Goal (issue 11): at 1,000 devices and ε ≤ 4 per employee-day, accuracy at
 least 90 % of non-private FedAvg at the same N.
@@ -64,7 +75,7 @@ from keystay.client.employee_day import mechanism as m
 from keystay.client.ledger.accounting import Mechanism, enforced, epsilons
 from keystay.client.policy import DevicePolicy
 from keystay.client.trainer.csprng import CryptoRandom
-from keystay.client.trainer.dpsgd import train_nondp
+from keystay.client.trainer.dpsgd import train_dp, train_nondp
 from keystay.client.trainer.job import TrainJob
 from keystay.common.model import ModelConfig, initial_weights
 from keystay.common.windows import TRAIN_STRIDE, WINDOW, make_windows
@@ -122,6 +133,58 @@ def sigma_for(target: float, setup: Setup, dim: int) -> tuple[float, float, floa
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if eps(mid) <= target else (mid, hi)
     return hi, eps(hi), eps(hi, math.sqrt(setup.t))
+
+
+def sigma_for_record(target: float, rounds: int) -> float:
+    """σ whose ``rounds`` DP-SGD charges of the record defaults cost a day ``target`` ε.
+
+    Not below the device's floor (:attr:`DevicePolicy.noise_multiplier_min`):
+    a device refuses less noise, so a larger target then charges less.
+    """
+
+    def eps(sigma: float) -> float:
+        history = (Mechanism(sigma, RUN_DEFAULTS.sample_rate, RUN_DEFAULTS.local_steps * rounds),)
+        return enforced(epsilons(history, delta=POLICY.delta))
+
+    lo, hi = POLICY.noise_multiplier_min, 200.0
+    if eps(lo) <= target:
+        return lo
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if eps(mid) <= target else (mid, hi)
+    return hi
+
+
+def record_update(weights: list[np.ndarray], days: list[np.ndarray], sigma: float,
+                  rnd: int, k: int) -> list[np.ndarray]:
+    """One device's record-level round: DP-SGD on every day's windows, its weight delta."""
+    windows = np.concatenate(days)
+    job = TrainJob(weights=weights, train=windows, heldout=windows[:0],
+                   noise_multiplier=sigma, max_grad_norm=RUN_DEFAULTS.max_grad_norm,
+                   steps=RUN_DEFAULTS.local_steps,
+                   batch_size=max(1, round(RUN_DEFAULTS.sample_rate * len(windows))),
+                   poisson_rate=RUN_DEFAULTS.sample_rate,
+                   learning_rate=RUN_DEFAULTS.learning_rate, seed=rnd * 10**5 + k)
+    new = train_dp(job).weights
+    return [np.asarray(n, np.float64) - np.asarray(w, np.float64)
+            for n, w in zip(new, weights, strict=True)]
+
+
+def federate_record(people: list[list[np.ndarray]], rounds: int, sigma: float,
+                    evaluator: HeldoutEvaluator, pool: Executor | None = None) -> float:
+    """Held-out accuracy after ``rounds`` record-level rounds (the plain mean of updates)."""
+    weights = initial_weights(ModelConfig(), seed=0)
+    active = [(k, days) for k, days in enumerate(people) if days]
+    for rnd in range(rounds):
+        args = [(weights, days, sigma, rnd, k) for k, days in active]
+        updates = (pool.map(record_update, *zip(*args, strict=True), chunksize=8)
+                   if pool is not None else (record_update(*a) for a in args))
+        total = [np.zeros(w.shape) for w in weights]
+        for update in updates:
+            total = [a + b for a, b in zip(total, update, strict=True)]
+        weights = [(w + t / len(active)).astype(w.dtype)
+                   for w, t in zip(weights, total, strict=True)]
+    return evaluator.score(weights).accuracy
 
 
 def local_update(weights: list[np.ndarray], windows: np.ndarray, setup: Setup,
@@ -217,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--company", type=int, default=0)
     parser.add_argument("--tune-company", type=int, default=1)
     parser.add_argument("--heldout-employees", type=int, default=6)
+    parser.add_argument("--units", default="employee-day,record",
+                        help="mechanisms to tabulate: employee-day (the default unit), record")
     parser.add_argument("--no-central", action="store_true")
     parser.add_argument("--no-nonprivate", action="store_true")
     parser.add_argument("--workers", type=int, default=2, help="device processes")
@@ -224,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the devices' min_summed_devices (policy default 3); each adds "
                         "noise σC/√t, so a sum of N devices carries σC·√(N/t)")
     args = parser.parse_args(argv)
+    units = parse_list(args.units, str)
+    if not set(units) <= {"employee-day", "record"}:
+        parser.error(f"--units: employee-day and/or record, not {args.units!r}")
     pool = ProcessPoolExecutor(args.workers, initializer=_init_worker) if args.workers > 1 else None
 
     base = Setup(rounds=args.rounds, days=args.days, local_steps=args.local_steps,
@@ -255,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"employee-runs, each of their days charged ε ≤ 4 once per run); budget of real "
               f"people spent: none. Chosen lr {lr}, C {c}.", flush=True)
 
-    header = (f"{'N':>5} {'ε/day honest':>12} {'ε/day broken':>12} {'σ':>7} "
+    header = (f"{'N':>5} {'unit':>12} {'ε/day honest':>12} {'ε/day broken':>12} {'σ':>7} "
               f"{'accuracy':>9} {'vs FedAvg':>9} {'seconds':>8}")
     rows = []
     for n in parse_list(args.sizes, int):
@@ -267,26 +335,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.no_nonprivate:
             t0 = time.monotonic()
             nonprivate = federate(people, base, None, evaluator, stream=n, pool=pool)
-            rows.append(f"{n:>5} {'∞ (FedAvg)':>12} {'∞':>12} {'-':>7} {nonprivate:>9.4f} "
+            rows.append(f"{n:>5} {'none':>12} {'∞ (FedAvg)':>12} {'∞':>12} {'-':>7} "
+                        f"{nonprivate:>9.4f} "
                         f"{1.0:>9.2f} {time.monotonic() - t0:>8.0f}")
             print(rows[-1], flush=True)
-        for target in parse_list(args.epsilons, float):
+        for unit, target in ((u, e) for u in units for e in parse_list(args.epsilons, float)):
             t0 = time.monotonic()
-            sigma, eps_h, eps_b = sigma_for(target, base, dim)
-            acc = federate(people, base, sigma, evaluator, stream=n, pool=pool)
+            if unit == "employee-day":
+                sigma, eps_h, eps_b = sigma_for(target, base, dim)
+                acc = federate(people, base, sigma, evaluator, stream=n, pool=pool)
+            else:  # the device's own noise: a broken aggregation learns no more
+                sigma = sigma_for_record(target, base.rounds)
+                eps_h = eps_b = enforced(epsilons(
+                    (Mechanism(sigma, RUN_DEFAULTS.sample_rate,
+                               RUN_DEFAULTS.local_steps * base.rounds),), delta=POLICY.delta))
+                acc = federate_record(people, base.rounds, sigma, evaluator, pool=pool)
             ratio = f"{acc / nonprivate:>9.2f}" if nonprivate else f"{'-':>9}"
-            rows.append(f"{n:>5} {eps_h:>12.2f} {eps_b:>12.2f} {sigma:>7.3f} {acc:>9.4f} "
-                        f"{ratio} {time.monotonic() - t0:>8.0f}")
+            rows.append(f"{n:>5} {unit:>12} {eps_h:>12.2f} {eps_b:>12.2f} {sigma:>7.3f} "
+                        f"{acc:>9.4f} {ratio} {time.monotonic() - t0:>8.0f}")
             print(rows[-1], flush=True)
         if not args.no_central:
             t0 = time.monotonic()
             acc = central(people, base, evaluator)
             ratio = f"{acc / nonprivate:>9.2f}" if nonprivate else f"{'-':>9}"
-            rows.append(f"{n:>5} {'central':>12} {'(union)':>12} {'-':>7} {acc:>9.4f} "
+            rows.append(f"{n:>5} {'none':>12} {'central':>12} {'(union)':>12} {'-':>7} "
+                        f"{acc:>9.4f} "
                         f"{ratio} {time.monotonic() - t0:>8.0f}")
             print(rows[-1], flush=True)
     print()
-    print(f"lr {base.lr}, C {base.clip}, q {base.day_rate}, t {base.t}, {base.rounds} rounds")
+    print(f"employee-day: lr {base.lr}, C {base.clip}, q {base.day_rate}, t {base.t}; "
+          f"record: lr {RUN_DEFAULTS.learning_rate}, C {RUN_DEFAULTS.max_grad_norm}, "
+          f"q {RUN_DEFAULTS.sample_rate}, {RUN_DEFAULTS.local_steps} steps (ε per record "
+          f"per day); {base.rounds} rounds")
     print(header)
     print("\n".join(rows))
     print("goal: at N = 1,000 and ε ≤ 4 per employee-day, accuracy ≥ 0.90 × non-private FedAvg")

@@ -27,6 +27,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
     ("bench_secagg_bytes.py", ["--devices", "3", "--threshold", "2"], '"ratio"'),
     ("bench_dpsgd.py", ["--batches", "16", "--steps", "2", "--repeats", "1", "--days", "1",
                         "--events", "3000", "--no-opacus"], "keystay DP"),
+    ("bench_utility.py", ["--sizes", "3", "--epsilons", "8", "--rounds", "1", "--no-tune",
+                          "--no-central", "--workers", "1", "--heldout-employees", "1"],
+     "      record "),
 ])
 def test_a_cheap_benchmark_runs(script: str, args: list[str], expect: str) -> None:
     done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
