@@ -44,6 +44,7 @@ from typing import Any
 
 from procfs import Proc, processes
 
+from keystay.common.errors import KeystayError
 from keystay.server.deploy.local import LocalFederation
 from keystay.server.rounds import start_run
 from keystay.server.settings import RunSettings
@@ -173,8 +174,14 @@ def run(root: Path, devices: int, args: argparse.Namespace) -> list[dict[str, An
             last = now
             print(line(rows[-1]), flush=True)
 
-        outcome = start_run(fed.server_dir, settings, on_round=on_round)
-        sampler.stop.set()
+        try:
+            outcome = start_run(fed.server_dir, settings, on_round=on_round)
+        except KeystayError as err:  # the SuperLink went away mid-run: say so, go on
+            print(f"   the run ended after {len(rows)} of {args.rounds} rounds: {err}",
+                  flush=True)
+            return rows
+        finally:
+            sampler.stop.set()
         if outcome.returncode != 0 or len(rows) < args.rounds:
             print(f"   the run ended after {len(rows)} of {args.rounds} rounds "
                   f"(exit {outcome.returncode}); its log: {outcome.log_file}", flush=True)

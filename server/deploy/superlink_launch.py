@@ -15,12 +15,20 @@ machine one reply in the first stage was lost that way, and the round sat
 in its first stage for the 900 s timeout with 19 answers in hand
 (``bench/bench_deployment.py --devices 20``).
 
+The same error on the SuperLink's HTTP side (the Runtime API its own
+SuperExec polls: ``/v1/runtime/acquire-task``) became a 500, which Flower's
+HTTP retry does not repeat either: the SuperExec exited with the traceback,
+``keystay server start`` restarted the SuperLink as it must when its
+SuperExec is gone, and the run in progress was lost with it.
+
 The failed transaction was rolled back, so the call is safe to repeat. This
 launcher runs Flower's own ``flower-superlink`` entry point unchanged, after
-one narrow substitution: the Fleet interceptor's translator answers a busy
-database with ``UNAVAILABLE``, which the SuperNode retries with Flower's
-back-off (the code gRPC documents for "a transient condition, corrected by
-retrying"). Every other error is translated as Flower translates it. As with
+two narrow substitutions: the Fleet interceptor's translator answers a busy
+database with gRPC ``UNAVAILABLE`` and the HTTP error middleware with
+``503 Service Unavailable``, which Flower's SuperNode, SuperExec and Grid
+retry with their back-off (the codes gRPC and HTTP document for "a
+transient condition, corrected by retrying"). Every other error is
+translated as Flower translates it. As with
 the SuperNode's launcher (:mod:`keystay.client.daemon.supernode_launch`), the
 substitution is made only on the Flower version it was read against; on any
 other it logs why and runs stock Flower, and
@@ -40,7 +48,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -86,17 +94,42 @@ def busy_as_unavailable(original: Translator) -> Translator:
     return translator
 
 
+HttpTranslator = Callable[[Any, Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
+
+
+def busy_as_503(original: HttpTranslator) -> HttpTranslator:
+    """Flower's ``http_error_translator``, except that a busy database answers 503."""
+    from starlette.responses import JSONResponse
+
+    async def translator(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+        async def guarded(inner: Any) -> Any:
+            try:
+                return await call_next(inner)
+            except Exception as err:
+                if not is_busy_database(err):
+                    raise
+                return JSONResponse(status_code=503, content={"detail": BUSY_DETAILS})
+
+        return await original(request, guarded)
+
+    return translator
+
+
 def retry_busy_database() -> str | None:
-    """Give the Fleet interceptor the busy-aware translator; the reason if it was not."""
+    """Give both translators the busy-aware answer; the reason if they were not."""
     import flwr
+    import flwr.superlink.main as http_app
     from flwr.supercore.interceptors import rpc_error_translation_interceptor as interceptor
 
     if flwr.__version__ != FLOWER_VERSION:
         return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose error translation "
                 f"keystay read; a busy SuperLink database drops the call it failed")
-    # The interceptor looks the name up in its module at each call.
+    # The interceptor looks the name up in its module at each call, the HTTP
+    # app when it builds its middleware (after this, in flower_superlink()).
     flowers: Translator = getattr(interceptor, "rpc_error_translator")  # noqa: B009
     setattr(interceptor, "rpc_error_translator", busy_as_unavailable(flowers))  # noqa: B010
+    flowers_http: HttpTranslator = getattr(http_app, "http_error_translator")  # noqa: B009
+    setattr(http_app, "http_error_translator", busy_as_503(flowers_http))  # noqa: B010
     return None
 
 

@@ -8,17 +8,29 @@ from pathlib import Path
 from typing import Any
 
 import flwr
+import flwr.superlink.main as http_app
 import grpc
+import httpx
 import pytest
 import sqlalchemy
+from flwr.supercore.error import http_error_translator as flowers_http_translator
 from flwr.supercore.error import rpc_error_translator as flowers_translator
 from flwr.supercore.interceptors import rpc_error_translation_interceptor as interceptor
 from flwr.supercore.retry.grpc_retry import make_simple_grpc_retry_invoker
+from flwr.supercore.retry.http_retry import make_simple_http_retry_invoker
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from keystay.server.deploy.superlink import ServerConfig
 from keystay.server.deploy.superlink_launch import (
     BUSY_DETAILS,
     FLOWER_VERSION,
+    busy_as_503,
     busy_as_unavailable,
     is_busy_database,
     retry_busy_database,
@@ -89,6 +101,15 @@ def test_the_supernode_retries_unavailable_and_gives_up_on_internal() -> None:
     assert giveup(RpcError(grpc.StatusCode.UNAVAILABLE)) is False
 
 
+def test_flowers_http_clients_retry_503_and_give_up_on_500() -> None:
+    giveup = make_simple_http_retry_invoker().should_giveup
+    assert giveup is not None
+    for code, expected in ((500, True), (503, False)):
+        response = httpx.Response(code, request=httpx.Request("POST", "https://superlink/x"))
+        error = httpx.HTTPStatusError("x", request=response.request, response=response)
+        assert giveup(error) is expected, code
+
+
 def test_sqlites_lock_errors_are_recognised_bare_and_wrapped(tmp_path: Path) -> None:
     locked = _locked(tmp_path)
     assert is_busy_database(locked)
@@ -118,6 +139,29 @@ def test_a_busy_database_is_unavailable_and_anything_else_as_flower_has_it(
     assert _translate(translator, other) == _translate(flowers_translator, other)
 
 
+def _http_status(translator: Any, err: Exception | None) -> int:
+    async def endpoint(request: Request) -> Any:
+        if err is not None:
+            raise err
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/runtime/acquire-task", endpoint, methods=["POST"])],
+                    middleware=[Middleware(BaseHTTPMiddleware, dispatch=translator)])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        return client.post("/v1/runtime/acquire-task").status_code
+
+
+def test_a_busy_database_answers_503_over_http_and_anything_else_as_flower_has_it(
+    tmp_path: Path,
+) -> None:
+    translator = busy_as_503(flowers_http_translator)
+    busy = sqlalchemy.exc.OperationalError("UPDATE task ...", {}, _locked(tmp_path))
+    assert _http_status(translator, busy) == 503
+    assert _http_status(flowers_http_translator, busy) == 500
+    assert _http_status(translator, RuntimeError("else")) == 500
+    assert _http_status(translator, None) == 200
+
+
 def test_a_call_that_succeeds_is_untouched() -> None:
     translator = busy_as_unavailable(flowers_translator)
     context = FakeContext()
@@ -126,12 +170,14 @@ def test_a_call_that_succeeds_is_untouched() -> None:
     assert context.aborted is None
 
 
-def test_the_substitution_reaches_the_fleet_interceptor_only(
+def test_the_substitutions_reach_the_fleet_interceptor_and_the_http_app_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
+    monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
     assert retry_busy_database() is None
     assert interceptor.rpc_error_translator is not flowers_translator
+    assert http_app.http_error_translator is not flowers_http_translator
     import flwr.supercore.error as errors
 
     assert errors.rpc_error_translator is flowers_translator
@@ -141,10 +187,12 @@ def test_another_flower_release_keeps_flowers_translation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
+    monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     reason = retry_busy_database()
     assert reason is not None and "9.9.9" in reason
     assert interceptor.rpc_error_translator is flowers_translator
+    assert http_app.http_error_translator is flowers_http_translator
 
 
 def test_keystay_starts_flowers_superlink_through_the_launcher(tmp_path: Path) -> None:
