@@ -1,11 +1,8 @@
 """``flower-superlink``, a busy database answered "try again": how ``keystay server`` runs it.
 
 Flower 1.39's SuperLink keeps its state in SQLite and answers every Fleet
-API call from a pool of threads. Two writers that overlap can fail with
-``sqlite3.OperationalError: database is locked`` at once, whatever the busy
-timeout: in WAL mode a transaction that has read and then writes, after
-another connection committed, gets ``SQLITE_BUSY`` without waiting (its
-snapshot is stale; retrying the transaction is the only cure). Flower's
+API call from a pool of threads. Under load a call can fail with
+``sqlite3.OperationalError: database is locked`` (why, below). Flower's
 error translator (``flwr.supercore.error.grpc.rpc_error_translator``) turns
 that, like any unexpected exception, into gRPC ``INTERNAL``, and the
 SuperNode's retry policy gives up on ``INTERNAL`` at once: a device's reply
@@ -21,17 +18,32 @@ HTTP retry does not repeat either: the SuperExec exited with the traceback,
 ``keystay server start`` restarted the SuperLink as it must when its
 SuperExec is gone, and the run in progress was lost with it.
 
+A third way to lose a reply the same way: storing an uploaded object
+(``SqlCoreState.put_object``) catches the busy error itself and answers
+``stored=False``; the SuperNode then drops the reply ("Failed to push
+object ... The push session may have expired"), and the next 20-device run
+sat in its unmask stage with 19 of 20 answers.
+
+Each failure came about 5 s after its statement began (the ``now()`` bound
+in the failed statement's parameters is 5.3–6 s older than the error): not a
+conflict but Flower's ``busy_timeout`` of 5 s running out while another
+thread of the same SuperLink held the write lock. At a load average of
+10–50 a thread that holds SQLite's lock waits that long for the GIL and a
+core. So the cause is addressed first: **the SuperLink's SQLite connections
+wait up to** :data:`BUSY_TIMEOUT_MS` **for the lock** (Flower's pragmas
+otherwise unchanged), and the translation stays as the second line.
+
 The failed transaction was rolled back, so the call is safe to repeat. This
 launcher runs Flower's own ``flower-superlink`` entry point unchanged, after
-two narrow substitutions: the Fleet interceptor's translator answers a busy
-database with gRPC ``UNAVAILABLE`` and the HTTP error middleware with
-``503 Service Unavailable``, which Flower's SuperNode, SuperExec and Grid
-retry with their back-off (the codes gRPC and HTTP document for "a
-transient condition, corrected by retrying"). Every other error is
-translated as Flower translates it. As with
-the SuperNode's launcher (:mod:`keystay.client.daemon.supernode_launch`), the
-substitution is made only on the Flower version it was read against; on any
-other it logs why and runs stock Flower, and
+that and two more narrow substitutions: the Fleet interceptor's translator
+answers a busy database with gRPC ``UNAVAILABLE`` and the HTTP error
+middleware with ``503 Service Unavailable``, which Flower's SuperNode,
+SuperExec and Grid retry with their back-off (the codes gRPC and HTTP
+document for "a transient condition, corrected by retrying"). Every other
+error is translated as Flower translates it. As with the SuperNode's
+launcher (:mod:`keystay.client.daemon.supernode_launch`), the substitutions
+are made only on the Flower version they were read against; on any other
+the launcher logs why and runs stock Flower, and
 ``tests/unit/server/deploy/test_superlink_launch.py`` fails when the
 installed Flower moves. The upstream report is in ``docs/faults.md``.
 
@@ -54,6 +66,9 @@ from typing import Any
 
 #: The Flower release whose error translation this was read against.
 FLOWER_VERSION = "1.39.0"
+
+#: How long a SuperLink connection waits for SQLite's lock (Flower's is 5,000 ms).
+BUSY_TIMEOUT_MS = 60_000
 
 #: What SQLite says when a lock could not be had (``SQLITE_BUSY``, ``SQLITE_LOCKED``).
 BUSY_MESSAGES = ("database is locked", "database table is locked", "database is busy")
@@ -115,17 +130,27 @@ def busy_as_503(original: HttpTranslator) -> HttpTranslator:
     return translator
 
 
+def patient_pragmas(pragmas: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Flower's SQLite pragmas with ``busy_timeout`` raised to :data:`BUSY_TIMEOUT_MS`."""
+    return tuple((name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value)
+                 for name, value in pragmas)
+
+
 def retry_busy_database() -> str | None:
-    """Give both translators the busy-aware answer; the reason if they were not."""
+    """A patient lock wait, and both translators' busy-aware answer; else the reason."""
     import flwr
+    import flwr.supercore.sql_mixin as sql_mixin
     import flwr.superlink.main as http_app
     from flwr.supercore.interceptors import rpc_error_translation_interceptor as interceptor
 
     if flwr.__version__ != FLOWER_VERSION:
         return (f"Flower {flwr.__version__} is not {FLOWER_VERSION}, whose error translation "
                 f"keystay read; a busy SuperLink database drops the call it failed")
-    # The interceptor looks the name up in its module at each call, the HTTP
-    # app when it builds its middleware (after this, in flower_superlink()).
+    # Each new connection reads the pragmas from SqlMixin's module, the
+    # interceptor its translator at each call, the HTTP app its middleware
+    # when it is built: all after this.
+    setattr(sql_mixin, "SQLITE_PRAGMAS",  # noqa: B010
+            patient_pragmas(getattr(sql_mixin, "SQLITE_PRAGMAS")))  # noqa: B009
     flowers: Translator = getattr(interceptor, "rpc_error_translator")  # noqa: B009
     setattr(interceptor, "rpc_error_translator", busy_as_unavailable(flowers))  # noqa: B010
     flowers_http: HttpTranslator = getattr(http_app, "http_error_translator")  # noqa: B009

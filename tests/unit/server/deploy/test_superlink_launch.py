@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import flwr
+import flwr.supercore.sql_mixin as sql_mixin
 import flwr.superlink.main as http_app
 import grpc
 import httpx
@@ -29,6 +30,7 @@ from starlette.testclient import TestClient
 from keystay.server.deploy.superlink import ServerConfig
 from keystay.server.deploy.superlink_launch import (
     BUSY_DETAILS,
+    BUSY_TIMEOUT_MS,
     FLOWER_VERSION,
     busy_as_503,
     busy_as_unavailable,
@@ -162,6 +164,26 @@ def test_a_busy_database_answers_503_over_http_and_anything_else_as_flower_has_i
     assert _http_status(translator, None) == 200
 
 
+def test_the_superlinks_connections_wait_longer_for_the_lock(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # The busy errors came 5.3-6 s after their statements began: Flower's
+    # 5 s busy_timeout running out under load, not a conflict.
+    assert ("busy_timeout", "5000") in sql_mixin.SQLITE_PRAGMAS
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+    monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
+    monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
+    flowers = dict(sql_mixin.SQLITE_PRAGMAS)
+    assert retry_busy_database() is None
+    assert dict(sql_mixin.SQLITE_PRAGMAS) == {**flowers, "busy_timeout": str(BUSY_TIMEOUT_MS)}
+    connection = sqlite3.connect(tmp_path / "superlink.db")
+    try:
+        sql_mixin._set_sqlite_pragmas(connection, None)
+        assert connection.execute("PRAGMA busy_timeout").fetchone() == (BUSY_TIMEOUT_MS,)
+    finally:
+        connection.close()
+
+
 def test_a_call_that_succeeds_is_untouched() -> None:
     translator = busy_as_unavailable(flowers_translator)
     context = FakeContext()
@@ -175,6 +197,7 @@ def test_the_substitutions_reach_the_fleet_interceptor_and_the_http_app_only(
 ) -> None:
     monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
     monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
     assert retry_busy_database() is None
     assert interceptor.rpc_error_translator is not flowers_translator
     assert http_app.http_error_translator is not flowers_http_translator
@@ -188,11 +211,13 @@ def test_another_flower_release_keeps_flowers_translation(
 ) -> None:
     monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
     monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     reason = retry_busy_database()
     assert reason is not None and "9.9.9" in reason
     assert interceptor.rpc_error_translator is flowers_translator
     assert http_app.http_error_translator is flowers_http_translator
+    assert ("busy_timeout", "5000") in sql_mixin.SQLITE_PRAGMAS
 
 
 def test_keystay_starts_flowers_superlink_through_the_launcher(tmp_path: Path) -> None:
