@@ -57,6 +57,20 @@ send message", deletes that reply and goes on to the next message. The
 ServerApp, for its part, stops waiting for the half-uploaded reply at the
 stage's deadline (:mod:`keystay.server.grid_poll`).
 
+A fourth gives a ClientApp time to start. The SuperNode hands each message's
+task to a new ClientApp process with a token, and Flower revokes the token
+if the process has not checked in within ``HEARTBEAT_DEFAULT_INTERVAL``
+(30 s) of the claim (``InMemoryCoreState.claim_task``). Starting that
+process means importing Flower, 0.5 CPU-s on a quiet core; on a loaded
+machine (20 devices on two cores: load average 50 while every device
+started its ClientApp for the same stage) some took longer, were refused
+("Runtime task-token authentication failed"), and their devices dropped out
+of the round. An employee's laptop under a build or a video call is in the
+same place. The launcher extends a *starting* task's window to
+:data:`START_PATIENCE`; once the ClientApp has checked in, Flower's own
+heartbeat window applies unchanged. The cost: a ClientApp that never
+starts is given up 120 s after its claim instead of 30 s.
+
 Usage (what :class:`keystay.client.daemon.supernode.SuperNodeConfig` builds)::
 
     python -m keystay.client.daemon.supernode_launch /path/to/flower-supernode ARGS...
@@ -263,13 +277,50 @@ def give_up_stalled_uploads(patience: float = UPLOAD_PATIENCE) -> str | None:
     return None
 
 
+#: Seconds a claimed task's ClientApp has to check in with the SuperNode.
+START_PATIENCE = 120.0
+
+
+def give_clientapps_time_to_start(patience: float = START_PATIENCE) -> str | None:
+    """Extend a starting task's token window to ``patience``; the reason if it was not.
+
+    Returns
+    -------
+    str | None
+        None when the substitution was made, else why not (another Flower).
+    """
+    from datetime import timedelta
+
+    from flwr.supercore.corestate.in_memory_corestate import InMemoryCoreState
+    from flwr.supercore.date import now
+
+    if (reason := _another_flower("ClientApp start window", "a ClientApp slower than 30 s "
+                                  "to start loses its task")) is not None:
+        return reason
+    flowers_claim = InMemoryCoreState.claim_task
+
+    def claim_task(self: Any, task_id: int) -> str | None:
+        token = flowers_claim(self, task_id)
+        if token is not None:
+            with self.lock_task_store:
+                record = self.task_token_store.get(task_id)
+                until = now() + timedelta(seconds=patience)
+                if record is not None and record.active_until < until:
+                    record.active_until = until
+        return token
+
+    InMemoryCoreState.claim_task = claim_task  # type: ignore[method-assign]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``flower-supernode`` (``argv[0]``, its path) with ``argv[1:]``."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
         sys.exit("usage: python -m keystay.client.daemon.supernode_launch "
                  "/path/to/flower-supernode ARGS...")
-    for reason in (shorten_idle_poll(), keep_heartbeat_alive(), give_up_stalled_uploads()):
+    for reason in (shorten_idle_poll(), keep_heartbeat_alive(), give_up_stalled_uploads(),
+                   give_clientapps_time_to_start()):
         if reason is not None:
             print(f"keystay: {reason}", file=sys.stderr, flush=True)
     sys.argv = list(args)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import flwr
 import grpc
@@ -235,3 +236,72 @@ def test_the_supernode_gets_patient_stores(monkeypatch: pytest.MonkeyPatch) -> N
     assert factory.store() is factory.store()  # one store, shared with the node state
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     assert "9.9.9" in (give_up_stalled_uploads() or "")
+
+
+def _claimed(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, int, str, Any]:
+    """A SuperNode state with one ClientApp task claimed; (state, id, token, claim time)."""
+    from flwr.supercore.corestate import in_memory_corestate
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    state = InMemoryNodeState(InMemoryObjectStore())
+    task_id = state.create_task("clientapp", run_id=1)
+    assert task_id is not None
+    claimed_at = in_memory_corestate.now()
+    token = state.claim_task(task_id)
+    assert token is not None
+    return state, task_id, token, claimed_at
+
+
+def _at(monkeypatch: pytest.MonkeyPatch, when: Any) -> None:
+    from flwr.supercore.corestate import in_memory_corestate
+
+    monkeypatch.setattr(in_memory_corestate, "now", lambda: when)
+
+
+def test_flower_gives_a_starting_clientapp_30_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the substitution is for: 31 s after the claim, the token of a
+    # ClientApp still importing Flower is refused.
+    from datetime import timedelta
+
+    state, _, token, claimed_at = _claimed(monkeypatch)
+    _at(monkeypatch, claimed_at + timedelta(seconds=31))
+    assert state.get_task_by_token(token) is None
+
+
+def test_a_starting_clientapp_has_the_launchers_window_then_flowers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import timedelta
+
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+    from flwr.supercore.corestate.in_memory_corestate import InMemoryCoreState
+
+    monkeypatch.setattr(InMemoryCoreState, "claim_task", InMemoryCoreState.claim_task)
+    assert supernode_launch.give_clientapps_time_to_start(90.0) is None
+    state, task_id, token, claimed_at = _claimed(monkeypatch)
+    _at(monkeypatch, claimed_at + timedelta(seconds=85))
+    assert state.get_task_by_token(token) is not None, "refused inside the start window"
+    # Checked in: Flower's own heartbeat window from then on, unchanged.
+    assert state.activate_task(task_id)
+    running = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+    _at(monkeypatch, claimed_at + timedelta(seconds=85 + running + 1))
+    assert state.get_task_by_token(token) is None
+
+
+def test_a_clientapp_that_never_starts_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from flwr.supercore.corestate.in_memory_corestate import InMemoryCoreState
+
+    monkeypatch.setattr(InMemoryCoreState, "claim_task", InMemoryCoreState.claim_task)
+    assert supernode_launch.give_clientapps_time_to_start(90.0) is None
+    state, _, token, claimed_at = _claimed(monkeypatch)
+    _at(monkeypatch, claimed_at + timedelta(seconds=91))
+    assert state.get_task_by_token(token) is None
+
+
+def test_the_daemons_supernode_gives_clientapps_two_minutes_to_start() -> None:
+    assert supernode_launch.START_PATIENCE == 120.0
+    main_source = inspect.getsource(supernode_launch.main)
+    assert "give_clientapps_time_to_start()" in main_source
