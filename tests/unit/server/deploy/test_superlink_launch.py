@@ -68,6 +68,15 @@ class RpcError(grpc.RpcError):
         return ""
 
 
+@pytest.fixture
+def restored_flower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three names the launcher substitutes in Flower, put back after the test."""
+    for module, name in ((interceptor, "rpc_error_translator"),
+                         (http_app, "http_error_translator"),
+                         (sql_mixin, "SQLITE_PRAGMAS")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+
+
 def _locked(tmp_path: Path) -> sqlite3.OperationalError:
     """A real 'database is locked' from SQLite: a write while another connection holds it."""
     db = tmp_path / "state.db"
@@ -165,14 +174,11 @@ def test_a_busy_database_answers_503_over_http_and_anything_else_as_flower_has_i
 
 
 def test_the_superlinks_connections_wait_longer_for_the_lock(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    restored_flower: None, tmp_path: Path,
 ) -> None:
     # The busy errors came 5.3-6 s after their statements began: Flower's
     # 5 s busy_timeout running out under load, not a conflict.
     assert ("busy_timeout", "5000") in sql_mixin.SQLITE_PRAGMAS
-    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
-    monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
-    monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
     flowers = dict(sql_mixin.SQLITE_PRAGMAS)
     assert retry_busy_database() is None
     assert dict(sql_mixin.SQLITE_PRAGMAS) == {**flowers, "busy_timeout": str(BUSY_TIMEOUT_MS)}
@@ -193,11 +199,8 @@ def test_a_call_that_succeeds_is_untouched() -> None:
 
 
 def test_the_substitutions_reach_the_fleet_interceptor_and_the_http_app_only(
-    monkeypatch: pytest.MonkeyPatch,
+    restored_flower: None,
 ) -> None:
-    monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
-    monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
-    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
     assert retry_busy_database() is None
     assert interceptor.rpc_error_translator is not flowers_translator
     assert http_app.http_error_translator is not flowers_http_translator
@@ -207,11 +210,8 @@ def test_the_substitutions_reach_the_fleet_interceptor_and_the_http_app_only(
 
 
 def test_another_flower_release_keeps_flowers_translation(
-    monkeypatch: pytest.MonkeyPatch,
+    restored_flower: None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(interceptor, "rpc_error_translator", interceptor.rpc_error_translator)
-    monkeypatch.setattr(http_app, "http_error_translator", http_app.http_error_translator)
-    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
     monkeypatch.setattr(flwr, "__version__", "9.9.9")
     reason = retry_busy_database()
     assert reason is not None and "9.9.9" in reason
