@@ -351,8 +351,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                RUN_DEFAULTS.local_steps * base.rounds),), delta=POLICY.delta))
                 acc = federate_record(people, base.rounds, sigma, evaluator, pool=pool)
             ratio = f"{acc / nonprivate:>9.2f}" if nonprivate else f"{'-':>9}"
-            rows.append(f"{n:>5} {unit:>12} {eps_h:>12.2f} {eps_b:>12.2f} {sigma:>7.3f} "
-                        f"{acc:>9.4f} {ratio} {time.monotonic() - t0:>8.0f}")
+            # A σ above the default policy's ceiling is a request a default
+            # device refuses: the row is what a laxer policy would buy.
+            refused = "*" if sigma > POLICY.noise_multiplier_max else ""
+            rows.append(f"{n:>5} {unit + refused:>12} {eps_h:>12.2f} {eps_b:>12.2f} "
+                        f"{sigma:>7.3f} {acc:>9.4f} {ratio} {time.monotonic() - t0:>8.0f}")
             print(rows[-1], flush=True)
         if not args.no_central:
             t0 = time.monotonic()
@@ -369,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"per day); {base.rounds} rounds")
     print(header)
     print("\n".join(rows))
+    print(f"* σ above the default policy's noise_multiplier_max ({POLICY.noise_multiplier_max:g}):"
+          " a default device refuses the request")
     print("goal: at N = 1,000 and ε ≤ 4 per employee-day, accuracy ≥ 0.90 × non-private FedAvg")
 
 
