@@ -135,8 +135,14 @@ def sigma_for(target: float, setup: Setup, dim: int) -> tuple[float, float, floa
     return hi, eps(hi), eps(hi, math.sqrt(setup.t))
 
 
-def sigma_for_record(target: float, rounds: int) -> float:
-    """σ whose ``rounds`` DP-SGD charges of the record defaults cost a day ``target`` ε.
+def delta(new: list[np.ndarray], old: list[np.ndarray]) -> list[np.ndarray]:
+    """A device's update, ``new - old`` per layer, in float64 (as the devices sum it)."""
+    return [np.asarray(n, np.float64) - np.asarray(o, np.float64)
+            for n, o in zip(new, old, strict=True)]
+
+
+def sigma_for_record(target: float, rounds: int) -> tuple[float, float]:
+    """σ whose ``rounds`` DP-SGD charges of the record defaults cost a day ``target`` ε; (σ, ε).
 
     Not below the device's floor (:attr:`DevicePolicy.noise_multiplier_min`):
     a device refuses less noise, so a larger target then charges less.
@@ -148,11 +154,11 @@ def sigma_for_record(target: float, rounds: int) -> float:
 
     lo, hi = POLICY.noise_multiplier_min, 200.0
     if eps(lo) <= target:
-        return lo
+        return lo, eps(lo)
     for _ in range(40):
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if eps(mid) <= target else (mid, hi)
-    return hi
+    return hi, eps(hi)
 
 
 def record_update(weights: list[np.ndarray], days: list[np.ndarray], sigma: float,
@@ -165,9 +171,7 @@ def record_update(weights: list[np.ndarray], days: list[np.ndarray], sigma: floa
                    batch_size=max(1, round(RUN_DEFAULTS.sample_rate * len(windows))),
                    poisson_rate=RUN_DEFAULTS.sample_rate,
                    learning_rate=RUN_DEFAULTS.learning_rate, seed=rnd * 10**5 + k)
-    new = train_dp(job).weights
-    return [np.asarray(n, np.float64) - np.asarray(w, np.float64)
-            for n, w in zip(new, weights, strict=True)]
+    return delta(train_dp(job).weights, weights)
 
 
 def federate_record(people: list[list[np.ndarray]], rounds: int, sigma: float,
@@ -192,9 +196,7 @@ def local_update(weights: list[np.ndarray], windows: np.ndarray, setup: Setup,
     job = TrainJob(weights=weights, train=windows, heldout=windows[:0], noise_multiplier=1.0,
                    max_grad_norm=1.0, steps=setup.local_steps, batch_size=setup.batch,
                    poisson_rate=None, learning_rate=setup.lr, seed=seed)
-    new = train_nondp(job).weights
-    return [np.asarray(n, np.float64) - np.asarray(w, np.float64)
-            for n, w in zip(new, weights, strict=True)]
+    return delta(train_nondp(job).weights, weights)
 
 
 def device_share(weights: list[np.ndarray], days: list[np.ndarray], setup: Setup,
@@ -345,10 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sigma, eps_h, eps_b = sigma_for(target, base, dim)
                 acc = federate(people, base, sigma, evaluator, stream=n, pool=pool)
             else:  # the device's own noise: a broken aggregation learns no more
-                sigma = sigma_for_record(target, base.rounds)
-                eps_h = eps_b = enforced(epsilons(
-                    (Mechanism(sigma, RUN_DEFAULTS.sample_rate,
-                               RUN_DEFAULTS.local_steps * base.rounds),), delta=POLICY.delta))
+                sigma, eps_h = sigma_for_record(target, base.rounds)
+                eps_b = eps_h
                 acc = federate_record(people, base.rounds, sigma, evaluator, pool=pool)
             ratio = f"{acc / nonprivate:>9.2f}" if nonprivate else f"{'-':>9}"
             # A σ above the default policy's ceiling is a request a default
