@@ -196,3 +196,38 @@ def test_has_child_reads_direct_children_only(tmp_path: Path) -> None:
     finally:
         stop_processes(descendants(leader.pid), grace=5)
         terminate_group(leader, timeout=10)
+
+
+# In a fresh interpreter, so that no other test's child is in the way: one
+# child that exits unwaited (an adopted orphan, to a subreaper), one a Popen
+# waits for; then a reaper call while only a running child is left.
+REAPER = """
+import os, subprocess, sys, time
+from keystay.common import processes
+processes.reap_orphans()  # no child yet: nothing to do, and no error
+orphan = os.fork()
+if orphan == 0:
+    os._exit(3)
+kept = subprocess.Popen([sys.executable, "-c", "pass"])
+time.sleep(0.5)  # both have exited: zombies until waited for
+processes.reap_orphans(keep=[kept.pid])
+try:
+    os.waitpid(orphan, os.WNOHANG)
+    print("orphan left")
+except ChildProcessError:
+    print("orphan reaped")
+print("kept", kept.wait(5))
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+def no_proc(path):
+    raise AssertionError("read /proc with no child exited")
+processes.os.listdir = no_proc
+processes.reap_orphans(keep=[sleeper.pid])
+print("no scan")
+sleeper.kill(); sleeper.wait()
+"""
+
+
+def test_exited_orphans_are_reaped_and_a_popen_keeps_its_status() -> None:
+    out = subprocess.run([sys.executable, "-c", REAPER], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split("\n")[:3] == ["orphan reaped", "kept 0", "no scan"], out.stderr
