@@ -23,7 +23,7 @@ from pathlib import Path
 
 from keystay.server.deploy.local import LocalFederation
 from keystay.server.rounds import start_run
-from keystay.server.settings import RunSettings
+from keystay.server.settings import RECORD_NOISE_MULTIPLIER, RunSettings
 
 
 def _run(root: Path, unit: str, args: argparse.Namespace) -> list[float]:
@@ -44,7 +44,7 @@ def _run(root: Path, unit: str, args: argparse.Namespace) -> list[float]:
                           secagg_num_shares=args.devices if args.devices % 2 else args.devices + 1,
                           secagg_reconstruction_threshold=t)
         else:
-            values.update(noise_multiplier=2.19)
+            values.update(noise_multiplier=RECORD_NOISE_MULTIPLIER)
         outcome = start_run(fed.server_dir, RunSettings(**values))  # type: ignore[arg-type]
         if outcome.returncode != 0:
             raise SystemExit(outcome.log_file.read_text(errors="replace")[-3000:])

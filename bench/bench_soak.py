@@ -138,6 +138,7 @@ class Rounds(threading.Thread):
 
     def run(self) -> None:
         from keystay.server.deploy.superlink import executable, flower_env
+        from keystay.server.settings import RECORD_NOISE_MULTIPLIER
 
         n = 0
         while not self.stopping.wait(self.every):
@@ -145,7 +146,7 @@ class Rounds(threading.Thread):
             cmd = [executable("keystay"), "round", "start", "--server-dir",
                    str(self.server_dir), "--rounds", "1", "--min-devices", "1",
                    "--name", f"soak-{n}", "--local-steps", "5",
-                   "--privacy-unit", "record", "--noise-multiplier", "2.19"]
+                   "--privacy-unit", "record", "--noise-multiplier", str(RECORD_NOISE_MULTIPLIER)]
             t0 = time.monotonic()
             with self.log.open("ab") as out:
                 try:

@@ -51,7 +51,7 @@ from keystay.server.deploy.superlink import (
     wait_for_port,
 )
 from keystay.server.ledger.ledger import LedgerEnrollmentError, ServerLedgerError
-from keystay.server.settings import RUN_DEFAULTS
+from keystay.server.settings import RECORD_NOISE_MULTIPLIER, RUN_DEFAULTS
 
 if TYPE_CHECKING:
     from keystay.server.rounds import RunOutcome
@@ -593,7 +593,7 @@ def round_() -> None:
               show_default=True,
               help="σ asked of devices (each enforces its own floor). employee-day: the noise "
                    "the secure sum carries, over --update-clip; record: DP-SGD's σ (the tuned "
-                   "record-level value is 2.19).")
+                   f"record-level value is {RECORD_NOISE_MULTIPLIER}).")
 @click.option("--update-clip", type=float, default=RUN_DEFAULTS.update_clip, show_default=True,
               help="employee-day: each day's update is clipped to this L2 norm C (devices "
                    "enforce their own maximum).")

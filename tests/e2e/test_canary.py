@@ -70,7 +70,7 @@ from keystay.common.windows import WINDOW, make_windows
 from keystay.server.deploy.local import LEGACY_REQUEST_FILE, LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env, free_port
 from keystay.server.rounds import start_run
-from keystay.server.settings import RunSettings
+from keystay.server.settings import RECORD_NOISE_MULTIPLIER, RunSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -444,7 +444,7 @@ def test_canary_never_leaves_the_device(raw_text: bool, tmp_path: Path,
         settings = RunSettings(
             server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
             min_devices=2, local_steps=5, sample_rate=0.1, round_timeout=300.0,
-            privacy_unit="record", noise_multiplier=2.19,
+            privacy_unit="record", noise_multiplier=RECORD_NOISE_MULTIPLIER,
         )
         outcome = start_run(federation.server_dir, settings)
         assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]

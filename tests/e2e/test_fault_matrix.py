@@ -41,7 +41,7 @@ from keystay.server.deploy.local import LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env
 from keystay.server.ledger.ledger import ServerLedger
 from keystay.server.rounds import complete_rows, start_run
-from keystay.server.settings import RunSettings
+from keystay.server.settings import RECORD_NOISE_MULTIPLIER, RunSettings
 from tests.e2e.faults import (
     Background,
     Snapshot,
@@ -106,14 +106,14 @@ def federation(server_disk: ServerDisk) -> Iterator[LocalFederation]:
 
 
 #: The devices here train the record unit (their policy says so): plain rounds.
-RECORD_UNIT = ("--privacy-unit", "record", "--noise-multiplier", "2.19")
+RECORD_UNIT = ("--privacy-unit", "record", "--noise-multiplier", str(RECORD_NOISE_MULTIPLIER))
 
 
 def _settings(federation: LocalFederation, run_name: str, **overrides: object) -> RunSettings:
     values: dict[str, object] = dict(
         server_dir=federation.server_dir, run_name=run_name, num_server_rounds=2,
         min_devices=2, local_steps=40, sample_rate=0.05, round_timeout=120.0,
-        privacy_unit="record", noise_multiplier=2.19,
+        privacy_unit="record", noise_multiplier=RECORD_NOISE_MULTIPLIER,
     )
     values.update(overrides)
     return RunSettings(**values)  # type: ignore[arg-type]

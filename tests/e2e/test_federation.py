@@ -21,7 +21,7 @@ from keystay.server.deploy.local import LocalFederation
 from keystay.server.deploy.superlink import executable, flower_env
 from keystay.server.heldout import HELDOUT_SET
 from keystay.server.rounds import format_round, start_run
-from keystay.server.settings import RunSettings
+from keystay.server.settings import RECORD_NOISE_MULTIPLIER, RunSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +47,7 @@ def test_two_rounds_two_devices(tmp_path: Path) -> None:
         settings = RunSettings(
             server_dir=federation.server_dir, run_name="e2e", num_server_rounds=2,
             min_devices=2, local_steps=10, sample_rate=0.1, round_timeout=600.0,
-            privacy_unit="record", noise_multiplier=2.19,
+            privacy_unit="record", noise_multiplier=RECORD_NOISE_MULTIPLIER,
         )
         outcome = start_run(federation.server_dir, settings)
         assert outcome.returncode == 0, outcome.log_file.read_text()[-3000:]
@@ -95,7 +95,7 @@ def test_two_rounds_two_devices(tmp_path: Path) -> None:
             server_dir=federation.server_dir, run_name="e2e-central", num_server_rounds=1,
             min_devices=2, local_steps=10, sample_rate=0.1, round_timeout=600.0,
             central_dp=True, central_noise_multiplier=0.5, central_clip=0.5,
-            privacy_unit="record", noise_multiplier=2.19,
+            privacy_unit="record", noise_multiplier=RECORD_NOISE_MULTIPLIER,
         )
         central_outcome = start_run(federation.server_dir, central)
         assert central_outcome.returncode == 0, central_outcome.log_file.read_text()[-3000:]

@@ -23,6 +23,7 @@ from keystay.client.employee_day.mechanism import (
 )
 from keystay.client.ledger.accounting import (
     EMPTY_STATE,
+    Mechanism,
     compose_state,
     enforced,
     state_epsilons,
@@ -32,7 +33,7 @@ from keystay.common.model import ModelConfig, initial_weights
 from keystay.server.cli import round_start
 from keystay.server.demo import demo
 from keystay.server.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
-from keystay.server.settings import RUN_DEFAULTS, RunSettings
+from keystay.server.settings import RECORD_NOISE_MULTIPLIER, RUN_DEFAULTS, RunSettings
 
 APP_TOML = Path(__file__).parents[3] / "server" / "flwr_app" / "pyproject.toml"
 
@@ -112,3 +113,25 @@ def test_the_check_above_can_fail() -> None:
     below = replace(RUN_DEFAULTS, noise_multiplier=DevicePolicy().noise_multiplier_min / 2)
     with pytest.raises(Refusal):
         DevicePolicy().check_request(_request(below))
+
+
+def test_a_default_record_level_device_accepts_a_default_record_level_run() -> None:
+    """RECORD_NOISE_MULTIPLIER with the other defaults fits a record-level policy's blocks."""
+    settings = replace(RUN_DEFAULTS, privacy_unit="record",
+                       noise_multiplier=RECORD_NOISE_MULTIPLIER)
+    policy = DevicePolicy(privacy_unit="record")
+    state = EMPTY_STATE
+    for server_round in range(1, settings.num_server_rounds + 1):
+        policy.check_request(_request(settings, server_round))
+        # Every round charges each block it trains on its DP-SGD steps.
+        state = compose_state(state, Mechanism(settings.noise_multiplier, settings.sample_rate,
+                                               settings.local_steps))
+    spent = enforced(state_epsilons(state, delta=policy.delta))
+    # Within the block budget, and not a sliver of it: σ was solved for it.
+    assert policy.epsilon_per_block / 2 < spent <= policy.epsilon_per_block
+    # The employee-day sum's σ (noise_multiplier's default) in its place
+    # would overspend the block: the two σ are not interchangeable.
+    wrong = Mechanism(RUN_DEFAULTS.noise_multiplier, settings.sample_rate,
+                      settings.local_steps * settings.num_server_rounds)
+    assert enforced(state_epsilons(compose_state(EMPTY_STATE, wrong), delta=policy.delta)) \
+        > policy.epsilon_per_block
