@@ -9,8 +9,9 @@ parts compute them, on simulated employees
   functions (``make_windows(..., stride=TRAIN_STRIDE)``, ``split_heldout``);
 * every round, every device trains from the global weights with the
   device's DP-SGD (:func:`keystay.client.trainer.dpsgd.train_dp`: Poisson
-  rate ``q``, clip ``C = 1``, ``steps`` steps, noise ``σ``), and the server
-  averages the updates unweighted, as ``server/app.py`` does;
+  rate ``q``, clip ``C`` (``--clips``, 1 by default), ``steps`` steps,
+  noise ``σ``), and the server averages the updates unweighted, as
+  ``server/app.py`` does;
 * σ is **solved from a target ε per day**: the smallest σ (to 0.01) whose
   composed charge over the whole run, ``rounds`` rounds of ``(σ, q, steps)`` on
   each day's block, stays within the target at δ = 1e-5 under the bound the
@@ -92,10 +93,13 @@ class Setting:
     learning_rate: float
     optimizer: str
     schedule: str
+    #: DP-SGD's per-record clip C (the non-private reference clips nothing).
+    clip: float = CLIP
 
     def label(self) -> str:
+        clip = f" C={self.clip:g}" if self.epsilon is not None else ""
         return (f"q={self.sample_rate:g} T={self.steps} lr={self.learning_rate:g} "
-                f"{self.optimizer}/{self.schedule}")
+                f"{self.optimizer}/{self.schedule}{clip}")
 
 
 def device_windows(seed: int, days: int, events: int) -> np.ndarray:
@@ -165,7 +169,7 @@ def federate(setting: Setting, sigma: float | None, devices: list[np.ndarray],
         for d, train in enumerate(devices):
             job = TrainJob(
                 weights=weights, train=train, heldout=empty,
-                noise_multiplier=sigma if sigma is not None else 1.0, max_grad_norm=CLIP,
+                noise_multiplier=sigma if sigma is not None else 1.0, max_grad_norm=setting.clip,
                 steps=setting.steps,
                 batch_size=max(1, round(setting.sample_rate * len(train))),
                 poisson_rate=setting.sample_rate,
@@ -197,6 +201,8 @@ def main() -> None:
     parser.add_argument("--rates", default="0.1,0.25", help="Poisson sampling rates q")
     parser.add_argument("--steps", default="30,60", help="local steps per round")
     parser.add_argument("--lrs", default="0.005,0.02", help="learning rates")
+    parser.add_argument("--clips", default=str(CLIP),
+                        help="DP-SGD clip norms C (at most the policy's max_grad_norm_max)")
     parser.add_argument("--optimizers", default="adam", help="adam and/or sgd")
     parser.add_argument("--schedule", default="constant", help="constant and/or cosine")
     parser.add_argument("--eval-employees", type=int, default=3)
@@ -217,7 +223,7 @@ def main() -> None:
             args.optimizers.split(","), args.schedule.split(","))
     ]
     print(f"bench_tuning: {args.devices} devices x {args.days} days x {args.events} events, "
-          f"{args.rounds} rounds, C={CLIP}, delta={DELTA}; all employees simulated")
+          f"{args.rounds} rounds, C in {args.clips}, delta={DELTA}; all employees simulated")
     print(f"policy: sigma in [{policy.noise_multiplier_min:g}, "
           f"{policy.noise_multiplier_max:g}], q <= {policy.sample_rate_max:g}, "
           f"steps <= {policy.max_local_steps}, epsilon_per_block {policy.epsilon_per_block:g}")
@@ -246,8 +252,9 @@ def main() -> None:
             best_nondp = (acc, s)
     assert best_nondp is not None
     chosen: dict[float, tuple[float, Setting, float]] = {}
+    clips = [c for c in _floats(args.clips) if 0 < c <= policy.max_grad_norm_max]
     for target in _floats(args.eps):
-        for s in grid:
+        for s, clip in itertools.product(grid, clips):
             sigma = solve_sigma(target, s.sample_rate, s.steps, args.rounds,
                                 policy.noise_multiplier_min)
             if sigma > policy.noise_multiplier_max:
@@ -255,10 +262,11 @@ def main() -> None:
                       "policy's maximum; skipped")
                 continue
             dp_setting = Setting(target, s.sample_rate, s.steps, s.learning_rate,
-                                 s.optimizer, s.schedule)
+                                 s.optimizer, s.schedule, clip)
             acc = federate(dp_setting, sigma, tune_devices, tune_eval, args.rounds, args.seed)
             spent = run_epsilon(sigma, s.sample_rate, s.steps, args.rounds)
-            print(f"  eps={target:<4g} {s.label():42s} sigma {sigma:5.2f} (eps {spent:.2f}) "
+            print(f"  eps={target:<4g} {dp_setting.label():48s} sigma {sigma:5.2f} "
+                  f"(eps {spent:.2f}) "
                   f"acc {acc:.4f}", flush=True)
             if target not in chosen or acc > chosen[target][0]:
                 chosen[target] = (acc, dp_setting, sigma)
@@ -272,33 +280,36 @@ def main() -> None:
     print(f"\nREPORT: devices = employees {REPORT_SEED}..{REPORT_SEED + args.devices - 1}, "
           f"scored on the server's held-out population ({server.employees} employees from "
           f"seed {server.seeds[0]}, {len(report_eval)} windows)")
-    print("| ε per day (target) | ε charged | σ | q | steps | lr | optimizer/schedule "
+    print("| ε per day (target) | ε charged | σ | C | q | steps | lr | optimizer/schedule "
           "| accuracy | non-private | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for target, (_, s, sigma) in sorted(chosen.items()):
         acc = federate(s, sigma, report_devices, report_eval, args.rounds, args.seed)
         spent = run_epsilon(sigma, s.sample_rate, s.steps, args.rounds)
-        print(f"| {target:g} | {spent:.2f} | {sigma:.2f} | {s.sample_rate:g} | {s.steps} | "
+        print(f"| {target:g} | {spent:.2f} | {sigma:.2f} | {s.clip:g} | {s.sample_rate:g} "
+              f"| {s.steps} | "
               f"{s.learning_rate:g} | {s.optimizer}/{s.schedule} | {acc:.4f} | {ref_acc:.4f} "
               f"| {acc / ref_acc:.3f} |", flush=True)
     # The record-level run keystay ships: RunSettings' noise_multiplier is the
     # employee-day sum's σ, so DP-SGD's is the record-level constant.
     shipped = RunSettings(server_dir=Path("/"), run_name="bench")
     extras = [("shipped", RECORD_NOISE_MULTIPLIER, shipped.sample_rate, shipped.local_steps,
-               shipped.learning_rate)]
+               shipped.learning_rate, shipped.max_grad_norm)]
     for item in filter(None, args.extra.split(",")):
         sigma_s, q_s, t_s, lr_s = item.split(":")
-        extras.append(("--extra", float(sigma_s), float(q_s), int(t_s), float(lr_s)))
-    for name, sigma, q, steps, lr in extras:
-        s = Setting(None, q, steps, lr, "adam", "constant")
+        extras.append(("--extra", float(sigma_s), float(q_s), int(t_s), float(lr_s), CLIP))
+    for name, sigma, q, steps, lr, clip in extras:
+        s = Setting(None, q, steps, lr, "adam", "constant", clip)
         acc = federate(s, sigma, report_devices, report_eval, args.rounds, args.seed)
         spent = run_epsilon(sigma, q, steps, args.rounds)
-        print(f"| {name} | {spent:.2f} | {sigma:.2f} | {q:g} | {steps} | {lr:g} | adam/constant "
+        print(f"| {name} | {spent:.2f} | {sigma:.2f} | {clip:g} | {q:g} | {steps} | {lr:g} "
+              "| adam/constant "
               f"| {acc:.4f} | {ref_acc:.4f} | {acc / ref_acc:.3f} |", flush=True)
     b = best_nondp[1]
     print(f"non-private reference: {b.label()} (best in TUNE)")
     print(f"budget the tuning spent: none of a real person's; {len(grid)} settings x "
-          f"{len(chosen) + 1} privacy levels on simulated employees only")
+          f"{len(clips)} clips x {len(chosen)} privacy levels and {len(grid)} non-private, "
+          "on simulated employees only")
     print(f"total {time.monotonic() - started:.0f} s")
 
 

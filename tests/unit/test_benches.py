@@ -30,6 +30,11 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
     ("bench_utility.py", ["--sizes", "3", "--epsilons", "8", "--rounds", "1", "--no-tune",
                           "--no-central", "--workers", "1", "--heldout-employees", "1"],
      "      record "),
+    # The chosen setting's row carries its clip C; the shipped row the record-level σ.
+    ("bench_tuning.py", ["--rounds", "1", "--devices", "1", "--days", "1", "--events", "2000",
+                         "--eps", "8", "--rates", "0.25", "--steps", "2", "--lrs", "0.01",
+                         "--clips", "0.5", "--eval-employees", "1"],
+     "| 0.5 | 0.25 | 2 | 0.01 |"),
 ])
 def test_a_cheap_benchmark_runs(script: str, args: list[str], expect: str) -> None:
     done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
