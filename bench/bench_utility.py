@@ -99,6 +99,9 @@ class Setup:
     clip: float
     day_rate: float
     t: int
+    #: The server's step: the new global model is w + server_lr × the decoded
+    #: mean (post-processing of the DP sum: no ε).
+    server_lr: float = 1.0
 
 
 def company(devices: int, company_seed: int, days: int) -> list[list[np.ndarray]]:
@@ -248,7 +251,8 @@ def federate(people: list[list[np.ndarray]], setup: Setup, sigma: float | None,
                                                                / q_total)
                     for d in dequantize(recon, ENCODING.clipping_range,
                                         ENCODING.quantization_range)]
-        weights = [(w + u).astype(w.dtype) for w, u in zip(weights, mean, strict=True)]
+        step = 1.0 if sigma is None else setup.server_lr
+        weights = [(w + step * u).astype(w.dtype) for w, u in zip(weights, mean, strict=True)]
     return evaluator.score(weights).accuracy
 
 
@@ -287,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-central", action="store_true")
     parser.add_argument("--no-nonprivate", action="store_true")
     parser.add_argument("--workers", type=int, default=2, help="device processes")
+    parser.add_argument("--server-lr", type=float, default=1.0,
+                        help="employee-day: the server's step, w + server-lr × the decoded "
+                        "mean (post-processing: no ε; the ServerApp's step is 1)")
     parser.add_argument("--t", type=int, default=POLICY.min_summed_devices,
                         help="the devices' min_summed_devices (policy default 3); each adds "
                         "noise σC/√t, so a sum of N devices carries σC·√(N/t)")
@@ -299,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = Setup(rounds=args.rounds, days=args.days, local_steps=args.local_steps,
                  batch=args.batch, lr=args.lr or RUN_DEFAULTS.learning_rate,
                  clip=args.clip or RUN_DEFAULTS.update_clip,
-                 day_rate=RUN_DEFAULTS.day_sample_rate, t=args.t)
+                 day_rate=RUN_DEFAULTS.day_sample_rate, t=args.t, server_lr=args.server_lr)
     dim = sum(int(w.size) for w in initial_weights(ModelConfig(), seed=0))
     evaluator = HeldoutEvaluator(HeldoutPopulation(employees=args.heldout_employees),
                                  ModelConfig())
@@ -366,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"{ratio} {time.monotonic() - t0:>8.0f}")
             print(rows[-1], flush=True)
     print()
-    print(f"employee-day: lr {base.lr}, C {base.clip}, q {base.day_rate}, t {base.t}; "
+    print(f"employee-day: lr {base.lr}, C {base.clip}, q {base.day_rate}, t {base.t}, "
+          f"server step {base.server_lr}; "
           f"record: lr {RUN_DEFAULTS.learning_rate}, C {RUN_DEFAULTS.max_grad_norm}, "
           f"q {RUN_DEFAULTS.sample_rate}, {RUN_DEFAULTS.local_steps} steps (ε per record "
           f"per day); {base.rounds} rounds")
