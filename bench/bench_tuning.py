@@ -56,7 +56,7 @@ import argparse
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
@@ -254,22 +254,23 @@ def main() -> None:
     chosen: dict[float, tuple[float, Setting, float]] = {}
     clips = [c for c in _floats(args.clips) if 0 < c <= policy.max_grad_norm_max]
     for target in _floats(args.eps):
-        for s, clip in itertools.product(grid, clips):
+        for s in grid:
+            # σ and its ε depend on (q, steps) only: once for every clip.
             sigma = solve_sigma(target, s.sample_rate, s.steps, args.rounds,
                                 policy.noise_multiplier_min)
             if sigma > policy.noise_multiplier_max:
                 print(f"  eps={target:<4g} {s.label():42s} sigma {sigma:.2f} above the "
                       "policy's maximum; skipped")
                 continue
-            dp_setting = Setting(target, s.sample_rate, s.steps, s.learning_rate,
-                                 s.optimizer, s.schedule, clip)
-            acc = federate(dp_setting, sigma, tune_devices, tune_eval, args.rounds, args.seed)
             spent = run_epsilon(sigma, s.sample_rate, s.steps, args.rounds)
-            print(f"  eps={target:<4g} {dp_setting.label():48s} sigma {sigma:5.2f} "
-                  f"(eps {spent:.2f}) "
-                  f"acc {acc:.4f}", flush=True)
-            if target not in chosen or acc > chosen[target][0]:
-                chosen[target] = (acc, dp_setting, sigma)
+            for clip in clips:
+                dp_setting = replace(s, epsilon=target, clip=clip)
+                acc = federate(dp_setting, sigma, tune_devices, tune_eval, args.rounds,
+                               args.seed)
+                print(f"  eps={target:<4g} {dp_setting.label():48s} sigma {sigma:5.2f} "
+                      f"(eps {spent:.2f}) acc {acc:.4f}", flush=True)
+                if target not in chosen or acc > chosen[target][0]:
+                    chosen[target] = (acc, dp_setting, sigma)
     print(f"TUNE took {time.monotonic() - started:.0f} s")
 
     # --- REPORT ------------------------------------------------------------
